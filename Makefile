@@ -1,0 +1,56 @@
+# The two commands are `make demo` and `make test`; each sets up what it needs.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+export TESTBED_CACHE ?= $(HOME)/.cache/testbed
+
+.PHONY: help deps venv test demo qemu images guest bench lint typecheck clean
+
+help:
+	@echo "make demo   - set everything up and run the comparison report (the main job)"
+	@echo "make test   - set everything up and run the test suite"
+	@echo "make qemu   - build the patched QEMU (cached under $(TESTBED_CACHE))"
+	@echo "make images - generate the image corpus under build/images"
+	@echo "make guest  - build the guest kernel + initramfs (cached)"
+	@echo "make bench  - fd-passing benchmark (table, JSON, plots under build/bench)"
+	@echo "make lint   - ruff and mypy"
+
+deps:
+	@scripts/deps.sh all
+
+$(STAMP): pyproject.toml
+	@$(PYTHON) -m venv $(VENV)
+	@$(PY) -m pip install -q --upgrade pip
+	@$(PY) -m pip install -q -e '.[test,bench]'
+	@touch $@
+
+venv: deps $(STAMP)
+
+qemu: deps
+	@scripts/build-qemu.sh
+
+images: deps
+	@$(PYTHON) images/generate.py --out build/images
+
+guest: deps
+	@scripts/build-guest.sh
+
+lint: venv
+	$(VENV)/bin/ruff check testbed tests images
+	$(VENV)/bin/mypy
+
+typecheck: lint
+
+test: venv qemu images guest
+	$(PY) -m pytest -q
+
+demo: venv qemu images
+	$(VENV)/bin/testbed compare --json build/report/compare.json --report build/report
+
+bench: venv qemu
+	$(VENV)/bin/testbed bench --json build/bench/bench.json --plot build/bench
+
+clean:
+	rm -rf build $(VENV)

@@ -1,0 +1,1 @@
+"""Image format drivers of the block-layer model, one module per format."""

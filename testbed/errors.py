@@ -1,0 +1,124 @@
+"""The testbed's errors, all under one root.
+
+::
+
+    TestbedError
+     +-- ProtocolError                 the -open-hook-fd wire protocol
+     |    +-- LocalProtocolError       we misused the codec (our fault)
+     |    +-- RemoteProtocolError      the peer sent an illegal frame (its fault)
+     +-- TransportError                sendmsg/recvmsg, fd passing, a dead peer
+     +-- PolicyError                   a broker policy file or flag is invalid
+     +-- CorruptImageError             an image's metadata is inconsistent
+     +-- BlockError                    the block-layer model refused an operation
+     +-- WaitTimeout (also TimeoutError)  a wait ran out; names what it waited for
+     +-- BuildError                    building QEMU, images or the guest failed
+     +-- QEMUError                     a QEMU process failed
+     |    +-- LaunchError              QEMU did not start: command line, exit code, log
+     +-- GuestError                    the guest did not do what a step expected
+
+Exceptions carry the data a caller needs to act on them, as attributes, and
+chain their cause with ``raise ... from err``.  ``OSError`` is kept for what
+really is an errno from an open (the broker's answer): code that already
+handles ``open(2)`` failures handles the hook's too.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+
+class TestbedError(Exception):
+    """Root of every error the testbed raises on purpose."""
+
+    __test__ = False  # not a pytest test class, despite the name
+
+
+class ProtocolError(TestbedError):
+    """Something about an -open-hook-fd frame is wrong."""
+
+
+class LocalProtocolError(ProtocolError):
+    """The caller asked the codec for something the protocol cannot express."""
+
+
+class RemoteProtocolError(ProtocolError):
+    """The peer sent bytes (or descriptors) that the protocol forbids.
+
+    ``frame`` holds the offending bytes when there are any (cut to 64).
+    """
+
+    def __init__(self, message: str, *, frame: bytes = b"") -> None:
+        super().__init__(message)
+        self.frame = frame[:64]
+
+
+class TransportError(TestbedError):
+    """The socket under the protocol failed: peer gone, fds lost, truncation."""
+
+
+class PolicyError(TestbedError):
+    """A broker policy (flags or TOML file) is invalid."""
+
+    def __init__(self, message: str, *, source: str = "") -> None:
+        super().__init__(f"{source}: {message}" if source else message)
+        self.source = source
+
+
+class CorruptImageError(TestbedError):
+    """An image's metadata contradicts itself or the file it lives in."""
+
+    def __init__(self, fmt: str, field: str, offset: int | None, message: str) -> None:
+        where = f" at offset {offset:#x}" if offset is not None else ""
+        super().__init__(f"{fmt}: corrupt {field}{where}: {message}")
+        self.format = fmt
+        self.field = field
+        self.offset = offset
+
+
+class BlockError(TestbedError):
+    """The block-layer model cannot do what was asked (not an errno, not corruption)."""
+
+
+class WaitTimeout(TestbedError, TimeoutError):
+    """A wait ran out of time. ``what`` says what was being waited for."""
+
+    def __init__(self, what: str, timeout: float) -> None:
+        super().__init__(f"timed out after {timeout:g}s waiting for {what}")
+        self.what = what
+        self.timeout = timeout
+
+
+class BuildError(TestbedError):
+    """Building QEMU, the image corpus or the guest failed."""
+
+    def __init__(self, message: str, *, log: str = "") -> None:
+        super().__init__(message)
+        self.log = log
+
+
+class QEMUError(TestbedError):
+    """A QEMU process misbehaved."""
+
+
+class LaunchError(QEMUError):
+    """QEMU did not come up. Holds the command line, the exit code and the log."""
+
+    def __init__(
+        self, message: str, *, argv: Sequence[str], exitcode: int | None, log: str
+    ) -> None:
+        tail = "\n".join(log.rstrip().splitlines()[-20:])
+        super().__init__(
+            f"{message}\n  command: {' '.join(argv)}\n  exit code: {exitcode}\n  log:\n{tail}"
+        )
+        self.argv = list(argv)
+        self.exitcode = exitcode
+        self.log = log
+
+
+class GuestError(TestbedError):
+    """The guest did not reach a step's success pattern (or hit its failure pattern)."""
+
+    def __init__(self, step: str, message: str, *, console_tail: str = "") -> None:
+        super().__init__(f"guest step {step!r}: {message}")
+        self.step = step
+        self.console_tail = console_tail
