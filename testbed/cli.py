@@ -1,0 +1,74 @@
+"""``testbed``: the command line.
+
+Each part of the testbed contributes one subcommand from a ``command``
+module with a ``register(subparsers)`` function that adds its parser and sets
+``func`` to a handler taking the parsed arguments and returning the exit
+status.  Parts are imported lazily so that a broken or absent part does not
+take the other commands down with it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+from collections.abc import Sequence
+
+from testbed import __version__
+
+#: Modules that provide subcommands, in the order ``--help`` lists them.
+COMMAND_MODULES = (
+    "testbed.broker.command",
+    "testbed.block.command",
+    "testbed.qemu.command",
+    "testbed.compare.command",
+    "testbed.bench.command",
+    "testbed.guest.command",
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="testbed",
+        description=(
+            "Testbed for QEMU's -open-hook-fd RFC: a broker that opens image files "
+            "for QEMU and passes the descriptors back with SCM_RIGHTS, a model of "
+            "QEMU's block-layer open path, a patched QEMU, comparisons, benchmarks "
+            "and a guest boot."
+        ),
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    parser.add_argument(
+        "-v", "--verbose", action="count", default=0, help="more log output (repeat for debug)"
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in COMMAND_MODULES:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as err:
+            if err.name is not None and name.startswith(err.name):
+                continue  # that part is not in this tree
+            raise
+        module.register(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    level = logging.WARNING - 10 * min(args.verbose, 2)
+    logging.basicConfig(level=level, format="%(asctime)s %(name)s %(levelname)s: %(message)s")
+    if getattr(args, "func", None) is None:
+        parser.print_help()
+        return 2
+    try:
+        status: int = args.func(args)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())
