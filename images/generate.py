@@ -96,7 +96,9 @@ def main(argv: list[str] | None = None) -> int:
     if shutil.which("qemu-img") is None:
         print("generate.py: qemu-img not found (apt-get install qemu-utils)", file=sys.stderr)
         return 1
-    recipes = [r for r in load_recipes(HERE / "manifest.d") if fnmatch.fnmatch(str(r["name"]), args.only)]
+    recipes = [
+        r for r in load_recipes(HERE / "manifest.d") if fnmatch.fnmatch(str(r["name"]), args.only)
+    ]
     args.out.mkdir(parents=True, exist_ok=True)
     with ThreadPoolExecutor(args.jobs) as pool:
         for name, how in pool.map(lambda r: build_one(r, args.out), recipes):

@@ -13,6 +13,7 @@ itself (PEP 475).
 from __future__ import annotations
 
 import array
+import contextlib
 import logging
 import os
 import socket
@@ -36,10 +37,8 @@ CMSG_SPACE: Final = socket.CMSG_SPACE(MAX_FDS_PER_RECV * _FD_SIZE)
 def close_fds(fds: Sequence[int]) -> None:
     """Close every descriptor in ``fds``, ignoring ones already gone."""
     for fd in fds:
-        try:
+        with contextlib.suppress(OSError):
             os.close(fd)
-        except OSError:
-            pass
 
 
 def send_frame(sock: socket.socket, data: bytes, fds: Sequence[int] = ()) -> None:
@@ -145,7 +144,8 @@ class HookClient:
             if deadline is not None:
                 left = deadline - time.monotonic()
                 if left <= 0:
-                    raise WaitTimeout(f"the broker's reply to QEMU_OPEN {path!r}", self._timeout or 0)
+                    what = f"the broker's reply to QEMU_OPEN {path!r}"
+                    raise WaitTimeout(what, self._timeout or 0)
                 self._sock.settimeout(left)
             try:
                 data, fds = recv_with_fds(self._sock)

@@ -1,0 +1,65 @@
+"""``openat2(2)`` through ctypes (Python has no wrapper for it).
+
+Linux 5.6+; syscall number 437 on every architecture that has it.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import os
+from typing import Any
+
+SYS_OPENAT2 = 437
+
+RESOLVE_NO_XDEV = 0x01
+RESOLVE_NO_MAGICLINKS = 0x02
+RESOLVE_NO_SYMLINKS = 0x04
+RESOLVE_BENEATH = 0x08
+RESOLVE_IN_ROOT = 0x10
+
+
+class OpenHow(ctypes.Structure):
+    _fields_ = (
+        ("flags", ctypes.c_uint64),
+        ("mode", ctypes.c_uint64),
+        ("resolve", ctypes.c_uint64),
+    )
+
+
+@functools.cache
+def _syscall() -> Any:
+    # Loaded on first use, not at import: no import-time side effects.
+    libc = ctypes.CDLL(None, use_errno=True)
+    fn = libc.syscall
+    fn.restype = ctypes.c_long
+    return fn
+
+
+def openat2(dirfd: int, path: str | bytes, flags: int, mode: int = 0, resolve: int = 0) -> int:
+    """Open ``path`` relative to ``dirfd``; raise ``OSError`` like ``os.open``."""
+    raw = os.fsencode(path)
+    how = OpenHow(flags, mode if flags & (os.O_CREAT | os.O_TMPFILE) else 0, resolve)
+    fd = int(
+        _syscall()(
+            ctypes.c_long(SYS_OPENAT2),
+            ctypes.c_int(dirfd),
+            ctypes.c_char_p(raw),
+            ctypes.byref(how),
+            ctypes.c_size_t(ctypes.sizeof(how)),
+        )
+    )
+    if fd < 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err), os.fsdecode(raw))
+    return fd
+
+
+def available() -> bool:
+    """Whether the running kernel has openat2."""
+    try:
+        fd = openat2(-100, "/", os.O_PATH | os.O_CLOEXEC)  # AT_FDCWD
+    except OSError:
+        return False
+    os.close(fd)
+    return True
