@@ -1,1 +1,89 @@
-"""Image format drivers of the block-layer model, one module per format."""
+"""Image format drivers of the block-layer model, one module per format.
+
+The registry is built on first use, not at import time, so importing one
+driver (or this package) never imports the others, and a driver module that
+is not written yet (vmdk, while its helper works on it) is simply absent
+from :func:`all_drivers` instead of breaking the rest.
+
+Also here: :func:`read_checked`, the one way drivers read metadata, so that
+a header field can never send a read past the end of the file unnoticed.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING
+
+from testbed.errors import CorruptImageError
+
+if TYPE_CHECKING:
+    from testbed.block.driver import BlockFile, FormatDriver
+
+#: QEMU driver name -> (module under this package, class name).
+_MODULES: dict[str, tuple[str, str]] = {
+    "raw": ("raw", "RawDriver"),
+    "qcow2": ("qcow2", "Qcow2Driver"),
+    "vpc": ("vpc", "VpcDriver"),
+    "vdi": ("vdi", "VdiDriver"),
+    "vmdk": ("vmdk", "VmdkDriver"),
+}
+
+_loaded: dict[str, type[FormatDriver]] = {}
+
+
+def _load(name: str) -> type[FormatDriver] | None:
+    if name in _loaded:
+        return _loaded[name]
+    module_name, class_name = _MODULES[name]
+    try:
+        module = importlib.import_module(f"{__name__}.{module_name}")
+    except ModuleNotFoundError as err:
+        # Only the driver's own module may be missing; a missing dependency
+        # inside an existing driver is a real error and must surface.
+        if err.name != f"{__name__}.{module_name}":
+            raise
+        return None
+    driver: type[FormatDriver] = getattr(module, class_name)
+    _loaded[name] = driver
+    return driver
+
+
+def get_driver(name: str) -> type[FormatDriver]:
+    """The driver class for QEMU's format name ``name`` (``"qcow2"``, ...).
+
+    Raises ``KeyError`` naming the format when there is no such driver.
+    """
+    driver = _load(name) if name in _MODULES else None
+    if driver is None:
+        known = ", ".join(sorted(all_drivers()))
+        raise KeyError(f"no format driver {name!r} in the model (known: {known})")
+    return driver
+
+
+def all_drivers() -> dict[str, type[FormatDriver]]:
+    """Every available driver by name, in a fixed order (for probing)."""
+    drivers: dict[str, type[FormatDriver]] = {}
+    for name in _MODULES:
+        driver = _load(name)
+        if driver is not None:
+            drivers[name] = driver
+    return drivers
+
+
+def read_checked(
+    file: BlockFile, offset: int, length: int, *, fmt: str, field: str, file_size: int | None = None
+) -> bytes:
+    """``length`` bytes at ``offset``, or CorruptImageError if they are not all in the file.
+
+    ``field`` names the header field that pointed here, so the error says
+    which value was wrong.  Pass ``file_size`` when it is already known.
+    """
+    size = file.size() if file_size is None else file_size
+    if offset < 0 or length < 0 or offset + length > size:
+        raise CorruptImageError(
+            fmt,
+            field,
+            offset,
+            f"{length} bytes at {offset:#x} lie past the end of the file ({size} bytes)",
+        )
+    return file.pread(offset, length)
