@@ -67,9 +67,7 @@ class BrokerProcess:
         self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT)
         try:
             self._wait_listening(start_timeout)
-            pin(self.proc.pid, cpu)
-            for task in os.listdir(f"/proc/{self.proc.pid}/task"):
-                pin(int(task), cpu)  # threads started before pinning keep their own mask
+            self.pin(cpu)
         except BaseException:
             self.stop()
             raise
@@ -90,6 +88,11 @@ class BrokerProcess:
             finally:
                 probe.close()
         raise WaitTimeout(f"the broker to listen on {self.socket_path}", timeout)
+
+    def pin(self, cpu: int | None) -> None:
+        """Move every thread of the broker to ``cpu`` (``None``: anywhere)."""
+        for task in os.listdir(f"/proc/{self.proc.pid}/task"):
+            pin(int(task), cpu)  # a thread's mask is its own, the pid's alone is not enough
 
     def log(self) -> str:
         self._log.seek(0)
