@@ -24,16 +24,18 @@ Write mode (``fat:rw:``) in QEMU creates a temporary file with
 it as a qcow image with backing file ``fat:`` (512-byte clusters, so
 allocation is per sector), opens it as the ``write-target`` child and
 unlinks it; guest writes go there and reads of written sectors come from
-it.  The model keeps the written sectors, raw, in such a temporary file
-(from ``make_temp`` when the core routes it through the hook) plus a set
-of written sectors.  It checks writes as ``vvfat_write`` does (the boot
-sector only lets its dirty byte change; nothing below the FAT; no write to
-a read-only host file's clusters or directory entry).  Not modelled: the
-qcow format and the opens QEMU makes to create and open it, and
-``try_commit`` -- parsing the guest's changed FAT and directories and
-writing them back to the host directory (``O_RDWR|O_CREAT`` 0666 opens,
-rename, mkdir, unlink).  After a write the host directory is unchanged and
-only reads of the written sectors see the new data.
+it.  The model makes the same ``qemu_open`` calls on the temporary file
+(probes, create ``O_RDWR|O_CREAT`` 0644, ``O_RDWR`` twice; the file comes
+from ``make_temp`` when the core routes the ``g_mkstemp`` through the
+hook), unlinks it, and keeps the written sectors in it raw (not in qcow
+format) plus a set of written sectors.  It checks writes as
+``vvfat_write`` does (the boot sector only lets its dirty byte change;
+nothing below the FAT; no write to a read-only host file's clusters or
+directory entry).  Not modelled: ``try_commit`` -- parsing the guest's
+changed FAT and directories and writing them back to the host directory
+(``O_RDWR|O_CREAT`` 0666 opens, rename, mkdir, unlink).  After a write
+the host directory is unchanged and only reads of the written sectors see
+the new data.
 """
 
 from __future__ import annotations
@@ -155,23 +157,56 @@ class VVFat:
             self._close_target()
             raise
         self._begins = [m.begin for m in self.layout.mappings]
+        self._data_end = self.layout.mappings[-1].end
 
     # -- the write target --------------------------------------------------
 
-    @staticmethod
-    def _create_write_target(make_temp: MakeTemp | None) -> int:
+    def _create_write_target(self, make_temp: MakeTemp | None) -> int:
+        """``enable_write_target``: the opens QEMU makes for the write target.
+
+        ``create_tmp_file`` makes the file with ``g_mkstemp`` and closes it;
+        then the block layer creates the qcow image (host_cdrom probe, create
+        ``O_RDWR|O_CREAT`` 0644), writes its header (probe, ``O_RDWR``) and
+        opens it as the child (probe, ``O_RDWR``), all through ``qemu_open``;
+        then unlinks it.  The model keeps the last fd, for its raw overlay.
+        """
         if make_temp is not None:
             fd, path = make_temp()
         else:
-            # g_mkstemp in create_tmp_file(): /var/tmp when TMPDIR is /tmp.
+            # create_tmp_file(): /var/tmp when the temp dir is /tmp.
             tmpdir = tempfile.gettempdir()
             if tmpdir == "/tmp":
                 tmpdir = "/var/tmp"
             fd, path = tempfile.mkstemp(prefix="vl.", dir=tmpdir)
-        # QEMU unlinks the write target once it is open.
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(path)
-        return fd
+        os.close(fd)
+        try:
+            for step_flags, mode, keep in (
+                (os.O_RDWR | os.O_CREAT, 0o644, False),  # bdrv_create: the file
+                (os.O_RDWR, 0, False),  # qcow_co_create: the header
+                (os.O_RDWR, 0, True),  # bdrv_open_child("write-target")
+            ):
+                self._probe(path)
+                try:
+                    target = self._qemu_open(path, step_flags, mode)
+                except OSError as err:
+                    raise BlockError(
+                        f"vvfat: cannot open write target {path}: {err.strerror}"
+                    ) from err
+                if keep:
+                    return target
+                os.close(target)
+            raise AssertionError("unreachable")
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+
+    def _probe(self, path: str) -> None:
+        """The host_cdrom probe ``bdrv_find_protocol`` makes of a plain file name."""
+        try:
+            fd = self._qemu_open(path, os.O_RDONLY | os.O_NONBLOCK, 0)
+        except OSError:
+            return  # a failed probe only means "not a CD-ROM"
+        os.close(fd)
 
     def _close_target(self) -> None:
         if self._target_fd >= 0:
@@ -208,11 +243,14 @@ class VVFat:
         return data[start : start + length]
 
     def _read_sectors(self, sector_num: int, nb_sectors: int) -> bytes:
+        """``vvfat_read``, taking runs of sectors at once where QEMU's state cannot change."""
         layout = self.layout
         out = bytearray()
-        for sector in range(sector_num, sector_num + nb_sectors):
+        sector, end = sector_num, sector_num + nb_sectors
+        while sector < end:
             if sector in self._written:
                 out += os.pread(self._target_fd, SECTOR, sector * SECTOR)
+                sector += 1
                 continue
             if sector < layout.offset_to_root_dir:
                 if sector < layout.offset_to_fat:
@@ -221,13 +259,28 @@ class VVFat:
                     # Both FATs show the same bytes.
                     fat_sector = (sector - layout.offset_to_fat) % layout.sectors_per_fat
                     out += layout.fat[fat_sector * SECTOR : (fat_sector + 1) * SECTOR]
+                sector += 1
                 continue
-            rel = sector - layout.offset_to_root_dir
-            cluster_num, in_cluster = divmod(rel, SECTORS_PER_CLUSTER)
+            cluster_num, in_cluster = divmod(
+                sector - layout.offset_to_root_dir, SECTORS_PER_CLUSTER
+            )
+            # Past the last mapping no cluster belongs to anything: QEMU's
+            # read_cluster fails there without changing its state.
+            run = end - sector if cluster_num >= self._data_end else 0
+            if run and self._written:
+                run = min([s for s in self._written if sector < s < end], default=end) - sector
+            if run:
+                out += bytes(run * SECTOR)
+                sector += run
+                continue
             if cluster_num > layout.cluster_count or not self._read_cluster(cluster_num):
                 out += bytes(SECTOR)
+                sector += 1
                 continue
-            out += self._cluster[in_cluster * SECTOR : (in_cluster + 1) * SECTOR]
+            # The rest of this cluster comes from the same buffer.
+            run = 1 if self._written else min(SECTORS_PER_CLUSTER - in_cluster, end - sector)
+            out += self._cluster[in_cluster * SECTOR : (in_cluster + run) * SECTOR]
+            sector += run
         return bytes(out)
 
     def _find_mapping(self, cluster_num: int) -> Mapping | None:

@@ -9,9 +9,11 @@ cluster when the guest asks, see :mod:`testbed.block.vvfat`).
 The directory scan uses ``os.scandir``/``os.stat`` like QEMU's
 ``opendir``/``readdir``/``stat``: such opens never go through
 ``qemu_open``, so no hook sees them.  Entries come in readdir order (QEMU
-does not sort).  ``os.scandir`` hides ``.`` and ``..``; the model stats
-``dir/.`` and ``dir/..`` itself, as if readdir returned them first (it
-does on ext4, tmpfs and overlayfs).
+does not sort; on ext4 that is hash order).  ``os.scandir`` hides ``.`` and
+``..``; the model stats ``dir/.`` and ``dir/..`` itself.  Where readdir
+returns them does not change the disk (their entries have fixed places),
+except for the "too many entries in root directory" check, which QEMU
+makes for every readdir entry: the model makes it for real entries only.
 
 Layout of the disk (sectors of 512 bytes)::
 
