@@ -162,15 +162,19 @@ class Policy:
                     raise PolicyError(f"{flag!r} must be true or false", source=where)
             if not isinstance(item["path"], str):
                 raise PolicyError("'path' must be a string", source=where)
-            grants.append(
-                Grant(
+            try:
+                grant = Grant(
                     path=item["path"],
                     access=Access.parse(str(item["access"]), source=where),
                     symlinks=item.get("symlinks", False),
                     devices=item.get("devices", False),
                     hardlinks=item.get("hardlinks", False),
                 )
-            )
+            except PolicyError as err:
+                if err.source:
+                    raise
+                raise PolicyError(str(err), source=where) from err
+            grants.append(grant)
         kwargs: dict[str, Any] = {"grants": tuple(grants), "source": source}
         if "refuse_errno" in data:
             kwargs["refuse_errno"] = parse_errno(data["refuse_errno"], source=source)

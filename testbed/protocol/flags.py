@@ -52,7 +52,7 @@ def flag_names(flags: int) -> list[str]:
     is silently dropped.
     """
     access = flags & os.O_ACCMODE
-    names = [ACCESS_MODES.get(access, f"O_ACCMODE({access})")]
+    names = [ACCESS_MODES.get(access, "O_ACCMODE")]
     rest = flags & ~os.O_ACCMODE
     for bit, name in FLAG_BITS:
         if rest & bit == bit and bit:

@@ -1,0 +1,97 @@
+"""``testbed broker`` as a process: --socket, --fd, signals, bad arguments."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from testbed.transport import HookClient
+
+BROKER = [sys.executable, "-m", "testbed", "broker"]
+
+
+def wait_for_path(path: Path, timeout: float = 10) -> None:
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out waiting for the broker's socket {path}")
+        time.sleep(0.02)
+
+
+def test_help_documents_every_option() -> None:
+    out = subprocess.run([*BROKER, "--help"], capture_output=True, text=True, check=True).stdout
+    for opt in ("--socket", "--fd", "--allow-ro", "--allow-rw", "--allow-create", "--policy",
+                "--audit", "--refuse-errno", "--peer-uid", "--peer-pid", "--allow-symlinks"):
+        assert opt in out
+    assert "audit log" in out and "openat2" in out
+
+
+def test_socket_mode_and_sigterm(tmp_path: Path) -> None:
+    (tmp_path / "disk").write_text("data")
+    sock_path = tmp_path / "b.sock"
+    audit = tmp_path / "audit.jsonl"
+    proc = subprocess.Popen([*BROKER, "--socket", str(sock_path), "--allow-ro", str(tmp_path),
+                             "--audit", str(audit)], stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for_path(sock_path)
+        for _ in range(2):
+            s = socket.socket(socket.AF_UNIX)
+            s.connect(str(sock_path))
+            with HookClient(s) as c:
+                fd = c.open(str(tmp_path / "disk"), os.O_RDONLY)
+                assert os.read(fd, 4) == b"data"
+                os.close(fd)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=10)
+    assert proc.returncode == 0, err
+    assert not sock_path.exists()
+    assert len(audit.read_text().splitlines()) == 2
+    assert json.loads(audit.read_text().splitlines()[0])["result"] == 0
+
+
+def test_fd_mode_exits_when_the_peer_closes(tmp_path: Path) -> None:
+    (tmp_path / "disk").write_text("data")
+    ours, theirs = socket.socketpair()
+    proc = subprocess.Popen([*BROKER, "--fd", str(theirs.fileno()), "--allow-ro", str(tmp_path)],
+                            pass_fds=[theirs.fileno()], stderr=subprocess.PIPE, text=True)
+    theirs.close()
+    client = HookClient(ours)
+    os.close(client.open(str(tmp_path / "disk"), os.O_RDONLY))
+    client.close()
+    _, err = proc.communicate(timeout=10)
+    assert proc.returncode == 0, err
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--fd", "97"], "--fd 97: not an open descriptor"),
+        (["--socket", "/tmp/x" + "y" * 120], "107-byte limit"),
+        (["--socket", "/tmp/tb.sock", "--allow-ro", "relative"], "must be absolute"),
+        (["--socket", "/tmp/tb.sock", "--refuse-errno", "EWHAT"], "not an errno"),
+        (["--socket", "/tmp/tb.sock", "--policy", "/nonexistent.toml"], "cannot read policy"),
+    ],
+)
+def test_bad_arguments_are_clear_errors(args: list[str], message: str) -> None:
+    out = subprocess.run([*BROKER, *args], capture_output=True, text=True, timeout=20)
+    assert out.returncode == 2
+    assert message in out.stderr
+    assert "Traceback" not in out.stderr
+
+
+def test_fd_that_is_not_a_socket(tmp_path: Path) -> None:
+    r, w = os.pipe()
+    out = subprocess.run([*BROKER, "--fd", str(r)], pass_fds=[r], capture_output=True,
+                         text=True, timeout=20)
+    os.close(r)
+    os.close(w)
+    assert out.returncode == 2 and "not a socket" in out.stderr

@@ -1,0 +1,237 @@
+"""The broker's decisions: grants, access levels and an attack set."""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+import threading
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import BrokerPair
+from testbed.broker import Policy
+from testbed.broker.gate import Gate
+from testbed.protocol import InvalidRequest, OpenRequest
+
+
+def req(path: str | Path, flags: int = os.O_RDONLY, mode: int = 0) -> OpenRequest:
+    return OpenRequest(path=os.fsencode(str(path)), flags=flags, mode=mode)
+
+
+def result(gate: Gate, path: str | Path, flags: int = os.O_RDONLY, mode: int = 0) -> int:
+    out = gate.handle(req(path, flags, mode))
+    if out.fd is not None:
+        os.close(out.fd)
+    return out.result
+
+
+EACCES = -errno.EACCES
+
+
+def test_allowed_open_gives_a_working_fd(grant_dir: Path, make_pair: type[BrokerPair]) -> None:
+    pair = make_pair(Policy.from_grants(ro=[grant_dir]))
+    fd = pair.client.open(str(grant_dir / "disk.img"), os.O_RDONLY)
+    assert os.read(fd, 100) == b"disk-bytes"
+    os.close(fd)
+
+
+def test_access_levels(grant_dir: Path, tmp_path: Path) -> None:
+    ro, rw, cr = tmp_path / "ro", tmp_path / "rw", tmp_path / "cr"
+    for d in (ro, rw, cr):
+        d.mkdir()
+        (d / "f").write_text("x")
+    gate = Gate(Policy.from_grants(ro=[ro], rw=[rw], create=[cr]))
+    assert result(gate, ro / "f") == 0
+    assert result(gate, ro / "f", os.O_RDWR) == EACCES
+    assert result(gate, ro / "f", os.O_WRONLY) == EACCES
+    assert result(gate, ro / "f", os.O_RDONLY | os.O_TRUNC) == EACCES
+    assert result(gate, ro / "f", os.O_RDONLY | os.O_APPEND) == EACCES
+    assert result(gate, rw / "f", os.O_RDWR) == 0
+    assert result(gate, rw / "new", os.O_RDWR | os.O_CREAT, 0o644) == EACCES
+    assert not (rw / "new").exists()
+    assert result(gate, cr / "new", os.O_RDWR | os.O_CREAT, 0o644) == 0
+    assert (cr / "new").exists()
+    assert result(gate, cr / "new", os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644) == -errno.EEXIST
+    assert result(gate, tmp_path / "elsewhere", os.O_RDONLY) == EACCES
+    gate.close()
+
+
+def test_create_mode_is_masked(tmp_path: Path) -> None:
+    gate = Gate(Policy.from_grants(create=[tmp_path]))
+    old = os.umask(0)
+    try:
+        assert result(gate, tmp_path / "suid", os.O_RDWR | os.O_CREAT, 0o6777) == 0
+    finally:
+        os.umask(old)
+    mode = stat.S_IMODE((tmp_path / "suid").stat().st_mode)
+    assert mode == 0o775  # no setuid/setgid/sticky, not world-writable
+    gate.close()
+
+
+def test_errors_that_are_not_policy_pass_through(grant_dir: Path) -> None:
+    gate = Gate(Policy.from_grants(ro=[grant_dir]))
+    assert result(gate, grant_dir / "missing") == -errno.ENOENT
+    assert result(gate, grant_dir / "disk.img" / "x") == -errno.ENOTDIR
+    gate.close()
+
+
+def test_relative_and_invalid_requests(grant_dir: Path) -> None:
+    gate = Gate(Policy.from_grants(ro=[grant_dir]))
+    assert result(gate, "disk.img") == EACCES
+    bad = gate.handle(InvalidRequest(path=b"/a\0b", flags=0, mode=0, errno=errno.EINVAL,
+                                     reason="NUL"))
+    assert bad.result == -errno.EINVAL
+    assert result(gate, grant_dir / "disk.img", os.O_PATH) == EACCES
+    gate.close()
+
+
+def test_refuse_errno_is_configurable(grant_dir: Path) -> None:
+    gate = Gate(Policy.from_grants(ro=[grant_dir], refuse_errno=errno.EPERM))
+    assert result(gate, "/etc/passwd") == -errno.EPERM
+    gate.close()
+
+
+def test_file_grant_covers_only_that_file(tmp_path: Path) -> None:
+    (tmp_path / "a").write_text("a")
+    (tmp_path / "b").write_text("b")
+    gate = Gate(Policy.from_grants(ro=[tmp_path / "a"]))
+    assert result(gate, tmp_path / "a") == 0
+    assert result(gate, tmp_path / "b") == EACCES
+    gate.close()
+
+
+# --- the attack set -------------------------------------------------------
+
+
+@pytest.fixture
+def attack(tmp_path: Path) -> tuple[Gate, Path, Path]:
+    grant = tmp_path / "grant"
+    outside = tmp_path / "outside"
+    grant.mkdir()
+    outside.mkdir()
+    (outside / "secret").write_text("secret")
+    (grant / "ok").write_text("ok")
+    (grant / "sub").mkdir()
+    gate = Gate(Policy.from_grants(create=[grant]))
+    yield gate, grant, outside
+    gate.close()
+
+
+def test_dotdot_cannot_escape(attack: tuple[Gate, Path, Path]) -> None:
+    gate, grant, outside = attack
+    assert result(gate, f"{grant}/../outside/secret") == EACCES
+    assert result(gate, f"{grant}/sub/../../outside/secret") == EACCES
+    assert result(gate, f"{grant}/sub/../ok") == 0  # stays beneath: fine
+
+
+def test_absolute_symlink_refused(attack: tuple[Gate, Path, Path]) -> None:
+    gate, grant, outside = attack
+    (grant / "abs").symlink_to(outside / "secret")
+    assert result(gate, grant / "abs") == EACCES
+
+
+def test_relative_symlink_refused(attack: tuple[Gate, Path, Path]) -> None:
+    gate, grant, _ = attack
+    (grant / "rel").symlink_to("../outside/secret")
+    (grant / "inside").symlink_to("ok")
+    assert result(gate, grant / "rel") == EACCES
+    assert result(gate, grant / "inside") == EACCES  # no symlinks at all by default
+
+
+def test_symlinks_allowed_stay_beneath(tmp_path: Path) -> None:
+    grant = tmp_path / "g"
+    grant.mkdir()
+    (grant / "ok").write_text("ok")
+    (grant / "inside").symlink_to("ok")
+    (grant / "out").symlink_to("/etc/passwd")
+    gate = Gate(Policy.from_grants(ro=[grant], symlinks=True))
+    assert result(gate, grant / "inside") == 0
+    assert result(gate, grant / "out") == EACCES
+    gate.close()
+
+
+def test_symlinked_directory_component_refused(attack: tuple[Gate, Path, Path]) -> None:
+    gate, grant, outside = attack
+    (grant / "dir").symlink_to(outside)
+    assert result(gate, grant / "dir" / "secret") == EACCES
+
+
+def test_proc_magic_links_refused(attack: tuple[Gate, Path, Path]) -> None:
+    gate, grant, _ = attack
+    (grant / "proc").symlink_to("/proc/self/root")
+    assert result(gate, grant / "proc" / "etc" / "passwd") == EACCES
+    assert result(gate, "/proc/self/root/etc/passwd") == EACCES
+
+
+def test_hardlink_refused(attack: tuple[Gate, Path, Path]) -> None:
+    gate, grant, outside = attack
+    os.link(outside / "secret", grant / "hard")
+    assert result(gate, grant / "hard") == EACCES
+
+
+def test_devices_and_fifos_refused_without_blocking(attack: tuple[Gate, Path, Path]) -> None:
+    gate, grant, _ = attack
+    os.mkfifo(grant / "fifo")
+    os.mknod(grant / "null", 0o600 | stat.S_IFCHR, os.makedev(1, 3))
+    assert result(gate, grant / "fifo") == EACCES  # would block forever if opened
+    assert result(gate, grant / "null", os.O_RDWR) == EACCES
+    assert result(gate, grant / "fifo", os.O_RDWR | os.O_CREAT, 0o644) == EACCES
+
+
+def test_devices_allowed_by_rule(tmp_path: Path) -> None:
+    from testbed.broker.policy import Access, Grant
+
+    os.mkfifo(tmp_path / "fifo")
+    gate = Gate(Policy(grants=(Grant(path=str(tmp_path), access=Access.RW, devices=True),)))
+    out = gate.handle(req(tmp_path / "fifo", os.O_RDONLY))
+    assert out.result == 0 and out.fd is not None
+    assert os.get_blocking(out.fd)  # the broker's O_NONBLOCK was taken back off
+    os.close(out.fd)
+    gate.close()
+
+
+def test_create_outside_create_grant(attack: tuple[Gate, Path, Path], tmp_path: Path) -> None:
+    gate, _, outside = attack
+    assert result(gate, outside / "new", os.O_RDWR | os.O_CREAT, 0o644) == EACCES
+    assert not (outside / "new").exists()
+
+
+def test_trunc_on_read_only_grant(tmp_path: Path) -> None:
+    (tmp_path / "f").write_text("keep me")
+    gate = Gate(Policy.from_grants(ro=[tmp_path]))
+    assert result(gate, tmp_path / "f", os.O_RDONLY | os.O_TRUNC) == EACCES
+    assert (tmp_path / "f").read_text() == "keep me"
+    gate.close()
+
+
+def test_symlink_swapped_in_after_check_is_caught(attack: tuple[Gate, Path, Path]) -> None:
+    """Race a swapper against the gate: whatever wins, the secret never leaks."""
+    gate, grant, outside = attack
+    target = grant / "swap"
+    target.write_text("fine")
+    stop = threading.Event()
+
+    def swapper() -> None:
+        tmp_link = grant / "swap.lnk"
+        tmp_file = grant / "swap.file"
+        while not stop.is_set():
+            tmp_link.unlink(missing_ok=True)
+            tmp_link.symlink_to(outside / "secret")
+            os.replace(tmp_link, target)
+            tmp_file.write_text("fine")
+            os.replace(tmp_file, target)
+
+    t = threading.Thread(target=swapper)
+    t.start()
+    try:
+        for _ in range(2000):
+            out = gate.handle(req(target))
+            if out.fd is not None:
+                data = os.read(out.fd, 100)
+                os.close(out.fd)
+                assert data != b"secret"
+    finally:
+        stop.set()
+        t.join()
