@@ -9,10 +9,10 @@ import threading
 
 import pytest
 
-from tests.conftest import open_fds
 from testbed.errors import ProtocolError, TransportError, WaitTimeout
 from testbed.protocol import encode_reply
 from testbed.transport import HookClient, recv_with_fds, send_frame
+from tests.conftest import open_fds
 
 
 def fake_broker(reply: bytes, fds: list[int]) -> tuple[socket.socket, threading.Thread]:

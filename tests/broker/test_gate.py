@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import BrokerPair
 from testbed.broker import Policy
 from testbed.broker.gate import Gate
 from testbed.protocol import InvalidRequest, OpenRequest
+from tests.conftest import BrokerPair
 
 
 def req(path: str | Path, flags: int = os.O_RDONLY, mode: int = 0) -> OpenRequest:
@@ -121,6 +121,7 @@ def attack(tmp_path: Path) -> tuple[Gate, Path, Path]:
 
 def test_dotdot_cannot_escape(attack: tuple[Gate, Path, Path]) -> None:
     gate, grant, outside = attack
+    assert (outside / "secret").exists()
     assert result(gate, f"{grant}/../outside/secret") == EACCES
     assert result(gate, f"{grant}/sub/../../outside/secret") == EACCES
     assert result(gate, f"{grant}/sub/../ok") == 0  # stays beneath: fine

@@ -14,11 +14,11 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import BrokerPair, open_fds
 from testbed.broker import Broker, Policy, read_audit
 from testbed.errors import TransportError
 from testbed.protocol import encode_request
 from testbed.transport import HookClient
+from tests.conftest import BrokerPair, open_fds
 
 HERE = Path(__file__).parent
 
