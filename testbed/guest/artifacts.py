@@ -1,0 +1,59 @@
+"""Where the guest kernel, its initramfs and the QEMU binaries are."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from testbed.errors import BuildError
+
+REPO = Path(__file__).resolve().parents[2]
+#: ``make guest`` links this to the cached build.
+GUEST_DIR = REPO / "build" / "guest"
+PATCHED_QEMU = REPO / "build" / "qemu" / "bin" / "qemu-system-x86_64"
+STOCK_QEMU = Path("/usr/bin/qemu-system-x86_64")
+#: Firmware for a QEMU built without blobs (Debian's packages provide them).
+FIRMWARE_DIRS = ("/usr/share/seabios", "/usr/lib/ipxe/qemu", "/usr/share/qemu")
+
+
+@dataclass(frozen=True, kw_only=True)
+class GuestFiles:
+    kernel: Path
+    initrd: Path
+    info: dict[str, object]
+
+
+def find_guest(directory: Path | None = None) -> GuestFiles:
+    """The guest in ``directory`` (default ``build/guest``); BuildError names what is missing."""
+    d = directory or GUEST_DIR
+    kernel, initrd, info = d / "vmlinuz", d / "initrd.img", d / "info.json"
+    for path in (kernel, initrd, info):
+        if not path.is_file():
+            raise BuildError(f"guest file {path} is missing (run `make guest`)")
+    try:
+        meta = json.loads(info.read_text())
+    except (OSError, ValueError) as err:
+        raise BuildError(f"cannot read {info}: {err} (run `make guest`)") from err
+    return GuestFiles(kernel=kernel, initrd=initrd, info=meta)
+
+
+def guest_available(directory: Path | None = None) -> bool:
+    try:
+        find_guest(directory)
+    except BuildError:
+        return False
+    return True
+
+
+def find_qemu(*, patched: bool) -> Path:
+    """The patched build (``make qemu``) or Debian's QEMU."""
+    if patched:
+        if not PATCHED_QEMU.is_file():
+            raise BuildError(f"patched QEMU {PATCHED_QEMU} is missing (run `make qemu`)")
+        return PATCHED_QEMU
+    found = shutil.which("qemu-system-x86_64")
+    if found is None:
+        raise BuildError("qemu-system-x86_64 not found (install qemu-system-x86)")
+    return Path(found)
