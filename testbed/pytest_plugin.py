@@ -16,6 +16,8 @@ from typing import NoReturn
 
 import pytest
 
+pytest_plugins = ["testbed.qemu.fixtures"]
+
 
 def in_ci() -> bool:
     """True when running under CI (``CI=true``), where prerequisites are mandatory."""
