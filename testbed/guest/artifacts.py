@@ -1,9 +1,8 @@
-"""Where the guest kernel, its initramfs and the QEMU binaries are."""
+"""Where the guest kernel and its initramfs are (``make guest``)."""
 
 from __future__ import annotations
 
 import json
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -12,10 +11,6 @@ from testbed.errors import BuildError
 REPO = Path(__file__).resolve().parents[2]
 #: ``make guest`` links this to the cached build.
 GUEST_DIR = REPO / "build" / "guest"
-PATCHED_QEMU = REPO / "build" / "qemu" / "bin" / "qemu-system-x86_64"
-STOCK_QEMU = Path("/usr/bin/qemu-system-x86_64")
-#: Firmware for a QEMU built without blobs (Debian's packages provide them).
-FIRMWARE_DIRS = ("/usr/share/seabios", "/usr/lib/ipxe/qemu", "/usr/share/qemu")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -45,15 +40,3 @@ def guest_available(directory: Path | None = None) -> bool:
     except BuildError:
         return False
     return True
-
-
-def find_qemu(*, patched: bool) -> Path:
-    """The patched build (``make qemu``) or Debian's QEMU."""
-    if patched:
-        if not PATCHED_QEMU.is_file():
-            raise BuildError(f"patched QEMU {PATCHED_QEMU} is missing (run `make qemu`)")
-        return PATCHED_QEMU
-    found = shutil.which("qemu-system-x86_64")
-    if found is None:
-        raise BuildError("qemu-system-x86_64 not found (install qemu-system-x86)")
-    return Path(found)

@@ -10,9 +10,7 @@ from __future__ import annotations
 import logging
 import secrets
 import signal
-import socket
 import subprocess
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -23,11 +21,10 @@ import pexpect
 from pexpect.fdpexpect import fdspawn
 
 from testbed.broker import Broker, Policy
-from testbed.errors import GuestError, QEMUError, WaitTimeout
-from testbed.guest.artifacts import FIRMWARE_DIRS, find_guest, find_qemu
+from testbed.errors import BuildError, GuestError, QEMUError
+from testbed.guest.artifacts import find_guest
 from testbed.guest.console import PROMPT, Console, StepResult
 from testbed.guest.disk import Disk, make_disk
-from testbed.guest.launch import GuestQemu, LaunchConfig
 from testbed.guest.records import (
     ChainReport,
     DiskLayout,
@@ -35,10 +32,14 @@ from testbed.guest.records import (
     pattern_digest,
     verify_chain,
 )
+from testbed.qemu import Machine, MachineConfig, patched_qemu_path
+from testbed.qemu.binaries import STOCK_QEMU, is_runnable
 
 log = logging.getLogger(__name__)
 
 SYNCED = r"SYNCED (\d+)\r?\n"
+DRIVE_ID = "disk0"
+KERNEL_ARGS = "console=ttyS0 panic=-1 loglevel=4"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -78,14 +79,15 @@ class Session:
         self._on_step = on_step
         self.disk: Disk | None = None
         self.broker: Broker | None = None
-        self.broker_proc: subprocess.Popen[bytes] | None = None
-        self.qemu: GuestQemu | None = None
+        self.broker_pid: int | None = None
+        self.qemu: Machine | None = None
         self.console: Console | None = None
         self.synced: list[int] = []
         self.marks: list[SnapshotMark] = []
         self.next_seq = 0
         self.writer_done = True
         self.booted = False
+        self.accel_used: str | None = None
 
     # -- set-up -------------------------------------------------------------
 
@@ -95,18 +97,31 @@ class Session:
         cfg.workdir.mkdir(parents=True, exist_ok=True)
         self.disk = make_disk(self.image_dir, cfg.fmt, run=self.run, layout=cfg.layout)
         guest = find_guest(cfg.guest_dir)
-        binary = cfg.qemu or find_qemu(patched=cfg.hook)
-        hook = self._start_broker() if cfg.hook else None
-        launch = LaunchConfig(
-            binary=binary, kernel=guest.kernel, initrd=guest.initrd, drive=self._drive(),
-            accel=cfg.accel, firmware_dirs=FIRMWARE_DIRS, hook=hook,
-            hide=(self.image_dir,) if cfg.sandbox else (),
-            log_path=cfg.workdir / "qemu.log",
+        binary = cfg.qemu or (patched_qemu_path() if cfg.hook else STOCK_QEMU)
+        if not is_runnable(binary):
+            hint = " (run `make qemu`)" if cfg.hook else ""
+            raise BuildError(f"QEMU binary {binary} is missing{hint}")
+        args = (
+            "-m", "256", "-no-reboot",
+            "-kernel", str(guest.kernel), "-initrd", str(guest.initrd),
+            "-append", KERNEL_ARGS,
+            "-drive", f"{self._drive()},if=none,id={DRIVE_ID}",
+            "-device", f"virtio-blk-pci,drive={DRIVE_ID}",
+        )  # fmt: skip
+        machine = MachineConfig(
+            binary=binary, args=args, machine="pc", accel=cfg.accel, hook=cfg.hook,
+            serial=True, hide_dirs=(self.image_dir.resolve(),) if cfg.sandbox else (),
+            log_path=cfg.workdir / "qemu.log", launch_timeout=cfg.step_timeout,
+            command_timeout=cfg.step_timeout,
         )
+        self.qemu = Machine(machine)
+        if cfg.hook:
+            self._start_broker(self.qemu)
         log.info("booting %s guest with accel=%s (hook=%s, sandbox=%s)",
                  cfg.fmt, cfg.accel, cfg.hook, cfg.sandbox)
-        self.qemu = GuestQemu(launch)
-        child = fdspawn(self.qemu.console.fileno(), encoding="utf-8", codec_errors="replace")
+        self.qemu.launch()
+        self.accel_used = self.qemu.accel_used
+        child = fdspawn(self.qemu.console_socket.fileno(), encoding="utf-8", codec_errors="replace")
         self.console = Console(child, self.console_log, on_step=self._on_step)
         self.console.expect("boot", r"TESTBED-GUEST: ready", timeout=cfg.boot_timeout)
         self.console.expect("shell", PROMPT, timeout=cfg.step_timeout, record=False)
@@ -130,24 +145,18 @@ class Session:
             return [], [], [d]
         return [], [str(self.disk.path)], []
 
-    def _start_broker(self) -> socket.socket:
+    def _start_broker(self, vm: Machine) -> None:
         ro, rw, create = self._policy_args()
-        ours, theirs = socket.socketpair()
         if self.config.broker_process:
-            argv = [sys.executable, "-m", "testbed", "broker", "--fd", str(ours.fileno()),
-                    "--audit", str(self.audit_path)]
+            args = ["--audit", str(self.audit_path)]
             for flag, paths in (("--allow-ro", ro), ("--allow-rw", rw), ("--allow-create", create)):
                 for p in paths:
-                    argv += [flag, p]
-            self.broker_proc = subprocess.Popen(argv, pass_fds=[ours.fileno()],
-                                                stdin=subprocess.DEVNULL)
-            ours.close()
+                    args += [flag, p]
+            self.broker_pid = vm.start_broker_process(
+                args, log_path=self.config.workdir / "broker.log")
         else:
-            self.broker = Broker(Policy.from_grants(ro=ro, rw=rw, create=create),
-                                 audit_path=self.audit_path)
-            self.broker.add_connection(ours)
-            self.broker.start()
-        return theirs
+            policy = Policy.from_grants(ro=ro, rw=rw, create=create)
+            self.broker = vm.start_broker(policy, audit_path=self.audit_path)
 
     # -- steps --------------------------------------------------------------
 
@@ -158,7 +167,7 @@ class Session:
         return self.console
 
     @property
-    def vm(self) -> GuestQemu:
+    def vm(self) -> Machine:
         if self.qemu is None:
             raise QEMUError("QEMU is not running (call start())")
         return self.qemu
@@ -255,11 +264,11 @@ class Session:
         t0 = time.monotonic()
         try:
             if kind == "hmp":
-                out = self.vm.hmp(f"snapshot_blkdev {GuestQemu.DRIVE_ID} {overlay} qcow2")
+                out = self.vm.hmp(f"snapshot_blkdev {DRIVE_ID} {overlay} qcow2")
                 if out.strip():
                     raise QEMUError(f"HMP snapshot_blkdev {overlay.name}: {out.strip()}")
             elif kind == "qmp":
-                self.vm.command("blockdev-snapshot-sync", device=GuestQemu.DRIVE_ID,
+                self.vm.qmp("blockdev-snapshot-sync", device=DRIVE_ID,
                                 **{"snapshot-file": str(overlay), "format": "qcow2"})
             else:
                 raise ValueError(f"unknown snapshot kind {kind!r} (hmp or qmp)")
@@ -282,21 +291,25 @@ class Session:
 
     def kill_broker(self) -> None:
         """Kill the broker process (only with ``broker_process``)."""
-        if self.broker_proc is None:
+        if self.broker_pid is None:
             raise ValueError("kill_broker needs SessionConfig(broker_process=True)")
-        self.broker_proc.send_signal(signal.SIGKILL)
-        self.broker_proc.wait(10)
+        for proc in self.vm.helpers:
+            if proc.pid == self.broker_pid:
+                proc.send_signal(signal.SIGKILL)
+                proc.wait(10)
 
     def shutdown(self) -> str:
-        """Power the guest off from inside and wait for QEMU to exit."""
+        """Power the guest off from inside, wait for QEMU to exit; how it ended."""
         self.con.expect("power off", r"reboot: Power down", send="tb off",
                         timeout=self.config.step_timeout)
-        try:
-            self.vm.wait(self.config.step_timeout)
-        except WaitTimeout:
-            return self.vm.shutdown()
-        self.vm.close()
-        return "powered off"
+        proc = self.vm.process
+        if proc is not None:
+            try:
+                proc.wait(self.config.step_timeout)
+            except subprocess.TimeoutExpired:
+                log.warning("QEMU still running %gs after the guest powered off",
+                            self.config.step_timeout)
+        return self.vm.shutdown()
 
     def verify(self) -> ChainReport:
         """Every synced record is on the disk (through the snapshot chain), none corrupt."""
@@ -311,20 +324,10 @@ class Session:
     # -- clean-up -----------------------------------------------------------
 
     def close(self) -> None:
-        if self.qemu is not None and self.qemu.alive():
-            self.qemu.shutdown(timeout=5)
+        if self.qemu is not None:
+            self.qemu.shutdown()  # stops the brokers it started, too
         if self.console is not None:
             self.console.close()
-        if self.broker is not None:
-            self.broker.stop()
-            self.broker = None
-        if self.broker_proc is not None and self.broker_proc.poll() is None:
-            self.broker_proc.terminate()
-            try:
-                self.broker_proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.broker_proc.kill()
-                self.broker_proc.wait(10)
 
     def __enter__(self) -> Session:
         return self.start()
