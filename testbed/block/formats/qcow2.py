@@ -10,6 +10,11 @@ come from the backing chain, which the core opens from
 the file and keep refcounts exact, so ``qemu-img check`` stays clean; that is
 enough for the overlays the model creates with :func:`create_image`.
 
+The external data file name is handed to ``ctx.open_file`` relative to
+the image, as the model's contract says.  QEMU 7.2 itself opens that name
+as given, i.e. relative to its working directory (a known quirk), so the two
+agree when QEMU runs in the image's directory.
+
 Limits, checked the way QEMU 7.2's ``qcow2_do_open`` checks them, are what
 keep a hostile header from making us allocate or read gigabytes: the L1
 table is at most 32 MiB, the refcount table 8 MiB, one cluster at most 2 MiB.
