@@ -31,6 +31,7 @@ import tempfile
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from testbed.errors import CorruptImageError, TestbedError
 
@@ -211,9 +212,25 @@ class ChainReport:
     records_found: int
     synced: int
     per_layer: tuple[tuple[str, int], ...]
+    #: synced records missing from the whole chain
+    lost: tuple[int, ...] = ()
+    problems: tuple[str, ...] = ()
+
+    @property
+    def verified(self) -> int:
+        """Synced records found intact in the chain."""
+        return self.synced - len(self.lost)
 
 
-def verify_chain(
+def verify_chain(**kwargs: Any) -> ChainReport:
+    """:func:`check_chain`, raising :class:`VerifyError` if it found problems."""
+    report = check_chain(**kwargs)
+    if report.problems:
+        raise VerifyError(report.problems)
+    return report
+
+
+def check_chain(
     *,
     base: Path,
     base_format: str,
@@ -256,8 +273,7 @@ def verify_chain(
         late = sorted(s for s in view.seqs if s > mark.synced_after + 1)
         if late:
             problems.append(f"{older.name}: records written after snapshot {i + 1}: {late}")
-    if problems:
-        raise VerifyError(problems)
     return ChainReport(
-        records_found=len(top.records), synced=len(synced_set), per_layer=tuple(per_layer)
+        records_found=len(top.records), synced=len(synced_set), per_layer=tuple(per_layer),
+        lost=tuple(lost), problems=tuple(problems),
     )

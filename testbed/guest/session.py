@@ -29,8 +29,9 @@ from testbed.guest.records import (
     ChainReport,
     DiskLayout,
     SnapshotMark,
+    VerifyError,
+    check_chain,
     pattern_digest,
-    verify_chain,
 )
 from testbed.qemu import Machine, MachineConfig, patched_qemu_path
 from testbed.qemu.binaries import STOCK_QEMU, is_runnable
@@ -88,6 +89,7 @@ class Session:
         self.writer_done = True
         self.booted = False
         self.accel_used: str | None = None
+        self.report: ChainReport | None = None
 
     # -- set-up -------------------------------------------------------------
 
@@ -213,6 +215,7 @@ class Session:
         self.con.child.sendline(
             f"tb write {layout.record_start} {self.next_seq} {count} {self.run}")
         self._writer_end = self.next_seq + count - 1
+        self._writer_t0 = time.monotonic()
         self.next_seq += count
         self.writer_done = False
 
@@ -247,8 +250,11 @@ class Session:
         """Wait for the writer to end; returns the number of records synced in all."""
         if not self.writer_done:
             self.wait_synced(self._writer_end)
-            self.con.expect("write", r"WRITER DONE (\d+)", timeout=self.config.step_timeout)
+            self.con.expect("write", r"WRITER DONE (\d+)", timeout=self.config.step_timeout,
+                            record=False)
             self.writer_done = True
+        self._step("write", True, time.monotonic() - self._writer_t0,
+                   f"{len(self.synced)} records synced, last {self._writer_end}")
         self.con.expect("write: prompt", PROMPT, timeout=self.config.step_timeout, record=False)
         return len(self.synced)
 
@@ -312,13 +318,20 @@ class Session:
         return self.vm.shutdown()
 
     def verify(self) -> ChainReport:
-        """Every synced record is on the disk (through the snapshot chain), none corrupt."""
+        """Every synced record is on the disk (through the snapshot chain), none corrupt.
+
+        The report is kept in :attr:`report`; problems raise :class:`VerifyError`.
+        """
         assert self.disk is not None
-        report = verify_chain(base=self.disk.path, base_format=self.disk.fmt, marks=self.marks,
-                              synced=self.synced, layout=self.config.layout, run=self.run)
-        self._step("verify", True, 0.0,
-                   f"{report.records_found} records found, {report.synced} synced, "
-                   f"layers {dict(report.per_layer)}")
+        t0 = time.monotonic()
+        report = check_chain(base=self.disk.path, base_format=self.disk.fmt, marks=self.marks,
+                             synced=self.synced, layout=self.config.layout, run=self.run)
+        self.report = report
+        detail = (f"{report.verified}/{report.synced} synced records intact, "
+                  f"records per layer {dict(report.per_layer)}")
+        self._step("verify", not report.problems, time.monotonic() - t0, detail)
+        if report.problems:
+            raise VerifyError(report.problems)
         return report
 
     # -- clean-up -----------------------------------------------------------
