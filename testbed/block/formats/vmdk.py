@@ -239,9 +239,9 @@ class VmdkImage(FormatImage):
                 f"{extent.file.filename}: compressed grain at {where} is past the end of the file",
             )  # fmt: skip
         # vmdk_read_extent reads two grains in case marker + data exceed one;
-        # the part past the end of the file reads as zeros.
+        # the part past the end of the file would read as zeros and is not
+        # read here (the marker's size field decides what is used).
         buf = extent.file.pread(where, min(2 * grain_bytes, file_size - where))
-        buf = buf.ljust(2 * grain_bytes, b"\0")
         if extent.has_marker:
             data_len = parse_grain_marker(buf, base=where).size
             data = buf[GRAIN_MARKER_SIZE : GRAIN_MARKER_SIZE + data_len]
