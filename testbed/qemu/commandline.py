@@ -42,6 +42,8 @@ class MachineConfig:
     directories is an empty tmpfs: what QEMU then opens there, it can only
     have got through the hook.  ``wrapper`` goes before everything (for
     example ``("strace", "-f", "-o", "trace", "-e", "trace=openat")``).
+    ``line_buffered`` runs QEMU under ``stdbuf -oL``: HMP ``qemu-io`` prints
+    to QEMU's stdout (the log), which is otherwise flushed only at exit.
     """
 
     binary: Path = STOCK_QEMU
@@ -54,6 +56,7 @@ class MachineConfig:
     pass_fds: tuple[int, ...] = ()
     firmware_dirs: tuple[Path, ...] = FIRMWARE_DIRS
     wrapper: tuple[str, ...] = ()
+    line_buffered: bool = True
     log_path: Path | None = None
     launch_timeout: float = 60.0
     command_timeout: float = 60.0
@@ -88,7 +91,8 @@ def build_argv(
         raise ValueError("hook_fd must be given exactly when config.hook is set")
     if config.serial != (serial_fd is not None):
         raise ValueError("serial_fd must be given exactly when config.serial is set")
-    qemu = [str(config.binary)]
+    qemu = ["stdbuf", "-oL", "-eL"] if config.line_buffered else []
+    qemu.append(str(config.binary))
     for fw in config.firmware_dirs:
         qemu += ["-L", str(fw)]
     qemu += [

@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import enum
 import logging
+import shutil
 import socket
 import subprocess
 import sys
@@ -177,6 +178,10 @@ class Machine:
             hook_fd=self._hook_theirs.fileno() if self._hook_theirs else None,
             serial_fd=self._serial_theirs.fileno() if self._serial_theirs else None,
         )
+        if shutil.which(str(cfg.binary)) is None:
+            self._release()
+            raise LaunchError(f"cannot run {cfg.binary}: no such executable", argv=self.argv,
+                              exitcode=None, log="")
         pass_fds = tuple(s.fileno() for s in theirs) + cfg.pass_fds
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         log.info("launching: %s", " ".join(self.argv))
@@ -237,10 +242,19 @@ class Machine:
         return out
 
     def qemu_io(self, device: str, command: str) -> str:
-        """HMP ``qemu-io DEVICE "COMMAND"`` (e.g. ``read -P 0xab 0 512``); its output."""
+        """HMP ``qemu-io DEVICE "COMMAND"`` (e.g. ``read -P 0xab 0 512``); its output.
+
+        qemu-io prints to QEMU's stdout, not to the monitor: the output is
+        what the command added to the log (complete with ``line_buffered``).
+        """
         if '"' in command:
             raise ValueError(f"qemu-io command {command!r} must not contain a double quote")
-        return self.hmp(f'qemu-io {device} "{command}"')
+        start = self.log_path.stat().st_size if self.log_path.exists() else 0
+        monitor = self.hmp(f'qemu-io {device} "{command}"')
+        with open(self.log_path, "rb") as f:
+            f.seek(start)
+            printed = f.read().decode(errors="replace")
+        return monitor + printed
 
     def events(self, *, clear: bool = True) -> list[dict[str, Any]]:
         """The QMP events received so far (and forget them, unless ``clear`` is off)."""
