@@ -265,3 +265,13 @@ def _fuzz_open_and_read(driver_name: str, data: bytes) -> None:
 def fuzz_open() -> Callable[[str, bytes], None]:
     """Open bytes as an image of a format and read its edges; only CorruptImageError may escape."""
     return _fuzz_open_and_read
+
+
+@pytest.fixture(scope="session")
+def open_bytes() -> Callable[[str, bytes], FormatImage]:
+    """Open in-memory bytes as an image of the named format (children are empty files)."""
+
+    def opener(driver_name: str, data: bytes) -> FormatImage:
+        return get_driver(driver_name).open(MemFile(data), MemContext())
+
+    return opener
