@@ -1,0 +1,160 @@
+"""The guest booted through -open-hook-fd: every format, live snapshots, a
+sandbox, and broker faults.  Each test is one boot (about 5-10 s under TCG).
+
+They need ``make guest`` and, except the stock baseline, ``make qemu``; they
+skip locally and fail under CI=true when those are missing.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+from testbed.errors import LaunchError, QEMUError
+from testbed.guest.artifacts import guest_available
+from testbed.guest.disk import FORMATS
+from testbed.guest.session import Session, SessionConfig
+from testbed.pytest_plugin import require
+from testbed.qemu import patched_qemu_path
+from testbed.qemu.binaries import STOCK_QEMU, is_runnable
+
+pytestmark = [pytest.mark.guest, pytest.mark.slow]
+
+#: How QEMU words a dead broker's errno (the hook's sendmsg/recvmsg failing).
+DEAD_BROKER = r"Broken pipe|Connection reset by peer|Transport endpoint|EPIPE|ECONNRESET"
+
+
+@pytest.fixture
+def guest() -> None:
+    require(guest_available(), "the guest kernel and initramfs (run `make guest`)")
+
+
+@pytest.fixture
+def patched(guest: None) -> Path:
+    binary = patched_qemu_path()
+    require(is_runnable(binary), f"patched QEMU {binary} (run `make qemu`)")
+    return binary
+
+
+def config(tmp_path: Path, fmt: str, **kw: object) -> SessionConfig:
+    return SessionConfig(fmt=fmt, workdir=tmp_path / fmt, **kw)  # type: ignore[arg-type]
+
+
+def audited_paths(session: Session) -> list[str]:
+    broker = session.broker
+    assert broker is not None
+    return [r.path for r in broker.records]
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_every_format_boots_through_the_hook(patched: Path, tmp_path: Path, fmt: str) -> None:
+    with Session(config(tmp_path, fmt)) as s:
+        assert s.disk is not None
+        if fmt == "vvfat":
+            s.check_fat()
+        else:
+            s.check_pattern()
+            s.start_writer(12)
+            s.finish_writer()
+        assert s.shutdown() == "exited"
+        if fmt != "vvfat":
+            report = s.verify()
+            assert report.verified == 12 and not report.lost
+        paths = audited_paths(s)
+    # the image reached QEMU through the broker
+    want = str(s.disk.path) if fmt != "vvfat" else str(s.disk.path / "large.bin")
+    assert want in paths, paths
+
+
+def test_live_snapshots_hmp_then_qmp_lose_nothing(patched: Path, tmp_path: Path) -> None:
+    with Session(config(tmp_path, "raw")) as s:
+        s.check_pattern()
+        s.start_writer(40)
+        s.wait_synced(8)
+        first = s.snapshot("hmp")
+        s.wait_synced(20)
+        second = s.snapshot("qmp")
+        s.finish_writer()
+        s.shutdown()
+        report = s.verify()
+        paths = audited_paths(s)
+    assert report.verified == 40
+    assert [n for n, _ in report.per_layer] == ["disk.raw", "snap1.qcow2", "snap2.qcow2"]
+    # each older file holds what was synced before its snapshot, nothing from after
+    assert first.synced_before >= 8 and second.synced_before >= 20
+    assert str(second.overlay) in paths
+
+
+def test_sandboxed_qemu_works_only_through_the_hook(patched: Path, tmp_path: Path) -> None:
+    with Session(config(tmp_path, "qcow2", sandbox=True)) as s:
+        s.check_pattern()
+        s.start_writer(10)
+        s.wait_synced(3)
+        s.snapshot("qmp")
+        s.finish_writer()
+        s.shutdown()
+        assert s.verify().verified == 10
+    # the same QEMU without the hook, in the same namespace, cannot see the image
+    blind = Session(config(tmp_path / "blind", "qcow2", sandbox=True, hook=False, qemu=patched))
+    with pytest.raises(LaunchError) as info:
+        blind.start()
+    blind.close()
+    assert blind.disk is not None
+    assert str(blind.disk.path) in str(info.value)
+    assert "No such file or directory" in info.value.log
+
+
+def test_killed_broker_fails_the_next_snapshot_only(patched: Path, tmp_path: Path) -> None:
+    with Session(config(tmp_path, "qcow2", broker_process=True)) as s:
+        s.check_pattern()
+        s.start_writer(40)
+        s.wait_synced(5)
+        s.kill_broker()
+        s.wait_synced(12)  # the guest goes on writing through the fds QEMU holds
+        with pytest.raises(QEMUError) as info:
+            s.snapshot("qmp")
+        assert "snap1.qcow2" in str(info.value)
+        assert re.search(DEAD_BROKER, str(info.value)), str(info.value)
+        assert s.vm.is_running()
+        assert s.vm.qmp("query-status")["status"] == "running"
+        s.finish_writer()
+        s.shutdown()
+        report = s.verify()
+    assert report.verified == 40 and not report.lost
+    assert not (tmp_path / "qcow2" / "images" / "snap1.qcow2").exists()
+
+
+def test_refused_snapshot_file_is_a_qmp_error(patched: Path, tmp_path: Path) -> None:
+    with Session(config(tmp_path, "qcow2", allow_create=False)) as s:
+        s.check_pattern()
+        s.start_writer(20)
+        s.wait_synced(4)
+        with pytest.raises(QEMUError, match="Permission denied") as info:
+            s.snapshot("qmp")
+        assert "snap1.qcow2" in str(info.value)
+        with pytest.raises(QEMUError, match="Permission denied"):
+            s.snapshot("hmp")
+        s.finish_writer()  # the guest did not notice
+        s.check_pattern()
+        s.shutdown()
+        assert s.verify().verified == 20
+        broker = s.broker
+        assert broker is not None
+        refused = [r for r in broker.records if r.path.endswith("snap1.qcow2")]
+    assert refused and all(r.result == -13 for r in refused)
+
+
+@pytest.mark.stock_qemu
+def test_stock_qemu_baseline_without_hook(guest: None, tmp_path: Path) -> None:
+    """The same scenario on Debian's QEMU: tells guest bugs from hook bugs."""
+    require(is_runnable(STOCK_QEMU), f"Debian's QEMU {STOCK_QEMU}")
+    with Session(config(tmp_path, "raw", hook=False)) as s:
+        s.check_pattern()
+        s.start_writer(10)
+        s.wait_synced(3)
+        s.snapshot("hmp")
+        s.finish_writer()
+        s.shutdown()
+        assert s.verify().verified == 10

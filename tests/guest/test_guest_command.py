@@ -1,0 +1,34 @@
+"""``testbed boot`` argument handling and the build output (no QEMU needed)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from testbed.cli import main
+from testbed.guest.artifacts import GUEST_DIR, guest_available
+from testbed.pytest_plugin import require
+
+
+def test_boot_rejects_unknown_format(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as info:
+        main(["boot", "--format", "qed"])
+    assert info.value.code == 2
+    assert "invalid choice: 'qed'" in capsys.readouterr().err
+
+
+def test_boot_rejects_snapshot_of_vvfat(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["boot", "--format", "vvfat", "--snapshot"]) == 2
+    assert "needs a writable image format" in capsys.readouterr().err
+
+
+@pytest.mark.guest
+def test_guest_build_loads_modules_after_their_dependencies() -> None:
+    require(guest_available(), "the guest (run `make guest`)")
+    info = json.loads((GUEST_DIR / "info.json").read_text())
+    order = info["modules"]
+    for before, after in (("virtio_ring", "virtio_pci"), ("virtio", "virtio_blk"),
+                          ("virtio_pci_modern_dev", "virtio_pci"), ("fat", "vfat")):
+        assert order.index(before) < order.index(after), order
+    assert (GUEST_DIR / "modules.load").read_text().split() == order
