@@ -23,7 +23,7 @@ class AuditRecord:
     peer_pid: int
     path: str
     flags: int
-    flag_names: list[str]
+    flag_names: tuple[str, ...]
     mode: int
     result: int
     latency_us: float
@@ -34,7 +34,9 @@ class AuditRecord:
 
     @classmethod
     def from_mapping(cls, data: dict[str, Any]) -> AuditRecord:
-        return cls(**{k: data[k] for k in cls.__dataclass_fields__ if k in data})
+        fields = {k: data[k] for k in cls.__dataclass_fields__ if k in data}
+        fields["flag_names"] = tuple(fields.get("flag_names", ()))
+        return cls(**fields)
 
 
 class AuditLog:
@@ -48,6 +50,11 @@ class AuditLog:
         self._keep = keep
         self._lock = threading.Lock()
         self.records: list[AuditRecord] = []
+
+    @property
+    def active(self) -> bool:
+        """Whether records go anywhere (the broker skips building them if not)."""
+        return self._keep or self._file is not None
 
     def write(self, record: AuditRecord) -> None:
         with self._lock:

@@ -10,15 +10,21 @@ How a request is opened, and why each step is there:
    absolute symlinks, ``/proc/self/root`` tricks and the like therefore fail
    inside the kernel's path walk (``EXDEV``/``ELOOP``) instead of being
    caught (or missed) by string checks.
-3. The target is first opened ``O_PATH``: that pins the inode, so its type
-   and link count are checked on the very object that is then reopened
-   (through ``/proc/self/fd``) with the requested flags.  A symlink swapped
-   in after the check cannot redirect the open, and a FIFO or device node is
-   refused before anything opens it for real (which could block or have
-   side effects).
-4. A create (``O_CREAT`` of a missing file) is one ``openat2`` with the same
-   resolve flags and the mode masked; ``O_NONBLOCK`` keeps a FIFO planted in
-   the race window from blocking the broker, and the type is checked after.
+3. That one ``openat2`` is the open: the kernel resolves and opens in a
+   single step, so a symlink swapped in after a check has nothing to
+   redirect.  It adds ``O_NONBLOCK`` (a FIFO must not block the broker) and
+   ``O_NOCTTY``, and leaves out ``O_TRUNC``.
+4. The inode behind the new fd is then checked: device nodes, FIFOs and
+   sockets, and regular files with more than one hard link (the other link
+   may be outside the grant), are refused unless the grant allows them.
+   Only after that is ``O_TRUNC`` applied (``ftruncate``) and
+   ``O_NONBLOCK`` taken back off if the peer did not ask for it, so a
+   refused open has changed nothing.  Device nodes in a grant can only be
+   put there by whoever controls the granted directory (the broker creates
+   regular files only), which is why opening one before refusing it is
+   acceptable here.
+5. ``O_CREAT`` passes through only under a create grant, with the mode
+   masked (no setuid/setgid, not world-writable).
 """
 
 from __future__ import annotations
@@ -38,9 +44,9 @@ from testbed.broker.policy import Access, Grant, Policy, needed_access
 from testbed.protocol import InvalidRequest, OpenRequest
 
 _O_PATH_FLAGS = os.O_PATH | os.O_CLOEXEC
-#: Bits the broker never passes on: it decides creation itself, and
-#: O_CLOEXEC on the peer's side is set by the peer's recvmsg.
-_STRIP_ON_REOPEN = os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_TMPFILE | os.O_CLOEXEC
+#: Bits the broker does not pass on as asked: O_CLOEXEC on the peer's side
+#: comes from the peer's recvmsg; O_TMPFILE files could not be audited by name.
+_STRIP = os.O_CLOEXEC | (os.O_TMPFILE & ~os.O_DIRECTORY)
 _DEVICE_KINDS = {
     stat.S_IFCHR: "a character device",
     stat.S_IFBLK: "a block device",
@@ -133,16 +139,35 @@ class Gate:
         resolve = RESOLVE_BENEATH | RESOLVE_NO_MAGICLINKS
         if not grant.symlinks:
             resolve |= RESOLVE_NO_SYMLINKS
+        flags = request.flags
+        if need is not Access.CREATE:
+            flags &= ~os.O_CREAT
+        # O_NONBLOCK: a FIFO must not block the broker while it is still
+        # being checked; O_NOCTTY: a tty must not become our terminal.
+        flags = (flags & ~(_STRIP | os.O_TRUNC)) | os.O_CLOEXEC | os.O_NOCTTY | os.O_NONBLOCK
+        mode = request.mode & self.policy.create_mode_mask
         try:
-            pfd = openat2(root, target, _O_PATH_FLAGS, 0, resolve)
+            fd = openat2(root, target, flags, mode, resolve)
         except OSError as err:
-            if err.errno == errno.ENOENT and need is Access.CREATE and request.flags & os.O_CREAT:
-                return self._create(root, target, resolve, grant, request)
             return self._resolve_error(err)
-        if request.flags & os.O_CREAT and request.flags & os.O_EXCL:
-            os.close(pfd)
-            return Outcome(result=-errno.EEXIST, reason="O_EXCL and the file exists")
-        return self._reopen_checked(pfd, grant, request)
+        try:
+            st = os.fstat(fd)
+        except OSError as err:  # pragma: no cover - fstat on a fresh fd does not fail
+            os.close(fd)
+            return Outcome(result=-(err.errno or errno.EIO), reason=err.strerror or "")
+        problem = self._check_inode(st, grant)
+        if problem:
+            os.close(fd)
+            return self.refuse(problem)
+        try:
+            if request.flags & os.O_TRUNC and stat.S_ISREG(st.st_mode):
+                os.ftruncate(fd, 0)
+            if not request.flags & os.O_NONBLOCK:
+                os.set_blocking(fd, True)
+        except OSError as err:
+            os.close(fd)
+            return Outcome(result=-(err.errno or errno.EIO), reason=err.strerror or "")
+        return Outcome(result=0, fd=fd)
 
     def _resolve_error(self, err: OSError) -> Outcome:
         code = err.errno or errno.EIO
@@ -159,46 +184,3 @@ class Gate:
         if kind == stat.S_IFREG and st.st_nlink > 1 and not grant.hardlinks:
             return f"a file with {st.st_nlink} hard links and the grant does not allow hardlinks"
         return None
-
-    def _reopen_checked(self, pfd: int, grant: Grant, request: OpenRequest) -> Outcome:
-        try:
-            st = os.fstat(pfd)
-            problem = self._check_inode(st, grant)
-            if problem:
-                return self.refuse(problem)
-            flags = (request.flags & ~_STRIP_ON_REOPEN) | os.O_CLOEXEC | os.O_NOCTTY
-            special = not (stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode))
-            if special:
-                flags |= os.O_NONBLOCK
-            try:
-                fd = os.open(f"/proc/self/fd/{pfd}", flags)
-            except OSError as err:
-                return Outcome(result=-(err.errno or errno.EIO), reason=err.strerror or "")
-            if special and not request.flags & os.O_NONBLOCK:
-                os.set_blocking(fd, True)
-            return Outcome(result=0, fd=fd)
-        finally:
-            os.close(pfd)
-
-    def _create(
-        self, root: int, target: str, resolve: int, grant: Grant, request: OpenRequest
-    ) -> Outcome:
-        mode = request.mode & self.policy.create_mode_mask
-        flags = (
-            request.flags & ~(os.O_CLOEXEC | os.O_NOFOLLOW)
-            | os.O_CLOEXEC
-            | os.O_NOCTTY
-            | os.O_NONBLOCK
-        )
-        try:
-            fd = openat2(root, target, flags, mode, resolve)
-        except OSError as err:
-            return self._resolve_error(err)
-        st = os.fstat(fd)
-        problem = self._check_inode(st, grant)
-        if problem:
-            os.close(fd)
-            return self.refuse(problem)
-        if not request.flags & os.O_NONBLOCK:
-            os.set_blocking(fd, True)
-        return Outcome(result=0, fd=fd)

@@ -29,26 +29,30 @@ class OpenHow(ctypes.Structure):
 
 @functools.cache
 def _syscall() -> Any:
-    # Loaded on first use, not at import: no import-time side effects.
+    # Loaded on first use, not at import: no import-time side effects.  A
+    # typed prototype keeps ctypes from guessing conversions on every call,
+    # which is most of the cost of a call on the broker's hot path.
     libc = ctypes.CDLL(None, use_errno=True)
-    fn = libc.syscall
-    fn.restype = ctypes.c_long
-    return fn
+    proto = ctypes.CFUNCTYPE(
+        ctypes.c_long,
+        ctypes.c_long,
+        ctypes.c_int,
+        ctypes.c_char_p,
+        ctypes.POINTER(OpenHow),
+        ctypes.c_size_t,
+        use_errno=True,
+    )
+    return proto(("syscall", libc))
+
+
+_HOW_SIZE = ctypes.sizeof(OpenHow)
 
 
 def openat2(dirfd: int, path: str | bytes, flags: int, mode: int = 0, resolve: int = 0) -> int:
     """Open ``path`` relative to ``dirfd``; raise ``OSError`` like ``os.open``."""
-    raw = os.fsencode(path)
+    raw = path if isinstance(path, bytes) else os.fsencode(path)
     how = OpenHow(flags, mode if flags & (os.O_CREAT | os.O_TMPFILE) else 0, resolve)
-    fd = int(
-        _syscall()(
-            ctypes.c_long(SYS_OPENAT2),
-            ctypes.c_int(dirfd),
-            ctypes.c_char_p(raw),
-            ctypes.byref(how),
-            ctypes.c_size_t(ctypes.sizeof(how)),
-        )
-    )
+    fd: int = _syscall()(SYS_OPENAT2, dirfd, raw, how, _HOW_SIZE)
     if fd < 0:
         err = ctypes.get_errno()
         raise OSError(err, os.strerror(err), os.fsdecode(raw))

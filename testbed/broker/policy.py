@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from testbed.errors import PolicyError
+from testbed.protocol.flags import wants_create, wants_write
 
 
 class Access(IntEnum):
@@ -221,8 +222,6 @@ def parse_errno(value: object, *, source: str = "") -> int:
 
 def needed_access(flags: int) -> Access:
     """The access level an open with ``flags`` needs."""
-    from testbed.protocol.flags import wants_create, wants_write
-
     if wants_create(flags):
         return Access.CREATE
     if wants_write(flags):

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import functools
 import logging
 import os
 import selectors
@@ -37,6 +38,11 @@ from testbed.transport import close_fds, recv_with_fds
 log = logging.getLogger("testbed.broker")
 
 _UCRED = struct.Struct("3i")
+
+
+@functools.lru_cache(maxsize=256)
+def _names(flags: int) -> tuple[str, ...]:
+    return tuple(flag_names(flags))
 RECV_SIZE = 65536
 
 
@@ -285,24 +291,23 @@ class Broker:
             outcome = Outcome(result=-(err.errno or 5), reason=f"unexpected: {err}")
         conn.requests += 1
         self._send(conn, encode_reply(outcome.result), outcome.fd)
-        latency = (time.perf_counter_ns() - start) / 1000
-        path = request.path.decode("utf-8", "surrogateescape")
-        self.audit.write(
-            AuditRecord(
-                time=time.time(),
-                conn=conn.id,
-                peer_pid=conn.peer.pid,
-                path=path,
-                flags=request.flags,
-                flag_names=flag_names(request.flags),
-                mode=request.mode,
-                result=outcome.result,
-                latency_us=round(latency, 1),
-                reason=outcome.reason,
+        if self.audit.active:
+            self.audit.write(
+                AuditRecord(
+                    time=time.time(),
+                    conn=conn.id,
+                    peer_pid=conn.peer.pid,
+                    path=request.path.decode("utf-8", "surrogateescape"),
+                    flags=request.flags,
+                    flag_names=_names(request.flags),
+                    mode=request.mode,
+                    result=outcome.result,
+                    latency_us=round((time.perf_counter_ns() - start) / 1000, 1),
+                    reason=outcome.reason,
+                )
             )
-        )
         if outcome.result < 0:
-            log.info("refused %s (%s): %s", path, "|".join(flag_names(request.flags)),
+            log.info("refused %r (%s): %s", request.path, "|".join(_names(request.flags)),
                      outcome.reason or os.strerror(-outcome.result))
 
     def _send(self, conn: Connection, data: bytes, fd: int | None) -> None:

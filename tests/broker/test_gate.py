@@ -172,6 +172,20 @@ def test_hardlink_refused(attack: tuple[Gate, Path, Path]) -> None:
     assert result(gate, grant / "hard") == EACCES
 
 
+def test_refused_hardlink_is_not_truncated(tmp_path: Path) -> None:
+    grant = tmp_path / "g"
+    grant.mkdir()
+    (tmp_path / "precious").write_text("keep")
+    os.link(tmp_path / "precious", grant / "link")
+    gate = Gate(Policy.from_grants(rw=[grant]))
+    assert result(gate, grant / "link", os.O_RDWR | os.O_TRUNC) == EACCES
+    assert (tmp_path / "precious").read_text() == "keep"
+    (grant / "plain").write_text("old")
+    assert result(gate, grant / "plain", os.O_RDWR | os.O_TRUNC) == 0
+    assert (grant / "plain").read_text() == ""
+    gate.close()
+
+
 def test_devices_and_fifos_refused_without_blocking(attack: tuple[Gate, Path, Path]) -> None:
     gate, grant, _ = attack
     os.mkfifo(grant / "fifo")
