@@ -498,18 +498,25 @@ def test_fuzz_descriptor(text: bytes) -> None:
 
 
 def _mutations() -> st.SearchStrategy[bytes]:
-    base = small_sparse()
+    bases = [small_sparse(), small_sparse(compressed=True)]
     edits = st.lists(
-        st.tuples(st.integers(0, 4 * 512 + 64), st.binary(min_size=1, max_size=8)), max_size=6
+        st.tuples(
+            # mostly metadata (header, descriptor, tables), sometimes grains and markers
+            st.integers(0, 4 * 512 + 64) | st.integers(0, len(bases[1])),
+            st.binary(min_size=1, max_size=8),
+        ),
+        max_size=6,
     )
 
-    def apply(changes: list[tuple[int, bytes]], cut: int | None) -> bytes:
+    def apply(base: bytes, changes: list[tuple[int, bytes]], cut: int | None) -> bytes:
         data = bytearray(base)
         for offset, blob in changes:
             data[offset : offset + len(blob)] = blob
         return bytes(data[:cut] if cut is not None else data)
 
-    return st.builds(apply, edits, st.none() | st.integers(0, len(base)))
+    return st.builds(
+        apply, st.sampled_from(bases), edits, st.none() | st.integers(0, len(bases[1]))
+    )
 
 
 def _open_and_read(data: bytes) -> Iterator[bytes]:
