@@ -134,9 +134,8 @@ def short_name(filename: str, existing: list[bytes]) -> bytes:
     if name[0] == DIR_KANJI:
         name[0] = DIR_KANJI_FAKE
 
+    # The tail goes after the base name's first blank (or at its end).
     j = name.index(b" ") if b" " in name[:8] else 8
-    if j > 8:
-        j = 8
     taken = set(existing)
     for i in range(1 if lossy else 0, 999999):
         if i > 0:
