@@ -250,14 +250,6 @@ class Qcow2Header:
                 16,
                 f"backing file name of {self.backing_file_size} bytes is too long",
             )
-        unknown = self.incompatible_features & ~INCOMPAT_KNOWN
-        if unknown:
-            raise CorruptImageError(
-                FMT,
-                "incompatible_features",
-                72,
-                f"unknown incompatible feature bits {unknown:#x}",
-            )
         if self.incompatible_features & INCOMPAT_EXTL2:
             raise CorruptImageError(
                 FMT,
@@ -418,6 +410,21 @@ class Qcow2Extensions:
             feature_names=tuple(features),
             other=tuple(other),
         )
+
+
+def _check_unknown_features(header: Qcow2Header, extensions: Qcow2Extensions) -> None:
+    """Refuse incompatible features the model does not know, by name when the image has one."""
+    unknown = header.incompatible_features & ~INCOMPAT_KNOWN
+    if not unknown:
+        return
+    table = {bit: name for ftype, bit, name in extensions.feature_names if ftype == 0}
+    names = [table.get(bit, f"bit {bit}") for bit in range(64) if unknown >> bit & 1]
+    raise CorruptImageError(
+        FMT,
+        "incompatible_features",
+        72,
+        f"unknown incompatible feature bits {unknown:#x} ({', '.join(names)})",
+    )
 
 
 def _c_string(data: bytes) -> str:
@@ -772,6 +779,7 @@ class Qcow2Driver(FormatDriver):
         # file there is nothing to read, so the parser sees the real length.
         first = file.pread(0, min(file_size, header.cluster_size))
         extensions = Qcow2Extensions.parse(first, header)
+        _check_unknown_features(header, extensions)
         if header.incompatible_features & INCOMPAT_CORRUPT and not ctx.read_only:
             raise CorruptImageError(
                 FMT,
