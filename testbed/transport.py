@@ -32,6 +32,13 @@ log = logging.getLogger(__name__)
 MAX_FDS_PER_RECV: Final = 8
 _FD_SIZE: Final = array.array("i").itemsize
 CMSG_SPACE: Final = socket.CMSG_SPACE(MAX_FDS_PER_RECV * _FD_SIZE)
+# Plain ints: socket's flag enums cost an enum operation per use on hot paths.
+SOL_SOCKET: Final = int(socket.SOL_SOCKET)
+SCM_RIGHTS: Final = int(socket.SCM_RIGHTS)
+MSG_NOSIGNAL: Final = int(socket.MSG_NOSIGNAL)
+MSG_DONTWAIT: Final = int(socket.MSG_DONTWAIT)
+MSG_CTRUNC: Final = int(socket.MSG_CTRUNC)
+MSG_CMSG_CLOEXEC: Final = int(socket.MSG_CMSG_CLOEXEC)
 
 
 def close_fds(fds: Sequence[int]) -> None:
@@ -48,18 +55,18 @@ def send_frame(sock: socket.socket, data: bytes, fds: Sequence[int] = ()) -> Non
     without ancillary data so the descriptors travel exactly once.
     """
     ancillary = (
-        [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())] if fds else []
+        [(SOL_SOCKET, SCM_RIGHTS, array.array("i", fds).tobytes())] if fds else []
     )
-    sent = sock.sendmsg([data], ancillary, socket.MSG_NOSIGNAL)
+    sent = sock.sendmsg([data], ancillary, MSG_NOSIGNAL)
     if sent < len(data):
-        sock.sendall(data[sent:], socket.MSG_NOSIGNAL)
+        sock.sendall(data[sent:], MSG_NOSIGNAL)
 
 
 def parse_rights(ancdata: list[tuple[int, int, bytes]]) -> list[int]:
     """The descriptors in a recvmsg's ancillary data (other messages ignored)."""
     fds: list[int] = []
     for level, kind, payload in ancdata:
-        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+        if level == SOL_SOCKET and kind == SCM_RIGHTS:
             usable = len(payload) - len(payload) % _FD_SIZE
             fds.extend(array.array("i", payload[:usable]))
     return fds
@@ -71,9 +78,9 @@ def recv_with_fds(sock: socket.socket, bufsize: int = 4096) -> tuple[bytes, list
     ``MSG_CTRUNC`` means descriptors were dropped by the kernel: whatever did
     arrive is closed and :class:`TransportError` raised.
     """
-    data, ancdata, msg_flags, _ = sock.recvmsg(bufsize, CMSG_SPACE, socket.MSG_CMSG_CLOEXEC)
+    data, ancdata, msg_flags, _ = sock.recvmsg(bufsize, CMSG_SPACE, MSG_CMSG_CLOEXEC)
     fds = parse_rights(ancdata)
-    if msg_flags & socket.MSG_CTRUNC:
+    if msg_flags & MSG_CTRUNC:
         close_fds(fds)
         raise TransportError(
             f"ancillary data truncated (MSG_CTRUNC): descriptors were lost, closed {len(fds)}"

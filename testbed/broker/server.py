@@ -33,7 +33,14 @@ from testbed.broker.policy import Policy
 from testbed.errors import ProtocolError, TransportError, WaitTimeout
 from testbed.protocol import NEED_DATA, InvalidRequest, OpenRequest, RequestDecoder, encode_reply
 from testbed.protocol.flags import flag_names
-from testbed.transport import close_fds, recv_with_fds
+from testbed.transport import (
+    MSG_DONTWAIT,
+    MSG_NOSIGNAL,
+    SCM_RIGHTS,
+    SOL_SOCKET,
+    close_fds,
+    recv_with_fds,
+)
 
 log = logging.getLogger("testbed.broker")
 
@@ -44,6 +51,7 @@ _UCRED = struct.Struct("3i")
 def _names(flags: int) -> tuple[str, ...]:
     return tuple(flag_names(flags))
 RECV_SIZE = 65536
+_SEND_FLAGS = MSG_NOSIGNAL | MSG_DONTWAIT
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -327,9 +335,9 @@ class Broker:
     def _send_now(self, conn: Connection, data: bytes, fd: int | None) -> None:
         """Send one reply; on a partial send queue the rest (the fd has gone)."""
         anc = (
-            [(socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack("i", fd))] if fd is not None else []
+            [(SOL_SOCKET, SCM_RIGHTS, struct.pack("i", fd))] if fd is not None else []
         )
-        sent = conn.sock.sendmsg([data], anc, socket.MSG_NOSIGNAL | socket.MSG_DONTWAIT)
+        sent = conn.sock.sendmsg([data], anc, _SEND_FLAGS)
         if fd is not None:
             os.close(fd)  # the peer has its own copy now
         if sent < len(data):
