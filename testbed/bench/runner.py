@@ -20,7 +20,14 @@ from testbed.bench import hostinfo
 from testbed.bench.brokerload import BrokerProcess, ClientPool
 from testbed.bench.climit import CMode, compile_c_limit, run_c
 from testbed.bench.placement import Placement, cpus_for
-from testbed.bench.qmpload import PATCHED_QEMU, STOCK_QEMU, QmpRun, add_fd_runs, blockdev_runs
+from testbed.bench.qmpload import (
+    PATCHED_QEMU,
+    STOCK_QEMU,
+    QmpRun,
+    add_fd_runs,
+    blockdev_machine_runs,
+    blockdev_runs,
+)
 from testbed.bench.results import Goal, Result, from_summary, goals, ratios, skipped
 from testbed.bench.stats import RunFigures, summarise
 from testbed.errors import TestbedError
@@ -201,10 +208,12 @@ def qemu_results(plan: Plan, file: Path, log: Log) -> list[Result]:
         try:
             log(f"qmp add-fd + remove-fd: {plan.qmp_reps} x {plan.qmp_ops} ops")
             out.append(qmp_result(names[0], asyncio.run(add_fd_runs(plan.stock_qemu, file, **kw))))
-            for via in ("path", "fdset"):
-                log(f"blockdev-add + blockdev-del via {via}: {plan.qmp_reps} x {plan.qmp_ops}")
-                runs = asyncio.run(blockdev_runs(plan.stock_qemu, file, via=via, **kw))
-                out.append(qmp_result(f"blockdev_add_{via}", runs))
+            log(f"blockdev-add + blockdev-del by path: {plan.qmp_reps} x {plan.qmp_ops}")
+            runs = blockdev_machine_runs(plan.stock_qemu, file, hook=False, **kw)
+            out.append(qmp_result("blockdev_add_path", runs))
+            log(f"blockdev-add + blockdev-del via fdset: {plan.qmp_reps} x {plan.qmp_ops}")
+            runs = asyncio.run(blockdev_runs(plan.stock_qemu, file, via="fdset", **kw))
+            out.append(qmp_result("blockdev_add_fdset", runs))
         except TestbedError as err:
             done = {r.transport for r in out}
             out += [skipped(n, 1, "unpinned", f"failed: {err}") for n in names if n not in done]
@@ -216,7 +225,7 @@ def qemu_results(plan: Plan, file: Path, log: Log) -> list[Result]:
     else:
         try:
             log(f"blockdev-add + blockdev-del via the hook: {plan.qmp_reps} x {plan.qmp_ops}")
-            runs = asyncio.run(blockdev_runs(str(patched), file, via="hook", **kw))
+            runs = blockdev_machine_runs(str(patched), file, hook=True, **kw)
             out.append(qmp_result("blockdev_add_hook", runs))
         except TestbedError as err:
             out.append(skipped("blockdev_add_hook", 1, "unpinned", f"failed: {err}"))

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from testbed.bench.qmpload import STOCK_QEMU, add_fd_runs, blockdev_runs
+from testbed.bench.qmpload import STOCK_QEMU, add_fd_runs, blockdev_machine_runs, blockdev_runs
 from testbed.bench.runner import make_file
 from testbed.pytest_plugin import require
 
@@ -38,3 +38,9 @@ def test_blockdev_add_and_del(image: Path, via: str) -> None:
 def test_blockdev_via_unknown_is_refused(image: Path) -> None:
     with pytest.raises(ValueError, match="via 'nfs'"):
         asyncio.run(blockdev_runs(STOCK_QEMU, image, via="nfs", reps=1, ops=1, warmup=0))
+
+
+def test_blockdev_add_by_path_under_the_machine_wrapper(image: Path) -> None:
+    runs = blockdev_machine_runs(STOCK_QEMU, image, hook=False, reps=2, ops=5, warmup=1)
+    assert [r.figures.ops for r in runs] == [5, 5]
+    assert all(r.add_p50_us is not None and r.add_p50_us > 0 for r in runs)
