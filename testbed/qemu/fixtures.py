@@ -12,7 +12,9 @@
           vm.qemu_io("drive0", "read -P 0xab 0 512")
           assert any(r.path == str(img) for r in broker.records)
 
-  ``hook=False`` runs the patched binary without the option; any other
+  ``hook=False`` runs the patched binary without the option;
+  ``serve=False, launch=False`` leaves the hook to you (for example
+  ``vm.start_open_hook_server(...)``, then ``vm.launch()``); any other
   keyword goes to :class:`MachineConfig`.  Missing build: skipped locally,
   a failure under ``CI=true``.
 * ``stock_qemu`` -- the same factory for Debian's binary (never hooked).
@@ -45,6 +47,7 @@ class MachineFactory(Protocol):
         policy: Policy | None = ...,
         broker: Broker | None = ...,
         hook: bool = ...,
+        serve: bool = ...,
         launch: bool = ...,
         **config: Any,
     ) -> Machine: ...
@@ -99,8 +102,9 @@ def patched_qemu(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Mac
     machines = _Machines(tmp_path)
 
     def make(*args: str, policy: Policy | None = None, broker: Broker | None = None,
-             hook: bool = True, launch: bool = True, **config: Any) -> Machine:
-        if hook and policy is None and broker is None:
+             hook: bool = True, serve: bool = True, launch: bool = True,
+             **config: Any) -> Machine:
+        if hook and serve and policy is None and broker is None:
             broker = request.getfixturevalue("broker")
         config.setdefault("log_path", machines.log_path())
         cfg = MachineConfig(binary=binary, args=args, hook=hook, **config)
@@ -118,7 +122,8 @@ def stock_qemu(tmp_path: Path) -> Iterator[MachineFactory]:
     machines = _Machines(tmp_path)
 
     def make(*args: str, policy: Policy | None = None, broker: Broker | None = None,
-             hook: bool = False, launch: bool = True, **config: Any) -> Machine:
+             hook: bool = False, serve: bool = True, launch: bool = True,
+             **config: Any) -> Machine:
         if hook or policy is not None or broker is not None:
             raise ValueError("stock QEMU has no -open-hook-fd: use patched_qemu")
         config.setdefault("log_path", machines.log_path())

@@ -256,6 +256,15 @@ class Machine:
             printed = f.read().decode(errors="replace")
         return monitor + printed
 
+    def read_bytes(self, device: str, offset: int, length: int) -> bytes:
+        """Guest-visible bytes of ``device``, read with qemu-io ``read -v``."""
+        out = self.qemu_io(device, f"read -v {offset} {length}")
+        data = parse_qemu_io_dump(out)
+        if len(data) != length:
+            raise QEMUError(f"qemu-io read -v {offset} {length} on {device} gave "
+                            f"{len(data)} bytes; output:\n{out[-1000:]}")
+        return data
+
     def events(self, *, clear: bool = True) -> list[dict[str, Any]]:
         """The QMP events received so far (and forget them, unless ``clear`` is off)."""
         self._run(asyncio.sleep(0), 1.0, "pending QMP events")
@@ -372,3 +381,16 @@ class Machine:
         if self.process is not None and self.process.poll() is None:
             self.process.kill()
 
+
+
+def parse_qemu_io_dump(text: str) -> bytes:
+    """The bytes in qemu-io's ``read -v`` hex dump (``OFFSET:  xx xx ... ascii``)."""
+    data = bytearray()
+    for line in text.splitlines():
+        head, sep, rest = line.partition(":  ")
+        if not sep or len(head) != 8 or any(c not in "0123456789abcdef" for c in head):
+            continue
+        # 16 "xx " groups, then the ASCII column
+        for word in rest[:48].split():
+            data.append(int(word, 16))
+    return bytes(data)
