@@ -28,6 +28,11 @@ COMMAND_MODULES = (
 )
 
 
+def _part_unavailable(name: str, err: BaseException) -> None:
+    print(f"testbed: warning: {name} is unavailable: {type(err).__name__}: {err}",
+          file=sys.stderr)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="testbed",
@@ -49,7 +54,11 @@ def build_parser() -> argparse.ArgumentParser:
         except ModuleNotFoundError as err:
             if err.name is not None and name.startswith(err.name):
                 continue  # that part is not in this tree
-            raise
+            _part_unavailable(name, err)
+            continue
+        except Exception as err:  # a broken part must not take the others down
+            _part_unavailable(name, err)
+            continue
         module.register(sub)
     return parser
 
