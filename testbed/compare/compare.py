@@ -1,0 +1,159 @@
+"""Comparing two normalised traces, with a small table of known divergences.
+
+Two traces match when they are equal, open for open, in order.  A
+difference is a mismatch unless one of :data:`KNOWN_DIVERGENCES` explains
+it: each entry applies to one pair of sources and to scenarios carrying
+its tag, and rewrites both traces in a stated, narrow way (drop the opens
+one side cannot see, stop at the first refused open).  If the rewritten
+traces are equal the pair is a ``known-divergence`` naming the entries that
+changed something; otherwise it is a ``mismatch`` with a diff of the
+original traces.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from testbed.compare.trace import Open, lines
+
+MATCH = "match"
+MISMATCH = "mismatch"
+KNOWN = "known-divergence"
+SKIPPED = "skipped"
+
+#: Worst first: a scenario's status is the worst of its pairs'.
+SEVERITY = (MISMATCH, KNOWN, MATCH, SKIPPED)
+
+Rewrite = Callable[[list[Open], list[Open]], tuple[list[Open], list[Open]]]
+
+
+@dataclass(frozen=True, kw_only=True)
+class KnownDivergence:
+    key: str
+    #: The pair of sources (left, right) it applies to, e.g. ("patched", "stock").
+    pair: tuple[str, str]
+    #: Scenarios it applies to carry this tag ("" for every scenario).
+    tag: str
+    reason: str
+    rewrite: Rewrite = field(repr=False)
+
+
+def _drop_right(pred: Callable[[Open], bool]) -> Rewrite:
+    def rewrite(left: list[Open], right: list[Open]) -> tuple[list[Open], list[Open]]:
+        return left, [o for o in right if not pred(o)]
+
+    return rewrite
+
+
+def _until_refusal(left: list[Open], right: list[Open]) -> tuple[list[Open], list[Open]]:
+    """Both traces up to the first open the left side's broker refused (result not compared)."""
+    for i, o in enumerate(left):
+        if o.result == "EACCES":
+            cut = [*left[:i], _any_result(o)]
+            other = [*right[:i], *(_any_result(x) for x in right[i : i + 1])]
+            return cut, other
+    return left, right
+
+
+def _any_result(o: Open) -> Open:
+    return Open(path=o.path, flags=o.flags, mode=o.mode, result="ok", probe=o.probe)
+
+
+def _is_opendir(o: Open) -> bool:
+    return "O_DIRECTORY" in o.flags
+
+
+KNOWN_DIVERGENCES: tuple[KnownDivergence, ...] = (
+    KnownDivergence(
+        key="opendir",
+        pair=("patched", "stock"),
+        tag="",
+        reason=(
+            "glibc's opendir() opens the directory O_RDONLY|O_NONBLOCK|O_DIRECTORY with openat "
+            "(vvfat's directory scan, and the cleanup of its rw write target); the hook sits in "
+            "qemu_open and never sees these, strace does."
+        ),
+        rewrite=_drop_right(_is_opendir),
+    ),
+    KnownDivergence(
+        key="refusal",
+        pair=("patched", "stock"),
+        tag="refusal",
+        reason=(
+            "stock QEMU has no broker to refuse an open: the traces are the same up to the "
+            "open the broker refused (EACCES) and differ afterwards, because patched QEMU "
+            "gives up where stock QEMU carries on."
+        ),
+        rewrite=_until_refusal,
+    ),
+)
+
+
+@dataclass(frozen=True, kw_only=True)
+class PairResult:
+    left: str
+    right: str
+    status: str
+    #: Keys of the known divergences that changed something.
+    divergences: tuple[str, ...] = ()
+    #: A unified diff of the two traces, when they differ at all.
+    diff: tuple[str, ...] = ()
+    why_skipped: str = ""
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            "left": self.left,
+            "right": self.right,
+            "status": self.status,
+            "divergences": list(self.divergences),
+            "diff": list(self.diff),
+            "why_skipped": self.why_skipped,
+        }
+
+
+def unified(left_name: str, left: list[Open], right_name: str, right: list[Open]) -> list[str]:
+    return list(
+        difflib.unified_diff(lines(left), lines(right), left_name, right_name, lineterm="", n=2)
+    )
+
+
+def compare_pair(
+    left_name: str,
+    left: list[Open],
+    right_name: str,
+    right: list[Open],
+    *,
+    tags: frozenset[str] = frozenset(),
+    table: tuple[KnownDivergence, ...] = KNOWN_DIVERGENCES,
+) -> PairResult:
+    """Compare ``left`` with ``right`` under the entries of ``table`` that apply."""
+    if left == right:
+        return PairResult(left=left_name, right=right_name, status=MATCH)
+    diff = tuple(unified(left_name, left, right_name, right))
+    a, b = left, right
+    used = []
+    for entry in table:
+        if entry.pair != (left_name, right_name) or (entry.tag and entry.tag not in tags):
+            continue
+        a2, b2 = entry.rewrite(a, b)
+        if (a2, b2) != (a, b):
+            used.append(entry.key)
+            a, b = a2, b2
+    status = KNOWN if used and a == b else MISMATCH
+    return PairResult(left=left_name, right=right_name, status=status,
+                      divergences=tuple(used), diff=diff)
+
+
+def skipped(left_name: str, right_name: str, why: str) -> PairResult:
+    return PairResult(left=left_name, right=right_name, status=SKIPPED, why_skipped=why)
+
+
+def overall(results: list[PairResult]) -> str:
+    """The worst status among ``results`` (``skipped`` only if all were skipped)."""
+    present = {r.status for r in results}
+    for status in SEVERITY:
+        if status in present:
+            return status
+    return SKIPPED

@@ -1,0 +1,83 @@
+"""The comparator on crafted traces: matches, mismatches, known divergences."""
+
+from __future__ import annotations
+
+from testbed.compare.compare import (
+    KNOWN,
+    MATCH,
+    MISMATCH,
+    SKIPPED,
+    compare_pair,
+    overall,
+    skipped,
+)
+from testbed.compare.trace import Open
+
+
+def op(path: str, *flags: str, result: str = "ok") -> Open:
+    return Open(path=path, flags=flags or ("O_RDONLY",), result=result,
+                probe="O_NONBLOCK" in flags and "O_DIRECTORY" not in flags)
+
+
+BASE = [op("top.qcow2", "O_RDONLY", "O_NONBLOCK"), op("top.qcow2"), op("base.raw")]
+
+
+def test_equal_traces_match() -> None:
+    r = compare_pair("model", BASE, "patched", list(BASE))
+    assert r.status == MATCH and r.diff == ()
+
+
+def test_order_matters() -> None:
+    r = compare_pair("model", BASE, "patched", [BASE[0], BASE[2], BASE[1]])
+    assert r.status == MISMATCH
+    assert any(line.startswith("-open base.raw") or line.startswith("+open base.raw")
+               for line in r.diff)
+
+
+def test_flags_matter() -> None:
+    r = compare_pair("model", BASE, "patched", [*BASE[:2], op("base.raw", "O_RDWR")])
+    assert r.status == MISMATCH
+
+
+def test_opendir_only_in_stock_is_known() -> None:
+    stock = [op("tree", "O_RDONLY", "O_NONBLOCK", "O_DIRECTORY"), *BASE]
+    r = compare_pair("patched", BASE, "stock", stock)
+    assert r.status == KNOWN and r.divergences == ("opendir",)
+    assert r.diff  # the original difference is still shown
+
+
+def test_opendir_is_not_excused_between_model_and_patched() -> None:
+    extra = [op("tree", "O_RDONLY", "O_NONBLOCK", "O_DIRECTORY"), *BASE]
+    assert compare_pair("model", BASE, "patched", extra).status == MISMATCH
+
+
+def test_opendir_excuse_does_not_hide_a_real_difference() -> None:
+    stock = [op("tree", "O_RDONLY", "O_DIRECTORY"), *BASE[:2]]
+    assert compare_pair("patched", BASE, "stock", stock).status == MISMATCH
+
+
+def test_refusal_compares_up_to_the_refused_open() -> None:
+    patched = [*BASE[:2], op("base.raw", result="EACCES")]
+    stock = [*BASE, op("base.raw", "O_RDWR")]
+    tagged = compare_pair("patched", patched, "stock", stock, tags=frozenset({"refusal"}))
+    assert tagged.status == KNOWN and tagged.divergences == ("refusal",)
+    untagged = compare_pair("patched", patched, "stock", stock)
+    assert untagged.status == MISMATCH
+
+
+def test_refusal_still_catches_a_difference_before_the_refusal() -> None:
+    patched = [BASE[1], op("base.raw", result="EACCES")]
+    stock = [BASE[0], BASE[1], op("base.raw")]
+    r = compare_pair("patched", patched, "stock", stock, tags=frozenset({"refusal"}))
+    assert r.status == MISMATCH
+
+
+def test_overall_is_the_worst() -> None:
+    m = compare_pair("a", BASE, "b", BASE)
+    k = compare_pair("patched", BASE, "stock", [op("d", "O_RDONLY", "O_DIRECTORY"), *BASE])
+    x = compare_pair("a", BASE, "b", [])
+    s = skipped("model", "patched", "no model")
+    assert overall([m, s]) == MATCH
+    assert overall([m, k, s]) == KNOWN
+    assert overall([m, k, x]) == MISMATCH
+    assert overall([s]) == SKIPPED
