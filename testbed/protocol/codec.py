@@ -35,6 +35,7 @@ import errno
 import struct
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import NoReturn
 
 from testbed.errors import LocalProtocolError, RemoteProtocolError
 
@@ -198,45 +199,20 @@ class RequestDecoder:
 
     def _next(self) -> OpenRequest | InvalidRequest | Sentinel:
         buf = self._buf
-        if len(buf) < HEADER_SIZE:
+        have = len(buf)
+        if have < HEADER_SIZE:
             return NEED_DATA
         size, command = HEADER.unpack_from(buf)
-        head = bytes(buf[:HEADER_SIZE])
         # Framing is judged from the header alone, before waiting for (or
         # buffering) the payload, so a bogus 4 GiB size costs nothing.
-        if size < HEADER_SIZE:
-            raise FrameDecodeError(FrameError.SIZE_TOO_SMALL, f"message_size {size}", frame=head)
-        if command != QEMU_OPEN:
-            raise FrameDecodeError(FrameError.UNKNOWN_COMMAND, f"command {command}", frame=head)
-        if size < REQUEST_FIXED_SIZE:
-            raise FrameDecodeError(
-                FrameError.SIZE_TOO_SMALL,
-                f"message_size {size} < {REQUEST_FIXED_SIZE} for QEMU_OPEN",
-                frame=head,
-            )
-        if size > MAX_REQUEST_SIZE:
-            raise FrameDecodeError(
-                FrameError.SIZE_TOO_LARGE,
-                f"message_size {size} > {MAX_REQUEST_SIZE}",
-                frame=head,
-            )
-        if len(buf) < REQUEST_FIXED_SIZE:
+        if size < REQUEST_FIXED_SIZE or size > MAX_REQUEST_SIZE or command != QEMU_OPEN:
+            self._bad_header(size, command)
+        if have < REQUEST_FIXED_SIZE:
             return NEED_DATA
         _, _, flags, mode, name_len = REQUEST_FIXED.unpack_from(buf)
-        fixed = bytes(buf[:REQUEST_FIXED_SIZE])
-        if name_len > size - REQUEST_FIXED_SIZE:
-            raise FrameDecodeError(
-                FrameError.FILENAME_PAST_FRAME,
-                f"filename_len {name_len} but only {size - REQUEST_FIXED_SIZE} payload bytes",
-                frame=fixed,
-            )
-        if name_len < size - REQUEST_FIXED_SIZE:
-            raise FrameDecodeError(
-                FrameError.SIZE_MISMATCH,
-                f"message_size {size} but 18 + filename_len is {REQUEST_FIXED_SIZE + name_len}",
-                frame=fixed,
-            )
-        if len(buf) < size:
+        if name_len != size - REQUEST_FIXED_SIZE:
+            self._bad_name_len(size, name_len)
+        if have < size:
             return NEED_DATA
         path = bytes(buf[REQUEST_FIXED_SIZE:size])
         del buf[:size]
@@ -255,6 +231,36 @@ class RequestDecoder:
                 path=path, flags=flags, mode=mode, errno=errno.ENOENT, reason="empty filename"
             )
         return OpenRequest(path=path, flags=flags, mode=mode)
+
+    def _bad_header(self, size: int, command: int) -> NoReturn:
+        head = bytes(self._buf[:HEADER_SIZE])
+        if size < HEADER_SIZE:
+            raise FrameDecodeError(FrameError.SIZE_TOO_SMALL, f"message_size {size}", frame=head)
+        if command != QEMU_OPEN:
+            raise FrameDecodeError(FrameError.UNKNOWN_COMMAND, f"command {command}", frame=head)
+        if size < REQUEST_FIXED_SIZE:
+            raise FrameDecodeError(
+                FrameError.SIZE_TOO_SMALL,
+                f"message_size {size} < {REQUEST_FIXED_SIZE} for QEMU_OPEN",
+                frame=head,
+            )
+        raise FrameDecodeError(
+            FrameError.SIZE_TOO_LARGE, f"message_size {size} > {MAX_REQUEST_SIZE}", frame=head
+        )
+
+    def _bad_name_len(self, size: int, name_len: int) -> NoReturn:
+        fixed = bytes(self._buf[:REQUEST_FIXED_SIZE])
+        if name_len > size - REQUEST_FIXED_SIZE:
+            raise FrameDecodeError(
+                FrameError.FILENAME_PAST_FRAME,
+                f"filename_len {name_len} but only {size - REQUEST_FIXED_SIZE} payload bytes",
+                frame=fixed,
+            )
+        raise FrameDecodeError(
+            FrameError.SIZE_MISMATCH,
+            f"message_size {size} but 18 + filename_len is {REQUEST_FIXED_SIZE + name_len}",
+            frame=fixed,
+        )
 
 
 class ReplyDecoder:
