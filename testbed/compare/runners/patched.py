@@ -1,0 +1,36 @@
+"""Oracle 1: the patched QEMU with ``-open-hook-fd``; the broker's audit log is the trace."""
+
+from __future__ import annotations
+
+from testbed.broker import read_audit
+from testbed.compare.normalise import from_audit, normalise
+from testbed.compare.runners.common import (
+    OracleResult,
+    Setup,
+    machine_type,
+    qemu_args,
+    run_qemu_scenario,
+)
+from testbed.qemu import Machine, MachineConfig
+from testbed.qemu.binaries import is_runnable, patched_qemu_path
+
+
+def run(setup: Setup) -> OracleResult:
+    result = OracleResult()
+    binary = patched_qemu_path()
+    if not is_runnable(binary):
+        result.skipped = f"patched QEMU {binary} is missing (run `make qemu`)"
+        return result
+    audit = setup.logs / "patched-audit.jsonl"
+    audit.unlink(missing_ok=True)
+    log = setup.logs / "patched-qemu.log"
+    log.unlink(missing_ok=True)
+    config = MachineConfig(binary=binary, hook=True, machine=machine_type(setup.scenario),
+                           args=qemu_args(setup), log_path=log)
+    vm = Machine(config)
+    vm.start_broker(setup.policy(), audit_path=audit)
+    run_qemu_scenario(vm, setup, result)
+    result.trace = normalise(from_audit(read_audit(audit)), setup.root)
+    result.log = str(log)
+    result.extra["audit"] = str(audit)
+    return result

@@ -1,0 +1,44 @@
+"""Oracle 2: Debian's QEMU under strace; its normalised opens are the trace."""
+
+from __future__ import annotations
+
+import shutil
+
+from testbed.compare.normalise import normalise, parse_strace
+from testbed.compare.runners.common import (
+    OracleResult,
+    Setup,
+    machine_type,
+    qemu_args,
+    run_qemu_scenario,
+)
+from testbed.qemu import STOCK_QEMU, Machine, MachineConfig
+from testbed.qemu.binaries import is_runnable
+
+
+def strace_prefix(output: str) -> tuple[str, ...]:
+    # -s: paths must not be cut; signal=none, -qq: only the calls we parse
+    return ("strace", "-f", "-qq", "-s", "4096", "-e", "trace=openat,open",
+            "-e", "signal=none", "-o", output)
+
+
+def run(setup: Setup) -> OracleResult:
+    result = OracleResult()
+    if not is_runnable(STOCK_QEMU):
+        result.skipped = f"Debian's QEMU {STOCK_QEMU} is missing"
+        return result
+    if shutil.which("strace") is None:
+        result.skipped = "strace is not installed"
+        return result
+    out = setup.logs / "stock-strace.txt"
+    out.unlink(missing_ok=True)
+    log = setup.logs / "stock-qemu.log"
+    log.unlink(missing_ok=True)
+    config = MachineConfig(binary=STOCK_QEMU, machine=machine_type(setup.scenario),
+                           args=qemu_args(setup), log_path=log, wrapper=strace_prefix(str(out)))
+    run_qemu_scenario(Machine(config), setup, result)
+    text = out.read_text(errors="replace") if out.exists() else ""
+    result.trace = normalise(parse_strace(text), setup.root)
+    result.log = str(log)
+    result.extra["strace"] = str(out)
+    return result
