@@ -61,7 +61,7 @@ def test_snapshot_overlay_is_created_through_the_hook(
                for r in on_overlay[on_overlay.index(creates[0]) + 1:])
     # The old top is reopened read-only once the overlay is on top of it.
     first_create = after.index(creates[0])
-    assert [r.flag_names for r in after[first_create:] if r.path == str(images.qcow2)] == [
+    assert [list(r.flag_names) for r in after[first_create:] if r.path == str(images.qcow2)] == [
         ["O_RDONLY"]
     ]
     # The base is not touched.
