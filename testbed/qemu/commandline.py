@@ -44,6 +44,8 @@ class MachineConfig:
     example ``("strace", "-f", "-o", "trace", "-e", "trace=openat")``).
     ``line_buffered`` runs QEMU under ``stdbuf -oL``: HMP ``qemu-io`` prints
     to QEMU's stdout (the log), which is otherwise flushed only at exit.
+    ``env`` adds variables to QEMU's environment (e.g. ``TMPDIR`` for
+    ``-snapshot``).
     """
 
     binary: Path = STOCK_QEMU
@@ -57,6 +59,7 @@ class MachineConfig:
     firmware_dirs: tuple[Path, ...] = FIRMWARE_DIRS
     wrapper: tuple[str, ...] = ()
     line_buffered: bool = True
+    env: tuple[tuple[str, str], ...] = ()
     log_path: Path | None = None
     launch_timeout: float = 60.0
     command_timeout: float = 60.0

@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import enum
 import logging
+import os
 import shutil
 import socket
 import subprocess
@@ -191,6 +192,7 @@ class Machine:
                 self.process = subprocess.Popen(
                     self.argv, pass_fds=pass_fds, stdin=subprocess.DEVNULL,
                     stdout=out, stderr=subprocess.STDOUT,
+                    env={**os.environ, **dict(cfg.env)} if cfg.env else None,
                 )
         except OSError as err:
             self._release()
