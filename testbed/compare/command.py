@@ -1,0 +1,118 @@
+"""``testbed compare``: run the scenario matrix through every oracle and report."""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+from testbed.qemu import STOCK_QEMU, patched_qemu_path
+from testbed.qemu.binaries import REPO_ROOT
+
+_DEFAULT_INDEX = REPO_ROOT / "build" / "images" / "index.json"
+_DEFAULT_WORK = REPO_ROOT / "build" / "compare"
+
+
+def register(sub: Any) -> None:
+    p = sub.add_parser(
+        "compare",
+        help="model vs patched QEMU vs stock QEMU vs fd sets, scenario by scenario",
+        description=(
+            "Run each scenario through the Python model and the patched QEMU (both "
+            "through a broker), stock QEMU under strace and upstream's fd sets; compare "
+            "the normalised opens and write a report.  Exit status 1 on any unexpected "
+            "mismatch."
+        ),
+    )
+    p.add_argument("--scenario", action="append", default=[], metavar="GLOB",
+                   help="only scenarios whose name matches (repeatable)")
+    p.add_argument("--list", action="store_true", help="list the scenarios and exit")
+    p.add_argument("--json", type=Path, metavar="FILE", help="write every trace as JSON")
+    p.add_argument("--report", type=Path, metavar="DIR",
+                   help="write report.md and report.html into DIR")
+    p.add_argument("--images", type=Path, default=_DEFAULT_INDEX, metavar="INDEX",
+                   help="the image index (default: build/images/index.json)")
+    p.add_argument("--workdir", type=Path, default=_DEFAULT_WORK, metavar="DIR",
+                   help="where scenario copies, logs and traces go (default: build/compare)")
+    p.add_argument("--jobs", type=int, default=1, metavar="N",
+                   help="scenarios run at once (default 1; the machine has 2 cores)")
+    p.add_argument("--oracles", default="model,patched,stock,fdset",
+                   help="comma-separated subset of model,patched,stock,fdset")
+    p.set_defaults(func=main)
+
+
+def main(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from testbed.compare import report
+    from testbed.compare.run import ORACLES, ScenarioResult, run_scenario
+    from testbed.compare.runners.common import load_index
+    from testbed.compare.scenarios import build_matrix, select
+    from testbed.errors import TestbedError
+
+    console = Console(stderr=False)
+    err = Console(stderr=True)
+    try:
+        chosen = select(build_matrix(), args.scenario)
+    except ValueError as e:
+        err.print(f"testbed compare: {e}")
+        return 2
+    if args.list:
+        for sc in chosen:
+            console.print(f"{sc.name}  [dim]{sc.image} {sc.attach} grant={sc.grant} "
+                          f"{' '.join(sc.operations)}[/]", highlight=False)
+        console.print(f"{len(chosen)} scenarios")
+        return 0
+    oracles = tuple(o.strip() for o in args.oracles.split(",") if o.strip())
+    unknown = [o for o in oracles if o not in ORACLES]
+    if unknown:
+        err.print(f"testbed compare: unknown oracle(s) {', '.join(unknown)}")
+        return 2
+    if args.jobs < 1:
+        err.print(f"testbed compare: --jobs must be at least 1, not {args.jobs}")
+        return 2
+    try:
+        images = load_index(args.images)
+    except TestbedError as e:
+        err.print(f"testbed compare: {e}")
+        return 2
+    missing = sorted({sc.image for sc in chosen if sc.image not in images})
+    if missing:
+        err.print(f"testbed compare: images not in {args.images}: {', '.join(missing)} "
+                  "(run `make images`)")
+        return 2
+    meta = {
+        "started": datetime.datetime.now().isoformat(timespec="seconds"),
+        "patched": str(patched_qemu_path()),
+        "stock": str(STOCK_QEMU),
+        "oracles": list(oracles),
+        "argv": sys.argv,
+    }
+    results: dict[str, ScenarioResult] = {}
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+               TimeElapsedColumn())
+    with Progress(*columns, console=err, transient=True) as progress:
+        task = progress.add_task("comparing", total=len(chosen))
+
+        def one(sc: Any) -> None:
+            res = run_scenario(sc, images[sc.image], args.workdir, oracles)
+            results[sc.name] = res
+            progress.update(task, advance=1, description=f"{sc.name}: {res.status}")
+
+        with ThreadPoolExecutor(args.jobs) as pool:
+            for f in [pool.submit(one, sc) for sc in chosen]:
+                f.result()
+    ordered = [results[sc.name] for sc in chosen]
+    report.print_summary(console, ordered)
+    if args.json:
+        report.write_json(args.json, ordered, meta)
+        console.print(f"JSON: {args.json}")
+    if args.report:
+        report.write_markdown(args.report / "report.md", ordered, meta)
+        report.write_html(args.report / "report.html", ordered, meta)
+        console.print(f"report: {args.report / 'report.html'} (and report.md)")
+    return 1 if any(r.status == "mismatch" for r in ordered) else 0

@@ -1,0 +1,210 @@
+"""The comparison's outputs: a terminal table, a JSON file, a Markdown and an HTML report."""
+
+from __future__ import annotations
+
+import difflib
+import html
+import json
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from testbed.compare.compare import KNOWN, KNOWN_DIVERGENCES, MATCH, MISMATCH, SKIPPED
+from testbed.compare.run import ScenarioResult
+from testbed.compare.trace import lines
+
+_STYLE = {MATCH: "green", KNOWN: "yellow", MISMATCH: "bold red", SKIPPED: "dim"}
+_WORD = {MATCH: "=", KNOWN: "known", MISMATCH: "MISMATCH", SKIPPED: "skipped"}
+
+
+def _cell(status: str) -> str:
+    return f"[{_STYLE[status]}]{_WORD[status]}[/]"
+
+
+def _fdset_cell(r: ScenarioResult) -> str:
+    fd = r.oracles.get("fdset")
+    if fd is None or fd.skipped:
+        return "[dim]skipped[/]"
+    return "[green]works[/]" if fd.ok else "[yellow]fails[/]"
+
+
+def terminal_table(results: list[ScenarioResult]) -> Table:
+    table = Table(title="open-hook-fd: model vs patched QEMU vs stock QEMU vs fd sets")
+    for col in ("scenario", "opens", "model=QEMU", "QEMU=stock", "fd sets", "status", "time"):
+        table.add_column(col, justify="right" if col in ("opens", "time") else "left")
+    for r in results:
+        p = r.oracles.get("patched")
+        table.add_row(
+            r.scenario.name,
+            str(len(p.trace)) if p else "-",
+            _cell(r.pair("model", "patched").status),
+            _cell(r.pair("patched", "stock").status),
+            _fdset_cell(r),
+            _cell(r.status),
+            f"{r.seconds:.1f}s",
+        )
+    return table
+
+
+def summary(results: list[ScenarioResult]) -> dict[str, Any]:
+    fd = [r.oracles["fdset"] for r in results if "fdset" in r.oracles]
+    return {
+        "scenarios": len(results),
+        "status": dict(Counter(r.status for r in results)),
+        "model_vs_patched": dict(Counter(r.pair("model", "patched").status for r in results)),
+        "patched_vs_stock": dict(Counter(r.pair("patched", "stock").status for r in results)),
+        "fdset_works": sum(1 for f in fd if f.ok),
+        "fdset_fails": sum(1 for f in fd if not f.ok and not f.skipped),
+        "seconds": round(sum(r.seconds for r in results), 1),
+    }
+
+
+def print_summary(console: Console, results: list[ScenarioResult]) -> None:
+    console.print(terminal_table(results))
+    s = summary(results)
+    console.print(
+        f"{s['scenarios']} scenarios in {s['seconds']}s: "
+        + ", ".join(f"{n} {k}" for k, n in sorted(s["status"].items()))
+        + f"; fd sets work in {s['fdset_works']}, fail in {s['fdset_fails']}"
+    )
+
+
+def write_json(path: Path, results: list[ScenarioResult], meta: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    data = {
+        "meta": meta,
+        "summary": summary(results),
+        "known_divergences": [{"key": k.key, "pair": list(k.pair), "tag": k.tag,
+                               "reason": k.reason} for k in KNOWN_DIVERGENCES],
+        "scenarios": [r.to_json() for r in results],
+    }
+    path.write_text(json.dumps(data, indent=1) + "\n")
+
+
+def _ops(r: ScenarioResult, oracle: str) -> str:
+    res = r.oracles.get(oracle)
+    if res is None:
+        return "not run"
+    if res.skipped:
+        return f"skipped: {res.skipped}"
+    return "; ".join(f"{op} {'ok' if out == 'ok' else 'FAILED: ' + out}"
+                     for op, out in res.operations)
+
+
+def write_markdown(path: Path, results: list[ScenarioResult], meta: dict[str, Any]) -> None:
+    s = summary(results)
+    out = [
+        "# open-hook-fd comparison report", "",
+        f"Run {meta.get('started', '')}, patched QEMU `{meta.get('patched', '')}`, "
+        f"stock QEMU `{meta.get('stock', '')}`; {s['scenarios']} scenarios in {s['seconds']} s.",
+        "",
+        "| status | scenarios |", "|---|---|",
+        *(f"| {k} | {n} |" for k, n in sorted(s["status"].items())),
+        "", f"fd sets: work in {s['fdset_works']}, fail in {s['fdset_fails']}.", "",
+        "## Scenarios", "",
+        "| scenario | opens | model = patched | patched = stock | fd sets | status |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        p = r.oracles.get("patched")
+        fd = r.oracles.get("fdset")
+        fd_text = "skipped" if fd is None or fd.skipped else (
+            "works" if fd.ok else "fails: " + fd.first_error.replace("|", "\\|")[:160])
+        pr = [r.pair("model", "patched"), r.pair("patched", "stock")]
+        cells = [x.status + (f" ({', '.join(x.divergences)})" if x.divergences else "")
+                 for x in pr]
+        out.append(f"| [{r.scenario.name}](#{r.scenario.name.lower()}) | "
+                   f"{len(p.trace) if p else '-'} | {cells[0]} | {cells[1]} | {fd_text} | "
+                   f"{r.status} |")
+    out += ["", "## Known divergences", "", "| key | pair | applies to | reason |",
+            "|---|---|---|---|"]
+    for k in KNOWN_DIVERGENCES:
+        out.append(f"| {k.key} | {' vs '.join(k.pair)} | {k.tag or 'every scenario'} | "
+                   f"{k.reason} |")
+    out += ["", "## Details", ""]
+    for r in results:
+        out += [f"### {r.scenario.name}", "",
+                f"image `{r.scenario.image}` ({r.image.format}"
+                f"{', ' + r.image.subformat if r.image.subformat else ''}), "
+                f"attach `{r.scenario.attach}`, grant `{r.scenario.grant}`, operations "
+                f"`{' '.join(r.scenario.operations)}` — **{r.status}**", ""]
+        for oracle in ("model", "patched", "stock", "fdset"):
+            out.append(f"- {oracle}: {_ops(r, oracle)}")
+        out.append("")
+        p = r.oracles.get("patched")
+        if p is not None and p.trace:
+            out += ["Patched QEMU's opens (broker audit, normalised):", "", "```",
+                    *lines(p.trace), "```", ""]
+        for pair in r.pairs:
+            if pair.diff:
+                out += [f"{pair.left} vs {pair.right}: {pair.status}"
+                        + (f" ({', '.join(pair.divergences)})" if pair.divergences else ""),
+                        "", "```diff", *pair.diff, "```", ""]
+            elif pair.status == SKIPPED:
+                out += [f"{pair.left} vs {pair.right}: skipped ({pair.why_skipped})", ""]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(out) + "\n")
+
+
+_CSS = """
+body { font-family: sans-serif; margin: 2em; }
+table { border-collapse: collapse; margin-bottom: 1em; }
+td, th { border: 1px solid #ccc; padding: 2px 6px; font-size: 90%; }
+.match { background: #dfd; } .known-divergence { background: #ffd; }
+.mismatch { background: #fcc; font-weight: bold; } .skipped { color: #888; }
+pre { background: #f6f6f6; padding: .5em; }
+table.diff { font-family: monospace; } .diff_add { background: #aaffaa; }
+.diff_chg { background: #ffff77; } .diff_sub { background: #ffaaaa; }
+"""
+
+
+def write_html(path: Path, results: list[ScenarioResult], meta: dict[str, Any]) -> None:
+    e = html.escape
+    s = summary(results)
+    differ = difflib.HtmlDiff(wrapcolumn=70)
+    parts = [f"<!doctype html><meta charset=utf-8><title>open-hook-fd comparison</title>"
+             f"<style>{_CSS}</style><h1>open-hook-fd comparison report</h1>",
+             f"<p>Run {e(str(meta.get('started', '')))}; {s['scenarios']} scenarios in "
+             f"{s['seconds']} s: "
+             + ", ".join(f"{n} {e(k)}" for k, n in sorted(s["status"].items()))
+             + f". fd sets work in {s['fdset_works']}, fail in {s['fdset_fails']}.</p>",
+             "<table><tr><th>scenario<th>opens<th>model = patched<th>patched = stock"
+             "<th>fd sets<th>status<th>time</tr>"]
+    for r in results:
+        p = r.oracles.get("patched")
+        fd = r.oracles.get("fdset")
+        fd_text = "skipped" if fd is None or fd.skipped else (
+            "works" if fd.ok else "fails: " + fd.first_error[:160])
+        mp, ps = r.pair("model", "patched"), r.pair("patched", "stock")
+        parts.append(
+            f"<tr><td><a href='#{e(r.scenario.name)}'>{e(r.scenario.name)}</a>"
+            f"<td>{len(p.trace) if p else '-'}"
+            f"<td class='{mp.status}'>{e(mp.status)}<td class='{ps.status}'>{e(ps.status)}"
+            f"<td>{e(fd_text)}<td class='{r.status}'>{e(r.status)}<td>{r.seconds:.1f}s</tr>")
+    parts.append("</table><h2>Known divergences</h2><table><tr><th>key<th>pair<th>applies to"
+                 "<th>reason</tr>")
+    for k in KNOWN_DIVERGENCES:
+        parts.append(f"<tr><td>{e(k.key)}<td>{e(' vs '.join(k.pair))}"
+                     f"<td>{e(k.tag or 'every scenario')}<td>{e(k.reason)}</tr>")
+    parts.append("</table><h2>Details</h2>")
+    for r in results:
+        parts.append(f"<h3 id='{e(r.scenario.name)}'>{e(r.scenario.name)} — "
+                     f"<span class='{r.status}'>{e(r.status)}</span></h3><ul>")
+        for oracle in ("model", "patched", "stock", "fdset"):
+            parts.append(f"<li>{oracle}: {e(_ops(r, oracle))}</li>")
+        parts.append("</ul>")
+        for pair in r.pairs:
+            a, b = r.oracles.get(pair.left), r.oracles.get(pair.right)
+            if pair.status in (MISMATCH, KNOWN) and a is not None and b is not None:
+                parts.append(f"<p>{e(pair.left)} vs {e(pair.right)}: {e(pair.status)} "
+                             f"{e(', '.join(pair.divergences))}</p>")
+                parts.append(differ.make_table(lines(a.trace), lines(b.trace),
+                                               pair.left, pair.right))
+        p = r.oracles.get("patched")
+        if p is not None and p.trace:
+            parts.append("<pre>" + e("\n".join(lines(p.trace))) + "</pre>")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(parts) + "\n")

@@ -1,0 +1,86 @@
+"""Running a scenario through every oracle and comparing what they opened."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from testbed.compare.compare import PairResult, compare_pair, overall, skipped
+from testbed.compare.runners import fdset, model, patched, stock
+from testbed.compare.runners.common import ImageInfo, OracleResult, Setup, prepare
+from testbed.compare.scenarios import Scenario
+from testbed.errors import TestbedError
+
+ORACLES: dict[str, Callable[[Setup], OracleResult]] = {
+    "model": model.run,
+    "patched": patched.run,
+    "stock": stock.run,
+    "fdset": fdset.run,
+}
+#: The comparisons that decide a scenario's status (left, right).
+PAIRS = (("model", "patched"), ("patched", "stock"))
+
+
+@dataclass(kw_only=True)
+class ScenarioResult:
+    scenario: Scenario
+    image: ImageInfo
+    oracles: dict[str, OracleResult] = field(default_factory=dict)
+    pairs: list[PairResult] = field(default_factory=list)
+    seconds: float = 0.0
+
+    @property
+    def status(self) -> str:
+        return overall(self.pairs)
+
+    def pair(self, left: str, right: str) -> PairResult:
+        for p in self.pairs:
+            if (p.left, p.right) == (left, right):
+                return p
+        raise KeyError((left, right))
+
+    def to_json(self) -> dict[str, Any]:
+        sc = self.scenario
+        fd = self.oracles.get("fdset")
+        return {
+            "name": sc.name,
+            "image": sc.image,
+            "format": self.image.format,
+            "subformat": self.image.subformat,
+            "attach": sc.attach,
+            "options": {"read_only": sc.read_only, "cache_direct": sc.cache_direct,
+                        "vvfat_rw": sc.vvfat_rw, "grant": sc.grant},
+            "operations": list(sc.operations),
+            "tags": sorted(sc.tags),
+            **{name: res.to_json() for name, res in self.oracles.items()},
+            "fdset_ok": bool(fd and fd.ok),
+            "fdset_error": fd.first_error if fd else "",
+            "comparisons": [p.to_json() for p in self.pairs],
+            "status": self.status,
+            "seconds": round(self.seconds, 3),
+        }
+
+
+def run_scenario(scenario: Scenario, image: ImageInfo, workdir: Path,
+                 oracles: tuple[str, ...] = tuple(ORACLES)) -> ScenarioResult:
+    start = time.monotonic()
+    out = ScenarioResult(scenario=scenario, image=image)
+    for name in oracles:
+        try:
+            setup = prepare(scenario, image, workdir, name)
+            out.oracles[name] = ORACLES[name](setup)
+        except TestbedError as err:
+            out.oracles[name] = OracleResult(skipped=f"{type(err).__name__}: {err}")
+    for left, right in PAIRS:
+        a, b = out.oracles.get(left), out.oracles.get(right)
+        if a is None or b is None:
+            out.pairs.append(skipped(left, right, "not run"))
+        elif a.skipped or b.skipped:
+            out.pairs.append(skipped(left, right, a.skipped or b.skipped))
+        else:
+            out.pairs.append(compare_pair(left, a.trace, right, b.trace, tags=scenario.tags))
+    out.seconds = time.monotonic() - start
+    return out

@@ -1,0 +1,99 @@
+"""Oracle 4: the Python model of QEMU's block layer, opening through the same broker.
+
+The model's core (``testbed.block.layer.BlockLayer``) is being written; until
+it is importable this runner reports the scenario as skipped, naming what is
+missing, rather than inventing a trace.
+"""
+
+from __future__ import annotations
+
+import importlib
+import socket
+import time
+from typing import Any
+
+from testbed.broker import Broker
+from testbed.compare.normalise import from_audit, normalise
+from testbed.compare.runners.common import DRIVE, OracleResult, Setup
+from testbed.compare.scenarios import READ_SPAN
+from testbed.errors import TestbedError
+from testbed.transport import HookClient
+
+LAYER_MODULE = "testbed.block.layer"
+
+
+def _layer_class() -> Any | None:
+    try:
+        module = importlib.import_module(LAYER_MODULE)
+    except ModuleNotFoundError as err:
+        if err.name is not None and LAYER_MODULE.startswith(err.name):
+            return None
+        raise
+    return getattr(module, "BlockLayer", None)
+
+
+def run(setup: Setup) -> OracleResult:
+    result = OracleResult()
+    layer_cls = _layer_class()
+    if layer_cls is None:
+        result.skipped = f"the model's core ({LAYER_MODULE}.BlockLayer) is not in this tree yet"
+        return result
+    sc = setup.scenario
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    broker = Broker(setup.policy())
+    broker.add_connection(ours)
+    broker.start()
+    client = HookClient(theirs)
+    start = time.monotonic()
+    try:
+        layer = layer_cls(client)
+        result.operations.append(("launch", _attach(layer, setup)))
+        for op in sc.operations:
+            result.operations.append((op, _do(layer, setup, op)))
+    finally:
+        client.close()
+        broker.stop()
+        result.seconds = time.monotonic() - start
+    result.trace = normalise(from_audit(broker.records), setup.root)
+    return result
+
+
+def _attach(layer: Any, setup: Setup) -> str:
+    """What QEMU's command line does: -drive (and a device) or -blockdev."""
+    sc = setup.scenario
+    fmt = "raw" if setup.image.format == "vvfat" else setup.image.format
+    try:
+        if sc.attach in ("drive", "drive-device"):
+            layer.drive_add(filename=setup.filename(), fmt=fmt, drive_id=DRIVE,
+                            read_only=sc.read_only, cache_direct=sc.cache_direct)
+            if sc.attach == "drive-device":
+                layer.attach_device(DRIVE)
+        elif sc.attach == "blockdev":
+            layer.blockdev_add(driver=fmt, node_name=DRIVE, filename=setup.filename(),
+                               read_only=sc.read_only, cache_direct=sc.cache_direct)
+        return "ok"
+    except (TestbedError, OSError) as err:
+        return str(err).splitlines()[0] if str(err) else type(err).__name__
+
+
+def _do(layer: Any, setup: Setup, op: str) -> str:
+    sc = setup.scenario
+    try:
+        if op == "add":
+            layer.blockdev_add(driver=setup.image.format, node_name=DRIVE,
+                               filename=setup.filename(), read_only=sc.read_only,
+                               cache_direct=sc.cache_direct)
+        elif op == "del":
+            layer.blockdev_del(DRIVE)
+        elif op == "read":
+            layer.read(DRIVE, *READ_SPAN)
+        elif op in ("snapshot-qmp", "snapshot-existing"):
+            layer.blockdev_snapshot_sync(DRIVE, str(setup.overlay), fmt="qcow2",
+                                         existing=op == "snapshot-existing")
+        elif op == "snapshot-hmp":
+            layer.hmp_snapshot_blkdev(DRIVE, str(setup.overlay), fmt="qcow2")
+        elif op == "quit":
+            layer.quit()
+        return "ok"
+    except (TestbedError, OSError) as err:
+        return str(err).splitlines()[0] if str(err) else type(err).__name__
