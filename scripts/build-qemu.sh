@@ -188,12 +188,18 @@ for f in $(grep -o "'edk2-[a-z0-9_-]*\.fd'" "$tmp/src/pc-bios/meson.build" | tr 
   [ -e "$tmp/src/pc-bios/$f.bz2" ] || bzip2 -c < /dev/null > "$tmp/src/pc-bios/$f.bz2"
 done
 
-# ccache (which meson picks up by itself) only helps if the temporary build
-# directory's name does not enter the hash.
-export CCACHE_BASEDIR=$tmp CCACHE_NOHASHDIR=true
+# ccache, when installed, makes rebuilds after a patch change quick.  QEMU's
+# configure hands meson an explicit compiler, so it must be named here; it is
+# not part of the cache key (it does not change the output).  The temporary
+# build directory's name must not enter ccache's hash.
+cc_args=()
+if command -v ccache > /dev/null; then
+  cc_args=(--cc="ccache cc")
+  export CCACHE_BASEDIR=$tmp CCACHE_NOHASHDIR=true
+fi
 mkdir -p "$tmp/src/build"
-say "configure ${configure_args[*]}"
-(cd "$tmp/src/build" && ../configure "${configure_args[@]}") >> "$log" 2>&1 ||
+say "configure ${configure_args[*]} ${cc_args[*]}"
+(cd "$tmp/src/build" && ../configure "${configure_args[@]}" "${cc_args[@]}") >> "$log" 2>&1 ||
   die "configure failed (see $log)"
 jobs=${QEMU_BUILD_JOBS:-2}
 say "ninja -j$jobs (progress below, full output in the log)"
