@@ -50,6 +50,9 @@ class BootResult:
     lost: int
     snapshot_files: tuple[str, ...]
     console_log: str
+    #: requests the broker answered, and how many got -errno (refused or absent)
+    broker_requests: int = 0
+    broker_errors: int = 0
     error: str | None = None
 
     @property
@@ -67,6 +70,8 @@ class BootResult:
             "lost": self.lost,
             "snapshot_files": list(self.snapshot_files),
             "console_log": self.console_log,
+            "broker_requests": self.broker_requests,
+            "broker_errors": self.broker_errors,
             "error": self.error,
         }
 
@@ -81,6 +86,11 @@ def run_boot(
     """Run the boot scenario; errors end up in ``BootResult.error``, not raised."""
     if opts.snapshot and opts.fmt == "vvfat":
         raise ValueError("--snapshot needs a writable image format, not vvfat")
+    if opts.sandbox and opts.fmt == "vvfat":
+        # QEMU scans a fat: directory with opendir/readdir, which no hook in
+        # qemu_open sees (DESIGN.md section 3), so a hidden directory reads as empty.
+        raise ValueError("--sandbox cannot be used with vvfat: QEMU reads the directory "
+                         "listing with opendir(), which does not go through the hook")
     if opts.records < 4:
         raise ValueError(f"--records {opts.records}: need at least 4")
     config = SessionConfig(fmt=opts.fmt, workdir=opts.workdir, accel=opts.accel, hook=opts.hook,
@@ -111,6 +121,7 @@ def run_boot(
     finally:
         session.close()
     report = session.report
+    audit = session.audit_records()
     result = BootResult(
         format=opts.fmt,
         accel=session.accel_used or opts.accel,
@@ -121,6 +132,8 @@ def run_boot(
         lost=len(report.lost) if report else len(session.synced),
         snapshot_files=tuple(str(m.overlay) for m in session.marks),
         console_log=str(session.console_log),
+        broker_requests=len(audit),
+        broker_errors=sum(1 for r in audit if r.result < 0),
         error=error,
     )
     if not opts.keep and error is None:

@@ -70,6 +70,9 @@ def run(args: argparse.Namespace) -> int:
     if result.records_written:
         print(f"records: {result.records_written} synced, {result.records_verified} verified, "
               f"{result.lost} lost; snapshots: {', '.join(result.snapshot_files) or 'none'}")
+    if result.broker_requests:
+        print(f"broker: {result.broker_requests} opens answered, "
+              f"{result.broker_errors} with -errno (refused, or probes of absent files)")
     if args.json:
         result.write_json(args.json)
     if result.error:

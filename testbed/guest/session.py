@@ -20,7 +20,7 @@ from types import TracebackType
 import pexpect
 from pexpect.fdpexpect import fdspawn
 
-from testbed.broker import Broker, Policy
+from testbed.broker import AuditRecord, Broker, Policy, read_audit
 from testbed.errors import BuildError, GuestError, QEMUError
 from testbed.guest.artifacts import find_guest
 from testbed.guest.console import PROMPT, Console, StepResult
@@ -294,6 +294,14 @@ class Session:
         self.con.steps.append(result)
         if self._on_step is not None:
             self._on_step(result)
+
+    def audit_records(self) -> list[AuditRecord]:
+        """What the broker answered, from its audit log (in-process or not)."""
+        if self.broker is not None:
+            return self.broker.records
+        if self.audit_path.exists():
+            return read_audit(self.audit_path)
+        return []
 
     def kill_broker(self) -> None:
         """Kill the broker process (only with ``broker_process``)."""

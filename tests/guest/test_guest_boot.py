@@ -158,3 +158,11 @@ def test_stock_qemu_baseline_without_hook(guest: None, tmp_path: Path) -> None:
         s.finish_writer()
         s.shutdown()
         assert s.verify().verified == 10
+
+
+def test_sandboxed_vvfat_cannot_list_its_directory(patched: Path, tmp_path: Path) -> None:
+    """A known limit of the hook: vvfat scans the directory with opendir()."""
+    s = Session(config(tmp_path, "vvfat", sandbox=True))
+    with pytest.raises(LaunchError, match="Could not read directory"):
+        s.start()
+    s.close()

@@ -32,3 +32,8 @@ def test_guest_build_loads_modules_after_their_dependencies() -> None:
                           ("virtio_pci_modern_dev", "virtio_pci"), ("fat", "vfat")):
         assert order.index(before) < order.index(after), order
     assert (GUEST_DIR / "modules.load").read_text().split() == order
+
+
+def test_boot_rejects_sandboxed_vvfat(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["boot", "--format", "vvfat", "--sandbox"]) == 2
+    assert "opendir()" in capsys.readouterr().err
