@@ -19,6 +19,8 @@ from testbed.qemu import Machine, QMPCommandError
 
 #: Node name (``-blockdev``, hotplug) or BlockBackend id (``-drive``) of the image.
 DRIVE = "drive0"
+#: Where QEMU's g_mkstemp puts temporary images.
+TEMP_DIR = "/var/tmp"
 
 
 class ScenarioSetupError(TestbedError):
@@ -83,11 +85,14 @@ class Setup:
 
     def policy(self) -> Policy:
         grant = self.scenario.grant
+        # vvfat rw makes its write target in /var/tmp (g_mkstemp, through the hook
+        # with the series' extension patch): grant that, or vvfat rw cannot start
+        temp = [TEMP_DIR] if self.scenario.vvfat_rw else []
         if grant == "ro":
-            return Policy.from_grants(ro=[self.root])
+            return Policy.from_grants(ro=[self.root], create=temp)
         if grant == "main":
-            return Policy.from_grants(rw=[self.main])
-        return Policy.from_grants(create=[self.root])
+            return Policy.from_grants(rw=[self.main], create=temp)
+        return Policy.from_grants(create=[self.root, *temp])
 
 
 def prepare(scenario: Scenario, image: ImageInfo, base: Path, oracle: str) -> Setup:
@@ -199,9 +204,10 @@ def blockdev_add_args(setup: Setup, main: str | None = None) -> dict[str, Any]:
 
 def _device_words(setup: Setup) -> tuple[str, dict[str, str]]:
     """qemu-io's target and blockdev-snapshot-sync's selector for the image."""
+    # HMP qemu-io takes a BlockBackend name or a node name in the same place
     if setup.scenario.attach in ("drive", "drive-device"):
         return DRIVE, {"device": DRIVE}
-    return f"-d {DRIVE}", {"node-name": DRIVE}
+    return DRIVE, {"node-name": DRIVE, "snapshot-node-name": "snap0"}
 
 
 def run_operation(vm: Machine, setup: Setup, op: str, *, overlay: str | None = None,

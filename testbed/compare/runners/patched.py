@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import functools
+import subprocess
+from pathlib import Path
+
 from testbed.broker import read_audit
 from testbed.compare.normalise import from_audit, normalise
 from testbed.compare.runners.common import (
@@ -15,11 +19,25 @@ from testbed.qemu import Machine, MachineConfig
 from testbed.qemu.binaries import is_runnable, patched_qemu_path
 
 
+@functools.lru_cache(maxsize=4)
+def block_formats(binary: Path) -> frozenset[str]:
+    """The block drivers ``binary`` was built with (``-drive format=help``)."""
+    done = subprocess.run([str(binary), "-drive", "format=help"], capture_output=True,
+                          text=True, timeout=60)
+    first = done.stdout.splitlines()[0] if done.stdout else ""
+    return frozenset(first.partition(":")[2].split())
+
+
 def run(setup: Setup) -> OracleResult:
     result = OracleResult()
     binary = patched_qemu_path()
     if not is_runnable(binary):
         result.skipped = f"patched QEMU {binary} is missing (run `make qemu`)"
+        return result
+    if setup.scenario.vvfat_rw and "qcow" not in block_formats(binary):
+        # vvfat rw formats its write target as qcow (version 1)
+        result.skipped = (f"{binary} has no qcow driver, which vvfat rw needs "
+                          "(build-qemu.sh: configure --enable-qcow1)")
         return result
     audit = setup.logs / "patched-audit.jsonl"
     audit.unlink(missing_ok=True)

@@ -1,0 +1,91 @@
+"""A few real scenarios end to end: patched QEMU + broker, stock QEMU + strace, fd sets."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from testbed.compare.compare import KNOWN, MATCH
+from testbed.compare.run import run_scenario
+from testbed.compare.runners.common import ImageInfo, load_index
+from testbed.compare.scenarios import build_matrix
+from testbed.pytest_plugin import require
+from testbed.qemu import STOCK_QEMU
+from testbed.qemu.binaries import REPO_ROOT, is_runnable, patched_qemu_path
+
+pytestmark = [pytest.mark.qemu, pytest.mark.stock_qemu, pytest.mark.images]
+
+INDEX = REPO_ROOT / "build" / "images" / "index.json"
+MATRIX = {s.name: s for s in build_matrix()}
+
+
+@pytest.fixture(scope="module")
+def images() -> dict[str, ImageInfo]:
+    require(INDEX.exists(), f"image index {INDEX} (run `make images`)")
+    require(is_runnable(patched_qemu_path()), f"patched QEMU {patched_qemu_path()}")
+    require(is_runnable(STOCK_QEMU), f"Debian's QEMU {STOCK_QEMU}")
+    return load_index(INDEX)
+
+
+def run(name: str, images: dict[str, ImageInfo], tmp_path: Path):  # type: ignore[no-untyped-def]
+    sc = MATRIX[name]
+    require(sc.image in images, f"image {sc.image} in {INDEX}")
+    return run_scenario(sc, images[sc.image], tmp_path, ("patched", "stock", "fdset"))
+
+
+def test_snapshot_on_a_chain(images: dict[str, ImageInfo], tmp_path: Path) -> None:
+    r = run("qcow2-chain1_drive-device_read-snapshot-qmp", images, tmp_path)
+    assert r.oracles["patched"].ok, r.oracles["patched"].operations
+    assert r.pair("patched", "stock").status == MATCH, r.pair("patched", "stock").diff
+    lines = [o.line() for o in r.oracles["patched"].trace]
+    assert lines[:3] == ["probe top.qcow2 O_RDONLY|O_NONBLOCK -> ok",
+                         "open top.qcow2 O_RDONLY -> ok", "open top.qcow2 O_RDWR -> ok"]
+    assert "open snap.qcow2 O_RDWR|O_CREAT 0o644 -> ok" in lines
+    # quit drops the new top back to read-only
+    assert lines[-1] == "open snap.qcow2 O_RDONLY -> ok"
+    # fd sets: the backing name is resolved under /dev/fdset/ and fails
+    assert not r.oracles["fdset"].ok
+    assert "fdset" in r.oracles["fdset"].first_error
+
+
+def test_blockdev_raw_works_with_fd_sets(images: dict[str, ImageInfo], tmp_path: Path) -> None:
+    r = run("raw_blockdev_read", images, tmp_path)
+    assert r.pair("patched", "stock").status == MATCH
+    assert [o.line() for o in r.oracles["patched"].trace] == ["open disk.raw O_RDWR -> ok"]
+    assert r.oracles["fdset"].ok, r.oracles["fdset"].operations
+
+
+def test_vvfat_directory_scan_is_a_known_divergence(images: dict[str, ImageInfo],
+                                                    tmp_path: Path) -> None:
+    r = run("vvfat-floppy_drive_read", images, tmp_path)
+    p = r.pair("patched", "stock")
+    assert p.status == KNOWN and p.divergences == ("opendir",)
+    assert any(o.path.startswith("tree/") for o in r.oracles["patched"].trace)
+
+
+def test_refused_backing_file(images: dict[str, ImageInfo], tmp_path: Path) -> None:
+    r = run("qcow2-chain1_hotplug_read_grant-main", images, tmp_path)
+    patched = r.oracles["patched"]
+    assert patched.operations[1][0] == "add" and "Permission denied" in patched.operations[1][1]
+    assert patched.trace[-1].path == "base.raw" and patched.trace[-1].result == "EACCES"
+    assert r.pair("patched", "stock").status == KNOWN
+    # stock QEMU, with nobody to refuse, opened the base
+    assert r.oracles["stock"].ok
+
+
+def test_command_writes_json_and_reports(images: dict[str, ImageInfo], tmp_path: Path) -> None:
+    from testbed.cli import main
+
+    out = tmp_path / "out"
+    status = main(["compare", "--scenario", "raw_drive_read", "--oracles", "patched,stock",
+                   "--workdir", str(tmp_path / "work"), "--json", str(out / "c.json"),
+                   "--report", str(out)])
+    assert status == 0
+    data = json.loads((out / "c.json").read_text())
+    (sc,) = data["scenarios"]
+    assert sc["name"] == "raw_drive_read" and sc["status"] == MATCH
+    assert sc["patched"]["trace"] == sc["stock"]["trace"] != []
+    assert "raw_drive_read" in (out / "report.md").read_text()
+    assert "<table" in (out / "report.html").read_text()
