@@ -56,6 +56,7 @@ class ScenarioResult:
             "operations": list(sc.operations),
             "tags": sorted(sc.tags),
             **{name: res.to_json() for name, res in self.oracles.items()},
+            **({"fdset": {**fd.to_json(), "ok": fd.ok, "error": fd.first_error}} if fd else {}),
             "fdset_ok": bool(fd and fd.ok),
             "fdset_error": fd.first_error if fd else "",
             "comparisons": [p.to_json() for p in self.pairs],
