@@ -237,8 +237,11 @@ class Session:
             left = deadline - time.monotonic()
             if left <= 0:
                 return
-            index = self.con.child.expect([SYNCED, r"WRITER DONE", pexpect.TIMEOUT],
-                                          timeout=left)
+            index = self.con.child.expect(
+                [SYNCED, r"WRITER DONE", pexpect.TIMEOUT, pexpect.EOF], timeout=left)
+            if index == 3:
+                raise GuestError("write", "console closed (QEMU exited?) while the guest wrote",
+                                 console_tail=self.con.tail())
             if index == 2:
                 return
             if index == 1:
