@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import sys
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -85,7 +86,7 @@ def main(args: argparse.Namespace) -> int:
         err.print(f"testbed compare: images not in {args.images}: {', '.join(missing)} "
                   "(run `make images`)")
         return 2
-    meta = {
+    meta: dict[str, Any] = {
         "started": datetime.datetime.now().isoformat(timespec="seconds"),
         "patched": str(patched_qemu_path()),
         "stock": str(STOCK_QEMU),
@@ -93,6 +94,7 @@ def main(args: argparse.Namespace) -> int:
         "argv": sys.argv,
     }
     results: dict[str, ScenarioResult] = {}
+    started = time.monotonic()
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                TimeElapsedColumn())
     with Progress(*columns, console=err, transient=True) as progress:
@@ -107,7 +109,8 @@ def main(args: argparse.Namespace) -> int:
             for f in [pool.submit(one, sc) for sc in chosen]:
                 f.result()
     ordered = [results[sc.name] for sc in chosen]
-    report.print_summary(console, ordered)
+    meta["wall_seconds"] = round(time.monotonic() - started, 1)
+    report.print_summary(console, ordered, meta["wall_seconds"])
     if args.json:
         report.write_json(args.json, ordered, meta)
         console.print(f"JSON: {args.json}")

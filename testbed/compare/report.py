@@ -58,15 +58,16 @@ def summary(results: list[ScenarioResult]) -> dict[str, Any]:
         "patched_vs_stock": dict(Counter(r.pair("patched", "stock").status for r in results)),
         "fdset_works": sum(1 for f in fd if f.ok),
         "fdset_fails": sum(1 for f in fd if not f.ok and not f.skipped),
-        "seconds": round(sum(r.seconds for r in results), 1),
+        #: summed over scenarios (more than the wall time with --jobs > 1)
+        "scenario_seconds": round(sum(r.seconds for r in results), 1),
     }
 
 
-def print_summary(console: Console, results: list[ScenarioResult]) -> None:
+def print_summary(console: Console, results: list[ScenarioResult], wall: float) -> None:
     console.print(terminal_table(results))
     s = summary(results)
     console.print(
-        f"{s['scenarios']} scenarios in {s['seconds']}s: "
+        f"{s['scenarios']} scenarios in {wall:.1f}s: "
         + ", ".join(f"{n} {k}" for k, n in sorted(s["status"].items()))
         + f"; fd sets work in {s['fdset_works']}, fail in {s['fdset_fails']}"
     )
@@ -99,7 +100,8 @@ def write_markdown(path: Path, results: list[ScenarioResult], meta: dict[str, An
     out = [
         "# open-hook-fd comparison report", "",
         f"Run {meta.get('started', '')}, patched QEMU `{meta.get('patched', '')}`, "
-        f"stock QEMU `{meta.get('stock', '')}`; {s['scenarios']} scenarios in {s['seconds']} s.",
+        f"stock QEMU `{meta.get('stock', '')}`; {s['scenarios']} scenarios in "
+        f"{meta.get('wall_seconds', '?')} s.",
         "",
         "| status | scenarios |", "|---|---|",
         *(f"| {k} | {n} |" for k, n in sorted(s["status"].items())),
@@ -168,7 +170,7 @@ def write_html(path: Path, results: list[ScenarioResult], meta: dict[str, Any]) 
     parts = [f"<!doctype html><meta charset=utf-8><title>open-hook-fd comparison</title>"
              f"<style>{_CSS}</style><h1>open-hook-fd comparison report</h1>",
              f"<p>Run {e(str(meta.get('started', '')))}; {s['scenarios']} scenarios in "
-             f"{s['seconds']} s: "
+             f"{meta.get('wall_seconds', '?')} s: "
              + ", ".join(f"{n} {e(k)}" for k, n in sorted(s["status"].items()))
              + f". fd sets work in {s['fdset_works']}, fail in {s['fdset_fails']}.</p>",
              "<table><tr><th>scenario<th>opens<th>model = patched<th>patched = stock"
