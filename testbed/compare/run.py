@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import difflib
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from testbed.compare.compare import PairResult, compare_pair, overall, skipped
+from testbed.compare.compare import MISMATCH, PairResult, compare_pair, overall, skipped
 from testbed.compare.runners import fdset, model, patched, stock
 from testbed.compare.runners.common import ImageInfo, OracleResult, Setup, prepare
 from testbed.compare.scenarios import Scenario
@@ -65,6 +66,26 @@ class ScenarioResult:
         }
 
 
+def outcomes(res: OracleResult) -> list[str]:
+    """Which operations worked: ``read ok``, ``add failed`` (QEMU's wording differs)."""
+    return [f"{op} {'ok' if text == 'ok' else 'failed'}" for op, text in res.operations
+            if op != "launch" or text != "ok"]
+
+
+def _check_outcomes(pair: PairResult, a: OracleResult, b: OracleResult,
+                    scenario: Scenario) -> PairResult:
+    """Equal traces but an operation that worked on one side only is still a mismatch."""
+    if pair.status == MISMATCH or "refusal" in scenario.tags:
+        return pair
+    oa, ob = outcomes(a), outcomes(b)
+    if oa == ob:
+        return pair
+    diff = tuple(difflib.unified_diff(oa, ob, f"{pair.left} operations",
+                                      f"{pair.right} operations", lineterm=""))
+    return PairResult(left=pair.left, right=pair.right, status=MISMATCH,
+                      divergences=pair.divergences, diff=pair.diff + diff)
+
+
 def run_scenario(scenario: Scenario, image: ImageInfo, workdir: Path,
                  oracles: tuple[str, ...] = tuple(ORACLES)) -> ScenarioResult:
     start = time.monotonic()
@@ -82,6 +103,7 @@ def run_scenario(scenario: Scenario, image: ImageInfo, workdir: Path,
         elif a.skipped or b.skipped:
             out.pairs.append(skipped(left, right, a.skipped or b.skipped))
         else:
-            out.pairs.append(compare_pair(left, a.trace, right, b.trace, tags=scenario.tags))
+            pair = compare_pair(left, a.trace, right, b.trace, tags=scenario.tags)
+            out.pairs.append(_check_outcomes(pair, a, b, scenario))
     out.seconds = time.monotonic() - start
     return out

@@ -81,3 +81,21 @@ def test_overall_is_the_worst() -> None:
     assert overall([m, k, s]) == KNOWN
     assert overall([m, k, x]) == MISMATCH
     assert overall([s]) == SKIPPED
+
+
+def test_same_opens_but_an_operation_failing_on_one_side_is_a_mismatch() -> None:
+    from testbed.compare.run import _check_outcomes
+    from testbed.compare.runners.common import OracleResult
+    from testbed.compare.scenarios import scenario
+
+    sc = scenario("raw", "drive")
+    a = OracleResult(trace=list(BASE), operations=[("launch", "ok"), ("read", "ok")])
+    b = OracleResult(trace=list(BASE), operations=[("launch", "ok"), ("read", "I/O error")])
+    pair = compare_pair("patched", a.trace, "stock", b.trace)
+    checked = _check_outcomes(pair, a, b, sc)
+    assert checked.status == MISMATCH
+    assert "+read failed" in checked.diff
+    same = OracleResult(trace=list(BASE), operations=[("launch", "ok"), ("read", "ok")])
+    assert _check_outcomes(pair, a, same, sc).status == MATCH
+    # a refusal scenario is expected to fail on the refusing side
+    assert _check_outcomes(pair, a, b, scenario("raw", "hotplug", grant="ro")).status == MATCH
