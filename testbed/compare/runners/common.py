@@ -211,13 +211,13 @@ def _device_words(setup: Setup) -> tuple[str, dict[str, str]]:
 
 
 def run_operation(vm: Machine, setup: Setup, op: str, *, overlay: str | None = None,
-                  main: str | None = None) -> str:
+                  add_args: dict[str, Any] | None = None) -> str:
     """Do ``op`` on a running QEMU; "ok" or the error's text (QEMU's own words)."""
     target, selector = _device_words(setup)
     snap = overlay if overlay is not None else str(setup.overlay)
     try:
         if op == "add":
-            vm.qmp("blockdev-add", **blockdev_add_args(setup, main))
+            vm.qmp("blockdev-add", **(add_args or blockdev_add_args(setup)))
         elif op == "del":
             vm.qmp("blockdev-del", **{"node-name": DRIVE})
         elif op == "read":
@@ -246,8 +246,7 @@ def run_operation(vm: Machine, setup: Setup, op: str, *, overlay: str | None = N
     return "ok"
 
 
-def run_qemu_scenario(vm: Machine, setup: Setup, result: OracleResult, *,
-                      overlay: str | None = None, main: str | None = None) -> None:
+def run_qemu_scenario(vm: Machine, setup: Setup, result: OracleResult) -> None:
     """Launch ``vm``, do every operation, shut down; outcomes go into ``result``."""
     start = time.monotonic()
     try:
@@ -260,8 +259,7 @@ def run_qemu_scenario(vm: Machine, setup: Setup, result: OracleResult, *,
     result.operations.append(("launch", "ok"))
     try:
         for op in setup.scenario.operations:
-            result.operations.append((op, run_operation(vm, setup, op, overlay=overlay,
-                                                        main=main)))
+            result.operations.append((op, run_operation(vm, setup, op)))
     finally:
         vm.shutdown()
         result.seconds = time.monotonic() - start
