@@ -1,0 +1,523 @@
+"""The block layer of QEMU 7.2, as far as it decides which files are opened, how and when.
+
+:class:`BlockLayer` mirrors what QEMU does for a command line or QMP
+command, so that one scenario can be replayed on the model and on QEMU and
+the two broker traces compared open by open.  Every open goes through one
+:class:`testbed.block.opener.Opener` (the broker, or ``os.open`` in tests).
+
+Modelled (each checked against ``strace`` of Debian's QEMU 7.2, see
+``tests/block``):
+
+* ``-drive file=F[,format=FMT][,read-only=on][,cache.direct=on]``
+  (:meth:`BlockLayer.drive_add`): the host_cdrom probe
+  (``O_RDONLY|O_NONBLOCK``, closed at once) before every open of a file
+  whose protocol driver is not named (``bdrv_find_protocol``);
+  ``auto-read-only``: ``O_RDONLY`` first, ``O_RDWR`` as soon as a writer
+  appears -- at once for a qcow2/vmdk node (its ``file`` is a metadata
+  child), only with a device for raw (a data child,
+  :meth:`BlockLayer.attach_device`); format probing like
+  ``find_image_format``/``bdrv_probe_all`` over the first 2048 bytes, raw
+  scoring 1.
+* ``-blockdev``/``blockdev-add`` (:meth:`BlockLayer.blockdev_add`): no probe
+  of the named protocol, ``O_RDWR`` at once unless ``read-only``,
+  ``cache.direct`` → ``O_DIRECT``; ``blockdev-del`` closes without reopening.
+* Backing chains of any depth: names resolved with ``path_combine`` (no
+  normalisation), opened read-only with a probe, backing format from the
+  image or probed, ``cache.direct`` inherited.  A backing loop fails like
+  QEMU's image locking does when the repeated file is open for writing
+  ("Failed to get shared "write" lock", after the repeated file's probe and
+  open); with a read-only top QEMU recurses until it runs out of
+  descriptors, the model stops at the same point with "backing loop".
+  After a failed open everything opened so far is torn down, auto-read-only
+  files reopened ``O_RDONLY`` first, as QEMU does.
+* Children through :class:`OpenContext` (vmdk extents, qcow2 data file):
+  probe + open with the parent's flags; sparse extents are metadata
+  children (``O_RDWR`` at once when writable), flat extents and data files
+  data children (``O_RDWR`` only with a device).
+* Reopen as file-posix: a fresh ``qemu_open`` when the access mode or
+  ``O_DIRECT`` changes, dup + fcntl otherwise.  ``O_DIRECT`` refused with
+  ``EINVAL`` is retried without it only to word the error.
+* ``blockdev-snapshot-sync`` (both ``absolute-paths`` and ``existing``)
+  and HMP ``snapshot_blkdev`` (the same calls): two ENOENT probes,
+  ``O_RDWR|O_CREAT`` 0644 + close, probe + ``O_RDWR`` for the qcow2 header
+  (``qcow2.create_image``) + close, the overlay opened like the old top
+  (probe, ``O_RDONLY`` then ``O_RDWR`` for -drive; ``O_RDWR`` for
+  -blockdev; ``O_RDONLY`` only when read-only) without its backing, then
+  appended over the old top, which is reopened read-only (extents first,
+  then its file).
+* ``quit``: the device lets go, every node is closed; auto-read-only files
+  still open ``O_RDWR`` are reopened ``O_RDONLY`` just before their close.
+* ``fat:`` file names go to :class:`testbed.block.vvfat.VVFat` (after the
+  host_cdrom probe of the whole name, which QEMU makes too).
+
+Knowingly left out: real OFD locks (only the same-process conflict that
+ends a backing loop is modelled), host_cdrom/host_device nodes (a file is
+never a CD-ROM), ``-snapshot``, ``json:`` file names, node references in
+``blockdev-add`` options, block jobs (commit, stream, mirror), ``change``/
+``blockdev-change-medium``, encryption, and qcow2 internal snapshots.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from testbed.block import formats
+from testbed.block.driver import BlockFile, FdFile, FormatDriver, FormatImage
+from testbed.block.nodes import Child, FileNode, FormatNode, ProtocolNode, VVFatNode
+from testbed.block.opener import HookLike, Opener, OpenEvent
+from testbed.block.paths import path_combine
+from testbed.errors import BlockError
+
+#: How much of an image ``find_image_format`` reads for probing.
+PROBE_BYTES = 2048
+#: vmdk sparse extents start with one of these (a metadata child in QEMU).
+_SPARSE_MAGICS = (b"KDMV", b"COWD")
+
+
+@dataclass(frozen=True, kw_only=True)
+class OpenOptions:
+    """How a node and its children are opened (QEMU's open flags and options)."""
+
+    read_only: bool
+    auto_read_only: bool
+    cache_direct: bool
+
+
+@dataclass(eq=False)
+class Drive:
+    """A ``-drive`` (or a named ``-blockdev`` node) and its device."""
+
+    id: str
+    top: FormatNode
+    device: bool = False
+
+
+class _ChildOpener:
+    """The :class:`OpenContext` a format driver gets while its node opens."""
+
+    def __init__(self, layer: BlockLayer, opts: OpenOptions) -> None:
+        self._layer = layer
+        self._opts = opts
+        self.children: list[Child] = []
+
+    @property
+    def read_only(self) -> bool:
+        return self._opts.read_only
+
+    def open_file(self, filename: str, *, role: str, relative_to: BlockFile) -> BlockFile:
+        path = path_combine(relative_to.filename, filename)
+        node = self._layer._open_protocol(path, probe=True, opts=self._opts)
+        self.children.append(Child(node=node, role="data", name=role))
+        child = self.children[-1]
+        if role == "extent" and node.pread(0, 4) in _SPARSE_MAGICS:
+            child.role = "metadata"
+        # bdrv_open_child attaches at once: a metadata child of a writable
+        # node goes read-write before the next file is opened.
+        node.set_write(child.role == "metadata" and not self._opts.read_only)
+        return node
+
+
+class BlockLayer:
+    """QEMU's block layer for the open path: drives, nodes, snapshots, quit."""
+
+    def __init__(self, hook: HookLike | None = None, *, opener: Opener | None = None) -> None:
+        if hook is not None and opener is not None:
+            raise ValueError("give BlockLayer a hook client or an Opener, not both")
+        self.opener = opener if opener is not None else Opener(hook)
+        self.drives: dict[str, Drive] = {}
+        self._open_files: list[ProtocolNode] = []
+        self._closed = False
+
+    # -- public API: what QEMU's command line and monitor do -----------------
+
+    @property
+    def trace(self) -> list[OpenEvent]:
+        """Every open request so far, as the broker saw it."""
+        return self.opener.trace
+
+    def drive_add(
+        self,
+        file: str | None = None,
+        format: str | None = None,
+        *,
+        filename: str | None = None,
+        fmt: str | None = None,
+        if_none: bool = True,
+        read_only: bool = False,
+        cache_direct: bool = False,
+        id: str | None = None,
+        drive_id: str | None = None,
+    ) -> FormatNode:
+        """``-drive file=...,if=none,id=...`` at start-up (``auto-read-only=on``)."""
+        path = file if file is not None else filename
+        if not path:
+            raise BlockError("drive_add: no file name given")
+        name = id or drive_id or "drive0"
+        self._check_new_id(name)
+        opts = OpenOptions(read_only=read_only, auto_read_only=not read_only,
+                           cache_direct=cache_direct)
+        top = self._open_image(path, fmt=format or fmt, probe=True, opts=opts, node_name=name)
+        self.drives[name] = Drive(id=name, top=top)
+        if not if_none:
+            self.attach_device(name)
+        return top
+
+    def blockdev_add(
+        self,
+        options: Mapping[str, Any] | None = None,
+        *,
+        driver: str | None = None,
+        node_name: str | None = None,
+        filename: str | None = None,
+        read_only: bool = False,
+        cache_direct: bool = False,
+    ) -> FormatNode:
+        """``-blockdev`` / QMP ``blockdev-add`` with a ``file`` child of driver ``file``."""
+        if options is None:
+            options = {
+                "driver": driver,
+                "node-name": node_name,
+                "read-only": read_only,
+                "cache": {"direct": cache_direct},
+                "file": {"driver": "file", "filename": filename},
+            }
+        fmt, name, path, opts = _parse_blockdev(options)
+        self._check_new_id(name)
+        top = self._open_image(path, fmt=fmt, probe=False, opts=opts, node_name=name)
+        self.drives[name] = Drive(id=name, top=top)
+        return top
+
+    def blockdev_del(self, node_name: str) -> None:
+        """QMP ``blockdev-del``: close a node nobody uses."""
+        drive = self._drive(node_name)
+        if drive.device:
+            raise BlockError(f"node {node_name!r} is in use by a device")
+        del self.drives[node_name]
+        self._close_tree(drive.top)
+
+    def attach_device(self, drive_id: str) -> None:
+        """``-device virtio-blk-pci,drive=ID``: the device takes write permission."""
+        drive = self._drive(drive_id)
+        if drive.device:
+            raise BlockError(f"drive {drive_id!r} already has a device")
+        drive.device = True
+        if not drive.top.read_only:
+            drive.top.writers += 1
+            drive.top.refresh_perms()
+
+    def read(self, drive_or_node: str, offset: int, length: int) -> bytes:
+        """A guest read of ``length`` bytes at ``offset``."""
+        top = self._drive(drive_or_node).top
+        _check_range(top, offset, length)
+        return top.read(offset, length)
+
+    def write(self, drive_or_node: str, offset: int, data: bytes) -> None:
+        """A guest write (to the top of the chain)."""
+        top = self._drive(drive_or_node).top
+        _check_range(top, offset, len(data))
+        top.write(offset, data)
+
+    def virtual_size(self, drive_or_node: str) -> int:
+        return self._drive(drive_or_node).top.virtual_size
+
+    def top(self, drive_or_node: str) -> FormatNode:
+        return self._drive(drive_or_node).top
+
+    def blockdev_snapshot_sync(
+        self,
+        device: str | None = None,
+        snapshot_file: str | None = None,
+        format: str | None = None,
+        mode: str | None = None,
+        *,
+        fmt: str | None = None,
+        existing: bool | None = None,
+        node_name: str | None = None,
+        snapshot_node_name: str | None = None,
+    ) -> FormatNode:
+        """QMP ``blockdev-snapshot-sync`` (``external_snapshot_prepare`` + commit)."""
+        target = device or node_name
+        if not target or not snapshot_file:
+            raise BlockError("blockdev-snapshot-sync needs a device (or node-name) and a file")
+        fmt = format or fmt or "qcow2"
+        if mode is None:
+            mode = "existing" if existing else "absolute-paths"
+        if mode not in ("absolute-paths", "existing"):
+            raise BlockError(f"snapshot mode {mode!r} is not absolute-paths or existing")
+        drive = self._drive(target)
+        old = drive.top
+        if snapshot_node_name and snapshot_node_name in self.drives:
+            raise BlockError(f"node name {snapshot_node_name!r} is already in use")
+        if mode == "absolute-paths":
+            self._create_overlay(snapshot_file, fmt, old)
+        opts = OpenOptions(read_only=old.read_only, auto_read_only=old.auto_read_only,
+                           cache_direct=old.cache_direct)
+        new = self._open_image(snapshot_file, fmt=fmt, probe=True, opts=opts,
+                               node_name=snapshot_node_name or f"{target}-overlay",
+                               no_backing=True)
+        # bdrv_append: the overlay takes the old top's place and users.
+        new.backing = old
+        new.writers, old.writers = old.writers, 0
+        drive.top = new
+        new.refresh_perms()
+        if not old.read_only:
+            old.read_only = True
+            for child in old.children():
+                child.node.make_read_only()
+        return new
+
+    def hmp_snapshot_blkdev(
+        self, device: str, snapshot_file: str | None = None, format: str = "qcow2",
+        *, fmt: str | None = None,
+    ) -> FormatNode:
+        """HMP ``snapshot_blkdev DEVICE FILE [FORMAT]``: blockdev-snapshot-sync, absolute-paths."""
+        if not snapshot_file:
+            raise BlockError("snapshot_blkdev: a snapshot file name is required")
+        return self.blockdev_snapshot_sync(device, snapshot_file, fmt or format, "absolute-paths")
+
+    def quit(self) -> None:
+        """QMP ``quit``: devices let go, then every node closes."""
+        if self._closed:
+            return
+        self._closed = True
+        for drive in list(self.drives.values()):
+            drive.top.writers = 0
+            drive.top.refresh_perms()
+        for name in list(self.drives):
+            self._close_tree(self.drives.pop(name).top)
+
+    def close(self) -> None:
+        self.quit()
+
+    def __enter__(self) -> BlockLayer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.quit()
+
+    # -- opening --------------------------------------------------------------
+
+    def _open_protocol(self, path: str, *, probe: bool, opts: OpenOptions) -> ProtocolNode:
+        node: ProtocolNode
+        if probe:
+            # bdrv_find_protocol asks find_hdev_driver first, even for "fat:".
+            self.opener.probe(path)
+        if path.startswith("fat:"):
+            node = self._open_vvfat(path)
+        else:
+            node = FileNode(self.opener, path, read_only=opts.read_only,
+                            auto_read_only=opts.auto_read_only, cache_direct=opts.cache_direct)
+        self._open_files.append(node)
+        return node
+
+    def _open_vvfat(self, path: str) -> VVFatNode:
+        from testbed.block import vvfat
+
+        options = vvfat.parse_fat_filename(path)
+        return VVFatNode(path, vvfat.VVFat(options, qemu_open=self.opener.qemu_open))
+
+    def _open_image(
+        self,
+        path: str,
+        *,
+        fmt: str | None,
+        probe: bool,
+        opts: OpenOptions,
+        node_name: str,
+        no_backing: bool = False,
+        chain: tuple[tuple[int, int], ...] = (),
+    ) -> FormatNode:
+        """``bdrv_open_inherit``: protocol node, format, driver open, backing."""
+        file = self._open_protocol(path, probe=probe, opts=opts)
+        with self._undo_on_error(file):
+            key = self._check_locks(file, chain)
+            if fmt is None:
+                fmt = self._probe_format(file)
+            elif fmt == "file":
+                fmt = "raw"  # a bare protocol node: the same bytes, no format
+            driver = _driver(fmt)
+            role = "data" if fmt == "raw" else "metadata"
+            file.set_write(role == "metadata" and not opts.read_only)
+            ctx = _ChildOpener(self, opts)
+            try:
+                image: FormatImage = driver.open(file, ctx)
+            except BaseException:
+                self._close_children(ctx.children)
+                raise
+            node = FormatNode(
+                driver=fmt, node_name=node_name, filename=path, image=image,
+                file=Child(node=file, role=role, name="file"), read_only=opts.read_only,
+                auto_read_only=opts.auto_read_only, cache_direct=opts.cache_direct,
+                others=ctx.children,
+            )
+        if image.backing_filename and not no_backing:
+            try:
+                node.backing = self._open_backing(node, opts, (*chain, *key))
+            except BaseException:
+                self._close_tree(node)
+                raise
+        return node
+
+    def _open_backing(
+        self, node: FormatNode, opts: OpenOptions, chain: tuple[tuple[int, int], ...]
+    ) -> FormatNode:
+        """``bdrv_open_backing_file``: read-only, name relative to the overlay."""
+        assert node.image.backing_filename is not None
+        path = path_combine(node.filename, node.image.backing_filename)
+        backing_opts = OpenOptions(read_only=True, auto_read_only=opts.auto_read_only,
+                                   cache_direct=opts.cache_direct)
+        return self._open_image(path, fmt=node.image.backing_format, probe=True,
+                                opts=backing_opts, node_name=f"{node.node_name}-backing",
+                                chain=chain)
+
+    def _probe_format(self, file: ProtocolNode) -> str:
+        """``find_image_format`` + ``bdrv_probe_all``: the highest score wins, first on ties."""
+        if file.size() == 0:
+            return "raw"
+        buf = file.pread(0, PROBE_BYTES)
+        best, best_score = None, 0
+        for name, driver in formats.all_drivers().items():
+            score = driver.probe(buf, file.filename)
+            if score > best_score:
+                best, best_score = name, score
+        if best is None:
+            raise BlockError(f"Could not determine image format of {file.filename!r}")
+        return best
+
+    def _check_locks(
+        self, file: ProtocolNode, chain: tuple[tuple[int, int], ...]
+    ) -> tuple[tuple[int, int], ...]:
+        """The same-process lock conflict and the backing loop (see the module doc)."""
+        if not isinstance(file, FileNode):
+            return ()
+        st = os.fstat(file.fd)
+        key = (st.st_dev, st.st_ino)
+        for other in self._open_files:
+            if other is file or not isinstance(other, FileNode) or other.fd < 0:
+                continue
+            ost = os.fstat(other.fd)
+            if (ost.st_dev, ost.st_ino) == key and (other.writable_fd or file.writable_fd):
+                raise BlockError(
+                    f'Failed to get shared "write" lock on {file.filename!r}: '
+                    f"it is already open for writing as {other.filename!r}"
+                )
+        if key in chain:
+            raise BlockError(f"backing loop: {file.filename!r} is already in this backing chain")
+        return (key,)
+
+    def _create_overlay(self, path: str, fmt: str, old: FormatNode) -> None:
+        """``bdrv_img_create`` as ``external_snapshot_prepare`` calls it."""
+        if fmt != "qcow2":
+            raise BlockError(f"the model creates qcow2 overlays only, not {fmt!r}")
+        from testbed.block.formats.qcow2 import create_image
+
+        # bdrv_img_create and bdrv_create_file each call bdrv_find_protocol.
+        self.opener.probe(path)
+        self.opener.probe(path)
+        fd = self.opener.qemu_create(path, os.O_RDWR, 0o644)  # raw_co_create
+        try:
+            os.ftruncate(fd, 0)
+        finally:
+            os.close(fd)
+        self.opener.probe(path)  # qcow2_co_create_opts: bdrv_open of the protocol
+        fd = self.opener.qemu_open(path, os.O_RDWR)
+        try:
+            create_image(FdFile(fd, path), size=old.virtual_size, backing_file=old.filename,
+                         backing_format=old.driver if old.driver != "file" else "raw")
+        finally:
+            os.close(fd)
+
+    # -- closing --------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def _undo_on_error(self, file: ProtocolNode) -> Iterator[None]:
+        try:
+            yield
+        except BaseException:
+            self._close_children([Child(node=file, role="data", name="file")])
+            raise
+
+    def _close_children(self, children: list[Child]) -> None:
+        for child in children:
+            with contextlib.suppress(OSError):
+                child.node.set_write(False)
+            child.node.close()
+            if child.node in self._open_files:
+                self._open_files.remove(child.node)
+
+    def _close_tree(self, node: FormatNode) -> None:
+        """``bdrv_close``: the driver, then children newest first (backing, then file)."""
+        node.image.close()
+        if node.backing is not None:
+            backing, node.backing = node.backing, None
+            if not any(d.top is backing for d in self.drives.values()):
+                self._close_tree(backing)
+        self._close_children(node.children())
+
+    # -- lookups --------------------------------------------------------------
+
+    def _drive(self, name: str) -> Drive:
+        try:
+            return self.drives[name]
+        except KeyError:
+            known = ", ".join(sorted(self.drives)) or "none"
+            raise BlockError(f"no drive or node named {name!r} (known: {known})") from None
+
+    def _check_new_id(self, name: str) -> None:
+        if self._closed:
+            raise BlockError("the block layer has quit")
+        if name in self.drives:
+            raise BlockError(f"a drive or node named {name!r} already exists")
+
+
+def _driver(fmt: str) -> type[FormatDriver]:
+    try:
+        return formats.get_driver(fmt)
+    except KeyError as err:
+        raise BlockError(f"Unknown driver {fmt!r}: {err.args[0]}") from None
+
+
+def _check_range(node: FormatNode, offset: int, length: int) -> None:
+    if offset < 0 or length < 0 or offset + length > node.virtual_size:
+        raise BlockError(
+            f"{length} bytes at {offset} lie outside {node.filename!r} "
+            f"({node.virtual_size} bytes)"
+        )
+
+
+def _parse_blockdev(options: Mapping[str, Any]) -> tuple[str, str, str, OpenOptions]:
+    """(format, node-name, filename, open options) from blockdev-add's JSON shape."""
+    driver = options.get("driver")
+    name = options.get("node-name")
+    if not isinstance(driver, str) or not driver:
+        raise BlockError("blockdev-add: 'driver' is required")
+    if not isinstance(name, str) or not name:
+        raise BlockError("blockdev-add: 'node-name' is required")
+    if driver == "file":
+        file_opts: Mapping[str, Any] = options
+    else:
+        file_opts = options.get("file") or {}
+        if not isinstance(file_opts, Mapping):
+            raise BlockError("blockdev-add: 'file' must be an object (node references "
+                             "are not modelled)")
+        if file_opts.get("driver") != "file":
+            raise BlockError(f"blockdev-add: file driver {file_opts.get('driver')!r} is not "
+                             "modelled (only 'file')")
+    path = file_opts.get("filename")
+    if not isinstance(path, str) or not path:
+        raise BlockError("blockdev-add: file.filename is required")
+    cache = options.get("cache") or {}
+    read_only = bool(options.get("read-only", False))
+    opts = OpenOptions(
+        read_only=read_only,
+        auto_read_only=bool(file_opts.get("auto-read-only", options.get("auto-read-only", False))),
+        cache_direct=bool(cache.get("direct", False) if isinstance(cache, Mapping) else False),
+    )
+    return driver, name, path, opts
+
+
+__all__ = ["BlockLayer", "Drive", "OpenOptions"]
