@@ -4,7 +4,10 @@ The named filters, applied to every source alike:
 
 * paths are made relative to the scenario directory; an open outside it
   (firmware, libraries, ``/dev/sgx_vepc``, temporary files) is not an image
-  open and is dropped;
+  open and is dropped; a name QEMU gave relative to its working directory
+  is kept as ``cwd:NAME`` (QEMU 7.2 opens a qcow2 external data file that
+  way, and probes a whole ``fat:...`` name), the scenario directory inside
+  it written ``$D``; the working directory itself (``.``) is dropped;
 * flags lose ``O_CLOEXEC`` and ``O_LARGEFILE`` (QEMU adds the first itself,
   the broker ignores it; the second is 0 on x86_64 but strace may print it)
   and become symbolic names;
@@ -26,6 +29,11 @@ from dataclasses import dataclass
 from testbed.broker import AuditRecord
 from testbed.compare.trace import Open
 from testbed.protocol.flags import NOISE_FLAGS, flag_names, parse_flags, wants_create
+
+#: Marks a path QEMU gave relative to its working directory (not the scenario's).
+CWD_PREFIX = "cwd:"
+#: Stands for the scenario directory inside a relative name.
+ROOT_MARK = "$D"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -77,11 +85,22 @@ def scenario_roots(root: str | os.PathLike[str]) -> tuple[str, ...]:
 def normalise_open(raw: RawOpen, roots: tuple[str, ...], *, cwd: str | None = None) -> Open | None:
     """One raw open as an :class:`Open`, or None if it is not beneath the scenario."""
     path = raw.path
-    if not os.path.isabs(path):
-        if raw.dirfd != "AT_FDCWD" or cwd is None:
-            return None  # relative to a directory fd we cannot name: not an image open
-        path = os.path.join(cwd, path)
-    rel = relative_to(path, roots)
+    rel: str | None
+    if os.path.isabs(path):
+        rel = relative_to(path, roots)
+    elif raw.dirfd != "AT_FDCWD":
+        return None  # relative to a directory fd we cannot name
+    elif cwd is not None:
+        rel = relative_to(os.path.join(cwd, path), roots)
+    elif os.path.normpath(path) == ".":
+        return None  # the working directory itself (opened at start-up, not an image)
+    else:
+        # QEMU asked for a name relative to its working directory: whatever that
+        # is, the open is QEMU's choice and must be compared, so keep it visibly,
+        # with the scenario directory inside it (``fat:16:/D/tree``) spelled $D
+        for root in roots:
+            path = path.replace(root + os.sep, ROOT_MARK + os.sep)
+        rel = CWD_PREFIX + path
     if rel is None:
         return None
     flags = raw.flags & ~NOISE_FLAGS

@@ -45,6 +45,7 @@ def test_strace_to_trace() -> None:
         'open with "quote" O_RDWR|O_DIRECT -> ok',
         "open xé O_RDONLY -> ok",
     ]
+    # openat(5, "relative"): relative to a directory fd we cannot name, dropped
 
 
 def test_audit_records_give_the_same_trace_as_strace() -> None:
@@ -68,10 +69,12 @@ def test_mode_only_for_creating_opens_and_largefile_dropped() -> None:
     assert o == Open(path="a", flags=("O_RDWR",), mode=None, result="ok", probe=False)
 
 
-def test_paths_outside_or_relative_are_dropped_unless_cwd_given() -> None:
-    raws = [RawOpen(path="/srv/scenario2/a", flags=0), RawOpen(path="b", flags=0)]
-    assert normalise(raws, ROOT) == []
-    assert [o.path for o in normalise(raws, ROOT, cwd=ROOT)] == ["b"]
+def test_paths_outside_are_dropped_and_cwd_relative_ones_marked() -> None:
+    raws = [RawOpen(path="/srv/scenario2/a", flags=0), RawOpen(path="b", flags=0),
+            RawOpen(path="c", flags=0, dirfd="5"), RawOpen(path=".", flags=0),
+            RawOpen(path=f"fat:16:{ROOT}/tree", flags=0)]
+    assert [o.path for o in normalise(raws, ROOT)] == ["cwd:b", "cwd:fat:16:$D/tree"]
+    assert [o.path for o in normalise(raws[:3], ROOT, cwd=ROOT)] == ["b"]
 
 
 def test_symlinked_root_matches_both_spellings(tmp_path: os.PathLike[str]) -> None:

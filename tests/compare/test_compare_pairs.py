@@ -99,3 +99,13 @@ def test_same_opens_but_an_operation_failing_on_one_side_is_a_mismatch() -> None
     assert _check_outcomes(pair, a, same, sc).status == MATCH
     # a refusal scenario is expected to fail on the refusing side
     assert _check_outcomes(pair, a, b, scenario("raw", "hotplug", grant="ro")).status == MATCH
+
+
+def test_relative_name_refused_by_the_broker_is_known_but_only_for_that_open() -> None:
+    patched = [op("cwd:fat:$D/tree", "O_RDONLY", "O_NONBLOCK", result="EACCES"), *BASE]
+    stock = [op("cwd:fat:$D/tree", "O_RDONLY", "O_NONBLOCK", result="ENOENT"), *BASE]
+    r = compare_pair("patched", patched, "stock", stock)
+    assert r.status == KNOWN and r.divergences == ("relative-name",)
+    absolute = [op("tree", "O_RDONLY", "O_NONBLOCK", result="EACCES"), *BASE]
+    stock_abs = [op("tree", "O_RDONLY", "O_NONBLOCK", result="ENOENT"), *BASE]
+    assert compare_pair("patched", absolute, "stock", stock_abs).status == MISMATCH
