@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from testbed.compare.compare import KNOWN, MATCH
-from testbed.compare.run import run_scenario
+from testbed.compare.run import ScenarioResult, run_scenario
 from testbed.compare.runners.common import ImageInfo, load_index
 from testbed.compare.scenarios import build_matrix
 from testbed.pytest_plugin import require
@@ -29,16 +29,20 @@ def images() -> dict[str, ImageInfo]:
     return load_index(INDEX)
 
 
-def run(name: str, images: dict[str, ImageInfo], tmp_path: Path):  # type: ignore[no-untyped-def]
+def run(name: str, images: dict[str, ImageInfo], tmp_path: Path,
+        oracles: tuple[str, ...] = ("patched", "stock", "fdset")) -> ScenarioResult:
     sc = MATRIX[name]
     require(sc.image in images, f"image {sc.image} in {INDEX}")
-    return run_scenario(sc, images[sc.image], tmp_path, ("patched", "stock", "fdset"))
+    return run_scenario(sc, images[sc.image], tmp_path, oracles)
 
 
 def test_snapshot_on_a_chain(images: dict[str, ImageInfo], tmp_path: Path) -> None:
-    r = run("qcow2-chain1_drive-device_read-snapshot-qmp", images, tmp_path)
+    r = run("qcow2-chain1_drive-device_read-snapshot-qmp", images, tmp_path,
+            ("model", "patched", "stock", "fdset"))
     assert r.oracles["patched"].ok, r.oracles["patched"].operations
     assert r.pair("patched", "stock").status == MATCH, r.pair("patched", "stock").diff
+    assert r.oracles["model"].ok, r.oracles["model"].operations
+    assert r.pair("model", "patched").status == MATCH, r.pair("model", "patched").diff
     lines = [o.line() for o in r.oracles["patched"].trace]
     assert lines[:3] == ["probe top.qcow2 O_RDONLY|O_NONBLOCK -> ok",
                          "open top.qcow2 O_RDONLY -> ok", "open top.qcow2 O_RDWR -> ok"]

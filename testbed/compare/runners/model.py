@@ -1,8 +1,11 @@
 """Oracle 4: the Python model of QEMU's block layer, opening through the same broker.
 
-The model's core (``testbed.block.layer.BlockLayer``) is being written; until
-it is importable this runner reports the scenario as skipped, naming what is
-missing, rather than inventing a trace.
+The scenario is replayed on :class:`testbed.block.layer.BlockLayer` with a
+:class:`~testbed.transport.HookClient` to an in-process broker holding the
+scenario's policy; the broker's audit records are the trace, exactly as for
+patched QEMU.  If the core is absent or its API is not the one called here,
+the scenario is reported as skipped with the reason, never given a made-up
+trace.
 """
 
 from __future__ import annotations
