@@ -31,7 +31,9 @@ Modelled (each checked against ``strace`` of Debian's QEMU 7.2, see
   After a failed open everything opened so far is torn down, auto-read-only
   files reopened ``O_RDONLY`` first, as QEMU does.
 * Children through :class:`OpenContext` (vmdk extents, qcow2 data file):
-  probe + open with the parent's flags; sparse extents are metadata
+  probe + open with the parent's flags (extent names relative to the
+  descriptor, the qcow2 data file name as stored, i.e. relative to the
+  working directory, as strace of QEMU 7.2 shows); sparse extents are metadata
   children (``O_RDWR`` at once when writable), flat extents and data files
   data children (``O_RDWR`` only with a device).
 * Reopen as file-posix: a fresh ``qemu_open`` when the access mode or
@@ -109,7 +111,10 @@ class _ChildOpener:
         return self._opts.read_only
 
     def open_file(self, filename: str, *, role: str, relative_to: BlockFile) -> BlockFile:
-        path = path_combine(relative_to.filename, filename)
+        # qcow2_do_open hands the data file name to bdrv_open_child as it is
+        # stored: relative to QEMU's working directory, not to the image
+        # (strace of QEMU 7.2 shows it); vmdk resolves extents itself.
+        path = filename if role == "data-file" else path_combine(relative_to.filename, filename)
         node = self._layer._open_protocol(path, probe=True, opts=self._opts)
         self.children.append(Child(node=node, role="data", name=role))
         child = self.children[-1]
