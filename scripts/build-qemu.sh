@@ -28,7 +28,7 @@ die() { say "error: $*"; exit 1; }
 
 configure_args=(
   --target-list=x86_64-softmmu --without-default-features
-  --enable-kvm --enable-tcg --enable-vdi --enable-vvfat --enable-fdt=system
+  --enable-kvm --enable-tcg --enable-vdi --enable-vvfat --enable-qcow1 --enable-fdt=system
   --disable-docs --disable-install-blobs
 )
 
