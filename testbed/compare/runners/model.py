@@ -3,18 +3,16 @@
 The scenario is replayed on :class:`testbed.block.layer.BlockLayer` with a
 :class:`~testbed.transport.HookClient` to an in-process broker holding the
 scenario's policy; the broker's audit records are the trace, exactly as for
-patched QEMU.  If the core is absent or its API is not the one called here,
-the scenario is reported as skipped with the reason, never given a made-up
-trace.
+patched QEMU.
 """
 
 from __future__ import annotations
 
-import importlib
 import socket
 import time
 from typing import Any
 
+from testbed.block.layer import BlockLayer
 from testbed.broker import Broker
 from testbed.compare.normalise import from_audit, normalise
 from testbed.compare.runners.common import DRIVE, OracleResult, Setup
@@ -22,25 +20,9 @@ from testbed.compare.scenarios import READ_SPAN
 from testbed.errors import TestbedError
 from testbed.transport import HookClient
 
-LAYER_MODULE = "testbed.block.layer"
-
-
-def _layer_class() -> Any | None:
-    try:
-        module = importlib.import_module(LAYER_MODULE)
-    except ModuleNotFoundError as err:
-        if err.name is not None and LAYER_MODULE.startswith(err.name):
-            return None
-        raise
-    return getattr(module, "BlockLayer", None)
-
 
 def run(setup: Setup) -> OracleResult:
     result = OracleResult()
-    layer_cls = _layer_class()
-    if layer_cls is None:
-        result.skipped = f"the model's core ({LAYER_MODULE}.BlockLayer) is not in this tree yet"
-        return result
     sc = setup.scenario
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     broker = Broker(setup.policy())
@@ -49,13 +31,13 @@ def run(setup: Setup) -> OracleResult:
     client = HookClient(theirs)
     start = time.monotonic()
     try:
-        layer = layer_cls(client)
-        result.operations.append(("launch", _attach(layer, setup)))
-        for op in sc.operations:
-            result.operations.append((op, _do(layer, setup, op)))
-    except (TypeError, AttributeError) as err:
-        # the core is still being written: say so rather than take the run down
-        result.skipped = f"{LAYER_MODULE}.BlockLayer does not have the API this runner calls: {err}"
+        layer = BlockLayer(client)
+        launched = _attach(layer, setup)
+        result.operations.append(("launch", launched))
+        # A -drive or -blockdev that fails at startup ends QEMU; so it ends the model.
+        if launched == "ok":
+            for op in sc.operations:
+                result.operations.append((op, _do(layer, setup, op)))
     finally:
         client.close()
         broker.stop()
