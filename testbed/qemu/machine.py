@@ -237,6 +237,22 @@ class Machine:
         except QMPError as err:
             raise QEMUError(f"QMP {command} failed: {err}") from err
 
+    def add_fd(self, fd: int, *, fdset_id: int | None = None, opaque: str | None = None) -> Any:
+        """Upstream's way: pass ``fd`` with QMP ``add-fd`` into an fd set.
+
+        The descriptor rides SCM_RIGHTS on the QMP socket together with the
+        command; QEMU keeps its own copy, so the caller may close ``fd``.
+        Returns QEMU's answer (``{"fdset-id": N, "fd": M}``).
+        """
+        self._require_running("add-fd")
+        self._qmp.send_fd_scm(fd)
+        args: dict[str, Any] = {}
+        if fdset_id is not None:
+            args["fdset-id"] = fdset_id
+        if opaque is not None:
+            args["opaque"] = opaque
+        return self.qmp("add-fd", **args)
+
     def hmp(self, command_line: str) -> str:
         """Run an HMP command through ``human-monitor-command``; its output."""
         out = self.qmp("human-monitor-command", **{"command-line": command_line})

@@ -144,9 +144,7 @@ def attach(setup: Setup, layers: list[Layer]) -> tuple[tuple[str, ...], dict[str
 
 
 def _add_fd(vm: Machine, fd: int, fdset: int) -> None:
-    # Machine has no public add-fd yet: the fd rides SCM_RIGHTS on the QMP socket.
-    vm._qmp.send_fd_scm(fd)
-    vm.qmp("add-fd", **{"fdset-id": fdset})
+    vm.add_fd(fd, fdset_id=fdset)
 
 
 def _open_member(m: Member, *, inheritable: bool) -> list[int]:
