@@ -65,9 +65,11 @@ class OpenContext(Protocol):
     def open_file(self, filename: str, *, role: str, relative_to: BlockFile) -> BlockFile:
         """Open another file as a child of this node, through ``qemu_open``.
 
-        ``filename`` is resolved against ``relative_to``'s directory when it
-        is relative, as QEMU's ``bdrv_make_absolute_filename`` does.  ``role``
-        names the child (``"extent"``, ``"data-file"``) for the trace.
+        ``role`` names the child (``"extent"``, ``"data-file"``).  A relative
+        extent name is resolved against ``relative_to``'s directory, as vmdk
+        does; a ``"data-file"`` name is used as stored, because QEMU 7.2's
+        qcow2 hands it to ``bdrv_open_child`` unresolved, so it is relative to
+        QEMU's working directory (checked with strace).
         Raises ``OSError`` with the broker's errno when the open is refused.
         """
         ...
@@ -158,7 +160,7 @@ class LocalOpenContext:
         return self._read_only
 
     def open_file(self, filename: str, *, role: str, relative_to: BlockFile) -> BlockFile:
-        if not os.path.isabs(filename):
+        if not os.path.isabs(filename) and role != "data-file":
             filename = os.path.join(os.path.dirname(relative_to.filename), filename)
         fd = os.open(filename, (os.O_RDONLY if self._read_only else os.O_RDWR) | os.O_CLOEXEC)
         self.opened.append((role, filename))
