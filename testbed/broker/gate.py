@@ -30,6 +30,7 @@ How a request is opened, and why each step is there:
 from __future__ import annotations
 
 import errno
+import fcntl
 import os
 import stat
 from dataclasses import dataclass
@@ -47,6 +48,8 @@ _O_PATH_FLAGS = os.O_PATH | os.O_CLOEXEC
 #: Bits the broker does not pass on as asked: O_CLOEXEC on the peer's side
 #: comes from the peer's recvmsg; O_TMPFILE files could not be audited by name.
 _STRIP = os.O_CLOEXEC | (os.O_TMPFILE & ~os.O_DIRECTORY)
+#: Status flags F_SETFL can change.
+_SETFL_BITS = os.O_APPEND | os.O_NONBLOCK | os.O_DIRECT | os.O_NOATIME | 0o20000  # FASYNC
 _DEVICE_KINDS = {
     stat.S_IFCHR: "a character device",
     stat.S_IFBLK: "a block device",
@@ -70,6 +73,8 @@ class Gate:
     def __init__(self, policy: Policy) -> None:
         self.policy = policy
         self._roots: dict[Grant, int | None] = {}
+        #: Longest grant first: the most specific one that is strong enough wins.
+        self._by_length = sorted(policy.grants, key=lambda g: len(g.path), reverse=True)
 
     def close(self) -> None:
         for fd in self._roots.values():
@@ -103,13 +108,16 @@ class Gate:
         if request.flags & os.O_PATH:
             return self.refuse("O_PATH descriptors are not handed out")
         need = needed_access(request.flags)
-        covering = self.policy.covering(path)
-        if not covering:
-            return self.refuse("not under any grant")
-        for grant, rest in covering:
+        strongest: Access | None = None
+        for grant in self._by_length:
+            rest = grant.covers(path)
+            if rest is None:
+                continue
             if grant.access >= need:
                 return self._open(grant, rest, request, need)
-        strongest = max(g.access for g, _ in covering)
+            strongest = max(strongest or grant.access, grant.access)
+        if strongest is None:
+            return self.refuse("not under any grant")
         return self.refuse(f"needs {need.label} access, the grant gives {strongest.label}")
 
     def _open(self, grant: Grant, rest: str, request: OpenRequest, need: Access) -> Outcome:
@@ -163,7 +171,9 @@ class Gate:
             if request.flags & os.O_TRUNC and stat.S_ISREG(st.st_mode):
                 os.ftruncate(fd, 0)
             if not request.flags & os.O_NONBLOCK:
-                os.set_blocking(fd, True)
+                # One F_SETFL to the status flags the peer asked for, dropping
+                # the O_NONBLOCK added above (cheaper than os.set_blocking).
+                fcntl.fcntl(fd, fcntl.F_SETFL, request.flags & _SETFL_BITS)
         except OSError as err:
             os.close(fd)
             return Outcome(result=-(err.errno or errno.EIO), reason=err.strerror or "")

@@ -34,12 +34,15 @@ from testbed.errors import ProtocolError, TransportError, WaitTimeout
 from testbed.protocol import NEED_DATA, InvalidRequest, OpenRequest, RequestDecoder, encode_reply
 from testbed.protocol.flags import flag_names
 from testbed.transport import (
+    CMSG_SPACE,
+    MSG_CMSG_CLOEXEC,
+    MSG_CTRUNC,
     MSG_DONTWAIT,
     MSG_NOSIGNAL,
     SCM_RIGHTS,
     SOL_SOCKET,
     close_fds,
-    recv_with_fds,
+    parse_rights,
 )
 
 log = logging.getLogger("testbed.broker")
@@ -50,6 +53,7 @@ _UCRED = struct.Struct("3i")
 @functools.lru_cache(maxsize=256)
 def _names(flags: int) -> tuple[str, ...]:
     return tuple(flag_names(flags))
+_REPLY_OK = encode_reply(0)
 RECV_SIZE = 4096  # requests are at most 18 + 4096 bytes that matter; smaller is cheaper
 _SEND_FLAGS = MSG_NOSIGNAL | MSG_DONTWAIT
 
@@ -258,16 +262,16 @@ class Broker:
 
     def _read(self, conn: Connection) -> None:
         try:
-            data, fds = recv_with_fds(conn.sock, RECV_SIZE)
+            data, ancdata, msg_flags, _ = conn.sock.recvmsg(
+                RECV_SIZE, CMSG_SPACE, MSG_CMSG_CLOEXEC
+            )
         except (BlockingIOError, InterruptedError):
-            return
-        except TransportError as err:
-            self._drop(conn, str(err))
             return
         except OSError as err:
             self._drop(conn, f"receive failed: {err}")
             return
-        if fds:
+        if ancdata or msg_flags & MSG_CTRUNC:
+            fds = parse_rights(ancdata)
             close_fds(fds)
             self._drop(conn, f"peer sent {len(fds)} descriptor(s); requests carry none")
             return
@@ -291,21 +295,22 @@ class Broker:
                 return
             if event is NEED_DATA:
                 return
-            assert isinstance(event, OpenRequest | InvalidRequest)
             self._answer(conn, event)
             if conn.id not in self._conns:
                 return
         self._ready.add(conn)  # more may be buffered: come back after the others
 
     def _answer(self, conn: Connection, request: OpenRequest | InvalidRequest) -> None:
-        start = time.perf_counter_ns()
+        auditing = self.audit.active
+        start = time.perf_counter_ns() if auditing else 0
         try:
             outcome = self.gate.handle(request)
         except OSError as err:  # anything the gate did not foresee is still an errno
             outcome = Outcome(result=-(err.errno or 5), reason=f"unexpected: {err}")
         conn.requests += 1
-        self._send(conn, encode_reply(outcome.result), outcome.fd)
-        if self.audit.active:
+        result = outcome.result
+        self._send(conn, _REPLY_OK if result == 0 else encode_reply(result), outcome.fd)
+        if auditing:
             self.audit.write(
                 AuditRecord(
                     time=time.time(),
@@ -320,7 +325,7 @@ class Broker:
                     reason=outcome.reason,
                 )
             )
-        if outcome.result < 0:
+        if result < 0:
             log.info("refused %r (%s): %s", request.path, "|".join(_names(request.flags)),
                      outcome.reason or os.strerror(-outcome.result))
 
