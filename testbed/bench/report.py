@@ -109,16 +109,23 @@ def write_plots(report: Report, out_dir: Path) -> list[Path]:
             capsize=3,
             label=f"broker ({sweep}; bars: min-max of reps)",
         )
-    # single-client transports are drawn as levels to compare the sweep against
-    for r in report.results:
-        if r.skipped is None and r.transport != "broker" and r.ops_per_s:
-            ax.axhline(r.ops_per_s, linestyle="--", linewidth=1)
-            ax.annotate(
-                f"{r.transport} ({r.placement})",
-                (1, r.ops_per_s),
-                fontsize=7,
-                va="bottom",
-            )
+    # Single-client transports are drawn as levels to compare the sweep
+    # against, each with its own colour and style and named in the legend
+    # (labels written on the plot overlap where two levels are close).
+    styles = ("--", ":", "-.")
+    levels = [
+        r for r in report.results
+        if r.skipped is None and r.transport != "broker" and r.ops_per_s
+    ]
+    cmap = plt.get_cmap("tab10")
+    for i, r in enumerate(sorted(levels, key=lambda r: -(r.ops_per_s or 0))):
+        ax.axhline(
+            r.ops_per_s or 0.0,
+            linestyle=styles[i % len(styles)],
+            linewidth=1.2,
+            color=cmap((i + 3) % 10),
+            label=f"{r.transport} ({r.placement}): {r.ops_per_s:,.0f}/s",
+        )
     for r in _measured(report.results, "broker"):
         if r.placement != sweep:
             ax.plot([r.clients], [r.ops_per_s or 0.0], "s", label=f"broker x1 ({r.placement})")
@@ -127,7 +134,7 @@ def write_plots(report: Report, out_dir: Path) -> list[Path]:
     ax.set_xlabel("concurrent clients")
     ax.set_ylabel("ops/s (aggregate)")
     ax.set_title("fd passing throughput vs clients")
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     path = out_dir / "throughput.png"
     fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)
