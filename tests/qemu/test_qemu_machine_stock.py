@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from testbed.errors import LaunchError, QEMUError
+from testbed.pytest_plugin import missing
 from testbed.qemu import Machine, MachineConfig, QMPCommandError
 from testbed.qemu.fixtures import MachineFactory
 
@@ -87,7 +88,7 @@ def test_serial_console_socket(stock_qemu: MachineFactory) -> None:
 
 def test_hidden_directory_is_empty_for_qemu(stock_qemu: MachineFactory, tmp_path: Path) -> None:
     if subprocess.run(["unshare", "--mount", "true"], check=False).returncode != 0:
-        pytest.skip("cannot create mount namespaces here")
+        missing("cannot create mount namespaces here (unshare --mount failed; needs root)")
     images = tmp_path / "images"
     images.mkdir()
     img = make_raw(images / "a.raw", 0xAB)

@@ -8,6 +8,7 @@ import pytest
 from qemu_images import PATTERN, Images
 
 from testbed.errors import LaunchError
+from testbed.pytest_plugin import missing
 from testbed.qemu.fixtures import MachineFactory
 
 pytestmark = pytest.mark.qemu
@@ -16,7 +17,7 @@ pytestmark = pytest.mark.qemu
 @pytest.fixture(autouse=True)
 def _need_namespaces() -> None:
     if subprocess.run(["unshare", "--mount", "true"], check=False).returncode != 0:
-        pytest.skip("cannot create mount namespaces here (needs root or user namespaces)")
+        missing("cannot create mount namespaces here (unshare --mount failed; needs root)")
 
 
 def test_hidden_images_open_through_the_hook(
