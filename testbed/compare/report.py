@@ -157,10 +157,28 @@ table { border-collapse: collapse; margin-bottom: 1em; }
 td, th { border: 1px solid #ccc; padding: 2px 6px; font-size: 90%; }
 .match { background: #dfd; } .known-divergence { background: #ffd; }
 .mismatch { background: #fcc; font-weight: bold; } .skipped { color: #888; }
+.fd-works { background: #dfd; } .fd-fails { background: #eee; cursor: help; }
+td:first-child, td.match, td.known-divergence, td.mismatch { white-space: nowrap; }
 pre { background: #f6f6f6; padding: .5em; }
 table.diff { font-family: monospace; } .diff_add { background: #aaffaa; }
 .diff_chg { background: #ffff77; } .diff_sub { background: #ffaaaa; }
 """
+
+
+def short_error(text: str) -> str:
+    """``op: <QEMU's last message>``: an fd-set failure without QEMU's option echo."""
+    op, _, rest = text.partition(": ")
+    if not rest:
+        return text
+    parts = rest.split(": ")
+    last = parts[-1]
+    # "Could not open 'X': Permission denied" needs its last two parts; an
+    # echo of QEMU's option ("-drive if=none,...") or program name does not.
+    if len(parts) >= 2 and len(last) < 40:
+        before = parts[-2]
+        if not before.startswith("-") and "=" not in before and " " in before:
+            last = f"{before}: {last}"
+    return f"{op}: {last}"
 
 
 def write_html(path: Path, results: list[ScenarioResult], meta: dict[str, Any]) -> None:
@@ -178,14 +196,20 @@ def write_html(path: Path, results: list[ScenarioResult], meta: dict[str, Any]) 
     for r in results:
         p = r.oracles.get("patched")
         fd = r.oracles.get("fdset")
-        fd_text = "skipped" if fd is None or fd.skipped else (
-            "works" if fd.ok else "fails: " + fd.first_error[:160])
+        if fd is None or fd.skipped:
+            fd_cell = "<td class='skipped'>skipped"
+        elif fd.ok:
+            fd_cell = "<td class='fd-works'>works"
+        else:
+            # The full error (with QEMU's whole option string) is in the tooltip.
+            fd_cell = (f"<td class='fd-fails' title='{e(fd.first_error)}'>fails: "
+                       f"{e(short_error(fd.first_error))}")
         mp, ps = r.pair("model", "patched"), r.pair("patched", "stock")
         parts.append(
             f"<tr><td><a href='#{e(r.scenario.name)}'>{e(r.scenario.name)}</a>"
             f"<td>{len(p.trace) if p else '-'}"
             f"<td class='{mp.status}'>{e(mp.status)}<td class='{ps.status}'>{e(ps.status)}"
-            f"<td>{e(fd_text)}<td class='{r.status}'>{e(r.status)}<td>{r.seconds:.1f}s</tr>")
+            f"{fd_cell}<td class='{r.status}'>{e(r.status)}<td>{r.seconds:.1f}s</tr>")
     parts.append("</table><h2>Known divergences</h2><table><tr><th>key<th>pair<th>applies to"
                  "<th>reason</tr>")
     for k in KNOWN_DIVERGENCES:
