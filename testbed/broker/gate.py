@@ -48,6 +48,8 @@ _O_PATH_FLAGS = os.O_PATH | os.O_CLOEXEC
 #: Bits the broker does not pass on as asked: O_CLOEXEC on the peer's side
 #: comes from the peer's recvmsg; O_TMPFILE files could not be audited by name.
 _STRIP = os.O_CLOEXEC | (os.O_TMPFILE & ~os.O_DIRECTORY)
+_RESOLVE_SYMLINKS = RESOLVE_BENEATH | RESOLVE_NO_MAGICLINKS
+_RESOLVE_STRICT = _RESOLVE_SYMLINKS | RESOLVE_NO_SYMLINKS
 #: Status flags F_SETFL can change.
 _SETFL_BITS = os.O_APPEND | os.O_NONBLOCK | os.O_DIRECT | os.O_NOATIME | 0o20000  # FASYNC
 _DEVICE_KINDS = {
@@ -74,7 +76,11 @@ class Gate:
         self.policy = policy
         self._roots: dict[Grant, int | None] = {}
         #: Longest grant first: the most specific one that is strong enough wins.
-        self._by_length = sorted(policy.grants, key=lambda g: len(g.path), reverse=True)
+        #: (grant, its path, its path + "/") so matching is two string tests.
+        self._by_length = [
+            (g, g.path, g.path if g.path.endswith("/") else g.path + "/")
+            for g in sorted(policy.grants, key=lambda g: len(g.path), reverse=True)
+        ]
 
     def close(self) -> None:
         for fd in self._roots.values():
@@ -109,9 +115,12 @@ class Gate:
             return self.refuse("O_PATH descriptors are not handed out")
         need = needed_access(request.flags)
         strongest: Access | None = None
-        for grant in self._by_length:
-            rest = grant.covers(path)
-            if rest is None:
+        for grant, exact, prefix in self._by_length:
+            if path == exact:
+                rest = ""
+            elif path.startswith(prefix):
+                rest = path[len(prefix) :].lstrip("/")
+            else:
                 continue
             if grant.access >= need:
                 return self._open(grant, rest, request, need)
@@ -144,9 +153,7 @@ class Gate:
     def _open_beneath(
         self, root: int, target: str, grant: Grant, request: OpenRequest, need: Access
     ) -> Outcome:
-        resolve = RESOLVE_BENEATH | RESOLVE_NO_MAGICLINKS
-        if not grant.symlinks:
-            resolve |= RESOLVE_NO_SYMLINKS
+        resolve = _RESOLVE_SYMLINKS if grant.symlinks else _RESOLVE_STRICT
         flags = request.flags
         if need is not Access.CREATE:
             flags &= ~os.O_CREAT

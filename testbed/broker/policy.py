@@ -39,7 +39,6 @@ from pathlib import Path
 from typing import Any
 
 from testbed.errors import PolicyError
-from testbed.protocol.flags import wants_create, wants_write
 
 
 class Access(IntEnum):
@@ -220,11 +219,19 @@ def parse_errno(value: object, *, source: str = "") -> int:
     return code
 
 
+_CREATE_BITS = os.O_CREAT
+_TMPFILE = os.O_TMPFILE
+_WRITE_BITS = os.O_TRUNC | os.O_APPEND
+
+
 def needed_access(flags: int) -> Access:
-    """The access level an open with ``flags`` needs."""
-    if wants_create(flags):
+    """The access level an open with ``flags`` needs.
+
+    Plain int tests (the broker asks once per request); the same rules as
+    :func:`testbed.protocol.flags.wants_create` and ``wants_write``.
+    """
+    if flags & _CREATE_BITS or flags & _TMPFILE == _TMPFILE:
         return Access.CREATE
-    if wants_write(flags):
+    if flags & os.O_ACCMODE or flags & _WRITE_BITS:
         return Access.RW
     return Access.RO
-

@@ -6,6 +6,8 @@ import errno
 from pathlib import Path
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from testbed.broker.policy import Access, Grant, Policy
 from testbed.errors import PolicyError
@@ -66,3 +68,16 @@ def test_longest_grant_wins_but_grants_add_up() -> None:
     covering = policy.covering("/srv/vm/base/disk")
     assert [g.path for g, _ in covering] == ["/srv/vm/base", "/srv/vm"]
     assert covering[0][1] == "disk"
+
+
+@given(st.integers(0, 0xFFFFFFFF))
+def test_needed_access_agrees_with_the_flag_rules(flags: int) -> None:
+    from testbed.broker.policy import needed_access
+    from testbed.protocol.flags import wants_create, wants_write
+
+    expected = Access.RO
+    if wants_create(flags):
+        expected = Access.CREATE
+    elif wants_write(flags):
+        expected = Access.RW
+    assert needed_access(flags) is expected
