@@ -9,6 +9,7 @@ guest-visible disk.
 from __future__ import annotations
 
 import argparse
+import errno
 import hashlib
 import json
 import os
@@ -92,7 +93,10 @@ def run_open(args: argparse.Namespace) -> int:
         print(json.dumps(result.__dict__, indent=2))
         return 0
     for ev in result.trace:
-        res = "fd" if ev["result"] >= 0 else f"-{os.strerror(-ev['result'])}"
+        code = -ev["result"]
+        res = "fd" if code <= 0 else (
+            f"-{errno.errorcode.get(code, code)} ({os.strerror(code)})"
+        )
         mode = f" {ev['mode']:04o}" if ev["flags"] & os.O_CREAT else ""
         names = "|".join(ev["flag_names"])
         print(f"{ev['path']}  {names}{mode}  -> {res}")
