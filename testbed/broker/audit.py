@@ -16,7 +16,12 @@ from typing import IO, Any
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class AuditRecord:
-    """One answered request.  ``flags`` is the integer from the wire."""
+    """One answered request.  ``flags`` is the integer from the wire.
+
+    ``latency_us`` is the broker's own time for the request: from its
+    decoding to the decision (the open done), measured before the reply is
+    sent, because the record is written first.
+    """
 
     time: float
     conn: int

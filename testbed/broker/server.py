@@ -309,8 +309,9 @@ class Broker:
             outcome = Outcome(result=-(err.errno or 5), reason=f"unexpected: {err}")
         conn.requests += 1
         result = outcome.result
-        self._send(conn, _REPLY_OK if result == 0 else encode_reply(result), outcome.fd)
         if auditing:
+            # Recorded before the reply leaves: once the peer has its answer,
+            # the log (file and memory) already holds the request.
             self.audit.write(
                 AuditRecord(
                     time=time.time(),
@@ -320,14 +321,15 @@ class Broker:
                     flags=request.flags,
                     flag_names=_names(request.flags),
                     mode=request.mode,
-                    result=outcome.result,
+                    result=result,
                     latency_us=round((time.perf_counter_ns() - start) / 1000, 1),
                     reason=outcome.reason,
                 )
             )
+        self._send(conn, _REPLY_OK if result == 0 else encode_reply(result), outcome.fd)
         if result < 0:
             log.info("refused %r (%s): %s", request.path, "|".join(_names(request.flags)),
-                     outcome.reason or os.strerror(-outcome.result))
+                     outcome.reason or os.strerror(-result))
 
     def _send(self, conn: Connection, data: bytes, fd: int | None) -> None:
         if conn.outq:

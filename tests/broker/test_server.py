@@ -57,6 +57,19 @@ def test_audit_log_records_every_request_in_order(grant_dir: Path, tmp_path: Pat
     assert [r.path for r in read_audit(audit)] == [r["path"] for r in lines]
 
 
+def test_a_request_is_logged_before_its_reply_arrives(grant_dir: Path, tmp_path: Path) -> None:
+    audit = tmp_path / "audit.jsonl"
+    ours, theirs = socket.socketpair()
+    with Broker(Policy.from_grants(ro=[grant_dir]), audit_path=audit) as broker:
+        broker.add_connection(ours)
+        client = HookClient(theirs)
+        for i in range(200):
+            os.close(client.open(str(grant_dir / "disk.img"), os.O_RDONLY))
+            assert len(broker.records) == i + 1
+            assert len(audit.read_text().splitlines()) == i + 1
+        client.close()
+
+
 def test_refusal_keeps_the_connection_usable(grant_dir: Path, make_pair: type[BrokerPair]) -> None:
     pair = make_pair(Policy.from_grants(ro=[grant_dir]))
     for _ in range(3):
