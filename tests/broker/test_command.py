@@ -95,3 +95,29 @@ def test_fd_that_is_not_a_socket(tmp_path: Path) -> None:
     os.close(r)
     os.close(w)
     assert out.returncode == 2 and "not a socket" in out.stderr
+
+
+def test_policy_file_and_flags_add_up(tmp_path: Path) -> None:
+    a, b = tmp_path / "a", tmp_path / "b"
+    for d in (a, b):
+        d.mkdir()
+        (d / "disk").write_text(d.name)
+    policy = tmp_path / "policy.toml"
+    policy.write_text(f'refuse_errno = "EPERM"\n[[grant]]\npath = "{b}"\naccess = "rw"\n')
+    ours, theirs = socket.socketpair()
+    proc = subprocess.Popen([*BROKER, "--fd", str(theirs.fileno()), "--allow-ro", str(a),
+                             "--policy", str(policy)],
+                            pass_fds=[theirs.fileno()], stderr=subprocess.PIPE, text=True)
+    theirs.close()
+    client = HookClient(ours)
+    for path, flags in ((a / "disk", os.O_RDONLY), (b / "disk", os.O_RDWR)):
+        fd = client.open(str(path), flags)
+        assert os.read(fd, 1) == path.parent.name.encode()
+        os.close(fd)
+    with pytest.raises(PermissionError) as info:  # EPERM from the file's refuse_errno
+        client.open(str(a / "disk"), os.O_RDWR)
+    assert info.value.errno == 1
+    client.close()
+    _, err = proc.communicate(timeout=10)
+    assert proc.returncode == 0, err
+    assert f"ro     {a}" in err and f"rw     {b}" in err  # the grants it serves, on startup
