@@ -87,7 +87,10 @@ def test_refusal_keeps_the_connection_usable(grant_dir: Path, make_pair: type[Br
         struct.pack("=II", 0xFFFFFFFF, 1),
     ],
 )
-def test_malformed_frame_closes_only_that_connection(grant_dir: Path, garbage: bytes) -> None:
+def test_malformed_frame_closes_only_that_connection(
+    grant_dir: Path, garbage: bytes, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level("WARNING", logger="testbed.broker")
     policy = Policy.from_grants(ro=[grant_dir])
     good_ours, good_theirs = socket.socketpair()
     bad_ours, bad_theirs = socket.socketpair()
@@ -101,6 +104,7 @@ def test_malformed_frame_closes_only_that_connection(grant_dir: Path, garbage: b
         os.close(good.open(str(grant_dir / "disk.img"), os.O_RDONLY))
     bad_theirs.close()
     good_theirs.close()
+    assert any("malformed frame" in r.getMessage() for r in caplog.records)  # and says why
 
 
 def test_peer_sending_fds_is_dropped(grant_dir: Path) -> None:
