@@ -48,16 +48,18 @@ def close_fds(fds: Sequence[int]) -> None:
             os.close(fd)
 
 
+def rights(fds: Sequence[int]) -> list[tuple[int, int, bytes]]:
+    """The ancillary data of a ``sendmsg`` that passes ``fds`` (none for no fds)."""
+    return [(SOL_SOCKET, SCM_RIGHTS, array.array("i", fds).tobytes())] if fds else []
+
+
 def send_frame(sock: socket.socket, data: bytes, fds: Sequence[int] = ()) -> None:
     """Send ``data`` with ``fds`` attached to its first byte.
 
     A stream socket may take fewer bytes than offered; the rest is sent
     without ancillary data so the descriptors travel exactly once.
     """
-    ancillary = (
-        [(SOL_SOCKET, SCM_RIGHTS, array.array("i", fds).tobytes())] if fds else []
-    )
-    sent = sock.sendmsg([data], ancillary, MSG_NOSIGNAL)
+    sent = sock.sendmsg([data], rights(fds), MSG_NOSIGNAL)
     if sent < len(data):
         sock.sendall(data[sent:], MSG_NOSIGNAL)
 

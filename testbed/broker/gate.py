@@ -75,12 +75,6 @@ class Gate:
     def __init__(self, policy: Policy) -> None:
         self.policy = policy
         self._roots: dict[Grant, int | None] = {}
-        #: Longest grant first: the most specific one that is strong enough wins.
-        #: (grant, its path, its path + "/") so matching is two string tests.
-        self._by_length = [
-            (g, g.path, g.path if g.path.endswith("/") else g.path + "/")
-            for g in sorted(policy.grants, key=lambda g: len(g.path), reverse=True)
-        ]
 
     def close(self) -> None:
         for fd in self._roots.values():
@@ -115,12 +109,9 @@ class Gate:
             return self.refuse("O_PATH descriptors are not handed out")
         need = needed_access(request.flags)
         strongest: Access | None = None
-        for grant, exact, prefix in self._by_length:
-            if path == exact:
-                rest = ""
-            elif path.startswith(prefix):
-                rest = path[len(prefix) :].lstrip("/")
-            else:
+        for grant in self.policy.by_length:
+            rest = grant.covers(path)
+            if rest is None:
                 continue
             if grant.access >= need:
                 return self._open(grant, rest, request, need)

@@ -35,10 +35,12 @@ import tomllib
 from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 from enum import IntEnum
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
 from testbed.errors import PolicyError
+from testbed.protocol.flags import wants_create, wants_write
 
 
 class Access(IntEnum):
@@ -71,6 +73,8 @@ class Grant:
     symlinks: bool = False
     devices: bool = False
     hardlinks: bool = False
+    #: ``path`` with one trailing slash: what a path beneath the grant starts with.
+    _prefix: str = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if not os.path.isabs(self.path):
@@ -79,14 +83,14 @@ class Grant:
         if normal.startswith("//"):
             normal = "/" + normal.lstrip("/")
         object.__setattr__(self, "path", normal)
+        object.__setattr__(self, "_prefix", normal if normal.endswith("/") else normal + "/")
 
     def covers(self, path: str) -> str | None:
         """The part of ``path`` beneath this grant ("" for the grant itself), or None."""
         if path == self.path:
             return ""
-        prefix = self.path if self.path.endswith("/") else self.path + "/"
-        if path.startswith(prefix):
-            return path[len(prefix) :].lstrip("/")
+        if path.startswith(self._prefix):
+            return path[len(self._prefix) :].lstrip("/")
         return None
 
 
@@ -189,11 +193,14 @@ class Policy:
         """This policy with ``other``'s grants added and its settings taking precedence."""
         return replace(other, grants=self.grants + other.grants)
 
+    @cached_property
+    def by_length(self) -> tuple[Grant, ...]:
+        """The grants, longest path first: the most specific grant is tried first."""
+        return tuple(sorted(self.grants, key=lambda g: len(g.path), reverse=True))
+
     def covering(self, path: str) -> list[tuple[Grant, str]]:
         """Grants covering ``path`` with the remainder beneath each, longest first."""
-        found = [(g, rest) for g in self.grants if (rest := g.covers(path)) is not None]
-        found.sort(key=lambda item: len(item[0].path), reverse=True)
-        return found
+        return [(g, rest) for g in self.by_length if (rest := g.covers(path)) is not None]
 
     def describe(self) -> list[str]:
         lines = [
@@ -219,19 +226,10 @@ def parse_errno(value: object, *, source: str = "") -> int:
     return code
 
 
-_CREATE_BITS = os.O_CREAT
-_TMPFILE = os.O_TMPFILE
-_WRITE_BITS = os.O_TRUNC | os.O_APPEND
-
-
 def needed_access(flags: int) -> Access:
-    """The access level an open with ``flags`` needs.
-
-    Plain int tests (the broker asks once per request); the same rules as
-    :func:`testbed.protocol.flags.wants_create` and ``wants_write``.
-    """
-    if flags & _CREATE_BITS or flags & _TMPFILE == _TMPFILE:
+    """The access level an open with ``flags`` needs."""
+    if wants_create(flags):
         return Access.CREATE
-    if flags & os.O_ACCMODE or flags & _WRITE_BITS:
+    if wants_write(flags):
         return Access.RW
     return Access.RO

@@ -33,17 +33,7 @@ from testbed.broker.policy import Policy
 from testbed.errors import ProtocolError, TransportError, WaitTimeout
 from testbed.protocol import NEED_DATA, InvalidRequest, OpenRequest, RequestDecoder, encode_reply
 from testbed.protocol.flags import flag_names
-from testbed.transport import (
-    CMSG_SPACE,
-    MSG_CMSG_CLOEXEC,
-    MSG_CTRUNC,
-    MSG_DONTWAIT,
-    MSG_NOSIGNAL,
-    SCM_RIGHTS,
-    SOL_SOCKET,
-    close_fds,
-    parse_rights,
-)
+from testbed.transport import MSG_DONTWAIT, MSG_NOSIGNAL, close_fds, recv_with_fds, rights
 
 log = logging.getLogger("testbed.broker")
 
@@ -262,16 +252,16 @@ class Broker:
 
     def _read(self, conn: Connection) -> None:
         try:
-            data, ancdata, msg_flags, _ = conn.sock.recvmsg(
-                RECV_SIZE, CMSG_SPACE, MSG_CMSG_CLOEXEC
-            )
+            data, fds = recv_with_fds(conn.sock, RECV_SIZE)
         except (BlockingIOError, InterruptedError):
+            return
+        except TransportError as err:  # MSG_CTRUNC: the peer sent descriptors
+            self._drop(conn, f"peer sent descriptors; requests carry none ({err})")
             return
         except OSError as err:
             self._drop(conn, f"receive failed: {err}")
             return
-        if ancdata or msg_flags & MSG_CTRUNC:
-            fds = parse_rights(ancdata)
+        if fds:
             close_fds(fds)
             self._drop(conn, f"peer sent {len(fds)} descriptor(s); requests carry none")
             return
@@ -347,10 +337,7 @@ class Broker:
 
     def _send_now(self, conn: Connection, data: bytes, fd: int | None) -> None:
         """Send one reply; on a partial send queue the rest (the fd has gone)."""
-        anc = (
-            [(SOL_SOCKET, SCM_RIGHTS, struct.pack("i", fd))] if fd is not None else []
-        )
-        sent = conn.sock.sendmsg([data], anc, _SEND_FLAGS)
+        sent = conn.sock.sendmsg([data], rights(() if fd is None else (fd,)), _SEND_FLAGS)
         if fd is not None:
             os.close(fd)  # the peer has its own copy now
         if sent < len(data):
