@@ -143,6 +143,39 @@ class FdFile:
         os.pwrite(self.fd, data, offset)
 
 
+class MemFile:
+    """A :class:`BlockFile` over bytes in memory (tests, fuzzing parsers).
+
+    Reads past the end are zero-filled like :class:`FdFile`; a write past
+    the end grows the data.  A negative offset or length is a caller's bug
+    and raises, as ``os.pread`` would.
+    """
+
+    def __init__(self, data: bytes, filename: str = "mem.img") -> None:
+        self.data = bytearray(data)
+        self._filename = filename
+
+    @property
+    def filename(self) -> str:
+        return self._filename
+
+    def size(self) -> int:
+        return len(self.data)
+
+    def pread(self, offset: int, length: int) -> bytes:
+        if offset < 0 or length < 0:
+            raise ValueError(f"pread of {length} bytes at offset {offset}")
+        chunk = bytes(self.data[offset : offset + length])
+        return chunk + bytes(length - len(chunk))
+
+    def pwrite(self, offset: int, data: bytes) -> None:
+        if offset < 0:
+            raise ValueError(f"pwrite at offset {offset}")
+        if offset > len(self.data):
+            self.data += bytes(offset - len(self.data))
+        self.data[offset : offset + len(data)] = data
+
+
 class LocalOpenContext:
     """An :class:`OpenContext` that opens children with plain ``os.open``.
 

@@ -21,7 +21,7 @@ from types import ModuleType
 
 import pytest
 
-from testbed.block.driver import BackingReader, FdFile, FormatImage, LocalOpenContext
+from testbed.block.driver import BackingReader, FdFile, FormatImage, LocalOpenContext, MemFile
 from testbed.block.formats import all_drivers, get_driver
 from testbed.errors import BlockError, CorruptImageError
 from testbed.pytest_plugin import require
@@ -214,30 +214,6 @@ def chain() -> Iterator[Chain]:
     c = Chain()
     yield c
     c.close()
-
-
-class MemFile:
-    """An in-memory BlockFile, for fuzzing parsers without touching disk."""
-
-    def __init__(self, data: bytes, filename: str = "mem.img") -> None:
-        self.data = bytearray(data)
-        self._filename = filename
-
-    @property
-    def filename(self) -> str:
-        return self._filename
-
-    def size(self) -> int:
-        return len(self.data)
-
-    def pread(self, offset: int, length: int) -> bytes:
-        chunk = bytes(self.data[offset : offset + length])
-        return chunk + bytes(length - len(chunk))
-
-    def pwrite(self, offset: int, data: bytes) -> None:
-        if offset > len(self.data):
-            self.data += bytes(offset - len(self.data))
-        self.data[offset : offset + len(data)] = data
 
 
 class MemContext:

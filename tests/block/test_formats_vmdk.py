@@ -28,7 +28,14 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from testbed.block.driver import BackingReader, BlockFile, FdFile, LocalOpenContext, zeros_backing
+from testbed.block.driver import (
+    BackingReader,
+    BlockFile,
+    FdFile,
+    LocalOpenContext,
+    MemFile,
+    zeros_backing,
+)
 from testbed.block.formats.vmdk import VmdkDriver, VmdkImage
 from testbed.block.formats.vmdk_descriptor import (
     iter_extent_lines,
@@ -385,28 +392,6 @@ def test_probe(buf: bytes, score: int) -> None:
 
 
 # ---- an in-memory image for fuzzing -------------------------------------------
-
-
-class MemFile:
-    """A BlockFile over bytes."""
-
-    def __init__(self, data: bytes, filename: str = "mem.vmdk") -> None:
-        self.data = bytearray(data)
-        self._filename = filename
-
-    @property
-    def filename(self) -> str:
-        return self._filename
-
-    def size(self) -> int:
-        return len(self.data)
-
-    def pread(self, offset: int, length: int) -> bytes:
-        assert offset >= 0 and length >= 0
-        return bytes(self.data[offset : offset + length]).ljust(length, b"\0")
-
-    def pwrite(self, offset: int, data: bytes) -> None:
-        self.data[offset : offset + len(data)] = data
 
 
 class NoOpenContext:
