@@ -12,11 +12,12 @@ QEMU runs with ``-machine none`` (no guest, no firmware) and its QMP monitor
 on a socketpair, so no socket path can be too long and nothing else on the
 machine can talk to it.
 
-By path and through the hook, QEMU runs under the project's machine wrapper
-(:class:`testbed.qemu.machine.Machine`, the hook served by ``python -m
-testbed broker --fd N`` in its own process).  ``add-fd`` needs an fd sent
-with SCM_RIGHTS on the QMP socket, which the wrapper does not offer yet, so
-those transports start QEMU with the minimal launcher below.
+The three ``blockdev_add_*`` transports run under the project's machine
+wrapper (:class:`testbed.qemu.machine.Machine`; for the hook, a broker in
+its own process, ``python -m testbed broker --fd N``), so they differ only
+in how the file reaches QEMU.  ``qmp_add_fd`` talks to QEMU with a bare
+``qemu.qmp`` client instead: the wrapper's synchronous calls add about
+100 us per command, and upstream's mechanism is measured without that.
 """
 
 from __future__ import annotations
@@ -26,7 +27,6 @@ import contextlib
 import os
 import socket
 import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -56,34 +56,17 @@ class QmpRun:
 
 
 @contextlib.asynccontextmanager
-async def qemu_with_qmp(
-    binary: str, *, hook_allow_ro: Path | None = None, start_timeout: float = 30.0
-) -> AsyncIterator[QMPClient]:
-    """A ``-machine none`` QEMU with QMP on a socketpair; with ``hook_allow_ro``
-    it also gets ``-open-hook-fd`` to a broker process granted that directory."""
+async def qemu_with_qmp(binary: str, *, start_timeout: float = 30.0) -> AsyncIterator[QMPClient]:
+    """A ``-machine none`` QEMU with a bare QMP client on a socketpair."""
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     argv = [
         binary, "-machine", "none", "-nodefaults", "-display", "none", "-accel", "tcg",
         "-chardev", f"socket,id=qmp,fd={theirs.fileno()}", "-mon", "chardev=qmp,mode=control",
     ]  # fmt: skip
-    pass_fds = [theirs.fileno()]
-    broker: subprocess.Popen[bytes] | None = None
-    hook_ours = hook_theirs = None
-    if hook_allow_ro is not None:
-        hook_ours, hook_theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        broker = subprocess.Popen(
-            [sys.executable, "-m", "testbed", "broker", "--fd", str(hook_ours.fileno()),
-             "--allow-ro", str(hook_allow_ro)],
-            pass_fds=[hook_ours.fileno()],
-        )  # fmt: skip
-        hook_ours.close()
-        argv += ["-open-hook-fd", str(hook_theirs.fileno())]
-        pass_fds.append(hook_theirs.fileno())
     log = tempfile.TemporaryFile()  # noqa: SIM115 - closed in the finally below
-    proc = subprocess.Popen(argv, pass_fds=pass_fds, stdout=log, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(argv, pass_fds=[theirs.fileno()], stdout=log,
+                            stderr=subprocess.STDOUT)  # fmt: skip
     theirs.close()
-    if hook_theirs is not None:
-        hook_theirs.close()
     qmp = QMPClient("bench")
     try:
         try:
@@ -107,13 +90,6 @@ async def qemu_with_qmp(
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait(5)
-        if broker is not None:
-            broker.terminate()
-            try:
-                broker.wait(5)
-            except subprocess.TimeoutExpired:
-                broker.kill()
-                broker.wait(5)
         log.close()
         ours.close()
 
@@ -136,8 +112,13 @@ async def add_fd_op(qmp: QMPClient, file: Path) -> None:
     await execute(qmp, "remove-fd", {"fdset-id": FDSET_ID, "fd": answer["fd"]})
 
 
+def _figures(latencies: list[int], seconds: float, parts: list[float]) -> QmpRun:
+    add_p50 = percentile(sorted(parts), 50) / 1000 if parts else None
+    return QmpRun(figures=run_figures(latencies, seconds), add_p50_us=add_p50)
+
+
 async def timed_ops(op: Callable[[], Awaitable[float | None]], *, ops: int, warmup: int) -> QmpRun:
-    """``warmup`` then ``ops`` calls of ``op``; ``op`` may return its own sub-timing."""
+    """``warmup`` then ``ops`` awaits of ``op``; ``op`` may return its own sub-timing."""
     for _ in range(warmup):
         await op()
     latencies: list[int] = []
@@ -150,9 +131,23 @@ async def timed_ops(op: Callable[[], Awaitable[float | None]], *, ops: int, warm
         if part is not None:
             parts.append(part)
         t0 = t1
-    figures = run_figures(latencies, (t0 - begin) / 1e9)
-    add_p50 = percentile(sorted(parts), 50) / 1000 if parts else None
-    return QmpRun(figures=figures, add_p50_us=add_p50)
+    return _figures(latencies, (t0 - begin) / 1e9, parts)
+
+
+def timed_sync_ops(op: Callable[[], float], *, ops: int, warmup: int) -> QmpRun:
+    """:func:`timed_ops` for a blocking ``op``: the machine wrapper runs its own
+    event loop for each call, so its calls cannot be awaited inside another."""
+    for _ in range(warmup):
+        op()
+    latencies: list[int] = []
+    parts: list[float] = []
+    begin = t0 = time.monotonic_ns()
+    for _ in range(ops):
+        parts.append(op())
+        t1 = time.monotonic_ns()
+        latencies.append(t1 - t0)
+        t0 = t1
+    return _figures(latencies, (t0 - begin) / 1e9, parts)
 
 
 async def add_fd_runs(binary: str, file: Path, *, reps: int, ops: int, warmup: int) -> list[QmpRun]:
@@ -165,72 +160,41 @@ async def add_fd_runs(binary: str, file: Path, *, reps: int, ops: int, warmup: i
         return [await timed_ops(op, ops=ops, warmup=warmup) for _ in range(reps)]
 
 
-async def blockdev_runs(
+def blockdev_runs(
     binary: str, file: Path, *, via: str, reps: int, ops: int, warmup: int
 ) -> list[QmpRun]:
-    """Repetitions of blockdev-add + blockdev-del; ``via`` is path, fdset or hook."""
+    """Repetitions of blockdev-add + blockdev-del of a read-only ``file`` node.
+
+    ``via`` is how the file reaches QEMU: ``path`` (QEMU opens it),
+    ``fdset`` (one fd added beforehand, the node names ``/dev/fdset/N``) or
+    ``hook`` (QEMU asks a broker process granted ``file``'s directory; needs
+    the patched ``binary``).  Every variant runs under the machine wrapper.
+    """
     if via not in ("path", "fdset", "hook"):
         raise ValueError(f"blockdev-add via {via!r}: expected path, fdset or hook")
-    hook = file.parent if via == "hook" else None
-    async with qemu_with_qmp(binary, hook_allow_ro=hook) as qmp:
-        filename = str(file)
+    config = MachineConfig(
+        binary=Path(binary), hook=via == "hook", line_buffered=False,
+        command_timeout=COMMAND_TIMEOUT,
+    )  # fmt: skip
+    vm = Machine(config)
+    if via == "hook":
+        vm.start_broker_process(["--allow-ro", str(file.parent)])
+    filename = str(file)
+    with vm:
         if via == "fdset":
             fd = os.open(file, os.O_RDONLY | os.O_CLOEXEC)
             try:
-                qmp.send_fd_scm(fd)
-                await execute(qmp, "add-fd", {"fdset-id": FDSET_ID})
+                vm.add_fd(fd, fdset_id=FDSET_ID)
             finally:
                 os.close(fd)
             filename = f"/dev/fdset/{FDSET_ID}"
         node = {"driver": "file", "filename": filename, "node-name": "bench", "read-only": True}
 
-        async def op() -> float:
+        def op() -> float:
             t0 = time.monotonic_ns()
-            await execute(qmp, "blockdev-add", node)
+            vm.qmp("blockdev-add", **node)
             added = time.monotonic_ns() - t0
-            await execute(qmp, "blockdev-del", {"node-name": "bench"})
+            vm.qmp("blockdev-del", **{"node-name": "bench"})
             return float(added)
 
-        return [await timed_ops(op, ops=ops, warmup=warmup) for _ in range(reps)]
-
-
-def blockdev_machine_runs(
-    binary: str, file: Path, *, hook: bool, reps: int, ops: int, warmup: int
-) -> list[QmpRun]:
-    """blockdev-add + blockdev-del by path under the machine wrapper; with ``hook``
-    every open goes to a broker process granted ``file``'s directory."""
-    config = MachineConfig(
-        binary=Path(binary), hook=hook, line_buffered=False, command_timeout=COMMAND_TIMEOUT
-    )
-    vm = Machine(config)
-    if hook:
-        vm.start_broker_process(["--allow-ro", str(file.parent)])
-    node = {"driver": "file", "filename": str(file), "node-name": "bench", "read-only": True}
-
-    def op() -> int:
-        t0 = time.monotonic_ns()
-        vm.qmp("blockdev-add", **node)
-        added = time.monotonic_ns() - t0
-        vm.qmp("blockdev-del", **{"node-name": "bench"})
-        return added
-
-    runs = []
-    with vm:
-        for _ in range(reps):
-            for _ in range(warmup):
-                op()
-            latencies: list[int] = []
-            adds: list[int] = []
-            begin = t0 = time.monotonic_ns()
-            for _ in range(ops):
-                adds.append(op())
-                t1 = time.monotonic_ns()
-                latencies.append(t1 - t0)
-                t0 = t1
-            runs.append(
-                QmpRun(
-                    figures=run_figures(latencies, (t0 - begin) / 1e9),
-                    add_p50_us=percentile(sorted(adds), 50) / 1000,
-                )
-            )
-    return runs
+        return [timed_sync_ops(op, ops=ops, warmup=warmup) for _ in range(reps)]

@@ -25,7 +25,6 @@ from testbed.bench.qmpload import (
     STOCK_QEMU,
     QmpRun,
     add_fd_runs,
-    blockdev_machine_runs,
     blockdev_runs,
 )
 from testbed.bench.results import Goal, Result, from_summary, goals, ratios, skipped
@@ -209,10 +208,10 @@ def qemu_results(plan: Plan, file: Path, log: Log) -> list[Result]:
             log(f"qmp add-fd + remove-fd: {plan.qmp_reps} x {plan.qmp_ops} ops")
             out.append(qmp_result(names[0], asyncio.run(add_fd_runs(plan.stock_qemu, file, **kw))))
             log(f"blockdev-add + blockdev-del by path: {plan.qmp_reps} x {plan.qmp_ops}")
-            runs = blockdev_machine_runs(plan.stock_qemu, file, hook=False, **kw)
+            runs = blockdev_runs(plan.stock_qemu, file, via="path", **kw)
             out.append(qmp_result("blockdev_add_path", runs))
             log(f"blockdev-add + blockdev-del via fdset: {plan.qmp_reps} x {plan.qmp_ops}")
-            runs = asyncio.run(blockdev_runs(plan.stock_qemu, file, via="fdset", **kw))
+            runs = blockdev_runs(plan.stock_qemu, file, via="fdset", **kw)
             out.append(qmp_result("blockdev_add_fdset", runs))
         except TestbedError as err:
             done = {r.transport for r in out}
@@ -225,7 +224,7 @@ def qemu_results(plan: Plan, file: Path, log: Log) -> list[Result]:
     else:
         try:
             log(f"blockdev-add + blockdev-del via the hook: {plan.qmp_reps} x {plan.qmp_ops}")
-            runs = blockdev_machine_runs(str(patched), file, hook=True, **kw)
+            runs = blockdev_runs(str(patched), file, via="hook", **kw)
             out.append(qmp_result("blockdev_add_hook", runs))
         except TestbedError as err:
             out.append(skipped("blockdev_add_hook", 1, "unpinned", f"failed: {err}"))

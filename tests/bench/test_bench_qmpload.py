@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from testbed.bench.qmpload import STOCK_QEMU, add_fd_runs, blockdev_machine_runs, blockdev_runs
+from testbed.bench.qmpload import STOCK_QEMU, add_fd_runs, blockdev_runs
 from testbed.bench.runner import make_file
 from testbed.pytest_plugin import require
 
@@ -29,7 +29,7 @@ def test_add_fd_round_trips(image: Path) -> None:
 
 @pytest.mark.parametrize("via", ["path", "fdset"])
 def test_blockdev_add_and_del(image: Path, via: str) -> None:
-    runs = asyncio.run(blockdev_runs(STOCK_QEMU, image, via=via, reps=1, ops=10, warmup=2))
+    runs = blockdev_runs(STOCK_QEMU, image, via=via, reps=1, ops=10, warmup=2)
     (run,) = runs
     assert run.figures.ops == 10
     assert run.add_p50_us is not None and 0 < run.add_p50_us <= run.figures.p99_us
@@ -37,10 +37,10 @@ def test_blockdev_add_and_del(image: Path, via: str) -> None:
 
 def test_blockdev_via_unknown_is_refused(image: Path) -> None:
     with pytest.raises(ValueError, match="via 'nfs'"):
-        asyncio.run(blockdev_runs(STOCK_QEMU, image, via="nfs", reps=1, ops=1, warmup=0))
+        blockdev_runs(STOCK_QEMU, image, via="nfs", reps=1, ops=1, warmup=0)
 
 
-def test_blockdev_add_by_path_under_the_machine_wrapper(image: Path) -> None:
-    runs = blockdev_machine_runs(STOCK_QEMU, image, hook=False, reps=2, ops=5, warmup=1)
+def test_blockdev_add_repetitions(image: Path) -> None:
+    runs = blockdev_runs(STOCK_QEMU, image, via="path", reps=2, ops=5, warmup=1)
     assert [r.figures.ops for r in runs] == [5, 5]
     assert all(r.add_p50_us is not None and r.add_p50_us > 0 for r in runs)
