@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import os
-import socket
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from testbed.broker import Broker, Policy
+from testbed.broker import Policy, serve_socketpair
 from testbed.transport import HookClient
 
 
@@ -22,10 +21,7 @@ class BrokerPair:
     """A broker serving a socketpair, and a HookClient on the other end."""
 
     def __init__(self, policy: Policy) -> None:
-        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.broker = Broker(policy)
-        self.broker.add_connection(ours)
-        self.broker.start()
+        self.broker, theirs = serve_socketpair(policy)
         self.client = HookClient(theirs, timeout=10)
 
     def close(self) -> None:

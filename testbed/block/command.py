@@ -13,7 +13,6 @@ import errno
 import hashlib
 import json
 import os
-import socket
 import sys
 from dataclasses import dataclass
 from typing import Any
@@ -117,7 +116,7 @@ def open_image(
     progress: bool = False,
 ) -> OpenResult:
     """Open ``image`` with the model through a fresh in-process broker; hash the disk."""
-    from testbed.broker import Broker, Policy
+    from testbed.broker import Policy, serve_socketpair
     from testbed.transport import HookClient
 
     if image.startswith("fat:"):
@@ -131,9 +130,7 @@ def open_image(
         if snapshot:
             grant.append(os.path.dirname(os.path.abspath(snapshot)))
         policy = Policy.from_grants(rw=grant, create=grant)
-    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-    broker = Broker(policy)
-    broker.add_connection(ours)
+    broker, theirs = serve_socketpair(policy)
     with broker, HookClient(theirs) as client:
         layer = BlockLayer(client)
         try:

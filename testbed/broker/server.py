@@ -149,7 +149,8 @@ class Broker:
             self._shutdown()
 
     def __enter__(self) -> Broker:
-        return self.start()
+        """Serve (if not serving yet) until the ``with`` block ends."""
+        return self if self._thread is not None else self.start()
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
@@ -394,10 +395,15 @@ class Broker:
         self.audit.close()
 
 
-def serve_socketpair(policy: Policy, **kwargs: object) -> tuple[Broker, socket.socket]:
-    """A started broker and the client end of a socketpair it serves."""
+def serve_socketpair(
+    policy: Policy, *, audit_path: str | Path | None = None
+) -> tuple[Broker, socket.socket]:
+    """A started broker and the client end of a socketpair it serves.
+
+    The caller owns both: it closes the socket and stops the broker.
+    """
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-    broker = Broker(policy, **kwargs)  # type: ignore[arg-type]
+    broker = Broker(policy, audit_path=audit_path)
     broker.add_connection(ours)
     broker.start()
     return broker, theirs

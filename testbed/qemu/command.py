@@ -11,12 +11,11 @@ from __future__ import annotations
 
 import argparse
 import os
-import socket
 import subprocess
 from pathlib import Path
 from typing import Any
 
-from testbed.broker import Broker, Policy
+from testbed.broker import Policy, serve_socketpair
 from testbed.errors import BuildError
 from testbed.qemu.binaries import (
     STOCK_QEMU,
@@ -110,9 +109,7 @@ def run_qemu(args: argparse.Namespace) -> int:
     policy = Policy.from_grants(ro=args.allow_ro, rw=args.allow_rw, create=args.allow_create)
     if args.policy is not None:
         policy = policy.merged(Policy.from_toml(args.policy))
-    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-    broker = Broker(policy, audit_path=args.audit)
-    broker.add_connection(ours)
+    broker, theirs = serve_socketpair(policy, audit_path=args.audit)
     with broker, theirs:
         fd = theirs.fileno()
         argv += ["-open-hook-fd", str(fd)]

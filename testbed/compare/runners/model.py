@@ -8,12 +8,11 @@ patched QEMU.
 
 from __future__ import annotations
 
-import socket
 import time
 from typing import Any
 
 from testbed.block.layer import BlockLayer
-from testbed.broker import Broker
+from testbed.broker import serve_socketpair
 from testbed.compare.normalise import from_audit, normalise
 from testbed.compare.runners.common import DRIVE, OracleResult, Setup
 from testbed.compare.scenarios import READ_SPAN
@@ -24,10 +23,7 @@ from testbed.transport import HookClient
 def run(setup: Setup) -> OracleResult:
     result = OracleResult()
     sc = setup.scenario
-    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-    broker = Broker(setup.policy())
-    broker.add_connection(ours)
-    broker.start()
+    broker, theirs = serve_socketpair(setup.policy())
     client = HookClient(theirs)
     start = time.monotonic()
     try:
