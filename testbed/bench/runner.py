@@ -8,7 +8,6 @@ from elsewhere on the machine lands on both sides rather than on one.
 from __future__ import annotations
 
 import asyncio
-import importlib.util
 import os
 import shutil
 import time
@@ -88,15 +87,6 @@ def make_file(directory: Path) -> Path:
     return path.resolve()
 
 
-def broker_missing() -> str | None:
-    """Why the project's broker cannot run here, or ``None``."""
-    if importlib.util.find_spec("testbed.broker") is None:
-        return "testbed.broker is not in this tree"
-    if importlib.util.find_spec("testbed.broker.command") is None:
-        return "testbed.broker.command (the broker CLI) is not in this tree"
-    return None
-
-
 def run(plan: Plan, log: Log) -> Report:
     started = time.monotonic()
     report = Report(machine=hostinfo.describe(), plan=plan)
@@ -114,19 +104,16 @@ def run(plan: Plan, log: Log) -> Report:
     binary = compile_c_limit(plan.work_dir)
 
     # 1. one client: the broker against the C limit, interleaved by placement
-    why_not = broker_missing()
     c_runs: dict[Placement, list[RunFigures]] = {p: [] for p in placements}
     b_runs: dict[Placement, list[RunFigures]] = {p: [] for p in placements}
-    broker: BrokerProcess | None = None
     pools: dict[Placement, ClientPool] = {}
+    log("starting the broker and one client per placement")
+    broker = BrokerProcess(file.parent, cpu=None)
     try:
-        if why_not is None:
-            log("starting the broker and one client per placement")
-            broker = BrokerProcess(file.parent, cpu=None)
-            for p in placements:
-                pools[p] = ClientPool(
-                    1, broker, file, cpu=cpus_for(p, usable).client, warmup=plan.warmup
-                )
+        for p in placements:
+            pools[p] = ClientPool(
+                1, broker, file, cpu=cpus_for(p, usable).client, warmup=plan.warmup
+            )
         for rep in range(plan.reps):
             for p in placements:
                 cpus = cpus_for(p, usable)
@@ -135,15 +122,11 @@ def run(plan: Plan, log: Log) -> Report:
                     run_c(binary, CMode.PINGPONG, file, seconds=plan.seconds,
                           warmup=plan.warmup, cpus=cpus)
                 )  # fmt: skip
-                if broker is not None:
-                    broker.pin(cpus.broker)
-                    b_runs[p].append(pools[p].round(plan.seconds))
+                broker.pin(cpus.broker)
+                b_runs[p].append(pools[p].round(plan.seconds))
         for p in placements:
             results.append(from_summary("c_limit", 1, p.value, summarise(c_runs[p])))
-            if broker is not None:
-                results.append(from_summary("broker", 1, p.value, summarise(b_runs[p])))
-            else:
-                results.append(skipped("broker", 1, p.value, why_not or "broker failed"))
+            results.append(from_summary("broker", 1, p.value, summarise(b_runs[p])))
         for pool in pools.values():
             pool.close()
         pools.clear()
@@ -154,9 +137,6 @@ def run(plan: Plan, log: Log) -> Report:
         for n in plan.clients:
             if n == 1 and sweep in placements:
                 continue  # measured above under this placement
-            if broker is None:
-                results.append(skipped("broker", n, sweep.value, why_not or "broker failed"))
-                continue
             log(f"broker x{n} ({sweep.value}): {plan.reps} rounds of {plan.seconds:g}s")
             broker.pin(cpus.broker)
             with ClientPool(n, broker, file, cpu=cpus.client, warmup=plan.warmup) as pool:
@@ -165,8 +145,7 @@ def run(plan: Plan, log: Log) -> Report:
     finally:
         for pool in pools.values():
             pool.close()
-        if broker is not None:
-            broker.stop()
+        broker.stop()
 
     # 3. floors: open+close with no passing; pidfd_getfd pull
     same = cpus_for(Placement.SAME_CORE, usable)
@@ -219,8 +198,6 @@ def qemu_results(plan: Plan, file: Path, log: Log) -> list[Result]:
     patched = Path(plan.patched_qemu)
     if not os.access(patched, os.X_OK):
         out.append(skipped("blockdev_add_hook", 1, "unpinned", f"patched QEMU {patched} not built"))
-    elif (why := broker_missing()) is not None:
-        out.append(skipped("blockdev_add_hook", 1, "unpinned", why))
     else:
         try:
             log(f"blockdev-add + blockdev-del via the hook: {plan.qmp_reps} x {plan.qmp_ops}")
