@@ -1,9 +1,7 @@
 """Image format drivers of the block-layer model, one module per format.
 
 The registry is built on first use, not at import time, so importing one
-driver (or this package) never imports the others, and a driver module that
-is not written yet (vmdk, while its helper works on it) is simply absent
-from :func:`all_drivers` instead of breaking the rest.
+driver (or this package) never imports the others.
 
 Also here: :func:`read_checked`, the one way drivers read metadata, so that
 a header field can never send a read past the end of the file unnoticed.
@@ -31,21 +29,12 @@ _MODULES: dict[str, tuple[str, str]] = {
 _loaded: dict[str, type[FormatDriver]] = {}
 
 
-def _load(name: str) -> type[FormatDriver] | None:
-    if name in _loaded:
-        return _loaded[name]
-    module_name, class_name = _MODULES[name]
-    try:
+def _load(name: str) -> type[FormatDriver]:
+    if name not in _loaded:
+        module_name, class_name = _MODULES[name]
         module = importlib.import_module(f"{__name__}.{module_name}")
-    except ModuleNotFoundError as err:
-        # Only the driver's own module may be missing; a missing dependency
-        # inside an existing driver is a real error and must surface.
-        if err.name != f"{__name__}.{module_name}":
-            raise
-        return None
-    driver: type[FormatDriver] = getattr(module, class_name)
-    _loaded[name] = driver
-    return driver
+        _loaded[name] = getattr(module, class_name)
+    return _loaded[name]
 
 
 def get_driver(name: str) -> type[FormatDriver]:
@@ -53,21 +42,15 @@ def get_driver(name: str) -> type[FormatDriver]:
 
     Raises ``KeyError`` naming the format when there is no such driver.
     """
-    driver = _load(name) if name in _MODULES else None
-    if driver is None:
-        known = ", ".join(sorted(all_drivers()))
+    if name not in _MODULES:
+        known = ", ".join(sorted(_MODULES))
         raise KeyError(f"no format driver {name!r} in the model (known: {known})")
-    return driver
+    return _load(name)
 
 
 def all_drivers() -> dict[str, type[FormatDriver]]:
-    """Every available driver by name, in a fixed order (for probing)."""
-    drivers: dict[str, type[FormatDriver]] = {}
-    for name in _MODULES:
-        driver = _load(name)
-        if driver is not None:
-            drivers[name] = driver
-    return drivers
+    """Every driver by name, in a fixed order (for probing)."""
+    return {name: _load(name) for name in _MODULES}
 
 
 def read_checked(
