@@ -201,6 +201,19 @@ static void floor_op(const char *path)
     close(fd);
 }
 
+/* One operation of the chosen mode: 0 ping-pong, 1 floor, 2 pidfd_getfd. */
+static void one_op(int which, int sock, const unsigned char *req, size_t req_len,
+                   const char *path, int pidfd, int held)
+{
+    if (which == 0) {
+        pingpong_op(sock, req, req_len);
+    } else if (which == 1) {
+        floor_op(path);
+    } else {
+        pidfd_getfd_op(pidfd, held);
+    }
+}
+
 int main(int argc, char **argv)
 {
     if (argc != 8) {
@@ -290,13 +303,7 @@ int main(int argc, char **argv)
     pin(cpu_client, "client");
 
     for (long i = 0; i < warmup; i++) {
-        if (which == 0) {
-            pingpong_op(sv[0], req, req_len);
-        } else if (which == 1) {
-            floor_op(path);
-        } else {
-            pidfd_getfd_op(pidfd, held);
-        }
+        one_op(which, sv[0], req, req_len, path, pidfd, held);
     }
 
     size_t cap = 1 << 16, n = 0;
@@ -306,13 +313,7 @@ int main(int argc, char **argv)
     }
     uint64_t start = now_ns(), stop = start + (uint64_t)(seconds * 1e9), t0 = start, t1;
     do {
-        if (which == 0) {
-            pingpong_op(sv[0], req, req_len);
-        } else if (which == 1) {
-            floor_op(path);
-        } else {
-            pidfd_getfd_op(pidfd, held);
-        }
+        one_op(which, sv[0], req, req_len, path, pidfd, held);
         t1 = now_ns();
         if (n == cap) {
             cap *= 2;
