@@ -35,7 +35,7 @@ import errno
 import struct
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import NoReturn
+from typing import Generic, NoReturn, TypeVar
 
 from testbed.errors import LocalProtocolError, RemoteProtocolError
 
@@ -54,6 +54,9 @@ MAX_REQUEST_SIZE = REQUEST_FIXED_SIZE + 0xFFFF
 
 U32_MAX = 0xFFFFFFFF
 MAX_ERRNO = 4095
+
+
+EventT = TypeVar("EventT")
 
 
 class Sentinel(enum.Enum):
@@ -169,16 +172,35 @@ def encode_reply(result: int) -> bytes:
     return REPLY.pack(REPLY_SIZE, QEMU_OPEN, result)
 
 
-class RequestDecoder:
-    """The broker's side: bytes in, :class:`OpenRequest`/:class:`InvalidRequest` out.
+class _Decoder(Generic[EventT]):
+    """Incremental decoding that stays broken once the framing is lost.
 
-    After a :class:`FrameDecodeError` the stream has lost its framing; the
-    decoder stays broken and the connection must be closed.
+    Subclasses implement ``_next``: the next event, or :data:`NEED_DATA`.
     """
 
     def __init__(self) -> None:
         self._buf = bytearray()
         self._error: FrameDecodeError | None = None
+
+    def next_event(self) -> EventT | Sentinel:
+        if self._error is not None:
+            raise self._error
+        try:
+            return self._next()
+        except FrameDecodeError as err:
+            self._error = err
+            raise
+
+    def _next(self) -> EventT | Sentinel:
+        raise NotImplementedError
+
+
+class RequestDecoder(_Decoder[OpenRequest | InvalidRequest]):
+    """The broker's side: bytes in, :class:`OpenRequest`/:class:`InvalidRequest` out.
+
+    After a :class:`FrameDecodeError` the stream has lost its framing; the
+    decoder stays broken and the connection must be closed.
+    """
 
     @property
     def buffered(self) -> int:
@@ -187,15 +209,6 @@ class RequestDecoder:
 
     def feed(self, data: bytes) -> None:
         self._buf += data
-
-    def next_event(self) -> OpenRequest | InvalidRequest | Sentinel:
-        if self._error is not None:
-            raise self._error
-        try:
-            return self._next()
-        except FrameDecodeError as err:
-            self._error = err
-            raise
 
     def _next(self) -> OpenRequest | InvalidRequest | Sentinel:
         buf = self._buf
@@ -263,7 +276,7 @@ class RequestDecoder:
         )
 
 
-class ReplyDecoder:
+class ReplyDecoder(_Decoder[OpenReply]):
     """QEMU's side: bytes and received fds in, :class:`OpenReply` out.
 
     Descriptors are attached to the reply whose bytes they arrived with.
@@ -272,9 +285,8 @@ class ReplyDecoder:
     """
 
     def __init__(self) -> None:
-        self._buf = bytearray()
+        super().__init__()
         self._fds: list[int] = []
-        self._error: FrameDecodeError | None = None
 
     def feed(self, data: bytes, fds: Iterable[int] = ()) -> None:
         self._buf += data
@@ -284,15 +296,6 @@ class ReplyDecoder:
         """Every descriptor fed and not yet handed out in a reply."""
         fds, self._fds = self._fds, []
         return fds
-
-    def next_event(self) -> OpenReply | Sentinel:
-        if self._error is not None:
-            raise self._error
-        try:
-            return self._next()
-        except FrameDecodeError as err:
-            self._error = err
-            raise
 
     def _next(self) -> OpenReply | Sentinel:
         buf = self._buf
