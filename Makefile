@@ -15,7 +15,7 @@ help:
 	@echo "make images - generate the image corpus under build/images"
 	@echo "make guest  - build the guest kernel + initramfs (cached)"
 	@echo "make bench  - fd-passing benchmark (table, JSON, plots under build/bench)"
-	@echo "make lint   - ruff and mypy"
+	@echo "make lint   - ruff check, ruff format --check, mypy strict"
 
 deps:
 	@scripts/deps.sh all
@@ -39,11 +39,12 @@ guest: deps
 
 lint: venv
 	$(VENV)/bin/ruff check testbed tests images
+	$(VENV)/bin/ruff format --check testbed tests images
 	$(VENV)/bin/mypy
 
 typecheck: lint
 
-test: venv qemu images guest
+test: venv qemu images guest lint
 	$(PY) -m pytest -q
 
 demo: venv qemu images

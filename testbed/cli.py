@@ -29,8 +29,7 @@ COMMAND_MODULES = (
 
 
 def _part_unavailable(name: str, err: BaseException) -> None:
-    print(f"testbed: warning: {name} is unavailable: {type(err).__name__}: {err}",
-          file=sys.stderr)
+    print(f"testbed: warning: {name} is unavailable: {type(err).__name__}: {err}", file=sys.stderr)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -114,8 +114,7 @@ def write_plots(report: Report, out_dir: Path) -> list[Path]:
     # (labels written on the plot overlap where two levels are close).
     styles = ("--", ":", "-.")
     levels = [
-        r for r in report.results
-        if r.skipped is None and r.transport != "broker" and r.ops_per_s
+        r for r in report.results if r.skipped is None and r.transport != "broker" and r.ops_per_s
     ]
     cmap = plt.get_cmap("tab10")
     for i, r in enumerate(sorted(levels, key=lambda r: -(r.ops_per_s or 0))):

@@ -50,14 +50,27 @@ def register(subparsers: Any) -> None:
     p.add_argument("image", help="image file (or a fat:DIR name)")
     p.add_argument("--format", help="image format (default: probe, as QEMU does)")
     how = p.add_mutually_exclusive_group()
-    how.add_argument("--drive", dest="how", action="store_const", const="drive",
-                     help="attach as -drive with a device (auto-read-only; the default)")
-    how.add_argument("--blockdev", dest="how", action="store_const", const="blockdev",
-                     help="attach as -blockdev (read-write at once, no protocol probe)")
+    how.add_argument(
+        "--drive",
+        dest="how",
+        action="store_const",
+        const="drive",
+        help="attach as -drive with a device (auto-read-only; the default)",
+    )
+    how.add_argument(
+        "--blockdev",
+        dest="how",
+        action="store_const",
+        const="blockdev",
+        help="attach as -blockdev (read-write at once, no protocol probe)",
+    )
     p.add_argument("--read-only", action="store_true", help="read-only=on")
     p.add_argument("--cache-direct", action="store_true", help="cache.direct=on (O_DIRECT)")
-    p.add_argument("--snapshot", metavar="NEWFILE",
-                   help="then blockdev-snapshot-sync to NEWFILE (qcow2, absolute-paths)")
+    p.add_argument(
+        "--snapshot",
+        metavar="NEWFILE",
+        help="then blockdev-snapshot-sync to NEWFILE (qcow2, absolute-paths)",
+    )
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--policy", metavar="FILE", help="broker policy (TOML) instead of the default")
     p.set_defaults(func=run_open, how="drive")
@@ -93,9 +106,7 @@ def run_open(args: argparse.Namespace) -> int:
         return 0
     for ev in result.trace:
         code = -ev["result"]
-        res = "fd" if code <= 0 else (
-            f"-{errno.errorcode.get(code, code)} ({os.strerror(code)})"
-        )
+        res = "fd" if code <= 0 else (f"-{errno.errorcode.get(code, code)} ({os.strerror(code)})")
         mode = f" {ev['mode']:04o}" if ev["flags"] & os.O_CREAT else ""
         names = "|".join(ev["flag_names"])
         print(f"{ev['path']}  {names}{mode}  -> {res}")
@@ -137,14 +148,19 @@ def open_image(
             if how == "blockdev":
                 if fmt is None:
                     raise BlockError("-blockdev names its driver: give --format")
-                layer.blockdev_add({
-                    "driver": fmt, "node-name": DRIVE, "read-only": read_only,
-                    "cache": {"direct": cache_direct},
-                    "file": {"driver": "file", "filename": image},
-                })
+                layer.blockdev_add(
+                    {
+                        "driver": fmt,
+                        "node-name": DRIVE,
+                        "read-only": read_only,
+                        "cache": {"direct": cache_direct},
+                        "file": {"driver": "file", "filename": image},
+                    }
+                )
             else:
-                layer.drive_add(file=image, format=fmt, id=DRIVE, read_only=read_only,
-                                      cache_direct=cache_direct)
+                layer.drive_add(
+                    file=image, format=fmt, id=DRIVE, read_only=read_only, cache_direct=cache_direct
+                )
                 layer.attach_device(DRIVE)
             if snapshot:
                 layer.blockdev_snapshot_sync(DRIVE, snapshot, "qcow2", "absolute-paths")
@@ -158,8 +174,13 @@ def open_image(
     # After stop: the broker may record a request just after answering it.
     records = broker.records
     trace = [
-        {"path": r.path, "flags": r.flags, "flag_names": list(r.flag_names), "mode": r.mode,
-         "result": r.result}
+        {
+            "path": r.path,
+            "flags": r.flags,
+            "flag_names": list(r.flag_names),
+            "mode": r.mode,
+            "result": r.result,
+        }
         for r in records
     ]
     return OpenResult(trace=trace, sha256=digest, virtual_size=size, format=driver)

@@ -163,8 +163,9 @@ class BlockLayer:
             raise BlockError("drive_add: no file name given")
         name = id or drive_id or "drive0"
         self._check_new_id(name)
-        opts = OpenOptions(read_only=read_only, auto_read_only=not read_only,
-                           cache_direct=cache_direct)
+        opts = OpenOptions(
+            read_only=read_only, auto_read_only=not read_only, cache_direct=cache_direct
+        )
         top = self._open_image(path, fmt=format or fmt, probe=True, opts=opts, node_name=name)
         self.drives[name] = Drive(id=name, top=top)
         if not if_none:
@@ -259,11 +260,19 @@ class BlockLayer:
             raise BlockError(f"node name {snapshot_node_name!r} is already in use")
         if mode == "absolute-paths":
             self._create_overlay(snapshot_file, fmt, old)
-        opts = OpenOptions(read_only=old.read_only, auto_read_only=old.auto_read_only,
-                           cache_direct=old.cache_direct)
-        new = self._open_image(snapshot_file, fmt=fmt, probe=True, opts=opts,
-                               node_name=snapshot_node_name or f"{target}-overlay",
-                               no_backing=True)
+        opts = OpenOptions(
+            read_only=old.read_only,
+            auto_read_only=old.auto_read_only,
+            cache_direct=old.cache_direct,
+        )
+        new = self._open_image(
+            snapshot_file,
+            fmt=fmt,
+            probe=True,
+            opts=opts,
+            node_name=snapshot_node_name or f"{target}-overlay",
+            no_backing=True,
+        )
         # bdrv_append: the overlay takes the old top's place and users.
         new.backing = old
         new.writers, old.writers = old.writers, 0
@@ -276,8 +285,12 @@ class BlockLayer:
         return new
 
     def hmp_snapshot_blkdev(
-        self, device: str, snapshot_file: str | None = None, format: str = "qcow2",
-        *, fmt: str | None = None,
+        self,
+        device: str,
+        snapshot_file: str | None = None,
+        format: str = "qcow2",
+        *,
+        fmt: str | None = None,
     ) -> FormatNode:
         """HMP ``snapshot_blkdev DEVICE FILE [FORMAT]``: blockdev-snapshot-sync, absolute-paths."""
         if not snapshot_file:
@@ -314,8 +327,13 @@ class BlockLayer:
         if path.startswith("fat:"):
             node = self._open_vvfat(path)
         else:
-            node = FileNode(self.opener, path, read_only=opts.read_only,
-                            auto_read_only=opts.auto_read_only, cache_direct=opts.cache_direct)
+            node = FileNode(
+                self.opener,
+                path,
+                read_only=opts.read_only,
+                auto_read_only=opts.auto_read_only,
+                cache_direct=opts.cache_direct,
+            )
         self._open_files.append(node)
         return node
 
@@ -354,9 +372,14 @@ class BlockLayer:
                 self._close_children(ctx.children)
                 raise
             node = FormatNode(
-                driver=fmt, node_name=node_name, filename=path, image=image,
-                file=Child(node=file, role=role, name="file"), read_only=opts.read_only,
-                auto_read_only=opts.auto_read_only, cache_direct=opts.cache_direct,
+                driver=fmt,
+                node_name=node_name,
+                filename=path,
+                image=image,
+                file=Child(node=file, role=role, name="file"),
+                read_only=opts.read_only,
+                auto_read_only=opts.auto_read_only,
+                cache_direct=opts.cache_direct,
                 others=ctx.children,
             )
         if image.backing_filename and not no_backing:
@@ -373,11 +396,17 @@ class BlockLayer:
         """``bdrv_open_backing_file``: read-only, name relative to the overlay."""
         assert node.image.backing_filename is not None
         path = path_combine(node.filename, node.image.backing_filename)
-        backing_opts = OpenOptions(read_only=True, auto_read_only=opts.auto_read_only,
-                                   cache_direct=opts.cache_direct)
-        return self._open_image(path, fmt=node.image.backing_format, probe=True,
-                                opts=backing_opts, node_name=f"{node.node_name}-backing",
-                                chain=chain)
+        backing_opts = OpenOptions(
+            read_only=True, auto_read_only=opts.auto_read_only, cache_direct=opts.cache_direct
+        )
+        return self._open_image(
+            path,
+            fmt=node.image.backing_format,
+            probe=True,
+            opts=backing_opts,
+            node_name=f"{node.node_name}-backing",
+            chain=chain,
+        )
 
     def _probe_format(self, file: ProtocolNode) -> str:
         """``find_image_format`` + ``bdrv_probe_all``: the highest score wins, first on ties."""
@@ -431,8 +460,12 @@ class BlockLayer:
         self.opener.probe(path)  # qcow2_co_create_opts: bdrv_open of the protocol
         fd = self.opener.qemu_open(path, os.O_RDWR)
         try:
-            create_image(FdFile(fd, path), size=old.virtual_size, backing_file=old.filename,
-                         backing_format=old.driver if old.driver != "file" else "raw")
+            create_image(
+                FdFile(fd, path),
+                size=old.virtual_size,
+                backing_file=old.filename,
+                backing_format=old.driver if old.driver != "file" else "raw",
+            )
         finally:
             os.close(fd)
 
@@ -489,8 +522,7 @@ def _driver(fmt: str) -> type[FormatDriver]:
 def _check_range(node: FormatNode, offset: int, length: int) -> None:
     if offset < 0 or length < 0 or offset + length > node.virtual_size:
         raise BlockError(
-            f"{length} bytes at {offset} lie outside {node.filename!r} "
-            f"({node.virtual_size} bytes)"
+            f"{length} bytes at {offset} lie outside {node.filename!r} ({node.virtual_size} bytes)"
         )
 
 
@@ -507,11 +539,14 @@ def _parse_blockdev(options: Mapping[str, Any]) -> tuple[str, str, str, OpenOpti
     else:
         file_opts = options.get("file") or {}
         if not isinstance(file_opts, Mapping):
-            raise BlockError("blockdev-add: 'file' must be an object (node references "
-                             "are not modelled)")
+            raise BlockError(
+                "blockdev-add: 'file' must be an object (node references are not modelled)"
+            )
         if file_opts.get("driver") != "file":
-            raise BlockError(f"blockdev-add: file driver {file_opts.get('driver')!r} is not "
-                             "modelled (only 'file')")
+            raise BlockError(
+                f"blockdev-add: file driver {file_opts.get('driver')!r} is not "
+                "modelled (only 'file')"
+            )
     path = file_opts.get("filename")
     if not isinstance(path, str) or not path:
         raise BlockError("blockdev-add: file.filename is required")

@@ -98,9 +98,7 @@ class Opener:
             except OSError:
                 raise err from None
             os.close(fd)
-            raise OSError(
-                errno.EINVAL, "filesystem does not support O_DIRECT", path
-            ) from err
+            raise OSError(errno.EINVAL, "filesystem does not support O_DIRECT", path) from err
 
     def qemu_create(self, path: str, flags: int, mode: int) -> int:
         """``qemu_create``: the same with ``O_CREAT``."""

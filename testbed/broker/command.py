@@ -73,22 +73,45 @@ def register(sub: Any) -> None:
     where.add_argument(
         "--fd", type=int, metavar="N", help="serve the connected UNIX socket inherited as fd N"
     )
-    p.add_argument("--allow-ro", action="append", default=[], metavar="PATH",
-                   help="grant read-only opens of PATH (a file, or everything beneath a directory)")
-    p.add_argument("--allow-rw", action="append", default=[], metavar="PATH",
-                   help="grant read-write opens of PATH (no creating files)")
-    p.add_argument("--allow-create", action="append", default=[], metavar="DIR",
-                   help="grant read-write opens and O_CREAT beneath DIR")
-    p.add_argument("--allow-symlinks", action="store_true",
-                   help="follow symlinks that stay beneath the grant (for the flag grants)")
+    p.add_argument(
+        "--allow-ro",
+        action="append",
+        default=[],
+        metavar="PATH",
+        help="grant read-only opens of PATH (a file, or everything beneath a directory)",
+    )
+    p.add_argument(
+        "--allow-rw",
+        action="append",
+        default=[],
+        metavar="PATH",
+        help="grant read-write opens of PATH (no creating files)",
+    )
+    p.add_argument(
+        "--allow-create",
+        action="append",
+        default=[],
+        metavar="DIR",
+        help="grant read-write opens and O_CREAT beneath DIR",
+    )
+    p.add_argument(
+        "--allow-symlinks",
+        action="store_true",
+        help="follow symlinks that stay beneath the grant (for the flag grants)",
+    )
     p.add_argument("--policy", metavar="FILE", help="TOML policy file (see below)")
     p.add_argument("--audit", metavar="FILE", help="append one JSON line per request to FILE")
-    p.add_argument("--refuse-errno", metavar="ERRNO",
-                   help="errno for refusals, by name or number (default EACCES)")
-    p.add_argument("--peer-uid", type=int, metavar="UID",
-                   help="accept only peers with this uid (SO_PEERCRED)")
-    p.add_argument("--peer-pid", type=int, metavar="PID",
-                   help="accept only peers with this pid (SO_PEERCRED)")
+    p.add_argument(
+        "--refuse-errno",
+        metavar="ERRNO",
+        help="errno for refusals, by name or number (default EACCES)",
+    )
+    p.add_argument(
+        "--peer-uid", type=int, metavar="UID", help="accept only peers with this uid (SO_PEERCRED)"
+    )
+    p.add_argument(
+        "--peer-pid", type=int, metavar="PID", help="accept only peers with this pid (SO_PEERCRED)"
+    )
     p.set_defaults(func=run)
 
 
@@ -100,13 +123,18 @@ def build_policy(args: argparse.Namespace) -> Policy:
         extra["peer_uid"] = args.peer_uid
     if args.peer_pid is not None:
         extra["peer_pid"] = args.peer_pid
-    for flag, paths in (("--allow-ro", args.allow_ro), ("--allow-rw", args.allow_rw),
-                        ("--allow-create", args.allow_create)):
+    for flag, paths in (
+        ("--allow-ro", args.allow_ro),
+        ("--allow-rw", args.allow_rw),
+        ("--allow-create", args.allow_create),
+    ):
         for path in paths:
             if not os.path.isabs(path):
                 raise PolicyError(f"{flag} {path!r}: grant paths must be absolute")
     flags_policy = Policy.from_grants(
-        ro=args.allow_ro, rw=args.allow_rw, create=args.allow_create,
+        ro=args.allow_ro,
+        rw=args.allow_rw,
+        create=args.allow_create,
         symlinks=args.allow_symlinks,
     )
     policy = flags_policy
@@ -167,8 +195,9 @@ def run(args: argparse.Namespace) -> int:
     try:
         policy = build_policy(args)
         sock = _inherited_socket(args.fd) if args.fd is not None else _listen(args.socket)
-        broker = Broker(policy, audit_path=args.audit, keep_records=False,
-                        exit_when_idle=args.fd is not None)
+        broker = Broker(
+            policy, audit_path=args.audit, keep_records=False, exit_when_idle=args.fd is not None
+        )
     except (PolicyError, TransportError, OSError) as err:
         print(f"testbed broker: {err}", file=sys.stderr)
         return 2
@@ -184,8 +213,9 @@ def run(args: argparse.Namespace) -> int:
         broker.stop()
 
     old = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
-    print(f"testbed broker: serving {where}; grants: " + "; ".join(policy.describe()),
-          file=sys.stderr)
+    print(
+        f"testbed broker: serving {where}; grants: " + "; ".join(policy.describe()), file=sys.stderr
+    )
     try:
         broker.serve()
     finally:

@@ -43,6 +43,8 @@ _UCRED = struct.Struct("3i")
 @functools.lru_cache(maxsize=256)
 def _names(flags: int) -> tuple[str, ...]:
     return tuple(flag_names(flags))
+
+
 _REPLY_OK = encode_reply(0)
 RECV_SIZE = 4096  # requests are at most 18 + 4096 bytes that matter; smaller is cheaper
 _SEND_FLAGS = MSG_NOSIGNAL | MSG_DONTWAIT
@@ -160,8 +162,10 @@ class Broker:
         try:
             while not self._stop.is_set():
                 self._take_pending()
-                if self.exit_when_idle and self.served_connections and not (
-                    self._conns or self._listeners
+                if (
+                    self.exit_when_idle
+                    and self.served_connections
+                    and not (self._conns or self._listeners)
                 ):
                     log.info("last connection closed; exiting")
                     break
@@ -319,8 +323,12 @@ class Broker:
             )
         self._send(conn, _REPLY_OK if result == 0 else encode_reply(result), outcome.fd)
         if result < 0:
-            log.info("refused %r (%s): %s", request.path, "|".join(_names(request.flags)),
-                     outcome.reason or os.strerror(-result))
+            log.info(
+                "refused %r (%s): %s",
+                request.path,
+                "|".join(_names(request.flags)),
+                outcome.reason or os.strerror(-result),
+            )
 
     def _send(self, conn: Connection, data: bytes, fd: int | None) -> None:
         if conn.outq:
@@ -365,8 +373,12 @@ class Broker:
         if reason:
             log.warning("connection %d (pid %d) closed: %s", conn.id, conn.peer.pid, reason)
         else:
-            log.debug("connection %d (pid %d) closed by peer after %d request(s)",
-                      conn.id, conn.peer.pid, conn.requests)
+            log.debug(
+                "connection %d (pid %d) closed by peer after %d request(s)",
+                conn.id,
+                conn.peer.pid,
+                conn.requests,
+            )
         self._conns.pop(conn.id, None)
         self._ready.discard(conn)
         close_fds([fd for _, fd in conn.outq if fd is not None])
@@ -424,4 +436,3 @@ def listen_unix(path: str | Path, *, backlog: int = 128) -> socket.socket:
         sock.close()
         raise
     return sock
-

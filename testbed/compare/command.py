@@ -28,20 +28,44 @@ def register(sub: Any) -> None:
             "mismatch."
         ),
     )
-    p.add_argument("--scenario", action="append", default=[], metavar="GLOB",
-                   help="only scenarios whose name matches (repeatable)")
+    p.add_argument(
+        "--scenario",
+        action="append",
+        default=[],
+        metavar="GLOB",
+        help="only scenarios whose name matches (repeatable)",
+    )
     p.add_argument("--list", action="store_true", help="list the scenarios and exit")
     p.add_argument("--json", type=Path, metavar="FILE", help="write every trace as JSON")
-    p.add_argument("--report", type=Path, metavar="DIR",
-                   help="write report.md and report.html into DIR")
-    p.add_argument("--images", type=Path, default=_DEFAULT_INDEX, metavar="INDEX",
-                   help="the image index (default: build/images/index.json)")
-    p.add_argument("--workdir", type=Path, default=_DEFAULT_WORK, metavar="DIR",
-                   help="where scenario copies, logs and traces go (default: build/compare)")
-    p.add_argument("--jobs", type=int, default=1, metavar="N",
-                   help="scenarios run at once (default 1; the machine has 2 cores)")
-    p.add_argument("--oracles", default="model,patched,stock,fdset",
-                   help="comma-separated subset of model,patched,stock,fdset")
+    p.add_argument(
+        "--report", type=Path, metavar="DIR", help="write report.md and report.html into DIR"
+    )
+    p.add_argument(
+        "--images",
+        type=Path,
+        default=_DEFAULT_INDEX,
+        metavar="INDEX",
+        help="the image index (default: build/images/index.json)",
+    )
+    p.add_argument(
+        "--workdir",
+        type=Path,
+        default=_DEFAULT_WORK,
+        metavar="DIR",
+        help="where scenario copies, logs and traces go (default: build/compare)",
+    )
+    p.add_argument(
+        "--jobs",
+        type=int,
+        default=1,
+        metavar="N",
+        help="scenarios run at once (default 1; the machine has 2 cores)",
+    )
+    p.add_argument(
+        "--oracles",
+        default="model,patched,stock,fdset",
+        help="comma-separated subset of model,patched,stock,fdset",
+    )
     p.set_defaults(func=main)
 
 
@@ -64,8 +88,11 @@ def main(args: argparse.Namespace) -> int:
         return 2
     if args.list:
         for sc in chosen:
-            console.print(f"{sc.name}  [dim]{sc.image} {sc.attach} grant={sc.grant} "
-                          f"{' '.join(sc.operations)}[/]", highlight=False)
+            console.print(
+                f"{sc.name}  [dim]{sc.image} {sc.attach} grant={sc.grant} "
+                f"{' '.join(sc.operations)}[/]",
+                highlight=False,
+            )
         console.print(f"{len(chosen)} scenarios")
         return 0
     oracles = tuple(o.strip() for o in args.oracles.split(",") if o.strip())
@@ -83,8 +110,10 @@ def main(args: argparse.Namespace) -> int:
         return 2
     missing = sorted({sc.image for sc in chosen if sc.image not in images})
     if missing:
-        err.print(f"testbed compare: images not in {args.images}: {', '.join(missing)} "
-                  "(run `make images`)")
+        err.print(
+            f"testbed compare: images not in {args.images}: {', '.join(missing)} "
+            "(run `make images`)"
+        )
         return 2
     meta: dict[str, Any] = {
         "started": datetime.datetime.now().isoformat(timespec="seconds"),
@@ -95,8 +124,12 @@ def main(args: argparse.Namespace) -> int:
     }
     results: dict[str, ScenarioResult] = {}
     started = time.monotonic()
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-               TimeElapsedColumn())
+    columns = (
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+    )
     with Progress(*columns, console=err, transient=True) as progress:
         task = progress.add_task("comparing", total=len(chosen))
 

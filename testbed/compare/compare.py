@@ -66,8 +66,11 @@ def _relative_refused(left: list[Open], right: list[Open]) -> tuple[list[Open], 
     """Take the right side's result for a cwd-relative open the left side's broker refused."""
     out = list(left)
     for i, (a, b) in enumerate(zip(left, right, strict=False)):
-        if (a.path.startswith(CWD_PREFIX) and a.result == "EACCES"
-                and (a.path, a.flags, a.mode) == (b.path, b.flags, b.mode)):
+        if (
+            a.path.startswith(CWD_PREFIX)
+            and a.result == "EACCES"
+            and (a.path, a.flags, a.mode) == (b.path, b.flags, b.mode)
+        ):
             out[i] = replace(a, result=b.result)
     return out, right
 
@@ -165,8 +168,9 @@ def compare_pair(
             used.append(entry.key)
             a, b = a2, b2
     status = KNOWN if used and a == b else MISMATCH
-    return PairResult(left=left_name, right=right_name, status=status,
-                      divergences=tuple(used), diff=diff)
+    return PairResult(
+        left=left_name, right=right_name, status=status, divergences=tuple(used), diff=diff
+    )
 
 
 def skipped(left_name: str, right_name: str, why: str) -> PairResult:

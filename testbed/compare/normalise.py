@@ -113,8 +113,9 @@ def normalise_open(raw: RawOpen, roots: tuple[str, ...], *, cwd: str | None = No
     )
 
 
-def normalise(raws: Iterable[RawOpen], root: str | os.PathLike[str], *,
-              cwd: str | None = None) -> list[Open]:
+def normalise(
+    raws: Iterable[RawOpen], root: str | os.PathLike[str], *, cwd: str | None = None
+) -> list[Open]:
     """The image opens of ``raws`` beneath ``root``, in order."""
     roots = scenario_roots(root)
     out = []
@@ -134,9 +135,9 @@ def from_audit(records: Iterable[AuditRecord]) -> list[RawOpen]:
 # `openat(AT_FDCWD, "/p", O_RDWR|O_CREAT|O_CLOEXEC, 0644` then `) = 3` or
 # `) = -1 ENOENT (...)`; with -f each line starts with the pid.
 _CALL = re.compile(
-    r'^(?:(?P<pid>\d+)\s+)?(?P<call>openat|open)\((?:(?P<dirfd>AT_FDCWD|-?\d+)(?:<[^>]*>)?, )?'
+    r"^(?:(?P<pid>\d+)\s+)?(?P<call>openat|open)\((?:(?P<dirfd>AT_FDCWD|-?\d+)(?:<[^>]*>)?, )?"
     r'"(?P<path>(?:[^"\\]|\\.)*)"(?P<trunc>\.\.\.)?, (?P<flags>[A-Z_0-9|]+)(?:, (?P<mode>0\d*))?'
-    r'(?P<rest>.*)$'
+    r"(?P<rest>.*)$"
 )
 _RESUMED = re.compile(r"^(?:(?P<pid>\d+)\s+)?<\.\.\. (?P<call>openat|open) resumed>(?P<rest>.*)$")
 _RESULT = re.compile(r"\)\s+=\s+(?P<value>-?\d+)(?:<[^>]*>)?(?:\s+(?P<err>E[A-Z0-9]+))?")
@@ -193,8 +194,9 @@ def parse_strace(text: str) -> list[RawOpen]:
         m = _CALL.match(line)
         if m is not None:
             if m.group("trunc"):
-                raise StraceParseError(f"strace line {lineno}: path truncated (use -s 4096): "
-                                       f"{line!r}")
+                raise StraceParseError(
+                    f"strace line {lineno}: path truncated (use -s 4096): {line!r}"
+                )
             try:
                 flags = parse_flags(m.group("flags"))
             except ValueError as err:
@@ -213,8 +215,11 @@ def parse_strace(text: str) -> list[RawOpen]:
             value = _result(rest, lineno, line)
             if value is None:
                 raise StraceParseError(f"strace line {lineno}: open without a result: {line!r}")
-            out.append(RawOpen(path=raw.path, flags=raw.flags, mode=raw.mode, result=value,
-                               dirfd=raw.dirfd))
+            out.append(
+                RawOpen(
+                    path=raw.path, flags=raw.flags, mode=raw.mode, result=value, dirfd=raw.dirfd
+                )
+            )
             continue
         r = _RESUMED.match(line)
         if r is not None:
@@ -224,7 +229,11 @@ def parse_strace(text: str) -> list[RawOpen]:
             index, raw = slot
             value = _result(r.group("rest"), lineno, line)
             # a thread killed mid-call has no result: treat as not opened
-            out[index] = RawOpen(path=raw.path, flags=raw.flags, mode=raw.mode,
-                                 result=value if value is not None else -errno_mod.EINTR,
-                                 dirfd=raw.dirfd)
+            out[index] = RawOpen(
+                path=raw.path,
+                flags=raw.flags,
+                mode=raw.mode,
+                result=value if value is not None else -errno_mod.EINTR,
+                dirfd=raw.dirfd,
+            )
     return [o for o in out if o is not None]

@@ -78,8 +78,10 @@ def write_json(path: Path, results: list[ScenarioResult], meta: dict[str, Any]) 
     data = {
         "meta": meta,
         "summary": summary(results),
-        "known_divergences": [{"key": k.key, "pair": list(k.pair), "tag": k.tag,
-                               "reason": k.reason} for k in KNOWN_DIVERGENCES],
+        "known_divergences": [
+            {"key": k.key, "pair": list(k.pair), "tag": k.tag, "reason": k.reason}
+            for k in KNOWN_DIVERGENCES
+        ],
         "scenarios": [r.to_json() for r in results],
     }
     path.write_text(json.dumps(data, indent=1) + "\n")
@@ -91,60 +93,92 @@ def _ops(r: ScenarioResult, oracle: str) -> str:
         return "not run"
     if res.skipped:
         return f"skipped: {res.skipped}"
-    return "; ".join(f"{op} {'ok' if out == 'ok' else 'FAILED: ' + out}"
-                     for op, out in res.operations)
+    return "; ".join(
+        f"{op} {'ok' if out == 'ok' else 'FAILED: ' + out}" for op, out in res.operations
+    )
 
 
 def write_markdown(path: Path, results: list[ScenarioResult], meta: dict[str, Any]) -> None:
     s = summary(results)
     out = [
-        "# open-hook-fd comparison report", "",
+        "# open-hook-fd comparison report",
+        "",
         f"Run {meta.get('started', '')}, patched QEMU `{meta.get('patched', '')}`, "
         f"stock QEMU `{meta.get('stock', '')}`; {s['scenarios']} scenarios in "
         f"{meta.get('wall_seconds', '?')} s.",
         "",
-        "| status | scenarios |", "|---|---|",
+        "| status | scenarios |",
+        "|---|---|",
         *(f"| {k} | {n} |" for k, n in sorted(s["status"].items())),
-        "", f"fd sets: work in {s['fdset_works']}, fail in {s['fdset_fails']}.", "",
-        "## Scenarios", "",
+        "",
+        f"fd sets: work in {s['fdset_works']}, fail in {s['fdset_fails']}.",
+        "",
+        "## Scenarios",
+        "",
         "| scenario | opens | model = patched | patched = stock | fd sets | status |",
         "|---|---|---|---|---|---|",
     ]
     for r in results:
         p = r.oracles.get("patched")
         fd = r.oracles.get("fdset")
-        fd_text = "skipped" if fd is None or fd.skipped else (
-            "works" if fd.ok else "fails: " + fd.first_error.replace("|", "\\|")[:160])
+        fd_text = (
+            "skipped"
+            if fd is None or fd.skipped
+            else ("works" if fd.ok else "fails: " + fd.first_error.replace("|", "\\|")[:160])
+        )
         pr = [r.pair("model", "patched"), r.pair("patched", "stock")]
-        cells = [x.status + (f" ({', '.join(x.divergences)})" if x.divergences else "")
-                 for x in pr]
-        out.append(f"| [{r.scenario.name}](#{r.scenario.name.lower()}) | "
-                   f"{len(p.trace) if p else '-'} | {cells[0]} | {cells[1]} | {fd_text} | "
-                   f"{r.status} |")
-    out += ["", "## Known divergences", "", "| key | pair | applies to | reason |",
-            "|---|---|---|---|"]
+        cells = [x.status + (f" ({', '.join(x.divergences)})" if x.divergences else "") for x in pr]
+        out.append(
+            f"| [{r.scenario.name}](#{r.scenario.name.lower()}) | "
+            f"{len(p.trace) if p else '-'} | {cells[0]} | {cells[1]} | {fd_text} | "
+            f"{r.status} |"
+        )
+    out += [
+        "",
+        "## Known divergences",
+        "",
+        "| key | pair | applies to | reason |",
+        "|---|---|---|---|",
+    ]
     for k in KNOWN_DIVERGENCES:
-        out.append(f"| {k.key} | {' vs '.join(k.pair)} | {k.tag or 'every scenario'} | "
-                   f"{k.reason} |")
+        out.append(
+            f"| {k.key} | {' vs '.join(k.pair)} | {k.tag or 'every scenario'} | {k.reason} |"
+        )
     out += ["", "## Details", ""]
     for r in results:
-        out += [f"### {r.scenario.name}", "",
-                f"image `{r.scenario.image}` ({r.image.format}"
-                f"{', ' + r.image.subformat if r.image.subformat else ''}), "
-                f"attach `{r.scenario.attach}`, grant `{r.scenario.grant}`, operations "
-                f"`{' '.join(r.scenario.operations)}` — **{r.status}**", ""]
+        out += [
+            f"### {r.scenario.name}",
+            "",
+            f"image `{r.scenario.image}` ({r.image.format}"
+            f"{', ' + r.image.subformat if r.image.subformat else ''}), "
+            f"attach `{r.scenario.attach}`, grant `{r.scenario.grant}`, operations "
+            f"`{' '.join(r.scenario.operations)}` — **{r.status}**",
+            "",
+        ]
         for oracle in ("model", "patched", "stock", "fdset"):
             out.append(f"- {oracle}: {_ops(r, oracle)}")
         out.append("")
         p = r.oracles.get("patched")
         if p is not None and p.trace:
-            out += ["Patched QEMU's opens (broker audit, normalised):", "", "```",
-                    *lines(p.trace), "```", ""]
+            out += [
+                "Patched QEMU's opens (broker audit, normalised):",
+                "",
+                "```",
+                *lines(p.trace),
+                "```",
+                "",
+            ]
         for pair in r.pairs:
             if pair.diff:
-                out += [f"{pair.left} vs {pair.right}: {pair.status}"
-                        + (f" ({', '.join(pair.divergences)})" if pair.divergences else ""),
-                        "", "```diff", *pair.diff, "```", ""]
+                out += [
+                    f"{pair.left} vs {pair.right}: {pair.status}"
+                    + (f" ({', '.join(pair.divergences)})" if pair.divergences else ""),
+                    "",
+                    "```diff",
+                    *pair.diff,
+                    "```",
+                    "",
+                ]
             elif pair.status == SKIPPED:
                 out += [f"{pair.left} vs {pair.right}: skipped ({pair.why_skipped})", ""]
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -185,14 +219,16 @@ def write_html(path: Path, results: list[ScenarioResult], meta: dict[str, Any]) 
     e = html.escape
     s = summary(results)
     differ = difflib.HtmlDiff(wrapcolumn=70)
-    parts = [f"<!doctype html><meta charset=utf-8><title>open-hook-fd comparison</title>"
-             f"<style>{_CSS}</style><h1>open-hook-fd comparison report</h1>",
-             f"<p>Run {e(str(meta.get('started', '')))}; {s['scenarios']} scenarios in "
-             f"{meta.get('wall_seconds', '?')} s: "
-             + ", ".join(f"{n} {e(k)}" for k, n in sorted(s["status"].items()))
-             + f". fd sets work in {s['fdset_works']}, fail in {s['fdset_fails']}.</p>",
-             "<table><tr><th>scenario<th>opens<th>model = patched<th>patched = stock"
-             "<th>fd sets<th>status<th>time</tr>"]
+    parts = [
+        f"<!doctype html><meta charset=utf-8><title>open-hook-fd comparison</title>"
+        f"<style>{_CSS}</style><h1>open-hook-fd comparison report</h1>",
+        f"<p>Run {e(str(meta.get('started', '')))}; {s['scenarios']} scenarios in "
+        f"{meta.get('wall_seconds', '?')} s: "
+        + ", ".join(f"{n} {e(k)}" for k, n in sorted(s["status"].items()))
+        + f". fd sets work in {s['fdset_works']}, fail in {s['fdset_fails']}.</p>",
+        "<table><tr><th>scenario<th>opens<th>model = patched<th>patched = stock"
+        "<th>fd sets<th>status<th>time</tr>",
+    ]
     for r in results:
         p = r.oracles.get("patched")
         fd = r.oracles.get("fdset")
@@ -202,33 +238,44 @@ def write_html(path: Path, results: list[ScenarioResult], meta: dict[str, Any]) 
             fd_cell = "<td class='fd-works'>works"
         else:
             # The full error (with QEMU's whole option string) is in the tooltip.
-            fd_cell = (f"<td class='fd-fails' title='{e(fd.first_error)}'>fails: "
-                       f"{e(short_error(fd.first_error))}")
+            fd_cell = (
+                f"<td class='fd-fails' title='{e(fd.first_error)}'>fails: "
+                f"{e(short_error(fd.first_error))}"
+            )
         mp, ps = r.pair("model", "patched"), r.pair("patched", "stock")
         parts.append(
             f"<tr><td><a href='#{e(r.scenario.name)}'>{e(r.scenario.name)}</a>"
             f"<td>{len(p.trace) if p else '-'}"
             f"<td class='{mp.status}'>{e(mp.status)}<td class='{ps.status}'>{e(ps.status)}"
-            f"{fd_cell}<td class='{r.status}'>{e(r.status)}<td>{r.seconds:.1f}s</tr>")
-    parts.append("</table><h2>Known divergences</h2><table><tr><th>key<th>pair<th>applies to"
-                 "<th>reason</tr>")
+            f"{fd_cell}<td class='{r.status}'>{e(r.status)}<td>{r.seconds:.1f}s</tr>"
+        )
+    parts.append(
+        "</table><h2>Known divergences</h2><table><tr><th>key<th>pair<th>applies to<th>reason</tr>"
+    )
     for k in KNOWN_DIVERGENCES:
-        parts.append(f"<tr><td>{e(k.key)}<td>{e(' vs '.join(k.pair))}"
-                     f"<td>{e(k.tag or 'every scenario')}<td>{e(k.reason)}</tr>")
+        parts.append(
+            f"<tr><td>{e(k.key)}<td>{e(' vs '.join(k.pair))}"
+            f"<td>{e(k.tag or 'every scenario')}<td>{e(k.reason)}</tr>"
+        )
     parts.append("</table><h2>Details</h2>")
     for r in results:
-        parts.append(f"<h3 id='{e(r.scenario.name)}'>{e(r.scenario.name)} — "
-                     f"<span class='{r.status}'>{e(r.status)}</span></h3><ul>")
+        parts.append(
+            f"<h3 id='{e(r.scenario.name)}'>{e(r.scenario.name)} — "
+            f"<span class='{r.status}'>{e(r.status)}</span></h3><ul>"
+        )
         for oracle in ("model", "patched", "stock", "fdset"):
             parts.append(f"<li>{oracle}: {e(_ops(r, oracle))}</li>")
         parts.append("</ul>")
         for pair in r.pairs:
             a, b = r.oracles.get(pair.left), r.oracles.get(pair.right)
             if pair.status in (MISMATCH, KNOWN) and a is not None and b is not None:
-                parts.append(f"<p>{e(pair.left)} vs {e(pair.right)}: {e(pair.status)} "
-                             f"{e(', '.join(pair.divergences))}</p>")
-                parts.append(differ.make_table(lines(a.trace), lines(b.trace),
-                                               pair.left, pair.right))
+                parts.append(
+                    f"<p>{e(pair.left)} vs {e(pair.right)}: {e(pair.status)} "
+                    f"{e(', '.join(pair.divergences))}</p>"
+                )
+                parts.append(
+                    differ.make_table(lines(a.trace), lines(b.trace), pair.left, pair.right)
+                )
         p = r.oracles.get("patched")
         if p is not None and p.trace:
             parts.append("<pre>" + e("\n".join(lines(p.trace))) + "</pre>")

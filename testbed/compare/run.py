@@ -52,8 +52,12 @@ class ScenarioResult:
             "format": self.image.format,
             "subformat": self.image.subformat,
             "attach": sc.attach,
-            "options": {"read_only": sc.read_only, "cache_direct": sc.cache_direct,
-                        "vvfat_rw": sc.vvfat_rw, "grant": sc.grant},
+            "options": {
+                "read_only": sc.read_only,
+                "cache_direct": sc.cache_direct,
+                "vvfat_rw": sc.vvfat_rw,
+                "grant": sc.grant,
+            },
             "operations": list(sc.operations),
             "tags": sorted(sc.tags),
             **{name: res.to_json() for name, res in self.oracles.items()},
@@ -68,26 +72,39 @@ class ScenarioResult:
 
 def outcomes(res: OracleResult) -> list[str]:
     """Which operations worked: ``read ok``, ``add failed`` (QEMU's wording differs)."""
-    return [f"{op} {'ok' if text == 'ok' else 'failed'}" for op, text in res.operations
-            if op != "launch" or text != "ok"]
+    return [
+        f"{op} {'ok' if text == 'ok' else 'failed'}"
+        for op, text in res.operations
+        if op != "launch" or text != "ok"
+    ]
 
 
-def _check_outcomes(pair: PairResult, a: OracleResult, b: OracleResult,
-                    scenario: Scenario) -> PairResult:
+def _check_outcomes(
+    pair: PairResult, a: OracleResult, b: OracleResult, scenario: Scenario
+) -> PairResult:
     """Equal traces but an operation that worked on one side only is still a mismatch."""
     if pair.status == MISMATCH or "refusal" in scenario.tags:
         return pair
     oa, ob = outcomes(a), outcomes(b)
     if oa == ob:
         return pair
-    diff = tuple(difflib.unified_diff(oa, ob, f"{pair.left} operations",
-                                      f"{pair.right} operations", lineterm=""))
-    return PairResult(left=pair.left, right=pair.right, status=MISMATCH,
-                      divergences=pair.divergences, diff=pair.diff + diff)
+    diff = tuple(
+        difflib.unified_diff(
+            oa, ob, f"{pair.left} operations", f"{pair.right} operations", lineterm=""
+        )
+    )
+    return PairResult(
+        left=pair.left,
+        right=pair.right,
+        status=MISMATCH,
+        divergences=pair.divergences,
+        diff=pair.diff + diff,
+    )
 
 
-def run_scenario(scenario: Scenario, image: ImageInfo, workdir: Path,
-                 oracles: tuple[str, ...] = tuple(ORACLES)) -> ScenarioResult:
+def run_scenario(
+    scenario: Scenario, image: ImageInfo, workdir: Path, oracles: tuple[str, ...] = tuple(ORACLES)
+) -> ScenarioResult:
     start = time.monotonic()
     out = ScenarioResult(scenario=scenario, image=image)
     for name in oracles:

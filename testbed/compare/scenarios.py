@@ -61,21 +61,25 @@ class Scenario:
 
     def __post_init__(self) -> None:
         if self.attach not in ATTACHES:
-            raise ValueError(f"scenario {self.name}: attach {self.attach!r} is not one of "
-                             f"{', '.join(ATTACHES)}")
+            raise ValueError(
+                f"scenario {self.name}: attach {self.attach!r} is not one of {', '.join(ATTACHES)}"
+            )
         for op in self.operations:
             if op not in OPERATIONS:
                 raise ValueError(f"scenario {self.name}: unknown operation {op!r}")
         if self.grant not in GRANTS:
-            raise ValueError(f"scenario {self.name}: grant {self.grant!r} is not one of "
-                             f"{', '.join(GRANTS)}")
+            raise ValueError(
+                f"scenario {self.name}: grant {self.grant!r} is not one of {', '.join(GRANTS)}"
+            )
         if (self.attach == "hotplug") != ("add" in self.operations):
             raise ValueError(f"scenario {self.name}: 'add' goes with attach=hotplug, and only")
         if not self.operations or self.operations[-1] != "quit":
             raise ValueError(f"scenario {self.name}: the last operation must be 'quit'")
         if "/" in self.name or ":" in self.name or "," in self.name:
-            raise ValueError(f"scenario name {self.name!r} has '/', ':' or ',' "
-                             "(it becomes a directory inside QEMU file names)")
+            raise ValueError(
+                f"scenario name {self.name!r} has '/', ':' or ',' "
+                "(it becomes a directory inside QEMU file names)"
+            )
 
     @property
     def snapshots(self) -> bool:
@@ -91,9 +95,17 @@ def _name(image: str, attach: str, opts: list[str], ops: tuple[str, ...], grant:
     return "_".join(parts)
 
 
-def scenario(image: str, attach: str, ops: tuple[str, ...] = ("read",), *,
-             read_only: bool = False, cache_direct: bool = False, vvfat_rw: bool = False,
-             grant: str = "create", tags: tuple[str, ...] = ()) -> Scenario:
+def scenario(
+    image: str,
+    attach: str,
+    ops: tuple[str, ...] = ("read",),
+    *,
+    read_only: bool = False,
+    cache_direct: bool = False,
+    vvfat_rw: bool = False,
+    grant: str = "create",
+    tags: tuple[str, ...] = (),
+) -> Scenario:
     """A scenario with its name made from its parts; ``quit`` (and add/del) appended."""
     full = ops
     if attach == "hotplug":
@@ -103,9 +115,17 @@ def scenario(image: str, attach: str, ops: tuple[str, ...] = ("read",), *,
     all_tags = set(tags) | ({"refusal"} if grant != "create" else set())
     if image.startswith("vvfat"):
         all_tags.add("vvfat")
-    return Scenario(name=_name(image, attach, opts, ops, grant), image=image, attach=attach,
-                    operations=full, read_only=read_only, cache_direct=cache_direct,
-                    vvfat_rw=vvfat_rw, grant=grant, tags=frozenset(all_tags))
+    return Scenario(
+        name=_name(image, attach, opts, ops, grant),
+        image=image,
+        attach=attach,
+        operations=full,
+        read_only=read_only,
+        cache_direct=cache_direct,
+        vvfat_rw=vvfat_rw,
+        grant=grant,
+        tags=frozenset(all_tags),
+    )
 
 
 #: Every format and subformat the model supports (one image each, chains of depth 1-3).

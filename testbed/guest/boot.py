@@ -89,13 +89,22 @@ def run_boot(
     if opts.sandbox and opts.fmt == "vvfat":
         # QEMU scans a fat: directory with opendir/readdir, which no hook in
         # qemu_open sees (DESIGN.md section 3), so a hidden directory reads as empty.
-        raise ValueError("--sandbox cannot be used with vvfat: QEMU reads the directory "
-                         "listing with opendir(), which does not go through the hook")
+        raise ValueError(
+            "--sandbox cannot be used with vvfat: QEMU reads the directory "
+            "listing with opendir(), which does not go through the hook"
+        )
     if opts.records < 4:
         raise ValueError(f"--records {opts.records}: need at least 4")
-    config = SessionConfig(fmt=opts.fmt, workdir=opts.workdir, accel=opts.accel, hook=opts.hook,
-                           sandbox=opts.sandbox, qemu=opts.qemu, guest_dir=opts.guest_dir,
-                           layout=DiskLayout())
+    config = SessionConfig(
+        fmt=opts.fmt,
+        workdir=opts.workdir,
+        accel=opts.accel,
+        hook=opts.hook,
+        sandbox=opts.sandbox,
+        qemu=opts.qemu,
+        guest_dir=opts.guest_dir,
+        layout=DiskLayout(),
+    )
     session = Session(config, on_step=on_step)
     error: str | None = None
     try:

@@ -45,8 +45,12 @@ class StepResult:
     detail: str = ""
 
     def as_dict(self) -> dict[str, object]:
-        return {"name": self.name, "ok": self.ok, "seconds": round(self.seconds, 3),
-                "detail": self.detail}
+        return {
+            "name": self.name,
+            "ok": self.ok,
+            "seconds": round(self.seconds, 3),
+            "detail": self.detail,
+        }
 
 
 class TimestampLog:
@@ -111,8 +115,13 @@ class Console:
 
     def _record(self, result: StepResult) -> None:
         self.steps.append(result)
-        log.info("step %s: %s in %.2fs %s", result.name, "ok" if result.ok else "FAILED",
-                 result.seconds, result.detail)
+        log.info(
+            "step %s: %s in %.2fs %s",
+            result.name,
+            "ok" if result.ok else "FAILED",
+            result.seconds,
+            result.detail,
+        )
         if self._on_step is not None:
             self._on_step(result)
 
@@ -144,8 +153,9 @@ class Console:
         if index == 0:
             match: re.Match[str] = self.child.match
             if record:
-                self._record(StepResult(name=name, ok=True, seconds=seconds,
-                                        detail=match.group(0).strip()))
+                self._record(
+                    StepResult(name=name, ok=True, seconds=seconds, detail=match.group(0).strip())
+                )
             return match
         if index == len(patterns) - 1:
             cause = WaitTimeout(f"guest step {name!r} (pattern {pattern!r})", timeout)
@@ -154,11 +164,8 @@ class Console:
             self._fail(name, t0, f"console closed (QEMU exited?) while waiting for {pattern!r}")
         self._fail(name, t0, f"failure pattern: {self.child.match.group(0).strip()!r}")
 
-    def _fail(
-        self, name: str, t0: float, message: str, cause: Exception | None = None
-    ) -> NoReturn:
-        self._record(StepResult(name=name, ok=False, seconds=time.monotonic() - t0,
-                                detail=message))
+    def _fail(self, name: str, t0: float, message: str, cause: Exception | None = None) -> NoReturn:
+        self._record(StepResult(name=name, ok=False, seconds=time.monotonic() - t0, detail=message))
         raise GuestError(name, message, console_tail=self.tail()) from cause
 
     def command(self, name: str, line: str, pattern: str, *, timeout: float) -> re.Match[str]:

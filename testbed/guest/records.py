@@ -186,9 +186,7 @@ def read_raw(path: Path, fmt: str, *, with_backing: bool = True) -> bytes:
         argv = ["qemu-img", "convert", "-U", "-O", "raw", "json:" + json.dumps(spec), str(out)]
         proc = subprocess.run(argv, capture_output=True, text=True, timeout=120)
         if proc.returncode != 0:
-            raise TestbedError(
-                f"qemu-img convert of {path} ({fmt}) failed: {proc.stderr.strip()}"
-            )
+            raise TestbedError(f"qemu-img convert of {path} ({fmt}) failed: {proc.stderr.strip()}")
         return out.read_bytes()
 
 
@@ -274,6 +272,9 @@ def check_chain(
         if late:
             problems.append(f"{older.name}: records written after snapshot {i + 1}: {late}")
     return ChainReport(
-        records_found=len(top.records), synced=len(synced_set), per_layer=tuple(per_layer),
-        lost=tuple(lost), problems=tuple(problems),
+        records_found=len(top.records),
+        synced=len(synced_set),
+        per_layer=tuple(per_layer),
+        lost=tuple(lost),
+        problems=tuple(problems),
     )

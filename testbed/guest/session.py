@@ -111,16 +111,27 @@ class Session:
             "-device", f"virtio-blk-pci,drive={DRIVE_ID}",
         )  # fmt: skip
         machine = MachineConfig(
-            binary=binary, args=args, machine="pc", accel=cfg.accel, hook=cfg.hook,
-            serial=True, hide_dirs=(self.image_dir.resolve(),) if cfg.sandbox else (),
-            log_path=cfg.workdir / "qemu.log", launch_timeout=cfg.step_timeout,
+            binary=binary,
+            args=args,
+            machine="pc",
+            accel=cfg.accel,
+            hook=cfg.hook,
+            serial=True,
+            hide_dirs=(self.image_dir.resolve(),) if cfg.sandbox else (),
+            log_path=cfg.workdir / "qemu.log",
+            launch_timeout=cfg.step_timeout,
             command_timeout=cfg.step_timeout,
         )
         self.qemu = Machine(machine)
         if cfg.hook:
             self._start_broker(self.qemu)
-        log.info("booting %s guest with accel=%s (hook=%s, sandbox=%s)",
-                 cfg.fmt, cfg.accel, cfg.hook, cfg.sandbox)
+        log.info(
+            "booting %s guest with accel=%s (hook=%s, sandbox=%s)",
+            cfg.fmt,
+            cfg.accel,
+            cfg.hook,
+            cfg.sandbox,
+        )
         self.qemu.launch()
         self.accel_used = self.qemu.accel_used
         child = fdspawn(self.qemu.console_socket.fileno(), encoding="utf-8", codec_errors="replace")
@@ -155,7 +166,8 @@ class Session:
                 for p in paths:
                     args += [flag, p]
             self.broker_pid = vm.start_broker_process(
-                args, log_path=self.config.workdir / "broker.log")
+                args, log_path=self.config.workdir / "broker.log"
+            )
         else:
             policy = Policy.from_grants(ro=ro, rw=rw, create=create)
             self.broker = vm.start_broker(policy, audit_path=self.audit_path)
@@ -177,12 +189,19 @@ class Session:
     def check_pattern(self) -> str:
         """The guest reads the pattern area; its sha256 must be the host's."""
         layout = self.config.layout
-        m = self.con.command("pattern", f"tb pattern {layout.pattern_sectors}",
-                             r"PATTERN ([0-9a-f]{64})", timeout=self.config.step_timeout)
+        m = self.con.command(
+            "pattern",
+            f"tb pattern {layout.pattern_sectors}",
+            r"PATTERN ([0-9a-f]{64})",
+            timeout=self.config.step_timeout,
+        )
         want = pattern_digest(self.run, layout)
         if m.group(1) != want:
-            raise GuestError("pattern", f"guest read sha256 {m.group(1)}, host wrote {want}",
-                             console_tail=self.con.tail())
+            raise GuestError(
+                "pattern",
+                f"guest read sha256 {m.group(1)}, host wrote {want}",
+                console_tail=self.con.tail(),
+            )
         return want
 
     def check_fat(self) -> dict[str, str]:
@@ -193,15 +212,17 @@ class Session:
         self.con.child.sendline(f"tb fat /dev/vda1 {' '.join(want)}")
         got: dict[str, str] = {}
         for name in want:
-            m = self.con.expect(f"fat {name}", rf"FATSUM ([0-9a-f]{{64}}) {name}\r?\n",
-                                timeout=timeout)
+            m = self.con.expect(
+                f"fat {name}", rf"FATSUM ([0-9a-f]{{64}}) {name}\r?\n", timeout=timeout
+            )
             got[name] = m.group(1)
         self.con.expect("fat done", r"FAT DONE", timeout=timeout, record=False)
         self.con.expect("fat: prompt", PROMPT, timeout=timeout, record=False)
         if got != want:
             bad = sorted(n for n in want if got.get(n) != want[n])
-            raise GuestError("fat", f"guest and host checksums differ for {bad}",
-                             console_tail=self.con.tail())
+            raise GuestError(
+                "fat", f"guest and host checksums differ for {bad}", console_tail=self.con.tail()
+            )
         return got
 
     def start_writer(self, count: int) -> None:
@@ -210,10 +231,13 @@ class Session:
             raise GuestError("write", "a writer is already running")
         layout = self.config.layout
         if self.next_seq + count > layout.max_records:
-            raise GuestError("write", f"{self.next_seq + count} records do not fit the disk "
-                             f"({layout.max_records} slots)")
+            raise GuestError(
+                "write",
+                f"{self.next_seq + count} records do not fit the disk ({layout.max_records} slots)",
+            )
         self.con.child.sendline(
-            f"tb write {layout.record_start} {self.next_seq} {count} {self.run}")
+            f"tb write {layout.record_start} {self.next_seq} {count} {self.run}"
+        )
         self._writer_end = self.next_seq + count - 1
         self._writer_t0 = time.monotonic()
         self.next_seq += count
@@ -238,10 +262,14 @@ class Session:
             if left <= 0:
                 return
             index = self.con.child.expect(
-                [SYNCED, r"WRITER DONE", pexpect.TIMEOUT, pexpect.EOF], timeout=left)
+                [SYNCED, r"WRITER DONE", pexpect.TIMEOUT, pexpect.EOF], timeout=left
+            )
             if index == 3:
-                raise GuestError("write", "console closed (QEMU exited?) while the guest wrote",
-                                 console_tail=self.con.tail())
+                raise GuestError(
+                    "write",
+                    "console closed (QEMU exited?) while the guest wrote",
+                    console_tail=self.con.tail(),
+                )
             if index == 2:
                 return
             if index == 1:
@@ -253,11 +281,16 @@ class Session:
         """Wait for the writer to end; returns the number of records synced in all."""
         if not self.writer_done:
             self.wait_synced(self._writer_end)
-            self.con.expect("write", r"WRITER DONE (\d+)", timeout=self.config.step_timeout,
-                            record=False)
+            self.con.expect(
+                "write", r"WRITER DONE (\d+)", timeout=self.config.step_timeout, record=False
+            )
             self.writer_done = True
-        self._step("write", True, time.monotonic() - self._writer_t0,
-                   f"{len(self.synced)} records synced, last {self._writer_end}")
+        self._step(
+            "write",
+            True,
+            time.monotonic() - self._writer_t0,
+            f"{len(self.synced)} records synced, last {self._writer_end}",
+        )
         self.con.expect("write: prompt", PROMPT, timeout=self.config.step_timeout, record=False)
         return len(self.synced)
 
@@ -277,8 +310,11 @@ class Session:
                 if out.strip():
                     raise QEMUError(f"HMP snapshot_blkdev {overlay.name}: {out.strip()}")
             elif kind == "qmp":
-                self.vm.qmp("blockdev-snapshot-sync", device=DRIVE_ID,
-                                **{"snapshot-file": str(overlay), "format": "qcow2"})
+                self.vm.qmp(
+                    "blockdev-snapshot-sync",
+                    device=DRIVE_ID,
+                    **{"snapshot-file": str(overlay), "format": "qcow2"},
+                )
             else:
                 raise ValueError(f"unknown snapshot kind {kind!r} (hmp or qmp)")
         except QEMUError as err:
@@ -288,8 +324,7 @@ class Session:
         after = self.synced[-1] if self.synced else -1
         mark = SnapshotMark(overlay=overlay, synced_before=before, synced_after=after)
         self.marks.append(mark)
-        self._step(step, True, time.monotonic() - t0,
-                   f"{overlay.name} after record {before}")
+        self._step(step, True, time.monotonic() - t0, f"{overlay.name} after record {before}")
         return mark
 
     def _step(self, name: str, ok: bool, seconds: float, detail: str) -> None:
@@ -317,15 +352,17 @@ class Session:
 
     def shutdown(self) -> str:
         """Power the guest off from inside, wait for QEMU to exit; how it ended."""
-        self.con.expect("power off", r"reboot: Power down", send="tb off",
-                        timeout=self.config.step_timeout)
+        self.con.expect(
+            "power off", r"reboot: Power down", send="tb off", timeout=self.config.step_timeout
+        )
         proc = self.vm.process
         if proc is not None:
             try:
                 proc.wait(self.config.step_timeout)
             except subprocess.TimeoutExpired:
-                log.warning("QEMU still running %gs after the guest powered off",
-                            self.config.step_timeout)
+                log.warning(
+                    "QEMU still running %gs after the guest powered off", self.config.step_timeout
+                )
         return self.vm.shutdown()
 
     def verify(self) -> ChainReport:
@@ -335,11 +372,19 @@ class Session:
         """
         assert self.disk is not None
         t0 = time.monotonic()
-        report = check_chain(base=self.disk.path, base_format=self.disk.fmt, marks=self.marks,
-                             synced=self.synced, layout=self.config.layout, run=self.run)
+        report = check_chain(
+            base=self.disk.path,
+            base_format=self.disk.fmt,
+            marks=self.marks,
+            synced=self.synced,
+            layout=self.config.layout,
+            run=self.run,
+        )
         self.report = report
-        detail = (f"{report.verified}/{report.synced} synced records intact, "
-                  f"records per layer {dict(report.per_layer)}")
+        detail = (
+            f"{report.verified}/{report.synced} synced records intact, "
+            f"records per layer {dict(report.per_layer)}"
+        )
         self._step("verify", not report.problems, time.monotonic() - t0, detail)
         if report.problems:
             raise VerifyError(report.problems)
@@ -356,6 +401,10 @@ class Session:
     def __enter__(self) -> Session:
         return self.start()
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
         self.close()

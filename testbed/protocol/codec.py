@@ -231,12 +231,18 @@ class RequestDecoder(_Decoder[OpenRequest | InvalidRequest]):
         del buf[:size]
         if name_len > PATH_MAX:
             return InvalidRequest(
-                path=path[:64], flags=flags, mode=mode, errno=errno.ENAMETOOLONG,
+                path=path[:64],
+                flags=flags,
+                mode=mode,
+                errno=errno.ENAMETOOLONG,
                 reason=f"filename of {name_len} bytes is longer than PATH_MAX",
             )
         if b"\0" in path:
             return InvalidRequest(
-                path=path, flags=flags, mode=mode, errno=errno.EINVAL,
+                path=path,
+                flags=flags,
+                mode=mode,
+                errno=errno.EINVAL,
                 reason="filename contains a NUL byte",
             )
         if not path:

@@ -37,8 +37,10 @@ examples:
 
 def register(sub: Any) -> None:
     p: argparse.ArgumentParser = sub.add_parser(
-        "qemu", help="the patched QEMU: what is built, and running it against a broker",
-        description=__doc__, epilog=EPILOG,
+        "qemu",
+        help="the patched QEMU: what is built, and running it against a broker",
+        description=__doc__,
+        epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     qsub = p.add_subparsers(dest="qemu_command", metavar="ACTION", required=True)
@@ -47,33 +49,45 @@ def register(sub: Any) -> None:
     info.set_defaults(func=run_info)
 
     run = qsub.add_parser("run", help="run QEMU with -open-hook-fd served by a broker")
-    run.add_argument("--stock", action="store_true",
-                     help="run Debian's QEMU without the hook (no broker)")
+    run.add_argument(
+        "--stock", action="store_true", help="run Debian's QEMU without the hook (no broker)"
+    )
     run.add_argument("--binary", type=Path, help="QEMU binary (default: the patched build)")
     run.add_argument("--allow-ro", action="append", default=[], metavar="PATH")
     run.add_argument("--allow-rw", action="append", default=[], metavar="PATH")
     run.add_argument("--allow-create", action="append", default=[], metavar="DIR")
     run.add_argument("--policy", type=Path, metavar="FILE", help="a broker TOML policy")
-    run.add_argument("--audit", type=Path, metavar="FILE",
-                     help="write the broker's answers as JSON lines")
-    run.add_argument("--hide", action="append", default=[], type=Path, metavar="DIR",
-                     help="run QEMU in a mount namespace where DIR is an empty tmpfs")
+    run.add_argument(
+        "--audit", type=Path, metavar="FILE", help="write the broker's answers as JSON lines"
+    )
+    run.add_argument(
+        "--hide",
+        action="append",
+        default=[],
+        type=Path,
+        metavar="DIR",
+        help="run QEMU in a mount namespace where DIR is an empty tmpfs",
+    )
     run.add_argument("qemu_args", nargs=argparse.REMAINDER, metavar="-- QEMU ARGS")
     run.set_defaults(func=run_qemu)
 
 
 def _version(binary: Path) -> str:
     try:
-        out = subprocess.run([str(binary), "--version"], capture_output=True, text=True,
-                             timeout=30, check=False).stdout
+        out = subprocess.run(
+            [str(binary), "--version"], capture_output=True, text=True, timeout=30, check=False
+        ).stdout
     except (OSError, subprocess.SubprocessError) as err:
         return f"cannot run: {err}"
     return out.splitlines()[0] if out else "no version output"
 
 
 def run_info(args: argparse.Namespace) -> int:
-    for label, path in (("stock", STOCK_QEMU), ("patched", patched_qemu_path()),
-                        ("open-hook-server", open_hook_server_path())):
+    for label, path in (
+        ("stock", STOCK_QEMU),
+        ("patched", patched_qemu_path()),
+        ("open-hook-server", open_hook_server_path()),
+    ):
         if is_runnable(path):
             detail = _version(path) if label != "open-hook-server" else "present"
             print(f"{label:17} {path} -> {path.resolve()}\n{'':17} {detail}")
@@ -120,9 +134,11 @@ def run_qemu(args: argparse.Namespace) -> int:
             return 1
         records = broker.records
     granted = sum(1 for r in records if r.result == 0)
-    print(f"testbed qemu run: QEMU exited with {status}; the broker answered "
-          f"{len(records)} requests ({granted} granted, {len(records) - granted} refused)"
-          + (f", audit in {args.audit}" if args.audit else ""))
+    print(
+        f"testbed qemu run: QEMU exited with {status}; the broker answered "
+        f"{len(records)} requests ({granted} granted, {len(records) - granted} refused)"
+        + (f", audit in {args.audit}" if args.audit else "")
+    )
     for r in records:
         answer = "ok" if r.result == 0 else os.strerror(-r.result)
         print(f"  {r.path} {'|'.join(r.flag_names)} -> {answer}")

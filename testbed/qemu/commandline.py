@@ -27,7 +27,7 @@ _HIDE_SCRIPT = (
     'while [ "$1" != -- ]; do '
     'mount -t tmpfs -o mode=0755 testbed-hidden "$1" || '
     '{ echo "testbed: cannot hide $1 with a tmpfs" >&2; exit 125; }; '
-    "shift; done; shift; exec \"$@\""
+    'shift; done; shift; exec "$@"'
 )
 
 

@@ -59,8 +59,9 @@ class _Machines:
     machines: list[Machine] = field(default_factory=list)
     counter: Iterator[int] = field(default_factory=itertools.count)
 
-    def new(self, config: MachineConfig, *, launch: bool, policy: Policy | None,
-            broker: Broker | None) -> Machine:
+    def new(
+        self, config: MachineConfig, *, launch: bool, policy: Policy | None, broker: Broker | None
+    ) -> Machine:
         vm = Machine(config)
         self.machines.append(vm)
         if config.hook:
@@ -101,9 +102,15 @@ def patched_qemu(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Mac
     require(is_runnable(binary), f"patched QEMU {binary} (run `make qemu`)")
     machines = _Machines(tmp_path)
 
-    def make(*args: str, policy: Policy | None = None, broker: Broker | None = None,
-             hook: bool = True, serve: bool = True, launch: bool = True,
-             **config: Any) -> Machine:
+    def make(
+        *args: str,
+        policy: Policy | None = None,
+        broker: Broker | None = None,
+        hook: bool = True,
+        serve: bool = True,
+        launch: bool = True,
+        **config: Any,
+    ) -> Machine:
         if hook and serve and policy is None and broker is None:
             broker = request.getfixturevalue("broker")
         config.setdefault("log_path", machines.log_path())
@@ -121,9 +128,15 @@ def stock_qemu(tmp_path: Path) -> Iterator[MachineFactory]:
     require(is_runnable(STOCK_QEMU), f"Debian's QEMU {STOCK_QEMU} (scripts/deps.sh installs it)")
     machines = _Machines(tmp_path)
 
-    def make(*args: str, policy: Policy | None = None, broker: Broker | None = None,
-             hook: bool = False, serve: bool = True, launch: bool = True,
-             **config: Any) -> Machine:
+    def make(
+        *args: str,
+        policy: Policy | None = None,
+        broker: Broker | None = None,
+        hook: bool = False,
+        serve: bool = True,
+        launch: bool = True,
+        **config: Any,
+    ) -> Machine:
         if hook or policy is not None or broker is not None:
             raise ValueError("stock QEMU has no -open-hook-fd: use patched_qemu")
         config.setdefault("log_path", machines.log_path())

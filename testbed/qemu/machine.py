@@ -131,11 +131,13 @@ class Machine:
         words = [w.replace("{fd}", str(fd)) for w in argv]
         out = open(log_path, "ab") if log_path is not None else subprocess.DEVNULL  # noqa: SIM115
         try:
-            proc = subprocess.Popen(words, pass_fds=(fd,), stdin=subprocess.DEVNULL,
-                                    stdout=out, stderr=out)
+            proc = subprocess.Popen(
+                words, pass_fds=(fd,), stdin=subprocess.DEVNULL, stdout=out, stderr=out
+            )
         except OSError as err:
-            raise LaunchError(f"cannot start the hook server: {err}", argv=words,
-                              exitcode=None, log="") from err
+            raise LaunchError(
+                f"cannot start the hook server: {err}", argv=words, exitcode=None, log=""
+            ) from err
         finally:
             if not isinstance(out, int):
                 out.close()
@@ -143,14 +145,16 @@ class Machine:
         self.helpers.append(proc)
         return proc.pid
 
-    def start_broker_process(self, broker_args: Sequence[str], *,
-                             log_path: Path | None = None) -> int:
+    def start_broker_process(
+        self, broker_args: Sequence[str], *, log_path: Path | None = None
+    ) -> int:
         """Serve the hook with ``python -m testbed broker --fd N BROKER_ARGS``."""
         argv = [sys.executable, "-m", "testbed", "broker", "--fd", "{fd}", *broker_args]
         return self.start_hook_process(argv, log_path=log_path)
 
-    def start_open_hook_server(self, root: Path, *, log_path: Path,
-                               server: Path | None = None) -> int:
+    def start_open_hook_server(
+        self, root: Path, *, log_path: Path, server: Path | None = None
+    ) -> int:
         """Serve the hook with the series' C example server, granting below ``root``."""
         binary = server or open_hook_server_path()
         argv = [str(binary), "--root", str(root), "--log", str(log_path), "--fd", "{fd}"]
@@ -181,8 +185,12 @@ class Machine:
         )
         if shutil.which(str(cfg.binary)) is None:
             self._release()
-            raise LaunchError(f"cannot run {cfg.binary}: no such executable", argv=self.argv,
-                              exitcode=None, log="")
+            raise LaunchError(
+                f"cannot run {cfg.binary}: no such executable",
+                argv=self.argv,
+                exitcode=None,
+                log="",
+            )
         pass_fds = tuple(s.fileno() for s in theirs) + cfg.pass_fds
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         log.info("launching: %s", " ".join(self.argv))
@@ -190,21 +198,31 @@ class Machine:
         try:
             with open(self.log_path, "ab") as out:
                 self.process = subprocess.Popen(
-                    self.argv, pass_fds=pass_fds, stdin=subprocess.DEVNULL,
-                    stdout=out, stderr=subprocess.STDOUT,
+                    self.argv,
+                    pass_fds=pass_fds,
+                    stdin=subprocess.DEVNULL,
+                    stdout=out,
+                    stderr=subprocess.STDOUT,
                     env={**os.environ, **dict(cfg.env)} if cfg.env else None,
                 )
         except OSError as err:
             self._release()
-            raise LaunchError(f"cannot run {self.argv[0]}: {err}", argv=self.argv,
-                              exitcode=None, log=self.read_log()) from err
+            raise LaunchError(
+                f"cannot run {self.argv[0]}: {err}",
+                argv=self.argv,
+                exitcode=None,
+                log=self.read_log(),
+            ) from err
         finally:
             # QEMU has its ends now; ours must go or we never see EOF from it.
             for s in theirs:
                 s.close()
         try:
-            self._run(self._qmp.connect(self._qmp_ours), cfg.launch_timeout,
-                      "the QMP greeting and capabilities negotiation")
+            self._run(
+                self._qmp.connect(self._qmp_ours),
+                cfg.launch_timeout,
+                "the QMP greeting and capabilities negotiation",
+            )
             kvm = self._run(self._qmp.execute("query-kvm"), cfg.command_timeout, "query-kvm")
         except (QMPError, OSError, EOFError, WaitTimeout) as err:
             exitcode = self._wait_exit(2.0)
@@ -216,8 +234,7 @@ class Machine:
                 why = f"QEMU did not answer on QMP: {err}"
             else:
                 why = "QEMU exited during startup"
-            raise LaunchError(why, argv=self.argv, exitcode=exitcode,
-                              log=self.read_log()) from err
+            raise LaunchError(why, argv=self.argv, exitcode=exitcode, log=self.read_log()) from err
         assert isinstance(kvm, dict)
         self.accel_used = "kvm" if kvm.get("enabled") else "tcg"
         log.info("QEMU pid %d is up, accelerator %s", self.process.pid, self.accel_used)
@@ -229,8 +246,11 @@ class Machine:
         """Run a QMP command and return its result; errors raise QMPCommandError."""
         self._require_running(command)
         try:
-            return self._run(self._qmp.execute(command, arguments or None),
-                             self.config.command_timeout, f"QMP {command}")
+            return self._run(
+                self._qmp.execute(command, arguments or None),
+                self.config.command_timeout,
+                f"QMP {command}",
+            )
         except ExecuteError as err:
             desc = err.error.error.desc
             raise QMPCommandError(command, arguments, err.error_class, desc) from err
@@ -279,8 +299,10 @@ class Machine:
         out = self.qemu_io(device, f"read -v {offset} {length}")
         data = parse_qemu_io_dump(out)
         if len(data) != length:
-            raise QEMUError(f"qemu-io read -v {offset} {length} on {device} gave "
-                            f"{len(data)} bytes; output:\n{out[-1000:]}")
+            raise QEMUError(
+                f"qemu-io read -v {offset} {length} on {device} gave "
+                f"{len(data)} bytes; output:\n{out[-1000:]}"
+            )
         return data
 
     def events(self, *, clear: bool = True) -> list[dict[str, Any]]:
@@ -317,12 +339,16 @@ class Machine:
                 log.debug("quit failed: %r", err)
             if self._wait_exit(self.config.shutdown_timeout) is None:
                 method = "kill"
-                log.warning("QEMU pid %d did not quit within %gs: killing it",
-                            self._pid(), self.config.shutdown_timeout)
+                log.warning(
+                    "QEMU pid %d did not quit within %gs: killing it",
+                    self._pid(),
+                    self.config.shutdown_timeout,
+                )
                 self._kill()
                 if self._wait_exit(self.config.shutdown_timeout) is None:
-                    raise WaitTimeout(f"QEMU pid {self._pid()} to die after SIGKILL",
-                                      self.config.shutdown_timeout)
+                    raise WaitTimeout(
+                        f"QEMU pid {self._pid()} to die after SIGKILL", self.config.shutdown_timeout
+                    )
         self.exitcode = self.process.returncode if self.process else None
         self.shutdown_method = method
         log.info("QEMU shut down (%s), exit code %s", method, self.exitcode)
@@ -335,8 +361,14 @@ class Machine:
             self._run(self._qmp.disconnect(), 5.0, "the QMP disconnect")
         except Exception as err:  # QEMU gone: the reader's EOFError lands here
             log.debug("QMP disconnect: %r", err)
-        for s in (self._qmp_ours, self._qmp_theirs, self._hook_ours, self._hook_theirs,
-                  self._serial_ours, self._serial_theirs):
+        for s in (
+            self._qmp_ours,
+            self._qmp_theirs,
+            self._hook_ours,
+            self._hook_theirs,
+            self._serial_ours,
+            self._serial_theirs,
+        ):
             if s is not None:
                 s.close()
         for broker in self.brokers:
@@ -359,8 +391,12 @@ class Machine:
     def __enter__(self) -> Machine:
         return self.launch() if self.state is State.NEW else self
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
         self.shutdown()
 
     # -- internals ---------------------------------------------------------------
@@ -398,7 +434,6 @@ class Machine:
     def _kill(self) -> None:
         if self.process is not None and self.process.poll() is None:
             self.process.kill()
-
 
 
 def parse_qemu_io_dump(text: str) -> bytes:

@@ -33,8 +33,10 @@ def test_json_has_trace_sha256_size_format(chain: Path, capsys: pytest.CaptureFi
     assert out["virtual_size"] == 2 << 20
     want = hashlib.sha256(b"\x5a" * (1 << 20) + bytes(1 << 20)).hexdigest()
     assert out["sha256"] == want
-    steps = [(Path(t["path"]).name, [n for n in t["flag_names"] if n != "O_CLOEXEC"])
-             for t in out["trace"]]
+    steps = [
+        (Path(t["path"]).name, [n for n in t["flag_names"] if n != "O_CLOEXEC"])
+        for t in out["trace"]
+    ]
     assert steps == [
         ("top.qcow2", ["O_RDONLY", "O_NONBLOCK"]),
         ("top.qcow2", ["O_RDONLY"]),
@@ -63,8 +65,9 @@ def test_missing_image_is_exit_1_naming_the_file(
     assert str(missing) in err and "No such file" in err
 
 
-def test_refused_image_is_exit_1(chain: Path, tmp_path_factory: pytest.TempPathFactory,
-                                 capsys: pytest.CaptureFixture[str]) -> None:
+def test_refused_image_is_exit_1(
+    chain: Path, tmp_path_factory: pytest.TempPathFactory, capsys: pytest.CaptureFixture[str]
+) -> None:
     other = tmp_path_factory.mktemp("elsewhere")
     policy = other / "policy.toml"
     policy.write_text(f'[[grant]]\npath = "{other}"\naccess = "rw"\n')

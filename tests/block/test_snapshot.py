@@ -54,10 +54,15 @@ def test_three_snapshot_levels_pass_qemu_img(tmp_path: Path, layer: BlockLayer) 
 
     top = tmp_path / "s3.qcow2"
     _run("qemu-img", "check", "-q", str(top), cwd=tmp_path)
-    info = json.loads(_run("qemu-img", "info", "--output=json", "--backing-chain", str(top),
-                           cwd=tmp_path))
-    assert [Path(i["filename"]).name for i in info] == ["s3.qcow2", "s2.qcow2", "s1.qcow2",
-                                                        "base.raw"]
+    info = json.loads(
+        _run("qemu-img", "info", "--output=json", "--backing-chain", str(top), cwd=tmp_path)
+    )
+    assert [Path(i["filename"]).name for i in info] == [
+        "s3.qcow2",
+        "s2.qcow2",
+        "s1.qcow2",
+        "base.raw",
+    ]
     assert [i["format"] for i in info] == ["qcow2", "qcow2", "qcow2", "raw"]
     _run("qemu-img", "convert", "-O", "raw", str(top), "out.raw", cwd=tmp_path)
     assert (tmp_path / "out.raw").read_bytes() == bytes(expected)
@@ -71,8 +76,19 @@ def test_three_snapshot_levels_pass_qemu_img(tmp_path: Path, layer: BlockLayer) 
 def test_snapshot_mode_existing_uses_the_given_overlay(tmp_path: Path, layer: BlockLayer) -> None:
     _run("qemu-img", "create", "-q", "-f", "qcow2", "top.qcow2", "4M", cwd=tmp_path)
     _run("qemu-io", "-f", "qcow2", "-c", "write -q -P 0x5a 0 64k", "top.qcow2", cwd=tmp_path)
-    _run("qemu-img", "create", "-q", "-f", "qcow2", "-b", "top.qcow2", "-F", "qcow2",
-         "snap.qcow2", cwd=tmp_path)
+    _run(
+        "qemu-img",
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-b",
+        "top.qcow2",
+        "-F",
+        "qcow2",
+        "snap.qcow2",
+        cwd=tmp_path,
+    )
     layer.drive_add(file=str(tmp_path / "top.qcow2"), id="drive0")
     layer.attach_device("drive0")
     before = len(layer.trace)

@@ -28,8 +28,19 @@ def wait_for_path(path: Path, timeout: float = 10) -> None:
 
 def test_help_documents_every_option() -> None:
     out = subprocess.run([*BROKER, "--help"], capture_output=True, text=True, check=True).stdout
-    for opt in ("--socket", "--fd", "--allow-ro", "--allow-rw", "--allow-create", "--policy",
-                "--audit", "--refuse-errno", "--peer-uid", "--peer-pid", "--allow-symlinks"):
+    for opt in (
+        "--socket",
+        "--fd",
+        "--allow-ro",
+        "--allow-rw",
+        "--allow-create",
+        "--policy",
+        "--audit",
+        "--refuse-errno",
+        "--peer-uid",
+        "--peer-pid",
+        "--allow-symlinks",
+    ):
         assert opt in out
     assert "audit log" in out and "openat2" in out
 
@@ -38,8 +49,11 @@ def test_socket_mode_and_sigterm(tmp_path: Path) -> None:
     (tmp_path / "disk").write_text("data")
     sock_path = tmp_path / "b.sock"
     audit = tmp_path / "audit.jsonl"
-    proc = subprocess.Popen([*BROKER, "--socket", str(sock_path), "--allow-ro", str(tmp_path),
-                             "--audit", str(audit)], stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [*BROKER, "--socket", str(sock_path), "--allow-ro", str(tmp_path), "--audit", str(audit)],
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         wait_for_path(sock_path)
         for _ in range(2):
@@ -61,8 +75,12 @@ def test_socket_mode_and_sigterm(tmp_path: Path) -> None:
 def test_fd_mode_exits_when_the_peer_closes(tmp_path: Path) -> None:
     (tmp_path / "disk").write_text("data")
     ours, theirs = socket.socketpair()
-    proc = subprocess.Popen([*BROKER, "--fd", str(theirs.fileno()), "--allow-ro", str(tmp_path)],
-                            pass_fds=[theirs.fileno()], stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [*BROKER, "--fd", str(theirs.fileno()), "--allow-ro", str(tmp_path)],
+        pass_fds=[theirs.fileno()],
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     theirs.close()
     client = HookClient(ours)
     os.close(client.open(str(tmp_path / "disk"), os.O_RDONLY))
@@ -90,8 +108,9 @@ def test_bad_arguments_are_clear_errors(args: list[str], message: str) -> None:
 
 def test_fd_that_is_not_a_socket(tmp_path: Path) -> None:
     r, w = os.pipe()
-    out = subprocess.run([*BROKER, "--fd", str(r)], pass_fds=[r], capture_output=True,
-                         text=True, timeout=20)
+    out = subprocess.run(
+        [*BROKER, "--fd", str(r)], pass_fds=[r], capture_output=True, text=True, timeout=20
+    )
     os.close(r)
     os.close(w)
     assert out.returncode == 2 and "not a socket" in out.stderr
@@ -105,9 +124,12 @@ def test_policy_file_and_flags_add_up(tmp_path: Path) -> None:
     policy = tmp_path / "policy.toml"
     policy.write_text(f'refuse_errno = "EPERM"\n[[grant]]\npath = "{b}"\naccess = "rw"\n')
     ours, theirs = socket.socketpair()
-    proc = subprocess.Popen([*BROKER, "--fd", str(theirs.fileno()), "--allow-ro", str(a),
-                             "--policy", str(policy)],
-                            pass_fds=[theirs.fileno()], stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [*BROKER, "--fd", str(theirs.fileno()), "--allow-ro", str(a), "--policy", str(policy)],
+        pass_fds=[theirs.fileno()],
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     theirs.close()
     client = HookClient(ours)
     for path, flags in ((a / "disk", os.O_RDONLY), (b / "disk", os.O_RDWR)):

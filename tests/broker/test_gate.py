@@ -80,8 +80,9 @@ def test_errors_that_are_not_policy_pass_through(grant_dir: Path) -> None:
 def test_relative_and_invalid_requests(grant_dir: Path) -> None:
     gate = Gate(Policy.from_grants(ro=[grant_dir]))
     assert result(gate, "disk.img") == EACCES
-    bad = gate.handle(InvalidRequest(path=b"/a\0b", flags=0, mode=0, errno=errno.EINVAL,
-                                     reason="NUL"))
+    bad = gate.handle(
+        InvalidRequest(path=b"/a\0b", flags=0, mode=0, errno=errno.EINVAL, reason="NUL")
+    )
     assert bad.result == -errno.EINVAL
     assert result(gate, grant_dir / "disk.img", os.O_PATH) == EACCES
     gate.close()

@@ -20,7 +20,9 @@ def write(tmp_path: Path, text: str) -> Path:
 
 
 def test_toml_policy(tmp_path: Path) -> None:
-    p = write(tmp_path, """
+    p = write(
+        tmp_path,
+        """
 refuse_errno = "EPERM"
 peer_uid = 107
 [[grant]]
@@ -30,7 +32,8 @@ symlinks = true
 [[grant]]
 path = "/srv/base"
 access = "ro"
-""")
+""",
+    )
     policy = Policy.from_toml(p)
     assert policy.refuse_errno == errno.EPERM
     assert policy.peer_uid == 107

@@ -46,7 +46,9 @@ def test_audit_log_records_every_request_in_order(grant_dir: Path, tmp_path: Pat
         client.close()
     lines = [json.loads(x) for x in audit.read_text().splitlines()]
     assert [(r["path"].rsplit("/", 1)[1], r["result"]) for r in lines] == [
-        ("disk.img", 0), ("disk.img", -13), ("nope", -2)
+        ("disk.img", 0),
+        ("disk.img", -13),
+        ("nope", -2),
     ]
     first = lines[0]
     for key in ("time", "peer_pid", "path", "flags", "flag_names", "mode", "result", "latency_us"):
@@ -229,8 +231,9 @@ def test_rfc_peer_in_c(grant_dir: Path, tmp_path: Path) -> None:
     if cc is None:
         missing("no C compiler (cc) to build the independent RFC peer")
     exe = tmp_path / "rfc_peer"
-    subprocess.run([cc, "-O2", "-Wall", "-Werror", "-o", str(exe), str(HERE / "rfc_peer.c")],
-                   check=True)
+    subprocess.run(
+        [cc, "-O2", "-Wall", "-Werror", "-o", str(exe), str(HERE / "rfc_peer.c")], check=True
+    )
     policy = Policy.from_grants(ro=[grant_dir])
     with Broker(policy) as broker:
         for path, flags, want in [
@@ -242,7 +245,10 @@ def test_rfc_peer_in_c(grant_dir: Path, tmp_path: Path) -> None:
             broker.add_connection(ours)
             out = subprocess.run(
                 [str(exe), str(theirs.fileno()), str(path), flags, "0"],
-                pass_fds=[theirs.fileno()], capture_output=True, text=True, timeout=20,
+                pass_fds=[theirs.fileno()],
+                capture_output=True,
+                text=True,
+                timeout=20,
             )
             theirs.close()
             assert out.returncode == 0, out.stderr

@@ -13,8 +13,15 @@ def test_matrix_covers_the_issue() -> None:
     assert len(m) >= 40
     assert {s.attach for s in m} == {"drive", "drive-device", "blockdev", "hotplug"}
     ops = {op for s in m for op in s.operations}
-    assert {"read", "snapshot-qmp", "snapshot-hmp", "snapshot-existing", "add", "del",
-            "quit"} <= ops
+    assert {
+        "read",
+        "snapshot-qmp",
+        "snapshot-hmp",
+        "snapshot-existing",
+        "add",
+        "del",
+        "quit",
+    } <= ops
     assert any(s.read_only for s in m) and any(s.cache_direct for s in m)
     assert {s.grant for s in m} == {"create", "ro", "main"}
     assert any(s.vvfat_rw for s in m)

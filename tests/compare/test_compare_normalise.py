@@ -50,8 +50,17 @@ def test_strace_to_trace() -> None:
 
 def test_audit_records_give_the_same_trace_as_strace() -> None:
     def rec(path: str, flags: int, mode: int = 0, result: int = 0) -> AuditRecord:
-        return AuditRecord(time=0.0, conn=1, peer_pid=1, path=path, flags=flags, flag_names=(),
-                           mode=mode, result=result, latency_us=1.0)
+        return AuditRecord(
+            time=0.0,
+            conn=1,
+            peer_pid=1,
+            path=path,
+            flags=flags,
+            flag_names=(),
+            mode=mode,
+            result=result,
+            latency_us=1.0,
+        )
 
     cloexec = os.O_CLOEXEC
     records = [
@@ -70,9 +79,13 @@ def test_mode_only_for_creating_opens_and_largefile_dropped() -> None:
 
 
 def test_paths_outside_are_dropped_and_cwd_relative_ones_marked() -> None:
-    raws = [RawOpen(path="/srv/scenario2/a", flags=0), RawOpen(path="b", flags=0),
-            RawOpen(path="c", flags=0, dirfd="5"), RawOpen(path=".", flags=0),
-            RawOpen(path=f"fat:16:{ROOT}/tree", flags=0)]
+    raws = [
+        RawOpen(path="/srv/scenario2/a", flags=0),
+        RawOpen(path="b", flags=0),
+        RawOpen(path="c", flags=0, dirfd="5"),
+        RawOpen(path=".", flags=0),
+        RawOpen(path=f"fat:16:{ROOT}/tree", flags=0),
+    ]
     assert [o.path for o in normalise(raws, ROOT)] == ["cwd:b", "cwd:fat:16:$D/tree"]
     assert [o.path for o in normalise(raws[:3], ROOT, cwd=ROOT)] == ["b"]
 
@@ -93,13 +106,16 @@ def test_truncated_strace_path_is_an_error_not_a_silent_drop() -> None:
 
 def test_unknown_flag_names_the_line() -> None:
     with pytest.raises(StraceParseError, match="line 2: unknown open flag 'O_BOGUS'"):
-        parse_strace('1 openat(AT_FDCWD, "/a", O_RDONLY) = 3\n'
-                     '1 openat(AT_FDCWD, "/a", O_RDONLY|O_BOGUS) = 3\n')
+        parse_strace(
+            '1 openat(AT_FDCWD, "/a", O_RDONLY) = 3\n'
+            '1 openat(AT_FDCWD, "/a", O_RDONLY|O_BOGUS) = 3\n'
+        )
 
 
 def test_unfinished_call_killed_without_result_is_a_failure() -> None:
-    raws = parse_strace('7 openat(AT_FDCWD, "/srv/scen/a", O_RDONLY <unfinished ...>\n'
-                        "7 <... openat resumed>) = ?\n")
+    raws = parse_strace(
+        '7 openat(AT_FDCWD, "/srv/scen/a", O_RDONLY <unfinished ...>\n7 <... openat resumed>) = ?\n'
+    )
     assert normalise(raws, ROOT)[0].result == "EINTR"
 
 

@@ -15,8 +15,12 @@ from testbed.compare.trace import Open
 
 
 def op(path: str, *flags: str, result: str = "ok") -> Open:
-    return Open(path=path, flags=flags or ("O_RDONLY",), result=result,
-                probe="O_NONBLOCK" in flags and "O_DIRECTORY" not in flags)
+    return Open(
+        path=path,
+        flags=flags or ("O_RDONLY",),
+        result=result,
+        probe="O_NONBLOCK" in flags and "O_DIRECTORY" not in flags,
+    )
 
 
 BASE = [op("top.qcow2", "O_RDONLY", "O_NONBLOCK"), op("top.qcow2"), op("base.raw")]
@@ -30,8 +34,9 @@ def test_equal_traces_match() -> None:
 def test_order_matters() -> None:
     r = compare_pair("model", BASE, "patched", [BASE[0], BASE[2], BASE[1]])
     assert r.status == MISMATCH
-    assert any(line.startswith("-open base.raw") or line.startswith("+open base.raw")
-               for line in r.diff)
+    assert any(
+        line.startswith("-open base.raw") or line.startswith("+open base.raw") for line in r.diff
+    )
 
 
 def test_flags_matter() -> None:

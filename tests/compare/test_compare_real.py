@@ -29,23 +29,34 @@ def images() -> dict[str, ImageInfo]:
     return load_index(INDEX)
 
 
-def run(name: str, images: dict[str, ImageInfo], tmp_path: Path,
-        oracles: tuple[str, ...] = ("patched", "stock", "fdset")) -> ScenarioResult:
+def run(
+    name: str,
+    images: dict[str, ImageInfo],
+    tmp_path: Path,
+    oracles: tuple[str, ...] = ("patched", "stock", "fdset"),
+) -> ScenarioResult:
     sc = MATRIX[name]
     require(sc.image in images, f"image {sc.image} in {INDEX}")
     return run_scenario(sc, images[sc.image], tmp_path, oracles)
 
 
 def test_snapshot_on_a_chain(images: dict[str, ImageInfo], tmp_path: Path) -> None:
-    r = run("qcow2-chain1_drive-device_read-snapshot-qmp", images, tmp_path,
-            ("model", "patched", "stock", "fdset"))
+    r = run(
+        "qcow2-chain1_drive-device_read-snapshot-qmp",
+        images,
+        tmp_path,
+        ("model", "patched", "stock", "fdset"),
+    )
     assert r.oracles["patched"].ok, r.oracles["patched"].operations
     assert r.pair("patched", "stock").status == MATCH, r.pair("patched", "stock").diff
     assert r.oracles["model"].ok, r.oracles["model"].operations
     assert r.pair("model", "patched").status == MATCH, r.pair("model", "patched").diff
     lines = [o.line() for o in r.oracles["patched"].trace]
-    assert lines[:3] == ["probe top.qcow2 O_RDONLY|O_NONBLOCK -> ok",
-                         "open top.qcow2 O_RDONLY -> ok", "open top.qcow2 O_RDWR -> ok"]
+    assert lines[:3] == [
+        "probe top.qcow2 O_RDONLY|O_NONBLOCK -> ok",
+        "open top.qcow2 O_RDONLY -> ok",
+        "open top.qcow2 O_RDWR -> ok",
+    ]
     assert "open snap.qcow2 O_RDWR|O_CREAT 0o644 -> ok" in lines
     # quit drops the new top back to read-only
     assert lines[-1] == "open snap.qcow2 O_RDONLY -> ok"
@@ -68,8 +79,9 @@ def test_blockdev_raw_works_with_fd_sets(images: dict[str, ImageInfo], tmp_path:
     assert r.oracles["fdset"].ok, r.oracles["fdset"].operations
 
 
-def test_vvfat_directory_scan_is_a_known_divergence(images: dict[str, ImageInfo],
-                                                    tmp_path: Path) -> None:
+def test_vvfat_directory_scan_is_a_known_divergence(
+    images: dict[str, ImageInfo], tmp_path: Path
+) -> None:
     r = run("vvfat-floppy_drive_read", images, tmp_path)
     p = r.pair("patched", "stock")
     assert p.status == KNOWN and set(p.divergences) == {"opendir", "relative-name"}
@@ -92,9 +104,21 @@ def test_command_writes_json_and_reports(images: dict[str, ImageInfo], tmp_path:
     from testbed.cli import main
 
     out = tmp_path / "out"
-    status = main(["compare", "--scenario", "raw_drive_read", "--oracles", "patched,stock",
-                   "--workdir", str(tmp_path / "work"), "--json", str(out / "c.json"),
-                   "--report", str(out)])
+    status = main(
+        [
+            "compare",
+            "--scenario",
+            "raw_drive_read",
+            "--oracles",
+            "patched,stock",
+            "--workdir",
+            str(tmp_path / "work"),
+            "--json",
+            str(out / "c.json"),
+            "--report",
+            str(out),
+        ]
+    )
     assert status == 0
     data = json.loads((out / "c.json").read_text())
     (sc,) = data["scenarios"]

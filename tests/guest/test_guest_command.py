@@ -28,8 +28,12 @@ def test_guest_build_loads_modules_after_their_dependencies() -> None:
     require(guest_available(), "the guest (run `make guest`)")
     info = json.loads((GUEST_DIR / "info.json").read_text())
     order = info["modules"]
-    for before, after in (("virtio_ring", "virtio_pci"), ("virtio", "virtio_blk"),
-                          ("virtio_pci_modern_dev", "virtio_pci"), ("fat", "vfat")):
+    for before, after in (
+        ("virtio_ring", "virtio_pci"),
+        ("virtio", "virtio_blk"),
+        ("virtio_pci_modern_dev", "virtio_pci"),
+        ("fat", "vfat"),
+    ):
         assert order.index(before) < order.index(after), order
     assert (GUEST_DIR / "modules.load").read_text().split() == order
 

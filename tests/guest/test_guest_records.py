@@ -79,11 +79,13 @@ def test_random_block_with_magic_never_crashes(tail: bytes) -> None:
 
 def test_scan_finds_records_and_ignores_other_runs() -> None:
     s = LAYOUT.record_start
-    data = disk_with({
-        s + 0: encode_record(0, "me", FILL),
-        s + 2: encode_record(2, "me", FILL),
-        s + 3: encode_record(3, "other", FILL),
-    })
+    data = disk_with(
+        {
+            s + 0: encode_record(0, "me", FILL),
+            s + 2: encode_record(2, "me", FILL),
+            s + 3: encode_record(3, "other", FILL),
+        }
+    )
     result = scan(bytes(data), LAYOUT, "me")
     assert result.seqs == {0, 2}
     assert result.corrupt == ()
@@ -116,9 +118,9 @@ def write_record(path: Path, fmt: str, seq: int, run: str) -> None:
     scratch.write_bytes(block)
     offset = (LAYOUT.record_start + seq) * SECTOR
     subprocess.run(
-        ["qemu-io", "-f", fmt, "-c",
-         f"write -s {scratch} {offset} {SECTOR}", str(path)],
-        check=True, capture_output=True,
+        ["qemu-io", "-f", fmt, "-c", f"write -s {scratch} {offset} {SECTOR}", str(path)],
+        check=True,
+        capture_output=True,
     )
 
 
@@ -130,28 +132,34 @@ def test_verify_chain_accepts_a_good_chain_and_catches_loss(tmp_path: Path) -> N
     for seq in (0, 1, 2):
         write_record(base, "raw", seq, "r")
     s1 = tmp_path / "s1.qcow2"
-    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", str(base), "-F", "raw",
-                    str(s1)], check=True)
+    subprocess.run(
+        ["qemu-img", "create", "-q", "-f", "qcow2", "-b", str(base), "-F", "raw", str(s1)],
+        check=True,
+    )
     for seq in (3, 4):
         write_record(s1, "qcow2", seq, "r")
     mark = SnapshotMark(overlay=s1, synced_before=2, synced_after=2)
-    report = verify_chain(base=base, base_format="raw", marks=[mark], synced=range(5),
-                          layout=LAYOUT, run="r")
+    report = verify_chain(
+        base=base, base_format="raw", marks=[mark], synced=range(5), layout=LAYOUT, run="r"
+    )
     assert report.records_found == 5
     assert dict(report.per_layer) == {"base.raw": 3, "s1.qcow2": 5}
 
     # seq 5 was reported synced but never written: lost
     with pytest.raises(VerifyError, match=r"missing from the chain: \[5\]"):
-        verify_chain(base=base, base_format="raw", marks=[mark], synced=range(6),
-                     layout=LAYOUT, run="r")
+        verify_chain(
+            base=base, base_format="raw", marks=[mark], synced=range(6), layout=LAYOUT, run="r"
+        )
     # claiming seq 3 was synced before the snapshot: it is not in the older file
     early = SnapshotMark(overlay=s1, synced_before=3, synced_after=3)
     want = r"base.raw: records synced before snapshot 1 missing: \[3\]"
     with pytest.raises(VerifyError, match=want):
-        verify_chain(base=base, base_format="raw", marks=[early], synced=range(5),
-                     layout=LAYOUT, run="r")
+        verify_chain(
+            base=base, base_format="raw", marks=[early], synced=range(5), layout=LAYOUT, run="r"
+        )
     # a record that reached the base after the snapshot returned
     write_record(base, "raw", 9, "r")
     with pytest.raises(VerifyError, match=r"written after snapshot 1: \[9\]"):
-        verify_chain(base=base, base_format="raw", marks=[mark], synced=range(5),
-                     layout=LAYOUT, run="r")
+        verify_chain(
+            base=base, base_format="raw", marks=[mark], synced=range(5), layout=LAYOUT, run="r"
+        )

@@ -28,8 +28,15 @@ from testbed.protocol import (
 )
 
 
-def raw_request(path: bytes, flags: int = 0, mode: int = 0, *, size: int | None = None,
-                name_len: int | None = None, command: int = 1) -> bytes:
+def raw_request(
+    path: bytes,
+    flags: int = 0,
+    mode: int = 0,
+    *,
+    size: int | None = None,
+    name_len: int | None = None,
+    command: int = 1,
+) -> bytes:
     n = len(path) if name_len is None else name_len
     total = 18 + len(path) if size is None else size
     return struct.pack("=IIIIH", total, command, flags, mode, n) + path
@@ -112,8 +119,9 @@ def test_huge_size_is_judged_from_the_header_alone() -> None:
 
 def test_embedded_nul_is_an_invalid_request_not_a_dead_connection() -> None:
     events = decode_all(raw_request(b"/a\0b") + encode_request("/ok", 0))
-    assert events[0] == InvalidRequest(path=b"/a\0b", flags=0, mode=0, errno=errno.EINVAL,
-                                       reason="filename contains a NUL byte")
+    assert events[0] == InvalidRequest(
+        path=b"/a\0b", flags=0, mode=0, errno=errno.EINVAL, reason="filename contains a NUL byte"
+    )
     assert events[1] == OpenRequest(path=b"/ok", flags=0, mode=0)
 
 
@@ -190,8 +198,9 @@ requests = st.tuples(paths, st.integers(0, 0xFFFFFFFF), st.integers(0, 0xFFFFFFF
 
 
 @given(st.lists(requests, min_size=1, max_size=8), st.data())
-def test_any_split_gives_the_same_requests(reqs: list[tuple[bytes, int, int]],
-                                           data: st.DataObject) -> None:
+def test_any_split_gives_the_same_requests(
+    reqs: list[tuple[bytes, int, int]], data: st.DataObject
+) -> None:
     stream = b"".join(encode_request(p, f, m) for p, f, m in reqs)
     cuts = sorted(data.draw(st.lists(st.integers(0, len(stream)), max_size=10)))
     dec = RequestDecoder()

@@ -32,8 +32,9 @@ class Images:
 
 
 def qemu_img(*args: str) -> str:
-    done = subprocess.run(["qemu-img", *args], capture_output=True, text=True, timeout=60,
-                          check=False)
+    done = subprocess.run(
+        ["qemu-img", *args], capture_output=True, text=True, timeout=60, check=False
+    )
     if done.returncode != 0:
         raise AssertionError(f"qemu-img {' '.join(args)} failed: {done.stderr}")
     return done.stdout
@@ -47,11 +48,21 @@ def make_images(tmp_path: Path) -> Images:
     qcow2 = d / "top.qcow2"
     qemu_img("create", "-q", "-f", "qcow2", "-b", raw.name, "-F", "raw", str(qcow2))
     sparse = d / "sparse.vmdk"
-    qemu_img("convert", "-f", "raw", "-O", "vmdk", "-o", "subformat=monolithicSparse",
-             str(raw), str(sparse))
+    qemu_img(
+        "convert",
+        "-f",
+        "raw",
+        "-O",
+        "vmdk",
+        "-o",
+        "subformat=monolithicSparse",
+        str(raw),
+        str(sparse),
+    )
     flat = d / "flat.vmdk"
-    qemu_img("convert", "-f", "raw", "-O", "vmdk", "-o", "subformat=monolithicFlat",
-             str(raw), str(flat))
+    qemu_img(
+        "convert", "-f", "raw", "-O", "vmdk", "-o", "subformat=monolithicFlat", str(raw), str(flat)
+    )
     vpc = d / "disk.vpc"
     qemu_img("convert", "-f", "raw", "-O", "vpc", str(raw), str(vpc))
     vdi = d / "disk.vdi"
@@ -60,9 +71,18 @@ def make_images(tmp_path: Path) -> Images:
     fat_dir.mkdir()
     fat_file = fat_dir / "hello.txt"
     fat_file.write_bytes(bytes([FAT_PATTERN]) * 2048)
-    return Images(dir=d, raw=raw, qcow2=qcow2, vmdk_sparse=sparse, vmdk_flat=flat,
-                  vmdk_flat_extent=d / "flat-flat.vmdk", vpc=vpc, vdi=vdi,
-                  fat_dir=fat_dir, fat_file=fat_file)
+    return Images(
+        dir=d,
+        raw=raw,
+        qcow2=qcow2,
+        vmdk_sparse=sparse,
+        vmdk_flat=flat,
+        vmdk_flat_extent=d / "flat-flat.vmdk",
+        vpc=vpc,
+        vdi=vdi,
+        fat_dir=fat_dir,
+        fat_file=fat_file,
+    )
 
 
 Open = tuple[str, str]
@@ -98,11 +118,10 @@ def strace_opens(trace: Path, root: Path) -> list[Open]:
         start = line.find('openat(AT_FDCWD, "')
         if start < 0:
             continue
-        rest = line[start + len('openat(AT_FDCWD, "'):]
+        rest = line[start + len('openat(AT_FDCWD, "') :]
         path, _, rest = rest.partition('", ')
         flags = rest.split(")")[0].split(",")[0].split(" ")[0]
         n = normalise(path, flags.split("|"), root)
         if n is not None:
             out.append(n)
     return out
-

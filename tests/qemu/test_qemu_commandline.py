@@ -24,8 +24,13 @@ def test_default_argv_has_firmware_qmp_and_tcg() -> None:
 
 
 def test_hook_serial_and_user_args_come_in_order() -> None:
-    cfg = MachineConfig(binary=Path("/x/qemu"), hook=True, serial=True, accel="kvm",
-                        args=("-m", "256", "-kernel", "/k"))
+    cfg = MachineConfig(
+        binary=Path("/x/qemu"),
+        hook=True,
+        serial=True,
+        accel="kvm",
+        args=("-m", "256", "-kernel", "/k"),
+    )
     argv = build_argv(cfg, qmp_fd=5, hook_fd=6, serial_fd=9)
     assert argv[argv.index("-open-hook-fd") + 1] == "6"
     assert "socket,id=ser0,fd=9" in argv
@@ -44,12 +49,13 @@ def test_hook_fd_must_match_the_config() -> None:
 
 
 def test_hidden_dirs_wrap_qemu_in_unshare_and_wrapper_goes_first() -> None:
-    cfg = MachineConfig(hide_dirs=(Path("/srv/a"), Path("/srv/b")),
-                        wrapper=("strace", "-f"), line_buffered=False)
+    cfg = MachineConfig(
+        hide_dirs=(Path("/srv/a"), Path("/srv/b")), wrapper=("strace", "-f"), line_buffered=False
+    )
     argv = build_argv(cfg, qmp_fd=5)
     assert argv[:4] == ["strace", "-f", "unshare", "--mount"]
     dashdash = argv.index("--")
-    assert argv[dashdash - 2: dashdash] == ["/srv/a", "/srv/b"]
+    assert argv[dashdash - 2 : dashdash] == ["/srv/a", "/srv/b"]
     assert argv[dashdash + 1] == "/usr/bin/qemu-system-x86_64"
     assert hide_prefix((Path("/srv/a"),))[-2:] == ["/srv/a", "--"]
 

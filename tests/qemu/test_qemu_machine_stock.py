@@ -71,8 +71,11 @@ def test_launch_timeout_names_what_it_waited_for(tmp_path: Path) -> None:
     fake = tmp_path / "fake-qemu"
     fake.write_text("#!/bin/sh\nexec sleep 30\n")
     fake.chmod(0o755)
-    vm = Machine(MachineConfig(binary=fake, launch_timeout=0.5, shutdown_timeout=2,
-                               log_path=tmp_path / "q.log"))
+    vm = Machine(
+        MachineConfig(
+            binary=fake, launch_timeout=0.5, shutdown_timeout=2, log_path=tmp_path / "q.log"
+        )
+    )
     with pytest.raises(LaunchError, match="QMP greeting") as info:
         vm.launch()
     assert info.value.exitcode is not None  # it was killed, and reaped
@@ -93,8 +96,7 @@ def test_hidden_directory_is_empty_for_qemu(stock_qemu: MachineFactory, tmp_path
     images.mkdir()
     img = make_raw(images / "a.raw", 0xAB)
     with pytest.raises(LaunchError) as info:
-        stock_qemu("-drive", f"file={img},format=raw,if=none,id=drive0",
-                   hide_dirs=(images,))
+        stock_qemu("-drive", f"file={img},format=raw,if=none,id=drive0", hide_dirs=(images,))
     assert str(img) in info.value.log
     assert "No such file or directory" in info.value.log
     assert img.exists()  # hidden from QEMU only

@@ -29,17 +29,29 @@ def format_opens(name: str) -> list[Open]:
 CASES = {
     # attribute of Images, format, expected opens (relative to the image dir)
     "raw": ("raw", [("base.raw", PROBE), ("base.raw", RO)]),
-    "qcow2": ("qcow2", [
-        ("top.qcow2", PROBE), ("top.qcow2", RO), ("top.qcow2", RW),
-        ("base.raw", PROBE), ("base.raw", RO),  # the backing file, read-only
-        ("top.qcow2", RO),
-    ]),
+    "qcow2": (
+        "qcow2",
+        [
+            ("top.qcow2", PROBE),
+            ("top.qcow2", RO),
+            ("top.qcow2", RW),
+            ("base.raw", PROBE),
+            ("base.raw", RO),  # the backing file, read-only
+            ("top.qcow2", RO),
+        ],
+    ),
     "vmdk_sparse": ("vmdk", format_opens("sparse.vmdk")),
-    "vmdk_flat": ("vmdk", [
-        ("flat.vmdk", PROBE), ("flat.vmdk", RO), ("flat.vmdk", RW),
-        ("flat-flat.vmdk", PROBE), ("flat-flat.vmdk", RO),  # the extent, own file child
-        ("flat.vmdk", RO),
-    ]),
+    "vmdk_flat": (
+        "vmdk",
+        [
+            ("flat.vmdk", PROBE),
+            ("flat.vmdk", RO),
+            ("flat.vmdk", RW),
+            ("flat-flat.vmdk", PROBE),
+            ("flat-flat.vmdk", RO),  # the extent, own file child
+            ("flat.vmdk", RO),
+        ],
+    ),
     "vpc": ("vpc", format_opens("disk.vpc")),
     "vdi": ("vdi", format_opens("disk.vdi")),
 }
@@ -77,8 +89,8 @@ def fat_file_offset(vm: Machine, device: str, name: bytes) -> int:
     data = root + root_entries * 32
     entries = vm.read_bytes(device, root, sector)
     for i in range(0, sector, 32):
-        if entries[i:i + 11] == name:
-            cluster = int.from_bytes(entries[i + 26:i + 28], "little")
+        if entries[i : i + 11] == name:
+            cluster = int.from_bytes(entries[i + 26 : i + 28], "little")
             return data + (cluster - 2) * per_cluster * sector
     raise AssertionError(f"{name!r} not in the root directory: {entries!r}")
 

@@ -39,8 +39,7 @@ def test_open_hook_fd_must_be_a_connected_unix_stream_socket(
         fd = 0
     try:
         with pytest.raises(LaunchError) as info:
-            patched_qemu("-open-hook-fd", str(fd), hook=False,
-                         pass_fds=(fd,) if fd > 2 else ())
+            patched_qemu("-open-hook-fd", str(fd), hook=False, pass_fds=(fd,) if fd > 2 else ())
         assert message in info.value.log
         assert info.value.exitcode == 1
     finally:
@@ -70,15 +69,23 @@ def test_a_reply_without_fd_is_a_protocol_error_and_the_hook_stays_failed(
     thread.start()
     vm.launch()
     with pytest.raises(QMPCommandError) as info:
-        vm.qmp("blockdev-add", driver="file", filename=str(images.raw),
-               **{"node-name": "a", "read-only": True})
+        vm.qmp(
+            "blockdev-add",
+            driver="file",
+            filename=str(images.raw),
+            **{"node-name": "a", "read-only": True},
+        )
     assert str(images.raw) in info.value.desc
     assert "open hook (-open-hook-fd) failed" in info.value.desc
     assert "Protocol error" in info.value.desc
     # The stream cannot be trusted any more: later opens fail without a request.
     with pytest.raises(QMPCommandError, match="not connected"):
-        vm.qmp("blockdev-add", driver="file", filename=str(images.raw),
-               **{"node-name": "b", "read-only": True})
+        vm.qmp(
+            "blockdev-add",
+            driver="file",
+            filename=str(images.raw),
+            **{"node-name": "b", "read-only": True},
+        )
     assert len(requests) == 1
     size, command, flags, mode, namelen = struct.unpack("=IIIIH", requests[0][:18])
     assert (size, command, namelen) == (18 + len(str(images.raw)), 1, len(str(images.raw)))
@@ -94,12 +101,17 @@ def test_snapshot_temp_file_is_created_through_the_hook(
     tmpdir.mkdir()
     broker = Broker(Policy.from_grants(ro=[images.dir], create=[tmpdir])).start()
     try:
-        vm = patched_qemu("-snapshot",
-                          "-drive", f"file={images.qcow2},format=qcow2,if=none,id=drive0",
-                          broker=broker, env=(("TMPDIR", str(tmpdir)),),
-                          hide_dirs=(images.dir, tmpdir))
+        vm = patched_qemu(
+            "-snapshot",
+            "-drive",
+            f"file={images.qcow2},format=qcow2,if=none,id=drive0",
+            broker=broker,
+            env=(("TMPDIR", str(tmpdir)),),
+            hide_dirs=(images.dir, tmpdir),
+        )
         assert "Pattern verification failed" not in vm.qemu_io(
-            "drive0", f"read -P {PATTERN:#x} 0 4096")
+            "drive0", f"read -P {PATTERN:#x} 0 4096"
+        )
         vm.qemu_io("drive0", "write -P 0x11 0 512")  # lands in the temporary overlay
         vm.shutdown()
         temp = [r for r in broker.records if Path(r.path).parent == tmpdir]
@@ -108,8 +120,11 @@ def test_snapshot_temp_file_is_created_through_the_hook(
         assert temp[0].mode == 0o600 and temp[0].result == 0
         assert Path(temp[0].path).name.startswith("vl.")
         # The images themselves were only read.
-        assert all(r.flag_names[0] == "O_RDONLY" for r in broker.records
-                   if Path(r.path).parent == images.dir)
+        assert all(
+            r.flag_names[0] == "O_RDONLY"
+            for r in broker.records
+            if Path(r.path).parent == images.dir
+        )
     finally:
         broker.stop()
 
@@ -118,12 +133,13 @@ def test_broker_as_a_separate_process(
     patched_qemu: MachineFactory, images: Images, tmp_path: Path
 ) -> None:
     audit = tmp_path / "audit.jsonl"
-    vm = patched_qemu("-drive", f"file={images.qcow2},format=qcow2,if=none,id=drive0",
-                      serve=False, launch=False)
-    vm.start_broker_process(["--allow-create", str(images.dir), "--audit", str(audit)],
-                            log_path=tmp_path / "broker.log")
+    vm = patched_qemu(
+        "-drive", f"file={images.qcow2},format=qcow2,if=none,id=drive0", serve=False, launch=False
+    )
+    vm.start_broker_process(
+        ["--allow-create", str(images.dir), "--audit", str(audit)], log_path=tmp_path / "broker.log"
+    )
     vm.launch()
-    assert "Pattern verification failed" not in vm.qemu_io(
-        "drive0", f"read -P {PATTERN:#x} 0 4096")
+    assert "Pattern verification failed" not in vm.qemu_io("drive0", f"read -P {PATTERN:#x} 0 4096")
     vm.shutdown()
     assert str(images.raw) in audit.read_text()

@@ -20,16 +20,15 @@ def _need_namespaces() -> None:
         missing("cannot create mount namespaces here (unshare --mount failed; needs root)")
 
 
-def test_hidden_images_open_through_the_hook(
-    patched_qemu: MachineFactory, images: Images
-) -> None:
-    vm = patched_qemu("-drive", f"file={images.qcow2},format=qcow2,if=none,id=drive0",
-                      hide_dirs=(images.dir,))
-    assert "Pattern verification failed" not in vm.qemu_io(
-        "drive0", f"read -P {PATTERN:#x} 0 4096")
+def test_hidden_images_open_through_the_hook(patched_qemu: MachineFactory, images: Images) -> None:
+    vm = patched_qemu(
+        "-drive", f"file={images.qcow2},format=qcow2,if=none,id=drive0", hide_dirs=(images.dir,)
+    )
+    assert "Pattern verification failed" not in vm.qemu_io("drive0", f"read -P {PATTERN:#x} 0 4096")
     overlay = images.dir / "snap.qcow2"
-    vm.qmp("blockdev-snapshot-sync", device="drive0", **{"snapshot-file": str(overlay)},
-           format="qcow2")
+    vm.qmp(
+        "blockdev-snapshot-sync", device="drive0", **{"snapshot-file": str(overlay)}, format="qcow2"
+    )
     assert overlay.exists()  # made by the broker, outside the namespace
 
 
@@ -37,7 +36,11 @@ def test_hidden_images_cannot_be_opened_without_the_hook(
     patched_qemu: MachineFactory, images: Images
 ) -> None:
     with pytest.raises(LaunchError) as info:
-        patched_qemu("-drive", f"file={images.qcow2},format=qcow2,if=none,id=drive0",
-                     hook=False, hide_dirs=(images.dir,))
+        patched_qemu(
+            "-drive",
+            f"file={images.qcow2},format=qcow2,if=none,id=drive0",
+            hook=False,
+            hide_dirs=(images.dir,),
+        )
     assert str(images.qcow2) in info.value.log
     assert "No such file or directory" in info.value.log

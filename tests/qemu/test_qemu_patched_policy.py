@@ -17,13 +17,21 @@ def test_refused_open_names_the_file_and_qemu_keeps_running(
 ) -> None:
     vm = patched_qemu(policy=Policy.from_grants(ro=[images.raw]))
     with pytest.raises(QMPCommandError) as info:
-        vm.qmp("blockdev-add", driver="file", filename=str(images.vdi),
-               **{"node-name": "refused", "read-only": True})
+        vm.qmp(
+            "blockdev-add",
+            driver="file",
+            filename=str(images.vdi),
+            **{"node-name": "refused", "read-only": True},
+        )
     assert str(images.vdi) in info.value.desc
     assert "Permission denied" in info.value.desc
 
-    vm.qmp("blockdev-add", driver="raw", **{"node-name": "allowed", "read-only": True},
-           file={"driver": "file", "filename": str(images.raw)})
+    vm.qmp(
+        "blockdev-add",
+        driver="raw",
+        **{"node-name": "allowed", "read-only": True},
+        file={"driver": "file", "filename": str(images.raw)},
+    )
     names = {n["node-name"] for n in vm.qmp("query-named-block-nodes")}
     assert "allowed" in names and "refused" not in names
     records = vm.brokers[0].records

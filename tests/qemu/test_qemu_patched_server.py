@@ -23,15 +23,19 @@ def test_open_hook_server_grants_below_its_root(
     outside = tmp_path / "outside.raw"
     outside.write_bytes(bytes(1 << 16))
     log = tmp_path / "server.log"
-    vm = patched_qemu("-drive", f"file={images.qcow2},format=qcow2,if=none,id=drive0",
-                      serve=False, launch=False)
+    vm = patched_qemu(
+        "-drive", f"file={images.qcow2},format=qcow2,if=none,id=drive0", serve=False, launch=False
+    )
     vm.start_open_hook_server(images.dir, log_path=log)
     vm.launch()
-    assert "Pattern verification failed" not in vm.qemu_io(
-        "drive0", f"read -P {PATTERN:#x} 0 4096")
+    assert "Pattern verification failed" not in vm.qemu_io("drive0", f"read -P {PATTERN:#x} 0 4096")
     with pytest.raises(QMPCommandError, match="Permission denied"):
-        vm.qmp("blockdev-add", driver="file", filename=str(outside),
-               **{"node-name": "out", "read-only": True})
+        vm.qmp(
+            "blockdev-add",
+            driver="file",
+            filename=str(outside),
+            **{"node-name": "out", "read-only": True},
+        )
     vm.shutdown()
     text = log.read_text()
     assert f'open "{images.qcow2}" O_RDONLY|O_NONBLOCK 0 -> granted' in text

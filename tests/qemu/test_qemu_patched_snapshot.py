@@ -21,7 +21,10 @@ pytestmark = pytest.mark.qemu
 def backing_chain(image: Path) -> list[str]:
     out = subprocess.run(
         ["qemu-img", "info", "-U", "--backing-chain", "--output=json", str(image)],
-        capture_output=True, text=True, timeout=60, check=True,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
     ).stdout
     return [Path(layer["filename"]).name for layer in json.loads(out)]
 
@@ -32,15 +35,19 @@ def take_hmp(vm: Machine, overlay: Path) -> None:
 
 
 def take_qmp(vm: Machine, overlay: Path) -> None:
-    vm.qmp("blockdev-snapshot-sync", device="drive0", **{"snapshot-file": str(overlay)},
-           format="qcow2")
+    vm.qmp(
+        "blockdev-snapshot-sync", device="drive0", **{"snapshot-file": str(overlay)}, format="qcow2"
+    )
 
 
-@pytest.mark.parametrize("take", [take_hmp, take_qmp], ids=["hmp-snapshot_blkdev",
-                                                           "qmp-blockdev-snapshot-sync"])
+@pytest.mark.parametrize(
+    "take", [take_hmp, take_qmp], ids=["hmp-snapshot_blkdev", "qmp-blockdev-snapshot-sync"]
+)
 def test_snapshot_overlay_is_created_through_the_hook(
     take: Callable[[Machine, Path], None],
-    patched_qemu: MachineFactory, broker: Broker, images: Images,
+    patched_qemu: MachineFactory,
+    broker: Broker,
+    images: Images,
 ) -> None:
     vm = patched_qemu("-drive", f"file={images.qcow2},format=qcow2,if=none,id=drive0")
     overlay = images.dir / "snap.qcow2"
@@ -57,8 +64,10 @@ def test_snapshot_overlay_is_created_through_the_hook(
     creates = [r for r in on_overlay if "O_CREAT" in r.flag_names]
     assert creates and creates[0].mode == 0o644 and creates[0].result == 0
     # ... then opened read-write as the new active layer.
-    assert any(r.flag_names[0] == "O_RDWR" and "O_CREAT" not in r.flag_names and r.result == 0
-               for r in on_overlay[on_overlay.index(creates[0]) + 1:])
+    assert any(
+        r.flag_names[0] == "O_RDWR" and "O_CREAT" not in r.flag_names and r.result == 0
+        for r in on_overlay[on_overlay.index(creates[0]) + 1 :]
+    )
     # The old top is reopened read-only once the overlay is on top of it.
     first_create = after.index(creates[0])
     assert [list(r.flag_names) for r in after[first_create:] if r.path == str(images.qcow2)] == [

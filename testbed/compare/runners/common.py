@@ -51,9 +51,13 @@ def load_index(path: Path) -> dict[str, ImageInfo]:
         raise ScenarioSetupError(f"image index {path} is not JSON: {err}") from err
     out = {}
     for e in entries:
-        out[e["name"]] = ImageInfo(name=e["name"], format=e["format"],
-                                   subformat=e.get("subformat"), dir=Path(e["dir"]),
-                                   main=Path(e["main"]))
+        out[e["name"]] = ImageInfo(
+            name=e["name"],
+            format=e["format"],
+            subformat=e.get("subformat"),
+            dir=Path(e["dir"]),
+            main=Path(e["main"]),
+        )
     return out
 
 
@@ -105,23 +109,46 @@ def prepare(scenario: Scenario, image: ImageInfo, base: Path, oracle: str) -> Se
     logs.mkdir(parents=True, exist_ok=True)
     # cp keeps the images sparse (shutil would write every hole: 58 MB of
     # images became 1.2 GB of copies)
-    done = subprocess.run(["cp", "-a", "--sparse=always", f"{image.dir}/.", str(root)],
-                          capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        ["cp", "-a", "--sparse=always", f"{image.dir}/.", str(root)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     if done.returncode != 0:
-        raise ScenarioSetupError(f"cannot copy image {image.name} to {root}: "
-                                 f"{done.stderr.strip()}")
+        raise ScenarioSetupError(f"cannot copy image {image.name} to {root}: {done.stderr.strip()}")
     (root / ".recipe-hash").unlink(missing_ok=True)
     setup = Setup(scenario=scenario, image=image, root=root, logs=logs)
     if "snapshot-existing" in scenario.operations:
         # The overlay mode=existing expects: made beforehand, as libvirt would.
-        size = subprocess.run(["qemu-img", "info", "--output=json", "-f", image.format,
-                               str(setup.main)], capture_output=True, text=True, timeout=60)
+        size = subprocess.run(
+            ["qemu-img", "info", "--output=json", "-f", image.format, str(setup.main)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
         if size.returncode != 0:
             raise ScenarioSetupError(f"qemu-img info {setup.main}: {size.stderr.strip()}")
         vsize = json.loads(size.stdout)["virtual-size"]
-        made = subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-u", "-b",
-                               image.main_rel, "-F", image.format, str(setup.overlay),
-                               str(vsize)], capture_output=True, text=True, timeout=60)
+        made = subprocess.run(
+            [
+                "qemu-img",
+                "create",
+                "-q",
+                "-f",
+                "qcow2",
+                "-u",
+                "-b",
+                image.main_rel,
+                "-F",
+                image.format,
+                str(setup.overlay),
+                str(vsize),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
         if made.returncode != 0:
             raise ScenarioSetupError(f"qemu-img create {setup.overlay}: {made.stderr.strip()}")
     return setup
@@ -185,8 +212,13 @@ def qemu_args(setup: Setup, main: str | None = None) -> tuple[str, ...]:
             args += ["-S", "-device", f"virtio-blk-pci,drive={DRIVE}"]
         return tuple(args)
     if sc.attach == "blockdev":
-        node = [f"driver={fmt}", f"node-name={DRIVE}", "file.driver=file",
-                f"file.filename={setup.filename(main)}", *opts]
+        node = [
+            f"driver={fmt}",
+            f"node-name={DRIVE}",
+            "file.driver=file",
+            f"file.filename={setup.filename(main)}",
+            *opts,
+        ]
         return ("-blockdev", ",".join(node))
     return ()
 
@@ -213,8 +245,14 @@ def _device_words(setup: Setup) -> tuple[str, dict[str, str]]:
     return DRIVE, {"node-name": DRIVE, "snapshot-node-name": "snap0"}
 
 
-def run_operation(vm: Machine, setup: Setup, op: str, *, overlay: str | None = None,
-                  add_args: dict[str, Any] | None = None) -> str:
+def run_operation(
+    vm: Machine,
+    setup: Setup,
+    op: str,
+    *,
+    overlay: str | None = None,
+    add_args: dict[str, Any] | None = None,
+) -> str:
     """Do ``op`` on a running QEMU; "ok" or the error's text (QEMU's own words)."""
     target, selector = _device_words(setup)
     snap = overlay if overlay is not None else str(setup.overlay)
@@ -230,8 +268,12 @@ def run_operation(vm: Machine, setup: Setup, op: str, *, overlay: str | None = N
                 return f"qemu-io read: {out.strip()[-300:]}"
         elif op in ("snapshot-qmp", "snapshot-existing"):
             extra = {"mode": "existing"} if op == "snapshot-existing" else {}
-            vm.qmp("blockdev-snapshot-sync", **selector,
-                   **{"snapshot-file": snap, "format": "qcow2"}, **extra)
+            vm.qmp(
+                "blockdev-snapshot-sync",
+                **selector,
+                **{"snapshot-file": snap, "format": "qcow2"},
+                **extra,
+            )
         elif op == "snapshot-hmp":
             out = vm.hmp(f"snapshot_blkdev {DRIVE} {snap} qcow2")
             if out.strip():

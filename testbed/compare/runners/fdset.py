@@ -65,12 +65,17 @@ def backing_chain(setup: Setup) -> tuple[list[Layer], list[Member]]:
     """The chain as libvirt would find it, and the files to pass."""
     if setup.image.format == "vvfat":
         return [Layer(path=str(setup.main), format="raw", fdset=FIRST_CHAIN_SET)], []
-    done = subprocess.run(["qemu-img", "info", "-U", "--backing-chain", "--output=json",
-                           str(setup.main)], capture_output=True, text=True, timeout=60,
-                          cwd=os.path.dirname(setup.main))
+    done = subprocess.run(
+        ["qemu-img", "info", "-U", "--backing-chain", "--output=json", str(setup.main)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=os.path.dirname(setup.main),
+    )
     if done.returncode != 0:
-        raise ScenarioSetupError(f"qemu-img info --backing-chain {setup.main}: "
-                                 f"{done.stderr.strip()}")
+        raise ScenarioSetupError(
+            f"qemu-img info --backing-chain {setup.main}: {done.stderr.strip()}"
+        )
     writable = setup.scenario.grant != "ro" and not setup.scenario.read_only
     layers, members = [], []
     next_set = FIRST_CHAIN_SET
@@ -80,10 +85,16 @@ def backing_chain(setup: Setup) -> tuple[list[Layer], list[Member]]:
         data_file = info.get("format-specific", {}).get("data", {}).get("data-file")
         if data_file:
             data_set = next_set + 1
-            members.append(Member(path=os.path.join(os.path.dirname(path), data_file),
-                                  fdset=data_set, writable=writable and i == 0))
-        layers.append(Layer(path=path, format=info["format"], fdset=next_set,
-                            data_file_set=data_set))
+            members.append(
+                Member(
+                    path=os.path.join(os.path.dirname(path), data_file),
+                    fdset=data_set,
+                    writable=writable and i == 0,
+                )
+            )
+        layers.append(
+            Layer(path=path, format=info["format"], fdset=next_set, data_file_set=data_set)
+        )
         members.append(Member(path=path, fdset=next_set, writable=writable and i == 0))
         next_set += 2
     return layers, members
@@ -131,8 +142,7 @@ def attach(setup: Setup, layers: list[Layer]) -> tuple[tuple[str, ...], dict[str
         words = ["if=none", f"id={DRIVE}", *dotted({**top, **extra})]
         if setup.image.format == "vvfat":
             # vvfat takes a directory name: the closest an fd set can come
-            words = ["if=none", f"id={DRIVE}", "format=raw", f"file={vvfat_name}",
-                     *dotted(extra)]
+            words = ["if=none", f"id={DRIVE}", "format=raw", f"file={vvfat_name}", *dotted(extra)]
         args: tuple[str, ...] = ("-drive", ",".join(words))
         if sc.attach == "drive-device":
             args += ("-S", "-device", f"virtio-blk-pci,drive={DRIVE}")
@@ -192,8 +202,13 @@ def run(setup: Setup) -> OracleResult:
             for fd in _open_member(m, inheritable=True):
                 fds.append(fd)
                 extra += ["-add-fd", f"fd={fd},set={m.fdset}"]
-        config = MachineConfig(binary=STOCK_QEMU, machine=machine_type(sc),
-                               args=(*extra, *args), pass_fds=tuple(fds), log_path=log)
+        config = MachineConfig(
+            binary=STOCK_QEMU,
+            machine=machine_type(sc),
+            args=(*extra, *args),
+            pass_fds=tuple(fds),
+            log_path=log,
+        )
         vm = Machine(config)
         try:
             vm.launch()
@@ -208,8 +223,14 @@ def run(setup: Setup) -> OracleResult:
                     fds.append(fd)
                     _add_fd(vm, fd, m.fdset)
             for op in sc.operations:
-                result.operations.append((op, run_operation(
-                    vm, setup, op, overlay=f"/dev/fdset/{OVERLAY_SET}", add_args=add_args)))
+                result.operations.append(
+                    (
+                        op,
+                        run_operation(
+                            vm, setup, op, overlay=f"/dev/fdset/{OVERLAY_SET}", add_args=add_args
+                        ),
+                    )
+                )
         finally:
             vm.shutdown()
     finally:

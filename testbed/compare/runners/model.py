@@ -48,13 +48,23 @@ def _attach(layer: Any, setup: Setup) -> str:
     fmt = "raw" if setup.image.format == "vvfat" else setup.image.format
     try:
         if sc.attach in ("drive", "drive-device"):
-            layer.drive_add(filename=setup.filename(), fmt=fmt, drive_id=DRIVE,
-                            read_only=sc.read_only, cache_direct=sc.cache_direct)
+            layer.drive_add(
+                filename=setup.filename(),
+                fmt=fmt,
+                drive_id=DRIVE,
+                read_only=sc.read_only,
+                cache_direct=sc.cache_direct,
+            )
             if sc.attach == "drive-device":
                 layer.attach_device(DRIVE)
         elif sc.attach == "blockdev":
-            layer.blockdev_add(driver=fmt, node_name=DRIVE, filename=setup.filename(),
-                               read_only=sc.read_only, cache_direct=sc.cache_direct)
+            layer.blockdev_add(
+                driver=fmt,
+                node_name=DRIVE,
+                filename=setup.filename(),
+                read_only=sc.read_only,
+                cache_direct=sc.cache_direct,
+            )
         return "ok"
     except (TestbedError, OSError) as err:
         return str(err).splitlines()[0] if str(err) else type(err).__name__
@@ -64,16 +74,21 @@ def _do(layer: Any, setup: Setup, op: str) -> str:
     sc = setup.scenario
     try:
         if op == "add":
-            layer.blockdev_add(driver=setup.image.format, node_name=DRIVE,
-                               filename=setup.filename(), read_only=sc.read_only,
-                               cache_direct=sc.cache_direct)
+            layer.blockdev_add(
+                driver=setup.image.format,
+                node_name=DRIVE,
+                filename=setup.filename(),
+                read_only=sc.read_only,
+                cache_direct=sc.cache_direct,
+            )
         elif op == "del":
             layer.blockdev_del(DRIVE)
         elif op == "read":
             layer.read(DRIVE, *READ_SPAN)
         elif op in ("snapshot-qmp", "snapshot-existing"):
-            layer.blockdev_snapshot_sync(DRIVE, str(setup.overlay), fmt="qcow2",
-                                         existing=op == "snapshot-existing")
+            layer.blockdev_snapshot_sync(
+                DRIVE, str(setup.overlay), fmt="qcow2", existing=op == "snapshot-existing"
+            )
         elif op == "snapshot-hmp":
             layer.hmp_snapshot_blkdev(DRIVE, str(setup.overlay), fmt="qcow2")
         elif op == "quit":

@@ -22,8 +22,9 @@ from testbed.qemu.binaries import is_runnable, patched_qemu_path
 @functools.lru_cache(maxsize=4)
 def block_formats(binary: Path) -> frozenset[str]:
     """The block drivers ``binary`` was built with (``-drive format=help``)."""
-    done = subprocess.run([str(binary), "-drive", "format=help"], capture_output=True,
-                          text=True, timeout=60)
+    done = subprocess.run(
+        [str(binary), "-drive", "format=help"], capture_output=True, text=True, timeout=60
+    )
     first = done.stdout.splitlines()[0] if done.stdout else ""
     return frozenset(first.partition(":")[2].split())
 
@@ -36,15 +37,22 @@ def run(setup: Setup) -> OracleResult:
         return result
     if setup.scenario.vvfat_rw and "qcow" not in block_formats(binary):
         # vvfat rw formats its write target as qcow (version 1)
-        result.skipped = (f"{binary} has no qcow driver, which vvfat rw needs "
-                          "(build-qemu.sh: configure --enable-qcow1)")
+        result.skipped = (
+            f"{binary} has no qcow driver, which vvfat rw needs "
+            "(build-qemu.sh: configure --enable-qcow1)"
+        )
         return result
     audit = setup.logs / "patched-audit.jsonl"
     audit.unlink(missing_ok=True)
     log = setup.logs / "patched-qemu.log"
     log.unlink(missing_ok=True)
-    config = MachineConfig(binary=binary, hook=True, machine=machine_type(setup.scenario),
-                           args=qemu_args(setup), log_path=log)
+    config = MachineConfig(
+        binary=binary,
+        hook=True,
+        machine=machine_type(setup.scenario),
+        args=qemu_args(setup),
+        log_path=log,
+    )
     vm = Machine(config)
     vm.start_broker(setup.policy(), audit_path=audit)
     run_qemu_scenario(vm, setup, result)

@@ -18,8 +18,19 @@ from testbed.qemu.binaries import is_runnable
 
 def strace_prefix(output: str) -> tuple[str, ...]:
     # -s: paths must not be cut; signal=none, -qq: only the calls we parse
-    return ("strace", "-f", "-qq", "-s", "4096", "-e", "trace=openat,open",
-            "-e", "signal=none", "-o", output)
+    return (
+        "strace",
+        "-f",
+        "-qq",
+        "-s",
+        "4096",
+        "-e",
+        "trace=openat,open",
+        "-e",
+        "signal=none",
+        "-o",
+        output,
+    )
 
 
 def run(setup: Setup) -> OracleResult:
@@ -34,8 +45,13 @@ def run(setup: Setup) -> OracleResult:
     out.unlink(missing_ok=True)
     log = setup.logs / "stock-qemu.log"
     log.unlink(missing_ok=True)
-    config = MachineConfig(binary=STOCK_QEMU, machine=machine_type(setup.scenario),
-                           args=qemu_args(setup), log_path=log, wrapper=strace_prefix(str(out)))
+    config = MachineConfig(
+        binary=STOCK_QEMU,
+        machine=machine_type(setup.scenario),
+        args=qemu_args(setup),
+        log_path=log,
+        wrapper=strace_prefix(str(out)),
+    )
     run_qemu_scenario(Machine(config), setup, result)
     text = out.read_text(errors="replace") if out.exists() else ""
     result.trace = normalise(parse_strace(text), setup.root)
