@@ -10,11 +10,14 @@ settings reach only that libvirtd (and the QEMUs it starts).  A libvirtd
 that was already running keeps its own configuration, which then needs the
 same settings (docs/libvirt.md).
 
-The same namespace puts ``/dev/null`` over ``/dev/kvm``.  Here ``/dev/kvm``
-is root's, mode 0600: libvirt's capability probe records KVM as enabled,
-then finds the device unusable for ``libvirt-qemu`` and throws its cache
-away on every look-up (about 4 s each, 48 s per ``virsh create``).  The
-testbed's domains are TCG anyway (DESIGN.md: nested KVM is unreliable).
+The same namespace puts an empty, root-only regular file over ``/dev/kvm``.
+Here ``/dev/kvm`` is root's, mode 0600: libvirt's capability probe records
+KVM as enabled, then its check "can libvirt-qemu open /dev/kvm" says no,
+and it throws the cache away on every look-up (about 4 s each, 48 s per
+``virsh create``).  ``/dev/null`` in its place is no better (then KVM
+"should be usable now" but the probe found none).  With the empty file
+both agree that there is no KVM.  The testbed's domains are TCG anyway
+(DESIGN.md: nested KVM is unreliable here).
 """
 
 from __future__ import annotations
@@ -56,11 +59,11 @@ LIBVIRTD_SOCK = Path("/run/libvirt/libvirt-sock")
 VIRTLOGD_SOCK = Path("/run/libvirt/virtlogd-sock")
 PIDFILES = {"libvirtd": Path("/run/libvirtd.pid"), "virtlogd": Path("/run/virtlogd.pid")}
 
-# In the new mount namespace: bind the config (its path is $1) over the
-# system's; hide /dev/kvm behind /dev/null (below); then become libvirtd.
+# In the new mount namespace: bind the config ($1) over the system's, put
+# an empty root-only file ($2) over /dev/kvm (see above), become libvirtd.
 _LIBVIRTD_SCRIPT = (
     'mount --bind "$1" /etc/libvirt/qemu.conf && '
-    "{ [ ! -e /dev/kvm ] || mount --bind /dev/null /dev/kvm; } && exec libvirtd"
+    '{ [ ! -e /dev/kvm ] || mount --bind "$2" /dev/kvm; } && exec libvirtd'
 )
 
 
@@ -130,8 +133,11 @@ class Daemons:
             self._ensure("virtlogd", ["virtlogd"], VIRTLOGD_SOCK)
             conf = self.state_dir / "qemu.conf"
             conf.write_text(QEMU_CONF)
+            no_kvm = self.state_dir / "no-kvm"
+            no_kvm.touch()
+            os.chmod(no_kvm, 0o600)
             argv = ["unshare", "-m", "--propagation", "private", "sh", "-c", _LIBVIRTD_SCRIPT]
-            self._ensure("libvirtd", [*argv, "sh", str(conf)], LIBVIRTD_SOCK)
+            self._ensure("libvirtd", [*argv, "sh", str(conf), str(no_kvm)], LIBVIRTD_SOCK)
         except BaseException:
             self.stop()
             raise

@@ -92,11 +92,18 @@ sys.exit(run(sys.argv, qemu={qemu!r}, mode={mode!r}))
 """
 
 
+def _chmod(path: Path, mode: int) -> None:
+    # Only when it differs: chmod moves the ctime, and libvirt re-probes an
+    # emulator whose ctime moved (25 s here, on every `virsh create`).
+    if os.stat(path).st_mode & 0o7777 != mode:
+        os.chmod(path, mode)
+
+
 def _copy(src: Path, dst: Path, mode: int) -> None:
     dst.parent.mkdir(parents=True, exist_ok=True)
-    os.chmod(dst.parent, 0o755)
+    _chmod(dst.parent, 0o755)
     if dst.is_file() and filecmp.cmp(src, dst, shallow=False):
-        os.chmod(dst, mode)
+        _chmod(dst, mode)
         return
     tmp = dst.with_name(dst.name + ".new")
     shutil.copyfile(src, tmp)
@@ -106,9 +113,9 @@ def _copy(src: Path, dst: Path, mode: int) -> None:
 
 def _write(dst: Path, text: str, mode: int) -> None:
     dst.parent.mkdir(parents=True, exist_ok=True)
-    os.chmod(dst.parent, 0o755)
+    _chmod(dst.parent, 0o755)
     if dst.is_file() and dst.read_text() == text:
-        os.chmod(dst, mode)
+        _chmod(dst, mode)
         return
     tmp = dst.with_name(dst.name + ".new")
     tmp.write_text(text)
@@ -122,7 +129,7 @@ def _copy_package(dst: Path) -> None:
             continue
         _copy(src, dst / "testbed" / src.relative_to(PACKAGE), 0o644)
     for d in [dst, *sorted(p for p in (dst / "testbed").rglob("*") if p.is_dir())]:
-        os.chmod(d, 0o755)
+        _chmod(d, 0o755)
 
 
 def install(
@@ -139,7 +146,7 @@ def install(
     if not chosen:
         raise BuildError("no patched QEMU is built (run `make qemu`)")
     prefix.mkdir(parents=True, exist_ok=True)
-    os.chmod(prefix, 0o755)
+    _chmod(prefix, 0o755)
     _copy_package(where.lib)
     for version in chosen:
         src = qemu_binary(version)
