@@ -175,6 +175,11 @@ def plan(
 
 def run(argv: Sequence[str], *, qemu: str, mode: str = "hook", run_dir: Path = RUN_DIR) -> int:
     """Exec QEMU as planned; returns only on refusal (exit status 1)."""
+    if mode not in set(Mode):
+        print(
+            f"testbed-emulator: unknown mode {mode!r} (one of {', '.join(Mode)})", file=sys.stderr
+        )
+        return 1
     try:
         chosen = plan(argv, qemu=qemu, mode=Mode(mode), run_dir=run_dir)
         os.execv(chosen.binary, list(chosen.argv))

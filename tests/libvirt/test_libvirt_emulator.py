@@ -16,6 +16,7 @@ from testbed.libvirt.emulator import (
     Mode,
     domain_name,
     plan,
+    run,
     socket_path,
 )
 
@@ -142,3 +143,15 @@ def test_a_broker_that_does_not_say_ready_is_a_refusal(
     with pytest.raises(EmulatorRefusal, match="refused"):
         plan(["w", *DOMAIN], qemu="/q", mode=Mode.HOOK, run_dir=tmp_path)
     t.join(5)
+
+
+def test_run_names_an_unknown_mode(capsys: pytest.CaptureFixture[str]) -> None:
+    assert run(["w", *PROBE], qemu="/q", mode="turbo") == 1
+    assert "unknown mode 'turbo'" in capsys.readouterr().err
+
+
+def test_run_reports_a_refusal_instead_of_starting(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert run(["w", *DOMAIN], qemu="/q", mode="hook", run_dir=tmp_path) == 1
+    assert capsys.readouterr().err.startswith("testbed-emulator: no broker socket")
