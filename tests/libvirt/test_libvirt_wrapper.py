@@ -91,12 +91,18 @@ def test_killing_qemu_ends_its_broker(installed: Installed, tmp_path: Path) -> N
         assert serve.stdout is not None
         assert select.select([serve.stdout], [], [], 30)[0], "serve did not start"
         assert serve.stdout.readline().startswith("serving")
+        # an fd and a variable of our own, as libvirt passes its monitor fd and env
+        keep_r, keep_w = os.pipe()
+        wrapper = str(installed.wrapper(built_versions()[0]))
         qemu = subprocess.Popen(
-            [str(installed.wrapper(built_versions()[0])), "-name", f"guest={name}",
+            [wrapper, "-name", f"guest={name}",
              "-machine", "none", "-nodefaults", "-display", "none", "-S",
              "-drive", f"file={image},format=qcow2,if=none,id=d0"],
             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+            pass_fds=(keep_r,), env={**os.environ, "TB_FROM_LIBVIRT": "yes"},
         )  # fmt: skip
+        os.close(keep_r)
+        os.close(keep_w)
         deadline = time.monotonic() + 30
         while not (audit.exists() and read_audit(audit)) and time.monotonic() < deadline:
             assert qemu.poll() is None, qemu.stderr.read() if qemu.stderr else ""
@@ -104,6 +110,10 @@ def test_killing_qemu_ends_its_broker(installed: Installed, tmp_path: Path) -> N
         assert read_audit(audit)[0].path == str(image)
         # the wrapper exec'd QEMU in its own place: no parent left over
         assert os.path.basename(os.readlink(f"/proc/{qemu.pid}/exe")) == "qemu-system-x86_64"
+        # ... with argv[0], the descriptors and the environment it was given
+        assert Path(f"/proc/{qemu.pid}/cmdline").read_bytes().split(b"\0")[0] == wrapper.encode()
+        assert os.readlink(f"/proc/{qemu.pid}/fd/{keep_r}").startswith("pipe:")
+        assert b"TB_FROM_LIBVIRT=yes" in Path(f"/proc/{qemu.pid}/environ").read_bytes().split(b"\0")
         assert serve.poll() is None
         qemu.send_signal(signal.SIGKILL)
         qemu.wait(10)
