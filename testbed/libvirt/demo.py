@@ -139,10 +139,6 @@ class DemoResult:
         path.write_text(json.dumps(self.as_dict(), indent=2) + "\n")
 
 
-class StepFailed(TestbedError):
-    """A demo step did not do what it must (already recorded as a failed step)."""
-
-
 def traversable_dir(path: Path, mode: int = 0o711) -> Path:
     """``path`` made (root's, ``mode``), every ancestor searchable by others."""
     path.mkdir(parents=True, exist_ok=True)
@@ -227,7 +223,8 @@ class Demo:
         if self.on_step is not None:
             self.on_step(step)
         if error is not None:
-            raise StepFailed(f"step {name!r}: {error}")
+            # already recorded as a failed step; this ends the run
+            raise LibvirtError(f"step {name!r}: {error}")
 
     def virsh(self, *args: str, timeout: float | None = None) -> str:
         """``virsh ARGS``, its time added to the current step's ``virsh_seconds``."""
@@ -337,8 +334,6 @@ class Demo:
                     "available in this tree yet"
                 )
             self._run_steps()
-        except StepFailed as err:
-            error = str(err)
         except TestbedError as err:
             error = str(err)
         finally:

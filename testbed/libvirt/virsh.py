@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 import shutil
 import subprocess
-from collections.abc import Sequence
 
 from testbed.errors import LibvirtError
 
@@ -54,7 +53,3 @@ def disk_sources(name: str, *, uri: str = URI) -> dict[str, str]:
         if len(words) == 2:
             pairs[words[0]] = words[1].strip()
     return pairs
-
-
-def run_many(commands: Sequence[Sequence[str]], *, timeout: float = 60.0) -> list[str]:
-    return [virsh(*c, timeout=timeout) for c in commands]

@@ -12,9 +12,10 @@ from pathlib import Path
 
 import pytest
 
+from testbed.errors import LibvirtError
 from testbed.guest.artifacts import guest_available
 from testbed.libvirt.daemons import running_pid
-from testbed.libvirt.demo import DemoOptions, run_demo
+from testbed.libvirt.demo import Demo, DemoOptions, DemoResult, DemoStep, run_demo
 from testbed.libvirt.install import built_versions
 from testbed.pytest_plugin import require
 
@@ -27,6 +28,54 @@ def test_supervise_mode_says_it_is_not_available(tmp_path: Path) -> None:
     assert result.mode == "supervise"
     assert result.error is not None and "not available" in result.error
     assert result.steps == ()
+
+
+def test_a_failing_step_is_recorded_and_ends_the_run(tmp_path: Path) -> None:
+    demo = Demo(DemoOptions(workdir=tmp_path))
+    with demo.step("fine"):
+        pass
+    with pytest.raises(LibvirtError, match="step 'broken': boom"), demo.step("broken"):
+        raise LibvirtError("boom")
+    assert [(s.name, s.ok, s.error) for s in demo.steps] == [
+        ("fine", True, None),
+        ("broken", False, "boom"),
+    ]
+
+
+def result(**kw: object) -> DemoResult:
+    base: dict[str, object] = {
+        "domain": "d",
+        "qemu_version": "7.2",
+        "mode": "hook",
+        "steps": (DemoStep(name="a", ok=True),),
+        "records_written": 5,
+        "records_verified": 5,
+        "lost": 0,
+        "broker_requests": 3,
+        "qemu_user": "libvirt-qemu",
+        "console_log": "",
+        "audit_log": "",
+    }
+    base.update(kw)
+    return DemoResult(**base)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"lost": 1},
+        {"qemu_user": "root"},
+        {"qemu_user": None},
+        {"error": "x"},
+        {"steps": (DemoStep(name="a", ok=False, error="e"),)},
+    ],
+)
+def test_a_run_is_ok_only_unprivileged_complete_and_lossless(bad: dict[str, object]) -> None:
+    assert result().ok
+    assert not result(**bad).ok
+    assert set(result().as_dict()) >= {
+        "steps", "records_written", "records_verified", "lost", "broker_requests", "qemu_user"
+    }  # fmt: skip
 
 
 @pytest.mark.libvirt
