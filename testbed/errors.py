@@ -15,6 +15,7 @@
      +-- QEMUError                     a QEMU process failed
      |    +-- LaunchError              QEMU did not start: command line, exit code, log
      +-- GuestError                    the guest did not do what a step expected
+     +-- LibvirtError                  libvirt, virsh or a domain's broker failed
 
 Exceptions carry the data a caller needs to act on them, as attributes, and
 chain their cause with ``raise ... from err``.  ``OSError`` is kept for what
@@ -122,3 +123,15 @@ class GuestError(TestbedError):
         super().__init__(f"guest step {step!r}: {message}")
         self.step = step
         self.console_tail = console_tail
+
+
+class LibvirtError(TestbedError):
+    """libvirt (a daemon, a ``virsh`` command, a domain's broker) did not do what was asked.
+
+    ``argv`` and ``output`` hold the command and what it printed, when there was one.
+    """
+
+    def __init__(self, message: str, *, argv: Sequence[str] = (), output: str = "") -> None:
+        super().__init__(message)
+        self.argv = list(argv)
+        self.output = output
