@@ -41,7 +41,6 @@ from __future__ import annotations
 
 import errno
 import os
-import tomllib
 from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 from enum import IntEnum
@@ -149,6 +148,8 @@ class Policy:
 
     @classmethod
     def from_toml(cls, path: str | Path) -> Policy:
+        import tomllib  # here, not at the top: a hooked QEMU waits for the broker's start-up
+
         source = str(path)
         try:
             with open(path, "rb") as f:
