@@ -19,9 +19,14 @@ What one connection can cost the broker, whatever its peer does:
 * **the loop**: a connection is served at most ``batch`` requests per turn
   before the others get theirs.
 
-A full fd table (``EMFILE``/``ENFILE`` on accept) pauses accepting until a
-connection closes or a back-off expires, logged once per episode with the
-count of refused accepts; open connections keep being served.
+Descriptors for the broker itself: each connection can need two (its socket
+and one held reply), so the broker accepts at most ``max_connections``
+peers, by default what RLIMIT_NOFILE leaves after the descriptors open at
+start, one per grant root and ``FD_HEADROOM`` for the opens in progress.
+At that count, or on ``EMFILE``/``ENFILE`` from accept (descriptors used by
+something else), the listener is not watched until a connection closes (or,
+for EMFILE, a back-off expires): logged once per episode, with the count of
+refused accepts at its end; open connections keep being served.
 
 A malformed frame, descriptors sent *to* the broker, or a peer the policy
 does not accept close that connection (logged with the reason); everyone
@@ -35,7 +40,9 @@ import contextlib
 import errno
 import fcntl
 import logging
+import math
 import os
+import resource
 import select
 import socket
 import struct
@@ -72,6 +79,8 @@ RECV_SIZE = 4096  # requests are at most 18 + 4096 bytes that matter; smaller is
 MAX_BUFFERED = REQUEST_FIXED_SIZE + PATH_MAX - 1 + RECV_SIZE
 #: Replies with a descriptor a peer may leave unread before the broker waits.
 FD_REPLY_CAP = 4
+#: Descriptors kept free for opens in progress, the audit log and the like.
+FD_HEADROOM = 8
 #: How soon a held reply or a paused listener is looked at again (seconds).
 RETRY_MIN, RETRY_MAX = 0.01, 1.0
 _SEND_FLAGS = MSG_NOSIGNAL | MSG_DONTWAIT
@@ -132,6 +141,7 @@ class Broker:
         keep_records: bool = True,
         batch: int = 32,
         exit_when_idle: bool = False,
+        max_connections: int | None = None,
     ) -> None:
         self.policy = policy
         self.gate = Gate(policy)
@@ -163,6 +173,15 @@ class Broker:
         self._retry_at = 0.0
         self._retry_backoff = RETRY_MIN
         self._refs_held = 0
+        self.max_connections = max_connections or self._connection_budget()
+
+    def _connection_budget(self) -> int:
+        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        if soft == resource.RLIM_INFINITY:
+            return 1 << 20
+        in_use = len(os.listdir("/proc/self/fd"))
+        spare = soft - in_use - len(self.policy.grants) - FD_HEADROOM
+        return max(1, spare // 2)
 
     # -- public API ---------------------------------------------------------
 
@@ -243,7 +262,8 @@ class Broker:
             due.append(self._retry_at)
         if self._accept_paused:
             due.append(self._accept_retry_at)
-        return max(0.0, min(due) - time.monotonic())
+        soonest = min(due)
+        return -1 if soonest == math.inf else max(0.0, soonest - time.monotonic())
 
     def _wake(self) -> None:
         # A full pipe means the loop is awake already; a closed one, shut down.
@@ -322,36 +342,43 @@ class Broker:
 
     def _accept_from(self, listener: socket.socket) -> None:
         for _ in range(64):
+            if len(self._conns) >= self.max_connections:
+                self._pause_accepting(
+                    f"{len(self._conns)} connections, as many as RLIMIT_NOFILE allows", retry=False
+                )
+                return
             try:
                 sock, _addr = listener.accept()
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as err:
                 if err.errno in (errno.EMFILE, errno.ENFILE):
-                    self._pause_accepting(err)
+                    self._pause_accepting(f"accept failed: {err.strerror}", retry=True)
                 else:
                     log.warning("accept failed: %s", err)
                 return
             if self._accept_refused:
                 log.warning(
-                    "accepting again after %d accept(s) refused for lack of descriptors",
-                    self._accept_refused,
+                    "accepting peers again, after %d refused accept(s)", self._accept_refused
                 )
                 self._accept_refused = 0
                 self._accept_backoff = RETRY_MIN
             self._accept_conn(sock)
 
-    def _pause_accepting(self, err: OSError) -> None:
+    def _pause_accepting(self, why: str, *, retry: bool) -> None:
         if not self._accept_refused:
             log.warning(
-                "accept failed (%s): not accepting until a descriptor is freed; "
+                "not accepting peers (%s) until a descriptor is freed; "
                 "open connections are still served",
-                err.strerror,
+                why,
             )
         self._accept_refused += 1
         self._accept_paused = True
-        self._accept_retry_at = time.monotonic() + self._accept_backoff
-        self._accept_backoff = min(self._accept_backoff * 2, RETRY_MAX)
+        if retry:
+            self._accept_retry_at = time.monotonic() + self._accept_backoff
+            self._accept_backoff = min(self._accept_backoff * 2, RETRY_MAX)
+        else:
+            self._accept_retry_at = math.inf  # only a closed connection frees the budget
         for fd in self._listeners:
             self._epoll.modify(fd, 0)
 
@@ -545,7 +572,7 @@ class Broker:
             with contextlib.suppress(OSError):
                 self._epoll.unregister(fd)
         conn.sock.close()
-        if self._accept_paused:
+        if self._accept_paused and len(self._conns) < self.max_connections:
             self._resume_accepting()  # a descriptor is free now
 
     def _shutdown(self) -> None:

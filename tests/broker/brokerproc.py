@@ -61,6 +61,7 @@ class BrokerProc:
         *,
         user: str = "root",
         nofile: int | None = None,
+        audit: bool = True,
         extra: tuple[str, ...] = (),
     ) -> None:
         run = workdir / f"run-{time.monotonic_ns()}"
@@ -79,7 +80,9 @@ class BrokerProc:
                 missing("setpriv (util-linux) to run the broker as an unprivileged user")
             argv += UNPRIVILEGED
         argv += [sys.executable, "-m", "testbed.broker", "--socket", str(self.socket_path)]
-        argv += ["--policy", str(policy), "--audit", str(self.audit_path), *extra]
+        argv += ["--policy", str(policy), *extra]
+        if audit:
+            argv += ["--audit", str(self.audit_path)]
         self.stderr_path = run / "stderr"
         self._stderr = open(self.stderr_path, "wb")  # noqa: SIM115 - lives as long as the process
         env = {**os.environ, "PYTHONPATH": str(REPO)}
