@@ -140,12 +140,26 @@ class Gate:
         self.policy = policy
         self._roots: dict[Grant, int | None] = {}
         self._resolve = {g: resolve_flags(g) for g in policy.grants}
+        #: /proc/self/fd of the process that opened it (a fork must not reuse it).
+        self._proc_fd: tuple[int, int] | None = None
 
     def close(self) -> None:
         for fd in self._roots.values():
             if fd is not None:
                 os.close(fd)
         self._roots.clear()
+        if self._proc_fd is not None:
+            os.close(self._proc_fd[1])
+            self._proc_fd = None
+
+    def _proc_fds(self) -> int:
+        """A dirfd of this process's /proc/self/fd, to reopen checked inodes through."""
+        pid = os.getpid()
+        if self._proc_fd is None or self._proc_fd[0] != pid:
+            if self._proc_fd is not None:
+                os.close(self._proc_fd[1])
+            self._proc_fd = (pid, os.open("/proc/self/fd", _PATH_FLAGS | os.O_DIRECTORY))
+        return self._proc_fd[1]
 
     def _root(self, grant: Grant) -> int | None:
         """The directory grant's root dirfd, or None for a grant of a single file."""
@@ -224,6 +238,23 @@ class Gate:
     def _open(
         self, grant: Grant, rest: str, slash: bool, request: OpenRequest, need: Access
     ) -> Outcome:
+        flags = request.flags
+        root = self._roots.get(grant)
+        if root is not None and not flags & os.O_CREAT:
+            # The common case, in one openat2: anything else (an error, a
+            # symlink to walk) goes the long way below, which answers it.
+            try:
+                opath = openat2(
+                    root,
+                    rest or ".",
+                    _PATH_FLAGS | (flags & (os.O_DIRECTORY | os.O_NOFOLLOW)),
+                    0,
+                    self._resolve[grant],
+                )
+            except OSError:
+                pass
+            else:
+                return self._reopen(opath, grant, flags)
         try:
             base, target = self._base(grant, rest, slash)
         except _Refused as refused:
@@ -276,7 +307,7 @@ class Gate:
                         base, target = self._walk(base, target, flags, need, walked)
                         continue
                     return self._resolve_error(err, base, target, path_flags)
-                return self._checked(fd, base.grant, None)
+                return self._created(fd)
             return self.refuse(
                 "the name exists but does not resolve (a dangling symlink is not created through)"
             )
@@ -318,45 +349,38 @@ class Gate:
                 return self.refuse(f"{_DEVICE_KINDS[kind]} and the grant does not allow devices")
             else:
                 extra |= os.O_NONBLOCK  # an allowed FIFO or tty must not block the broker
-            fd = os.open(f"/proc/self/fd/{opath}", (flags & ~_REOPEN_DROP) | extra)
+            proc = self._proc_fd
+            if proc is None or proc[0] != os.getpid():
+                proc = (0, self._proc_fds())
+            fd = os.open(str(opath), (flags & ~_REOPEN_DROP) | extra, dir_fd=proc[1])
         except OSError as err:
             return Outcome(result=-(err.errno or errno.EIO), reason=err.strerror or "")
         finally:
             os.close(opath)
-        return self._checked(
-            fd,
-            grant,
-            st,
-            unblock=bool(extra & os.O_NONBLOCK) and not flags & os.O_NONBLOCK,
-            flags=flags,
-        )
-
-    def _checked(
-        self,
-        fd: int,
-        grant: Grant,
-        decided: os.stat_result | None,
-        *,
-        unblock: bool = False,
-        flags: int = 0,
-    ) -> Outcome:
-        """``fd`` if it is the inode decided on (or, for a create, a fresh file)."""
         try:
-            st = os.fstat(fd)
-            if decided is None:
-                if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1:
-                    os.close(fd)
-                    return self.refuse("a create did not make a new regular file")
-            elif st.st_ino != decided.st_ino or st.st_dev != decided.st_dev:
+            now = os.fstat(fd)
+            if now.st_ino != st.st_ino or now.st_dev != st.st_dev:
                 os.close(fd)
                 return self.refuse("the inode opened is not the one checked")
-            if unblock:
+            if extra & os.O_NONBLOCK and not flags & os.O_NONBLOCK:
                 # One F_SETFL to the status flags the peer asked for, dropping
                 # the O_NONBLOCK added above.
                 fcntl.fcntl(fd, fcntl.F_SETFL, flags & _SETFL_BITS)
         except OSError as err:
             os.close(fd)
             return Outcome(result=-(err.errno or errno.EIO), reason=err.strerror or "")
+        return Outcome(result=0, fd=fd)
+
+    def _created(self, fd: int) -> Outcome:
+        """``fd`` if a create made a new regular file (O_CREAT | O_EXCL always does)."""
+        try:
+            st = os.fstat(fd)
+        except OSError as err:
+            os.close(fd)
+            return Outcome(result=-(err.errno or errno.EIO), reason=err.strerror or "")
+        if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1:
+            os.close(fd)
+            return self.refuse("a create did not make a new regular file")
         return Outcome(result=0, fd=fd)
 
     # -- refusals and the slow paths ---------------------------------------
