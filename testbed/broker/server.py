@@ -53,7 +53,7 @@ from pathlib import Path
 
 from testbed.broker.answer import answer, names
 from testbed.broker.audit import AuditLog, AuditRecord
-from testbed.broker.gate import Gate
+from testbed.broker.gate import Gate, Outcome
 from testbed.broker.policy import Policy
 from testbed.errors import ProtocolError, TransportError, WaitTimeout
 from testbed.protocol import (
@@ -146,6 +146,7 @@ class Broker:
         self.policy = policy
         self.gate = Gate(policy)
         self.audit = AuditLog(audit_path, keep=keep_records)
+        self._auditing = self.audit.active
         self.batch = batch
         self.exit_when_idle = exit_when_idle
         # epoll directly rather than selectors: the loop turns once per
@@ -238,7 +239,11 @@ class Broker:
                 ):
                     log.info("last connection closed; exiting")
                     break
-                for fd, mask in self._epoll.poll(self._timeout()):
+                if self._ready:
+                    timeout: float = 0
+                else:
+                    timeout = self._timeout() if self._held or self._accept_paused else -1
+                for fd, mask in self._epoll.poll(timeout):
                     self._dispatch(fd, mask)
                 if self._held or self._accept_paused:
                     self._retry_timers()
@@ -425,7 +430,8 @@ class Broker:
                 self._drop(conn, f"malformed frame: {err}")
                 return
             if event is NEED_DATA:
-                self._want(conn, _IN)
+                if conn.events != _IN:
+                    self._want(conn, _IN)
                 return
             self._answer(conn, event)
             if conn.id not in self._conns:
@@ -435,7 +441,13 @@ class Broker:
         self._ready.add(conn)
 
     def _answer(self, conn: Connection, request: OpenRequest | InvalidRequest) -> None:
-        outcome = answer(self.gate, self.audit, request, conn=conn.id, peer_pid=conn.peer.pid)
+        if self._auditing:
+            outcome = answer(self.gate, self.audit, request, conn=conn.id, peer_pid=conn.peer.pid)
+        else:
+            try:
+                outcome = self.gate.handle(request)
+            except OSError as err:  # anything the gate did not foresee is still an errno
+                outcome = Outcome(result=-(err.errno or errno.EIO), reason=f"unexpected: {err}")
         conn.requests += 1
         result = outcome.result
         self._send(conn, _REPLY_OK if result == 0 else encode_reply(result), outcome.fd)
