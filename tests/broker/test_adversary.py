@@ -21,6 +21,7 @@ import select
 import socket
 import stat
 import struct
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -276,9 +277,16 @@ def play(w: World, peer: Peer, action: tuple[Any, ...]) -> None:
             peer.sock.sendall(data[a:b])
         assert peer.reply() is not None, "the broker hung up on a well-framed request"
     elif kind == "flood":
-        peer.sock.sendall(data * arg)
-        for _ in range(arg):
-            assert peer.reply() is not None
+        # Pipelined, read while sending: a peer that sends a burst larger than
+        # the socket buffers and reads nothing until it is sent deadlocks
+        # itself against any broker that bounds its memory.
+        sender = threading.Thread(target=peer.sock.sendall, args=(data * arg,))
+        sender.start()
+        try:
+            for _ in range(arg):
+                assert peer.reply() is not None
+        finally:
+            sender.join(30)
     elif kind == "half":
         peer.sock.sendall(data[:arg])
         peer.sock.close()
