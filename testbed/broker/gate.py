@@ -267,6 +267,8 @@ class Gate:
             if refused.code is not None:
                 return Outcome(result=-refused.code, reason=refused.reason)
             return self.refuse(refused.reason)
+        except OSError as err:  # a grant root or file grant's parent met on a walk
+            return Outcome(result=-(err.errno or errno.EIO), reason=f"grant: {err.strerror}")
         finally:
             if base.owned:
                 os.close(base.fd)
@@ -436,8 +438,11 @@ class Gate:
         result is resolved again by the caller with ``RESOLVE_NO_SYMLINKS``:
         a symlink swapped in meanwhile fails there.
         """
-        follow_last = not flags & os.O_NOFOLLOW
+        creating = bool(flags & os.O_CREAT)
+        # O_CREAT | O_EXCL never follows a last symlink (open(2) says EEXIST).
+        follow_last = not flags & os.O_NOFOLLOW and not (creating and flags & os.O_EXCL)
         trailing = target.endswith("/")
+        through_last_link = False
         base = _Base(base.grant, base.fd, False, base.resolve | RESOLVE_NO_SYMLINKS)
         walked.append(base)
         todo = [c for c in reversed(target.split("/")) if c not in ("", ".")]
@@ -458,6 +463,10 @@ class Gate:
                 fd = openat2(base.fd, name, _PATH_FLAGS | os.O_NOFOLLOW, 0, base.resolve)
             except OSError as err:
                 if last and err.errno == errno.ENOENT:
+                    if creating and through_last_link:
+                        raise _Refused(
+                            "the name is a dangling symlink (a create does not go through it)"
+                        ) from None
                     done.append(comp)  # may be created
                     break
                 raise self._walk_error(err) from None
@@ -471,6 +480,7 @@ class Gate:
             finally:
                 os.close(fd)
             hops += 1
+            through_last_link = through_last_link or last
             if hops > MAXSYMLINKS:
                 raise _Refused(f"more than {MAXSYMLINKS} symlinks", errno.ELOOP)
             if not base.grant.symlinks:

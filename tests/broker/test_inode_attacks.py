@@ -311,6 +311,24 @@ def test_create_never_follows_a_symlink_out(tree: Path) -> None:
     assert sorted(os.listdir(tree / "outside")) == ["secret"]
 
 
+def test_create_through_an_absolute_symlink(tree: Path) -> None:
+    """The hand walk keeps open(2)'s create rules: O_EXCL never follows, dangling is refused."""
+    grant = tree / "grant"
+    (grant / "to-disk").symlink_to(grant / "disk.img")
+    (grant / "to-new").symlink_to(grant / "sub" / "new")
+    g = Gate(Policy.from_grants(create=[grant], symlinks=True))
+    assert outcome(g, grant / "to-disk", os.O_RDWR | os.O_CREAT, 0o644) == 0
+    assert outcome(g, grant / "to-disk", os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644) == (
+        -errno.EEXIST
+    )
+    assert outcome(g, grant / "to-new", os.O_RDWR | os.O_CREAT, 0o644) == EACCES
+    assert not (grant / "sub" / "new").exists()
+    (grant / "abs-sub").symlink_to(grant / "sub")
+    assert outcome(g, grant / "abs-sub" / "made", os.O_RDWR | os.O_CREAT, 0o644) == 0
+    assert (grant / "sub" / "made").is_file()
+    g.close()
+
+
 def test_create_of_an_existing_file_checks_its_inode(tree: Path, gate: Gate) -> None:
     grant = tree / "grant"
     os.link(tree / "outside" / "secret", grant / "hard")
