@@ -628,7 +628,7 @@ def listen_unix(path: str | Path, *, backlog: int = 128) -> socket.socket:
         )
     # Bound and listening under a temporary name, then renamed into place: a
     # peer that sees the path never finds it refusing connections.
-    tmp = os.path.join(os.path.dirname(raw), b".%d.sock.tmp" % os.getpid())
+    tmp = os.path.join(os.path.dirname(raw), b".%d.%d.tmp" % (os.getpid(), time.monotonic_ns()))
     where = tmp if len(tmp) <= 107 else raw
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
