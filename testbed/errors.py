@@ -8,6 +8,7 @@
      |    +-- RemoteProtocolError      the peer sent an illegal frame (its fault)
      +-- TransportError                sendmsg/recvmsg, fd passing, a dead peer
      +-- PolicyError                   a broker policy file or flag is invalid
+     +-- AuditWriteError               the broker's audit log could not be written
      +-- CorruptImageError             an image's metadata is inconsistent
      +-- BlockError                    the block-layer model refused an operation
      +-- WaitTimeout (also TimeoutError)  a wait ran out; names what it waited for
@@ -63,6 +64,19 @@ class PolicyError(TestbedError):
     def __init__(self, message: str, *, source: str = "") -> None:
         super().__init__(f"{source}: {message}" if source else message)
         self.source = source
+
+
+class AuditWriteError(TestbedError):
+    """A record could not be written to the broker's audit log (full or failing disk).
+
+    ``path`` is the log file, ``errno`` the write's error.  The request the
+    record was for must not be granted: an unaudited open is not allowed.
+    """
+
+    def __init__(self, path: str, errno: int, message: str) -> None:
+        super().__init__(f"audit log {path}: {message}")
+        self.path = path
+        self.errno = errno
 
 
 class CorruptImageError(TestbedError):

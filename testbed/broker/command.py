@@ -29,14 +29,18 @@ one inherited, connected socket: the broker's end of the socketpair whose
 other end QEMU got as -open-hook-fd; the broker exits when QEMU closes it).
 
 Policy: every open must fall under a grant.  A directory grants everything
-beneath it; paths are resolved with openat2(RESOLVE_BENEATH |
-RESOLVE_NO_MAGICLINKS [| RESOLVE_NO_SYMLINKS]) from the grant's root, so
-'..', symlinks and /proc tricks cannot leave it.  Writing (O_WRONLY, O_RDWR,
-O_TRUNC, O_APPEND) needs --allow-rw or --allow-create; O_CREAT needs
---allow-create, and the created file's mode is masked (no setuid/setgid, not
-world-writable).  Device nodes, FIFOs, sockets and files with several hard
-links are refused unless a --policy rule allows them.  A refusal answers
--EACCES (see --refuse-errno) and the connection stays usable.
+beneath it.  The broker decides on the inode before it opens anything for
+reading or writing: the path is resolved with openat2(O_PATH, RESOLVE_BENEATH |
+RESOLVE_NO_MAGICLINKS | RESOLVE_NO_SYMLINKS | RESOLVE_NO_XDEV) from the
+grant's root, so '..', symlinks, mount points and /proc tricks cannot leave
+it; the inode is checked (directories, device nodes, FIFOs, sockets and files
+with several hard links are refused unless a --policy rule allows them) and
+only then opened, through /proc/self/fd, with the peer's flags.  Writing
+(O_WRONLY, O_RDWR, O_TRUNC, O_APPEND) needs --allow-rw or --allow-create;
+O_CREAT needs --allow-create, and the created file's mode is masked (no
+setuid/setgid, not world-writable).  A refusal answers -EACCES (see
+--refuse-errno) and the connection stays usable; a request whose audit record
+cannot be written is answered -EIO.
 """
 
 EPILOG = """\
@@ -46,13 +50,16 @@ policy file (TOML), merged with the flags:
   [[grant]]
   path = "/srv/images"
   access = "create"        # ro | rw | create
-  symlinks = false         # follow symlinks that stay beneath the grant
+  symlinks = false         # follow symlinks whose every hop stays beneath a grant
   devices = false          # allow device nodes, FIFOs, sockets
   hardlinks = false        # allow files with more than one link
+  directories = false      # hand out directory fds (openat(fd, "..") leaves the grant)
+  cross_mounts = false     # follow paths across mount points inside the grant
 
-audit log: one JSON object per request, in arrival order, with time, conn,
-peer_pid, path, flags (as on the wire), flag_names, mode, result (0 or
--errno), latency_us and reason (why a request was refused).
+audit log: one JSON object per request, in arrival order, written before the
+reply, with time, conn, peer_pid, path, flags (as on the wire), flag_names,
+mode, result (0 or -errno), latency_us, reason (why a request was refused)
+and via ("hook"); a name that is not UTF-8 also has path_hex (its bytes).
 
 examples:
   testbed broker --socket /run/hook.sock --allow-ro /srv/base --allow-create /srv/vm1
@@ -97,7 +104,7 @@ def register(sub: Any) -> None:
     p.add_argument(
         "--allow-symlinks",
         action="store_true",
-        help="follow symlinks that stay beneath the grant (for the flag grants)",
+        help="follow symlinks whose every hop stays beneath a grant (for the flag grants)",
     )
     p.add_argument("--policy", metavar="FILE", help="TOML policy file (see below)")
     p.add_argument("--audit", metavar="FILE", help="append one JSON line per request to FILE")

@@ -1,30 +1,38 @@
 """Deciding and performing one open on a peer's behalf.
 
-How a request is opened, and why each step is there:
+The broker decides on the *inode* before anything is opened for reading or
+writing, because opening some inodes is already an effect: a FIFO's blocked
+writer wakes up, a character device's driver runs, a directory fd lets the
+peer walk out of every grant with ``openat(fd, "..")``.  So an open goes:
 
-1. The path must be absolute (the broker cannot know the peer's cwd).
+1. The path must be absolute (the broker cannot know the peer's cwd);
+   ``O_PATH`` is never handed out; ``O_TMPFILE`` gets ``-EINVAL`` where
+   open(2) would say so and is refused otherwise (an unnamed file has no
+   name to audit, and it is created in a directory).
 2. The longest grant covering the path that allows the needed access is
-   chosen; the rest of the path is resolved *relative to the grant's root
-   directory* with ``openat2(RESOLVE_BENEATH | RESOLVE_NO_MAGICLINKS)`` and,
-   unless the grant allows symlinks, ``RESOLVE_NO_SYMLINKS``.  ``..``,
-   absolute symlinks, ``/proc/self/root`` tricks and the like therefore fail
-   inside the kernel's path walk (``EXDEV``/``ELOOP``) instead of being
-   caught (or missed) by string checks.
-3. That one ``openat2`` is the open: the kernel resolves and opens in a
-   single step, so a symlink swapped in after a check has nothing to
-   redirect.  It adds ``O_NONBLOCK`` (a FIFO must not block the broker) and
-   ``O_NOCTTY``, and leaves out ``O_TRUNC``.
-4. The inode behind the new fd is then checked: device nodes, FIFOs and
-   sockets, and regular files with more than one hard link (the other link
-   may be outside the grant), are refused unless the grant allows them.
-   Only after that is ``O_TRUNC`` applied (``ftruncate``) and
-   ``O_NONBLOCK`` taken back off if the peer did not ask for it, so a
-   refused open has changed nothing.  Device nodes in a grant can only be
-   put there by whoever controls the granted directory (the broker creates
-   regular files only), which is why opening one before refusing it is
-   acceptable here.
-5. ``O_CREAT`` passes through only under a create grant, with the mode
-   masked (no setuid/setgid, not world-writable).
+   chosen, and the rest of the path is resolved *beneath the grant's root
+   directory* with ``openat2(O_PATH, RESOLVE_BENEATH | RESOLVE_NO_MAGICLINKS
+   [| RESOLVE_NO_SYMLINKS] [| RESOLVE_NO_XDEV])``: ``..``, symlinks, mount
+   points and ``/proc`` tricks fail inside the kernel's path walk instead of
+   being caught (or missed) by string checks.  An ``O_PATH`` open reads
+   nothing and has no side effect on any kind of inode.
+3. The inode behind that ``O_PATH`` fd is checked (``fstat``): directories,
+   device nodes, FIFOs, sockets and regular files with several links are
+   refused unless the grant's rule allows them.
+4. Only then is *that inode* opened with the peer's flags, through
+   ``/proc/self/fd/N`` (which names the inode, not a path that could be
+   swapped), and the new fd is checked to be the same ``(st_dev, st_ino)``.
+5. ``O_CREAT``: an existing file goes through 2-4; a missing one is created
+   with ``O_CREAT | O_EXCL`` beneath the grant, which never follows a symlink
+   and always makes a new regular file.  A name that exists but does not
+   resolve (a dangling symlink) is refused rather than created through.
+   The mode is masked (no setuid/setgid, not world-writable).
+
+With ``symlinks`` allowed, the kernel follows relative symlinks beneath the
+grant; an absolute one (which ``RESOLVE_BENEATH`` rejects) sends the path
+through :meth:`Gate._walk`, which resolves it hop by hop: at most 40 hops
+(the kernel's limit), every hop beneath a grant that allows the access, no
+``..`` above a grant's root, magic links read as plain text.
 """
 
 from __future__ import annotations
@@ -39,17 +47,37 @@ from testbed.broker.openat2 import (
     RESOLVE_BENEATH,
     RESOLVE_NO_MAGICLINKS,
     RESOLVE_NO_SYMLINKS,
+    RESOLVE_NO_XDEV,
     openat2,
 )
 from testbed.broker.policy import Access, Grant, Policy, needed_access
 from testbed.protocol import InvalidRequest, OpenRequest
 
-_O_PATH_FLAGS = os.O_PATH | os.O_CLOEXEC
-#: Bits the broker does not pass on as asked: O_CLOEXEC on the peer's side
-#: comes from the peer's recvmsg; O_TMPFILE files could not be audited by name.
-_STRIP = os.O_CLOEXEC | (os.O_TMPFILE & ~os.O_DIRECTORY)
-_RESOLVE_SYMLINKS = RESOLVE_BENEATH | RESOLVE_NO_MAGICLINKS
-_RESOLVE_STRICT = _RESOLVE_SYMLINKS | RESOLVE_NO_SYMLINKS
+MAXSYMLINKS = 40  # the kernel's limit on symlinks followed in one lookup
+_O_TMPFILE_BIT = os.O_TMPFILE & ~os.O_DIRECTORY
+_PATH_FLAGS = os.O_PATH | os.O_CLOEXEC
+#: Bits openat2 accepts (it refuses any other with EINVAL, open(2) ignores them).
+_KNOWN_FLAGS = (
+    os.O_ACCMODE
+    | os.O_CREAT
+    | os.O_EXCL
+    | os.O_NOCTTY
+    | os.O_TRUNC
+    | os.O_APPEND
+    | os.O_NONBLOCK
+    | os.O_DSYNC
+    | 0o20000  # FASYNC
+    | os.O_DIRECT
+    | 0o100000  # O_LARGEFILE
+    | os.O_DIRECTORY
+    | os.O_NOFOLLOW
+    | os.O_NOATIME
+    | os.O_CLOEXEC
+    | os.O_SYNC
+)
+#: What the reopen of a checked inode leaves out of the peer's flags.  No
+#: O_NOFOLLOW: /proc/self/fd/N is itself a (magic) link.
+_REOPEN_DROP = os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC | _O_TMPFILE_BIT
 #: Status flags F_SETFL can change.
 _SETFL_BITS = os.O_APPEND | os.O_NONBLOCK | os.O_DIRECT | os.O_NOATIME | 0o20000  # FASYNC
 _DEVICE_KINDS = {
@@ -58,6 +86,8 @@ _DEVICE_KINDS = {
     stat.S_IFIFO: "a FIFO",
     stat.S_IFSOCK: "a socket",
 }
+#: How often a create retries when the name appears and vanishes under it.
+_CREATE_TRIES = 3
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -69,25 +99,74 @@ class Outcome:
     reason: str = ""
 
 
+class _Refused(Exception):
+    """A refusal (or, with ``code``, an errno) found deep in a path walk."""
+
+    def __init__(self, reason: str, code: int | None = None) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.code = code
+
+
+@dataclass(slots=True)
+class _Base:
+    """Where a path is resolved from: a grant's root, or a file grant's parent."""
+
+    grant: Grant
+    fd: int
+    owned: bool  # a file grant's parent, opened for this request: close it
+    resolve: int
+
+
+def resolve_flags(grant: Grant) -> int:
+    """The openat2 ``resolve`` bits a grant's rules call for."""
+    flags = RESOLVE_BENEATH | RESOLVE_NO_MAGICLINKS
+    if not grant.symlinks:
+        flags |= RESOLVE_NO_SYMLINKS
+    if not grant.cross_mounts:
+        flags |= RESOLVE_NO_XDEV
+    return flags
+
+
 class Gate:
-    """Opens requests under a :class:`Policy`, holding an ``O_PATH`` fd per grant root."""
+    """Opens requests under a :class:`Policy`, holding an ``O_PATH`` fd per grant root.
+
+    :meth:`handle` is the whole interface: a decoded request in, an
+    :class:`Outcome` out (the caller owns ``outcome.fd``).  It never raises
+    for anything a peer can send.
+    """
 
     def __init__(self, policy: Policy) -> None:
         self.policy = policy
         self._roots: dict[Grant, int | None] = {}
+        self._resolve = {g: resolve_flags(g) for g in policy.grants}
+        #: /proc/self/fd of the process that opened it (a fork must not reuse it).
+        self._proc_fd: tuple[int, int] | None = None
 
     def close(self) -> None:
         for fd in self._roots.values():
             if fd is not None:
                 os.close(fd)
         self._roots.clear()
+        if self._proc_fd is not None:
+            os.close(self._proc_fd[1])
+            self._proc_fd = None
+
+    def _proc_fds(self) -> int:
+        """A dirfd of this process's /proc/self/fd, to reopen checked inodes through."""
+        pid = os.getpid()
+        if self._proc_fd is None or self._proc_fd[0] != pid:
+            if self._proc_fd is not None:
+                os.close(self._proc_fd[1])
+            self._proc_fd = (pid, os.open("/proc/self/fd", _PATH_FLAGS | os.O_DIRECTORY))
+        return self._proc_fd[1]
 
     def _root(self, grant: Grant) -> int | None:
         """The directory grant's root dirfd, or None for a grant of a single file."""
         if grant in self._roots:
             return self._roots[grant]
         try:
-            fd = os.open(grant.path, _O_PATH_FLAGS | os.O_DIRECTORY)
+            fd = os.open(grant.path, _PATH_FLAGS | os.O_DIRECTORY)
         except NotADirectoryError:
             self._roots[grant] = None
             return None
@@ -99,96 +178,344 @@ class Gate:
     def refuse(self, reason: str) -> Outcome:
         return Outcome(result=-self.policy.refuse_errno, reason=reason)
 
+    # -- deciding ----------------------------------------------------------
+
     def handle(self, request: OpenRequest | InvalidRequest) -> Outcome:
+        """Decide ``request`` and, if it is allowed, open it."""
         if isinstance(request, InvalidRequest):
             return Outcome(result=-request.errno, reason=request.reason)
         path = request.path_str
         if not path.startswith("/"):
             return self.refuse("relative path (the broker cannot know the peer's cwd)")
-        if request.flags & os.O_PATH:
+        flags = request.flags
+        if flags & os.O_PATH:
             return self.refuse("O_PATH descriptors are not handed out")
-        need = needed_access(request.flags)
+        if flags & _O_TMPFILE_BIT:
+            return self._tmpfile(flags)
+        need = needed_access(flags)
+        try:
+            grant, rest = self._select(path, need)
+        except _Refused as refused:
+            return self.refuse(refused.reason)
+        return self._open(grant, rest, path.endswith("/"), request, need)
+
+    def _select(self, path: str, need: Access) -> tuple[Grant, str]:
+        """The longest grant covering ``path`` that allows ``need``, and the rest."""
         strongest: Access | None = None
         for grant in self.policy.by_length:
             rest = grant.covers(path)
             if rest is None:
                 continue
             if grant.access >= need:
-                return self._open(grant, rest, request, need)
+                return grant, rest
             strongest = max(strongest or grant.access, grant.access)
         if strongest is None:
-            return self.refuse("not under any grant")
-        return self.refuse(f"needs {need.label} access, the grant gives {strongest.label}")
+            raise _Refused("not under any grant")
+        raise _Refused(f"needs {need.label} access, the grant gives {strongest.label}")
 
-    def _open(self, grant: Grant, rest: str, request: OpenRequest, need: Access) -> Outcome:
+    def _tmpfile(self, flags: int) -> Outcome:
+        # The checks of the kernel's build_open_flags(), in its order.
+        if flags & (os.O_TMPFILE | os.O_CREAT) != os.O_TMPFILE:
+            return Outcome(result=-errno.EINVAL, reason="O_TMPFILE needs O_DIRECTORY, no O_CREAT")
+        if flags & os.O_ACCMODE == os.O_RDONLY:
+            return Outcome(result=-errno.EINVAL, reason="O_TMPFILE needs write access")
+        return self.refuse("O_TMPFILE (an unnamed file in a directory) is not handed out")
+
+    def _base(self, grant: Grant, rest: str, slash: bool) -> tuple[_Base, str]:
+        """Where to resolve ``rest`` beneath ``grant`` from, and the name to resolve."""
+        root = self._root(grant)
+        if root is not None:
+            return _Base(grant, root, False, self._resolve[grant]), rest or "."
+        # A grant of one file: resolve its last component from its parent,
+        # which the administrator named and so is trusted.
+        if rest:
+            raise _Refused("beneath a file grant")
+        parent = os.open(os.path.dirname(grant.path), _PATH_FLAGS | os.O_DIRECTORY)
+        name = os.path.basename(grant.path)
+        # "FILE/" must still be ENOTDIR, as open(2) answers it.
+        return _Base(grant, parent, True, self._resolve[grant]), name + "/" if slash else name
+
+    def _open(
+        self, grant: Grant, rest: str, slash: bool, request: OpenRequest, need: Access
+    ) -> Outcome:
+        flags = request.flags
+        root = self._roots.get(grant)
+        if root is not None and not flags & os.O_CREAT:
+            # The common case, in one openat2: anything else (an error, a
+            # symlink to walk) goes the long way below, which answers it.
+            try:
+                opath = openat2(
+                    root,
+                    rest or ".",
+                    _PATH_FLAGS | (flags & (os.O_DIRECTORY | os.O_NOFOLLOW)),
+                    0,
+                    self._resolve[grant],
+                )
+            except OSError:
+                pass
+            else:
+                return self._reopen(opath, grant, flags)
         try:
-            root = self._root(grant)
+            base, target = self._base(grant, rest, slash)
+        except _Refused as refused:
+            return self.refuse(refused.reason)
         except OSError as err:
             return Outcome(result=-(err.errno or errno.EIO), reason=f"grant root: {err.strerror}")
-        if root is None:
-            # A grant of one file: resolve its last component from its parent,
-            # which the administrator named and so is trusted.
-            if rest:
-                return self.refuse("beneath a file grant")
-            try:
-                parent = os.open(os.path.dirname(grant.path), _O_PATH_FLAGS | os.O_DIRECTORY)
-            except OSError as err:
-                return Outcome(result=-(err.errno or errno.EIO), reason=err.strerror or "")
-            try:
-                name = os.path.basename(grant.path)
-                return self._open_beneath(parent, name, grant, request, need)
-            finally:
-                os.close(parent)
-        return self._open_beneath(root, rest or ".", grant, request, need)
+        try:
+            return self._open_beneath(base, target, request, need)
+        except _Refused as refused:
+            if refused.code is not None:
+                return Outcome(result=-refused.code, reason=refused.reason)
+            return self.refuse(refused.reason)
+        except OSError as err:  # a grant root or file grant's parent met on a walk
+            return Outcome(result=-(err.errno or errno.EIO), reason=f"grant: {err.strerror}")
+        finally:
+            if base.owned:
+                os.close(base.fd)
 
     def _open_beneath(
-        self, root: int, target: str, grant: Grant, request: OpenRequest, need: Access
+        self, base: _Base, target: str, request: OpenRequest, need: Access
     ) -> Outcome:
-        resolve = _RESOLVE_SYMLINKS if grant.symlinks else _RESOLVE_STRICT
         flags = request.flags
-        if need is not Access.CREATE:
-            flags &= ~os.O_CREAT
-        # O_NONBLOCK: a FIFO must not block the broker while it is still
-        # being checked; O_NOCTTY: a tty must not become our terminal.
-        flags = (flags & ~(_STRIP | os.O_TRUNC)) | os.O_CLOEXEC | os.O_NOCTTY | os.O_NONBLOCK
-        mode = request.mode & self.policy.create_mode_mask
+        creating = bool(flags & os.O_CREAT)
+        exclusive = creating and bool(flags & os.O_EXCL)
+        path_flags = _PATH_FLAGS | (flags & (os.O_DIRECTORY | os.O_NOFOLLOW))
+        walked: list[_Base] = []
         try:
-            fd = openat2(root, target, flags, mode, resolve)
+            for _ in range(_CREATE_TRIES):
+                if not exclusive:
+                    try:
+                        opath = openat2(base.fd, target, path_flags, 0, base.resolve)
+                    except OSError as err:
+                        if self._needs_walk(err, base, walked):
+                            base, target = self._walk(base, target, flags, need, walked)
+                            continue
+                        if not (creating and err.errno == errno.ENOENT):
+                            return self._resolve_error(err, base, target, path_flags)
+                    else:
+                        return self._reopen(opath, base.grant, flags)
+                try:
+                    fd = openat2(
+                        base.fd,
+                        target,
+                        self._create_flags(flags),
+                        self._mode(request),
+                        base.resolve,
+                    )
+                except OSError as err:
+                    if err.errno == errno.EEXIST and not exclusive:
+                        continue  # created meanwhile, or a dangling symlink: look again
+                    if self._needs_walk(err, base, walked):
+                        base, target = self._walk(base, target, flags, need, walked)
+                        continue
+                    return self._resolve_error(err, base, target, path_flags)
+                return self._created(fd)
+            return self.refuse(
+                "the name exists but does not resolve (a dangling symlink is not created through)"
+            )
+        finally:
+            for hop in walked:
+                if hop.owned:
+                    os.close(hop.fd)
+
+    def _mode(self, request: OpenRequest) -> int:
+        return request.mode & self.policy.create_mode_mask
+
+    @staticmethod
+    def _create_flags(flags: int) -> int:
+        return (flags & _KNOWN_FLAGS) | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOCTTY
+
+    @staticmethod
+    def _needs_walk(err: OSError, base: _Base, walked: list[_Base]) -> bool:
+        """Whether the kernel's walk stopped at something a hand walk may follow."""
+        return base.grant.symlinks and not walked and err.errno in (errno.EXDEV, errno.ELOOP)
+
+    def _reopen(self, opath: int, grant: Grant, flags: int) -> Outcome:
+        """Check the inode behind ``opath``, then open it with the peer's flags."""
+        try:
+            st = os.fstat(opath)
+            kind = stat.S_IFMT(st.st_mode)
+            extra = os.O_NOCTTY
+            if kind == stat.S_IFREG:
+                if st.st_nlink > 1 and not grant.hardlinks:
+                    links = st.st_nlink
+                    return self.refuse(
+                        f"a file with {links} hard links and the grant does not allow hardlinks"
+                    )
+            elif kind == stat.S_IFDIR:
+                if not grant.directories:
+                    return self.refuse("a directory and the grant does not allow directories")
+            elif kind == stat.S_IFLNK:  # O_NOFOLLOW on a symlink: what open(2) answers
+                return Outcome(result=-errno.ELOOP, reason="O_NOFOLLOW and the name is a symlink")
+            elif not grant.devices:
+                return self.refuse(f"{_DEVICE_KINDS[kind]} and the grant does not allow devices")
+            else:
+                extra |= os.O_NONBLOCK  # an allowed FIFO or tty must not block the broker
+            proc = self._proc_fd
+            if proc is None or proc[0] != os.getpid():
+                proc = (0, self._proc_fds())
+            fd = os.open(str(opath), (flags & ~_REOPEN_DROP) | extra, dir_fd=proc[1])
         except OSError as err:
-            return self._resolve_error(err)
-        try:
-            st = os.fstat(fd)
-        except OSError as err:  # pragma: no cover - fstat on a fresh fd does not fail
-            os.close(fd)
             return Outcome(result=-(err.errno or errno.EIO), reason=err.strerror or "")
-        problem = self._check_inode(st, grant)
-        if problem:
-            os.close(fd)
-            return self.refuse(problem)
+        finally:
+            os.close(opath)
         try:
-            if request.flags & os.O_TRUNC and stat.S_ISREG(st.st_mode):
-                os.ftruncate(fd, 0)
-            if not request.flags & os.O_NONBLOCK:
+            now = os.fstat(fd)
+            if now.st_ino != st.st_ino or now.st_dev != st.st_dev:
+                os.close(fd)
+                return self.refuse("the inode opened is not the one checked")
+            if extra & os.O_NONBLOCK and not flags & os.O_NONBLOCK:
                 # One F_SETFL to the status flags the peer asked for, dropping
-                # the O_NONBLOCK added above (cheaper than os.set_blocking).
-                fcntl.fcntl(fd, fcntl.F_SETFL, request.flags & _SETFL_BITS)
+                # the O_NONBLOCK added above.
+                fcntl.fcntl(fd, fcntl.F_SETFL, flags & _SETFL_BITS)
         except OSError as err:
             os.close(fd)
             return Outcome(result=-(err.errno or errno.EIO), reason=err.strerror or "")
         return Outcome(result=0, fd=fd)
 
-    def _resolve_error(self, err: OSError) -> Outcome:
+    def _created(self, fd: int) -> Outcome:
+        """``fd`` if a create made a new regular file (O_CREAT | O_EXCL always does)."""
+        try:
+            st = os.fstat(fd)
+        except OSError as err:
+            os.close(fd)
+            return Outcome(result=-(err.errno or errno.EIO), reason=err.strerror or "")
+        if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1:
+            os.close(fd)
+            return self.refuse("a create did not make a new regular file")
+        return Outcome(result=0, fd=fd)
+
+    # -- refusals and the slow paths ---------------------------------------
+
+    def _resolve_error(self, err: OSError, base: _Base, target: str, path_flags: int) -> Outcome:
         code = err.errno or errno.EIO
+        grant = base.grant
         if code == errno.EXDEV:
+            if base.resolve & RESOLVE_NO_XDEV and self._resolves_across_mounts(
+                base, target, path_flags
+            ):
+                return self.refuse(
+                    "path crosses a mount point and the grant does not allow cross_mounts"
+                )
             return self.refuse("path escapes the grant")
         if code == errno.ELOOP:
-            return self.refuse("path goes through a symlink the grant does not allow")
+            if not grant.symlinks:
+                return self.refuse(
+                    "path goes through a symlink and the grant does not allow symlinks"
+                )
+            if base.resolve & RESOLVE_NO_SYMLINKS:  # after a hand walk: the path changed
+                return self.refuse("a symlink appeared in the path while it was resolved")
         return Outcome(result=-code, reason=err.strerror or "")
 
-    def _check_inode(self, st: os.stat_result, grant: Grant) -> str | None:
-        kind = stat.S_IFMT(st.st_mode)
-        if kind in _DEVICE_KINDS and not grant.devices:
-            return f"{_DEVICE_KINDS[kind]} and the grant does not allow devices"
-        if kind == stat.S_IFREG and st.st_nlink > 1 and not grant.hardlinks:
-            return f"a file with {st.st_nlink} hard links and the grant does not allow hardlinks"
-        return None
+    @staticmethod
+    def _resolves_across_mounts(base: _Base, target: str, path_flags: int) -> bool:
+        """Whether ``target`` stays beneath the grant once mount crossings are allowed."""
+        try:
+            fd = openat2(base.fd, target, path_flags, 0, base.resolve & ~RESOLVE_NO_XDEV)
+        except OSError as err:
+            return err.errno != errno.EXDEV
+        os.close(fd)
+        return True
+
+    @staticmethod
+    def _walk_error(err: OSError) -> _Refused:
+        code = err.errno or errno.EIO
+        if code == errno.EXDEV:
+            return _Refused("path crosses a mount point and the grant does not allow cross_mounts")
+        if code == errno.ELOOP:
+            return _Refused("a symlink appeared in the path while it was resolved")
+        return _Refused(err.strerror or "", code)
+
+    def _walk(
+        self, base: _Base, target: str, flags: int, need: Access, walked: list[_Base]
+    ) -> tuple[_Base, str]:
+        """Resolve every symlink in ``target`` by hand; return a symlink-free place.
+
+        Each component is looked at with ``O_PATH | O_NOFOLLOW`` under the
+        strictest resolve flags (so nothing changes between looks without
+        being noticed); a relative link is spliced into the rest of the path,
+        an absolute one starts over beneath the grant that covers it.  The
+        result is resolved again by the caller with ``RESOLVE_NO_SYMLINKS``:
+        a symlink swapped in meanwhile fails there.
+        """
+        creating = bool(flags & os.O_CREAT)
+        # O_CREAT | O_EXCL never follows a last symlink (open(2) says EEXIST).
+        follow_last = not flags & os.O_NOFOLLOW and not (creating and flags & os.O_EXCL)
+        trailing = target.endswith("/")
+        through_last_link = False
+        base = _Base(base.grant, base.fd, False, base.resolve | RESOLVE_NO_SYMLINKS)
+        walked.append(base)
+        todo = [c for c in reversed(target.split("/")) if c not in ("", ".")]
+        done: list[str] = []
+        hops = 0
+        while todo:
+            comp = todo.pop()
+            if base.owned and (done or comp != os.path.basename(base.grant.path)):
+                raise _Refused("beneath a file grant")
+            if comp == "..":
+                if not done:
+                    raise _Refused("path escapes the grant (.. above its root)")
+                done.pop()
+                continue
+            last = not todo
+            name = "/".join([*done, comp])
+            try:
+                fd = openat2(base.fd, name, _PATH_FLAGS | os.O_NOFOLLOW, 0, base.resolve)
+            except OSError as err:
+                if last and err.errno == errno.ENOENT:
+                    if creating and through_last_link:
+                        raise _Refused(
+                            "the name is a dangling symlink (a create does not go through it)"
+                        ) from None
+                    done.append(comp)  # may be created
+                    break
+                raise self._walk_error(err) from None
+            try:
+                if not stat.S_ISLNK(os.fstat(fd).st_mode) or (
+                    last and not follow_last and not trailing
+                ):
+                    done.append(comp)
+                    continue
+                link = os.readlink("", dir_fd=fd)
+            finally:
+                os.close(fd)
+            hops += 1
+            through_last_link = through_last_link or last
+            if hops > MAXSYMLINKS:
+                raise _Refused(f"more than {MAXSYMLINKS} symlinks", errno.ELOOP)
+            if not base.grant.symlinks:
+                raise _Refused(
+                    f"path goes through a symlink beneath {base.grant.path} "
+                    "and that grant does not allow symlinks"
+                )
+            if base.owned:
+                # A file grant's parent is not granted: a relative link there
+                # is a new absolute path, without ".." (no lexical guessing).
+                if ".." in link.split("/"):
+                    raise _Refused("a symlink with .. in a file grant")
+                link = os.path.join(os.path.dirname(base.grant.path), link)
+            if not link.startswith("/"):
+                todo.extend(c for c in reversed(link.split("/")) if c not in ("", "."))
+                continue
+            rest = "/".join(reversed(todo))
+            next_path = link + "/" + rest if rest else link
+            try:
+                grant, beneath = self._select(next_path, need)
+            except _Refused as refused:
+                raise _Refused(f"a symlink leads to {link!r}: {refused.reason}") from None
+            root = self._root(grant)
+            if root is None:
+                if beneath.strip("/."):
+                    raise _Refused(f"a symlink leads to {link!r}, beneath a file grant")
+                parent = os.open(os.path.dirname(grant.path), _PATH_FLAGS | os.O_DIRECTORY)
+                base = _Base(grant, parent, True, self._resolve[grant] | RESOLVE_NO_SYMLINKS)
+                beneath = os.path.basename(grant.path)
+            else:
+                base = _Base(grant, root, False, self._resolve[grant] | RESOLVE_NO_SYMLINKS)
+            walked.append(base)
+            todo = [c for c in reversed(beneath.split("/")) if c not in ("", ".")]
+            done = []
+        if base.owned and not done:
+            raise _Refused("beneath a file grant")
+        place = "/".join(done) or "."
+        return base, place + "/" if trailing and done else place

@@ -46,12 +46,19 @@ def _syscall() -> Any:
 
 
 _HOW_SIZE = ctypes.sizeof(OpenHow)
+#: ``open_how`` structs by (flags, mode, resolve): the broker reuses a handful.
+_HOWS: dict[tuple[int, int, int], OpenHow] = {}
 
 
 def openat2(dirfd: int, path: str | bytes, flags: int, mode: int = 0, resolve: int = 0) -> int:
     """Open ``path`` relative to ``dirfd``; raise ``OSError`` like ``os.open``."""
     raw = path if isinstance(path, bytes) else os.fsencode(path)
-    how = OpenHow(flags, mode if flags & (os.O_CREAT | os.O_TMPFILE) else 0, resolve)
+    key = (flags, mode if flags & (os.O_CREAT | os.O_TMPFILE) else 0, resolve)
+    how = _HOWS.get(key)
+    if how is None:
+        how = OpenHow(*key)
+        if len(_HOWS) < 1024:
+            _HOWS[key] = how
     fd: int = _syscall()(SYS_OPENAT2, dirfd, raw, how, _HOW_SIZE)
     if fd < 0:
         err = ctypes.get_errno()

@@ -9,10 +9,16 @@ directory grants everything beneath it) and an access level:
             writes every file it creates
 
 Grants are additive: a request is allowed when the longest grant covering
-its path that is strong enough allows it.  Options per grant: ``symlinks``
-(follow symlinks that stay beneath the grant), ``devices`` (allow device
-nodes, FIFOs and sockets) and ``hardlinks`` (allow regular files with more
-than one link, which may also be reachable from outside the grant).
+its path that is strong enough allows it.  Options per grant, each of which
+relaxes one of the broker's guarantees (docs/broker.md says what each one
+gives the peer):
+
+``symlinks``      follow symlinks whose every hop stays beneath a grant
+``devices``       allow device nodes, FIFOs and sockets
+``hardlinks``     allow regular files with more than one link (the other
+                  link may be outside the grant)
+``directories``   hand out directory fds (a peer can ``openat(fd, "..")``)
+``cross_mounts``  follow paths across mount points inside the grant
 
 TOML form (``--policy FILE``)::
 
@@ -25,13 +31,16 @@ TOML form (``--policy FILE``)::
     path = "/srv/images"
     access = "create"
     symlinks = false
+    devices = false
+    hardlinks = false
+    directories = false
+    cross_mounts = false
 """
 
 from __future__ import annotations
 
 import errno
 import os
-import tomllib
 from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 from enum import IntEnum
@@ -73,6 +82,8 @@ class Grant:
     symlinks: bool = False
     devices: bool = False
     hardlinks: bool = False
+    directories: bool = False
+    cross_mounts: bool = False
     #: ``path`` with one trailing slash: what a path beneath the grant starts with.
     _prefix: str = field(init=False, repr=False, compare=False)
 
@@ -93,6 +104,9 @@ class Grant:
             return path[len(self._prefix) :].lstrip("/")
         return None
 
+
+#: The per-grant switches, in the order ``describe`` prints them.
+GRANT_OPTIONS = ("symlinks", "devices", "hardlinks", "directories", "cross_mounts")
 
 DEFAULT_CREATE_MASK = 0o775  # no setuid/setgid/sticky, not world-writable
 
@@ -134,6 +148,8 @@ class Policy:
 
     @classmethod
     def from_toml(cls, path: str | Path) -> Policy:
+        import tomllib  # here, not at the top: a hooked QEMU waits for the broker's start-up
+
         source = str(path)
         try:
             with open(path, "rb") as f:
@@ -158,10 +174,10 @@ class Policy:
             where = f"{source}: grant #{i + 1}" if source else f"grant #{i + 1}"
             if not isinstance(item, dict) or "path" not in item or "access" not in item:
                 raise PolicyError("needs 'path' and 'access'", source=where)
-            extra = set(item) - {"path", "access", "symlinks", "devices", "hardlinks"}
+            extra = set(item) - {"path", "access", *GRANT_OPTIONS}
             if extra:
                 raise PolicyError(f"unknown keys {sorted(extra)}", source=where)
-            for flag in ("symlinks", "devices", "hardlinks"):
+            for flag in GRANT_OPTIONS:
                 if not isinstance(item.get(flag, False), bool):
                     raise PolicyError(f"{flag!r} must be true or false", source=where)
             if not isinstance(item["path"], str):
@@ -170,9 +186,7 @@ class Policy:
                 grant = Grant(
                     path=item["path"],
                     access=Access.parse(str(item["access"]), source=where),
-                    symlinks=item.get("symlinks", False),
-                    devices=item.get("devices", False),
-                    hardlinks=item.get("hardlinks", False),
+                    **{flag: item.get(flag, False) for flag in GRANT_OPTIONS},
                 )
             except PolicyError as err:
                 if err.source:
@@ -205,7 +219,7 @@ class Policy:
     def describe(self) -> list[str]:
         lines = [
             f"{g.access.label:6} {g.path}"
-            + "".join(f" +{o}" for o in ("symlinks", "devices", "hardlinks") if getattr(g, o))
+            + "".join(f" +{o}" for o in GRANT_OPTIONS if getattr(g, o))
             for g in self.grants
         ]
         return lines or ["(no grants: every open is refused)"]

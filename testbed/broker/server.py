@@ -1,11 +1,32 @@
 """The broker's event loop: many peers, one thread, nobody blocks anybody.
 
-Each connection is non-blocking and has its own decoder and a small queue
-of replies that the peer has not read yet.  While that queue is not empty
-the broker stops reading the connection's requests, so a peer that floods
-requests without reading replies holds at most one batch of descriptors and
-costs nothing but its own connection.  A connection is served at most
-``batch`` requests per turn of the loop before the others get theirs.
+What one connection can cost the broker, whatever its peer does:
+
+* **memory**: a connection is read only once every whole request already
+  read has been answered and its replies sent, and a request is buffered
+  whole only if it can be valid, so at most ``MAX_BUFFERED`` bytes of
+  request data (one frame of 18 + 4096 bytes less one, plus one read of
+  ``RECV_SIZE``) and one unsent reply are held per connection;
+* **descriptors**: at most ``FD_REPLY_CAP`` replies carrying a descriptor
+  that the peer has not read yet (checked with ``SIOCOUTQ`` every
+  ``FD_REPLY_CAP`` fd replies); past that, the next reply (and its one fd)
+  waits in the broker and the connection is not read until the peer has
+  read everything.  The kernel charges unread descriptors to the *broker's*
+  user (at most RLIMIT_NOFILE of them in flight, unless it has
+  CAP_SYS_RESOURCE); when that quota is full anyway (``ETOOMANYREFS``),
+  peers that pipeline without reading are closed first and the reply is
+  retried later: a peer that follows the protocol is never closed for it;
+* **the loop**: a connection is served at most ``batch`` requests per turn
+  before the others get theirs.
+
+Descriptors for the broker itself: each connection can need two (its socket
+and one held reply), so the broker accepts at most ``max_connections``
+peers, by default what RLIMIT_NOFILE leaves after the descriptors open at
+start, one per grant root and ``FD_HEADROOM`` for the opens in progress.
+At that count, or on ``EMFILE``/``ENFILE`` from accept (descriptors used by
+something else), the listener is not watched until a connection closes (or,
+for EMFILE, a back-off expires): logged once per episode, with the count of
+refused accepts at its end; open connections keep being served.
 
 A malformed frame, descriptors sent *to* the broker, or a peer the policy
 does not accept close that connection (logged with the reason); everyone
@@ -16,9 +37,12 @@ from __future__ import annotations
 
 import collections
 import contextlib
-import functools
+import errno
+import fcntl
 import logging
+import math
 import os
+import resource
 import select
 import socket
 import struct
@@ -27,27 +51,41 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from testbed.broker.answer import answer, names
 from testbed.broker.audit import AuditLog, AuditRecord
 from testbed.broker.gate import Gate, Outcome
 from testbed.broker.policy import Policy
 from testbed.errors import ProtocolError, TransportError, WaitTimeout
-from testbed.protocol import NEED_DATA, InvalidRequest, OpenRequest, RequestDecoder, encode_reply
-from testbed.protocol.flags import flag_names
+from testbed.protocol import (
+    NEED_DATA,
+    PATH_MAX,
+    REQUEST_FIXED_SIZE,
+    InvalidRequest,
+    OpenRequest,
+    RequestDecoder,
+    encode_reply,
+)
 from testbed.transport import MSG_DONTWAIT, MSG_NOSIGNAL, close_fds, recv_with_fds, rights
 
 log = logging.getLogger("testbed.broker")
 
 _UCRED = struct.Struct("3i")
-
-
-@functools.lru_cache(maxsize=256)
-def _names(flags: int) -> tuple[str, ...]:
-    return tuple(flag_names(flags))
-
+_OUTQ = struct.Struct("i")
+_SIOCOUTQ = 0x5411  # bytes a peer has not read yet (TIOCOUTQ)
 
 _REPLY_OK = encode_reply(0)
 RECV_SIZE = 4096  # requests are at most 18 + 4096 bytes that matter; smaller is cheaper
+#: The most request bytes one connection can make the broker hold.
+MAX_BUFFERED = REQUEST_FIXED_SIZE + PATH_MAX - 1 + RECV_SIZE
+#: Replies with a descriptor a peer may leave unread before the broker waits.
+FD_REPLY_CAP = 4
+#: Descriptors kept free for opens in progress, the audit log and the like.
+FD_HEADROOM = 8
+#: How soon a held reply or a paused listener is looked at again (seconds).
+RETRY_MIN, RETRY_MAX = 0.01, 1.0
 _SEND_FLAGS = MSG_NOSIGNAL | MSG_DONTWAIT
+_IN = select.EPOLLIN
+_OUT = select.EPOLLOUT
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -63,6 +101,12 @@ def peer_cred(sock: socket.socket) -> PeerCred:
     return PeerCred(pid=pid, uid=uid, gid=gid)
 
 
+def unread_bytes(sock: socket.socket) -> int:
+    """Bytes sent on ``sock`` that its peer has not read yet (``SIOCOUTQ``)."""
+    raw = fcntl.ioctl(sock.fileno(), _SIOCOUTQ, b"\0" * _OUTQ.size)
+    return int(_OUTQ.unpack(raw)[0])
+
+
 @dataclass(eq=False)
 class Connection:
     id: int
@@ -72,6 +116,12 @@ class Connection:
     #: Replies not yet fully sent: (bytes left, fd to attach or None).
     outq: collections.deque[tuple[bytes, int | None]] = field(default_factory=collections.deque)
     requests: int = 0
+    #: fd replies sent since the peer was last seen to have read everything.
+    unread_fds: int = 0
+    #: The epoll events asked for now (0: neither read nor write).
+    events: int = _IN
+    #: Why the head of ``outq`` waits for the retry timer ("" if it does not).
+    held: str = ""
 
 
 class Broker:
@@ -91,28 +141,48 @@ class Broker:
         keep_records: bool = True,
         batch: int = 32,
         exit_when_idle: bool = False,
+        max_connections: int | None = None,
     ) -> None:
         self.policy = policy
         self.gate = Gate(policy)
         self.audit = AuditLog(audit_path, keep=keep_records)
+        self._auditing = self.audit.active
         self.batch = batch
         self.exit_when_idle = exit_when_idle
         # epoll directly rather than selectors: the loop turns once per
         # request, and selectors' key objects cost microseconds each turn.
         self._epoll = select.epoll()
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-        self._epoll.register(self._wake_r, select.EPOLLIN)
+        self._epoll.register(self._wake_r, _IN)
         #: fd -> what it is: None (wake pipe), a listening socket, or a Connection
         self._watch: dict[int, Connection | socket.socket | None] = {self._wake_r: None}
         self._pending_add: collections.deque[tuple[str, socket.socket]] = collections.deque()
         self._conns: dict[int, Connection] = {}
         self._listeners: dict[int, socket.socket] = {}
         self._ready: set[Connection] = set()
+        self._held: set[Connection] = set()
         self._next_id = 1
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._closed = False
         self.served_connections = 0
+        # Accept pauses (EMFILE/ENFILE) and ETOOMANYREFS episodes.
+        self._accept_paused = False
+        self._accept_refused = 0
+        self._accept_retry_at = 0.0
+        self._accept_backoff = RETRY_MIN
+        self._retry_at = 0.0
+        self._retry_backoff = RETRY_MIN
+        self._refs_held = 0
+        self.max_connections = max_connections or self._connection_budget()
+
+    def _connection_budget(self) -> int:
+        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        if soft == resource.RLIM_INFINITY:
+            return 1 << 20
+        in_use = len(os.listdir("/proc/self/fd"))
+        spare = soft - in_use - len(self.policy.grants) - FD_HEADROOM
+        return max(1, spare // 2)
 
     # -- public API ---------------------------------------------------------
 
@@ -169,8 +239,14 @@ class Broker:
                 ):
                     log.info("last connection closed; exiting")
                     break
-                for fd, mask in self._epoll.poll(0 if self._ready else -1):
+                if self._ready:
+                    timeout: float = 0
+                else:
+                    timeout = self._timeout() if self._held or self._accept_paused else -1
+                for fd, mask in self._epoll.poll(timeout):
                     self._dispatch(fd, mask)
+                if self._held or self._accept_paused:
+                    self._retry_timers()
                 for conn in list(self._ready):
                     self._ready.discard(conn)
                     if conn.id in self._conns:
@@ -180,6 +256,19 @@ class Broker:
                 self._shutdown()
 
     # -- loop internals -----------------------------------------------------
+
+    def _timeout(self) -> float:
+        if self._ready:
+            return 0
+        if not (self._held or self._accept_paused):
+            return -1
+        due = []
+        if self._held:
+            due.append(self._retry_at)
+        if self._accept_paused:
+            due.append(self._accept_retry_at)
+        soonest = min(due)
+        return -1 if soonest == math.inf else max(0.0, soonest - time.monotonic())
 
     def _wake(self) -> None:
         # A full pipe means the loop is awake already; a closed one, shut down.
@@ -193,7 +282,7 @@ class Broker:
                 sock.setblocking(False)
                 self._listeners[sock.fileno()] = sock
                 self._watch[sock.fileno()] = sock
-                self._epoll.register(sock.fileno(), select.EPOLLIN)
+                self._epoll.register(sock.fileno(), 0 if self._accept_paused else _IN)
             else:
                 self._accept_conn(sock)
 
@@ -215,7 +304,7 @@ class Broker:
         self.served_connections += 1
         self._conns[conn.id] = conn
         self._watch[sock.fileno()] = conn
-        self._epoll.register(sock.fileno(), select.EPOLLIN)
+        self._epoll.register(sock.fileno(), _IN)
         log.debug("connection %d from pid %d uid %d", conn.id, cred.pid, cred.uid)
 
     def _refuse_peer(self, cred: PeerCred) -> str:
@@ -225,6 +314,12 @@ class Broker:
         if p.peer_pid is not None and cred.pid != p.peer_pid:
             return f"pid {cred.pid} is not the allowed pid {p.peer_pid}"
         return ""
+
+    def _want(self, conn: Connection, events: int) -> None:
+        """Ask epoll for ``events`` on ``conn`` (a syscall only when they change)."""
+        if conn.events != events:
+            conn.events = events
+            self._epoll.modify(conn.sock.fileno(), events)
 
     def _dispatch(self, fd: int, mask: int) -> None:
         data = self._watch.get(fd)
@@ -237,23 +332,67 @@ class Broker:
         elif isinstance(data, socket.socket):
             self._accept_from(data)
         else:
-            if mask & select.EPOLLOUT:
+            if mask & _OUT:
                 self._flush(data)
-            if mask & (select.EPOLLIN | select.EPOLLHUP | select.EPOLLERR) and (
-                data.id in self._conns
-            ):
+            if data.id not in self._conns:
+                return
+            if data.events & _IN and mask & (_IN | select.EPOLLHUP | select.EPOLLERR):
                 self._read(data)
+            elif mask & (select.EPOLLHUP | select.EPOLLERR) and not data.events:
+                # A peer that hung up while it is not being read: nobody will
+                # read its replies, so let it go now.
+                self._drop(data, "")
+
+    # -- accepting ----------------------------------------------------------
 
     def _accept_from(self, listener: socket.socket) -> None:
         for _ in range(64):
+            if len(self._conns) >= self.max_connections:
+                self._pause_accepting(
+                    f"{len(self._conns)} connections, as many as RLIMIT_NOFILE allows", retry=False
+                )
+                return
             try:
                 sock, _addr = listener.accept()
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as err:
-                log.warning("accept failed: %s", err)
+                if err.errno in (errno.EMFILE, errno.ENFILE):
+                    self._pause_accepting(f"accept failed: {err.strerror}", retry=True)
+                else:
+                    log.warning("accept failed: %s", err)
                 return
+            if self._accept_refused:
+                log.warning(
+                    "accepting peers again, after %d refused accept(s)", self._accept_refused
+                )
+                self._accept_refused = 0
+                self._accept_backoff = RETRY_MIN
             self._accept_conn(sock)
+
+    def _pause_accepting(self, why: str, *, retry: bool) -> None:
+        if not self._accept_refused:
+            log.warning(
+                "not accepting peers (%s) until a descriptor is freed; "
+                "open connections are still served",
+                why,
+            )
+        self._accept_refused += 1
+        self._accept_paused = True
+        if retry:
+            self._accept_retry_at = time.monotonic() + self._accept_backoff
+            self._accept_backoff = min(self._accept_backoff * 2, RETRY_MAX)
+        else:
+            self._accept_retry_at = math.inf  # only a closed connection frees the budget
+        for fd in self._listeners:
+            self._epoll.modify(fd, 0)
+
+    def _resume_accepting(self) -> None:
+        self._accept_paused = False
+        for fd in self._listeners:
+            self._epoll.modify(fd, _IN)
+
+    # -- requests -----------------------------------------------------------
 
     def _read(self, conn: Connection) -> None:
         try:
@@ -271,7 +410,7 @@ class Broker:
             self._drop(conn, f"peer sent {len(fds)} descriptor(s); requests carry none")
             return
         if not data:
-            if conn.decoder.buffered:
+            if conn.decoder.mid_frame:
                 self._drop(conn, f"peer vanished mid-request ({conn.decoder.buffered} bytes)")
             else:
                 self._drop(conn, "")
@@ -282,92 +421,148 @@ class Broker:
     def _process(self, conn: Connection) -> None:
         for _ in range(self.batch):
             if conn.outq:
-                return  # resumes from _flush once the peer reads its replies
+                # Not read until the peer takes its replies: resumes from _flush.
+                self._want(conn, 0 if conn.held else _OUT)
+                return
             try:
                 event = conn.decoder.next_event()
             except ProtocolError as err:
                 self._drop(conn, f"malformed frame: {err}")
                 return
             if event is NEED_DATA:
+                if conn.events != _IN:
+                    self._want(conn, _IN)
                 return
             self._answer(conn, event)
             if conn.id not in self._conns:
                 return
-        self._ready.add(conn)  # more may be buffered: come back after the others
+        # More may be buffered: come back after the others, reading nothing meanwhile.
+        self._want(conn, 0)
+        self._ready.add(conn)
 
     def _answer(self, conn: Connection, request: OpenRequest | InvalidRequest) -> None:
-        auditing = self.audit.active
-        start = time.perf_counter_ns() if auditing else 0
-        try:
-            outcome = self.gate.handle(request)
-        except OSError as err:  # anything the gate did not foresee is still an errno
-            outcome = Outcome(result=-(err.errno or 5), reason=f"unexpected: {err}")
+        if self._auditing:
+            outcome = answer(self.gate, self.audit, request, conn=conn.id, peer_pid=conn.peer.pid)
+        else:
+            try:
+                outcome = self.gate.handle(request)
+            except OSError as err:  # anything the gate did not foresee is still an errno
+                outcome = Outcome(result=-(err.errno or errno.EIO), reason=f"unexpected: {err}")
         conn.requests += 1
         result = outcome.result
-        if auditing:
-            # Recorded before the reply leaves: once the peer has its answer,
-            # the log (file and memory) already holds the request.
-            self.audit.write(
-                AuditRecord(
-                    time=time.time(),
-                    conn=conn.id,
-                    peer_pid=conn.peer.pid,
-                    path=request.path.decode("utf-8", "surrogateescape"),
-                    flags=request.flags,
-                    flag_names=_names(request.flags),
-                    mode=request.mode,
-                    result=result,
-                    latency_us=round((time.perf_counter_ns() - start) / 1000, 1),
-                    reason=outcome.reason,
-                )
-            )
         self._send(conn, _REPLY_OK if result == 0 else encode_reply(result), outcome.fd)
         if result < 0:
             log.info(
                 "refused %r (%s): %s",
                 request.path,
-                "|".join(_names(request.flags)),
+                "|".join(names(request.flags)),
                 outcome.reason or os.strerror(-result),
             )
+
+    # -- replies ------------------------------------------------------------
 
     def _send(self, conn: Connection, data: bytes, fd: int | None) -> None:
         if conn.outq:
             conn.outq.append((data, fd))
             return
+        if fd is not None and conn.unread_fds >= FD_REPLY_CAP and not self._peer_read_all(conn):
+            conn.outq.append((data, fd))
+            self._hold(conn, "unread replies")
+            return
         try:
             self._send_now(conn, data, fd)
         except BlockingIOError:
             conn.outq.append((data, fd))
-            self._epoll.modify(conn.sock.fileno(), select.EPOLLOUT)
         except OSError as err:
+            if err.errno == errno.ETOOMANYREFS:
+                conn.outq.append((data, fd))
+                self._too_many_refs(conn)
+                return
             if fd is not None:
                 os.close(fd)
             self._drop(conn, f"send failed: {err}")
+
+    def _peer_read_all(self, conn: Connection) -> bool:
+        try:
+            if unread_bytes(conn.sock):
+                return False
+        except OSError:
+            return True  # let the send itself say what is wrong
+        conn.unread_fds = 0
+        return True
 
     def _send_now(self, conn: Connection, data: bytes, fd: int | None) -> None:
         """Send one reply; on a partial send queue the rest (the fd has gone)."""
         sent = conn.sock.sendmsg([data], rights(() if fd is None else (fd,)), _SEND_FLAGS)
         if fd is not None:
             os.close(fd)  # the peer has its own copy now
+            conn.unread_fds += 1
+            if self._refs_held:
+                log.warning(
+                    "descriptors can be sent again after %d reply(s) were held", self._refs_held
+                )
+                self._refs_held = 0
         if sent < len(data):
             conn.outq.appendleft((data[sent:], None))
-            self._epoll.modify(conn.sock.fileno(), select.EPOLLOUT)
 
     def _flush(self, conn: Connection) -> None:
         while conn.outq:
-            data, fd = conn.outq.popleft()
+            data, fd = conn.outq[0]
+            if fd is not None and conn.unread_fds >= FD_REPLY_CAP and not self._peer_read_all(conn):
+                self._hold(conn, "unread replies")
+                return
+            conn.outq.popleft()
             try:
                 self._send_now(conn, data, fd)
             except BlockingIOError:
                 conn.outq.appendleft((data, fd))
+                self._want(conn, _OUT)
                 return
             except OSError as err:
+                if err.errno == errno.ETOOMANYREFS:
+                    conn.outq.appendleft((data, fd))
+                    self._too_many_refs(conn)
+                    return
                 if fd is not None:
                     os.close(fd)
                 self._drop(conn, f"send failed: {err}")
                 return
-        self._epoll.modify(conn.sock.fileno(), select.EPOLLIN)
+        if conn.held:
+            conn.held = ""
+            self._held.discard(conn)
         self._process(conn)
+
+    def _hold(self, conn: Connection, why: str) -> None:
+        """Keep ``conn``'s replies (and requests) until the retry timer."""
+        if not self._held:
+            self._retry_backoff = RETRY_MIN
+            self._retry_at = time.monotonic() + RETRY_MIN
+        conn.held = why
+        self._held.add(conn)
+        self._want(conn, 0)
+
+    def _too_many_refs(self, conn: Connection) -> None:
+        """The broker's quota of descriptors in flight is full (ETOOMANYREFS)."""
+        if not self._refs_held:
+            log.warning(
+                "descriptors in flight at the limit (ETOOMANYREFS): holding replies, "
+                "closing peers that pipeline requests without reading their replies"
+            )
+        self._refs_held += 1
+        for hog in [c for c in self._held if c.held == "unread replies" and c is not conn]:
+            self._drop(hog, "it leaves replies unread while the descriptor quota is full")
+        self._hold(conn, "descriptor quota")
+
+    def _retry_timers(self) -> None:
+        now = time.monotonic()
+        if self._accept_paused and now >= self._accept_retry_at:
+            self._resume_accepting()
+        if self._held and now >= self._retry_at:
+            for conn in list(self._held):
+                if conn.id in self._conns:
+                    self._flush(conn)
+            self._retry_backoff = min(self._retry_backoff * 2, RETRY_MAX)
+            self._retry_at = now + self._retry_backoff
 
     def _drop(self, conn: Connection, reason: str) -> None:
         if reason:
@@ -381,6 +576,7 @@ class Broker:
             )
         self._conns.pop(conn.id, None)
         self._ready.discard(conn)
+        self._held.discard(conn)
         close_fds([fd for _, fd in conn.outq if fd is not None])
         conn.outq.clear()
         fd = conn.sock.fileno()
@@ -388,6 +584,8 @@ class Broker:
             with contextlib.suppress(OSError):
                 self._epoll.unregister(fd)
         conn.sock.close()
+        if self._accept_paused and len(self._conns) < self.max_connections:
+            self._resume_accepting()  # a descriptor is free now
 
     def _shutdown(self) -> None:
         if self._closed:
@@ -428,11 +626,20 @@ def listen_unix(path: str | Path, *, backlog: int = 128) -> socket.socket:
         raise TransportError(
             f"UNIX socket path is {len(raw)} bytes, over the 107-byte limit: {path}"
         )
+    # Bound and listening under a temporary name, then renamed into place: a
+    # peer that sees the path never finds it refusing connections.
+    tmp = os.path.join(os.path.dirname(raw), b".%d.%d.tmp" % (os.getpid(), time.monotonic_ns()))
+    where = tmp if len(tmp) <= 107 else raw
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
-        sock.bind(raw)
+        sock.bind(where)
         sock.listen(backlog)
+        if where is not raw:
+            os.rename(where, raw)
     except OSError:
         sock.close()
+        if where is not raw:
+            with contextlib.suppress(OSError):
+                os.unlink(where)
         raise
     return sock

@@ -53,6 +53,8 @@ REPLY_SIZE = REPLY.size  # 12
 MAX_REQUEST_SIZE = REQUEST_FIXED_SIZE + 0xFFFF
 
 U32_MAX = 0xFFFFFFFF
+#: Bytes of an over-long name kept for the answer (and the audit log).
+_SHOWN_NAME = 64
 MAX_ERRNO = 4095
 
 
@@ -200,17 +202,42 @@ class RequestDecoder(_Decoder[OpenRequest | InvalidRequest]):
 
     After a :class:`FrameDecodeError` the stream has lost its framing; the
     decoder stays broken and the connection must be closed.
+
+    Memory is bounded whatever the peer sends: a frame is buffered whole
+    only if it can be a valid request (at most ``REQUEST_FIXED_SIZE +
+    PATH_MAX`` bytes); the name of a longer one is answered
+    ``-ENAMETOOLONG`` from its first 64 bytes and the rest is discarded as
+    it arrives, never stored.
     """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._skip = 0  # bytes of an over-long name still to discard
+        self._pending: InvalidRequest | None = None  # its answer, once discarded
 
     @property
     def buffered(self) -> int:
         """Bytes received but not yet consumed as a whole frame."""
         return len(self._buf)
 
+    @property
+    def mid_frame(self) -> bool:
+        """Whether part of a frame has arrived and the rest has not."""
+        return bool(self._buf) or self._pending is not None
+
     def feed(self, data: bytes) -> None:
+        if self._skip:
+            dropped = min(self._skip, len(data))
+            self._skip -= dropped
+            data = data[dropped:]
         self._buf += data
 
     def _next(self) -> OpenRequest | InvalidRequest | Sentinel:
+        if self._pending is not None:
+            if self._skip:
+                return NEED_DATA
+            pending, self._pending = self._pending, None
+            return pending
         buf = self._buf
         have = len(buf)
         if have < HEADER_SIZE:
@@ -225,18 +252,12 @@ class RequestDecoder(_Decoder[OpenRequest | InvalidRequest]):
         _, _, flags, mode, name_len = REQUEST_FIXED.unpack_from(buf)
         if name_len != size - REQUEST_FIXED_SIZE:
             self._bad_name_len(size, name_len)
+        if name_len > PATH_MAX:
+            return self._too_long(size, flags, mode, name_len)
         if have < size:
             return NEED_DATA
         path = bytes(buf[REQUEST_FIXED_SIZE:size])
         del buf[:size]
-        if name_len > PATH_MAX:
-            return InvalidRequest(
-                path=path[:64],
-                flags=flags,
-                mode=mode,
-                errno=errno.ENAMETOOLONG,
-                reason=f"filename of {name_len} bytes is longer than PATH_MAX",
-            )
         if b"\0" in path:
             return InvalidRequest(
                 path=path,
@@ -250,6 +271,29 @@ class RequestDecoder(_Decoder[OpenRequest | InvalidRequest]):
                 path=path, flags=flags, mode=mode, errno=errno.ENOENT, reason="empty filename"
             )
         return OpenRequest(path=path, flags=flags, mode=mode)
+
+    def _too_long(
+        self, size: int, flags: int, mode: int, name_len: int
+    ) -> InvalidRequest | Sentinel:
+        """Answer an over-long name from its start; discard the rest unbuffered."""
+        kept = REQUEST_FIXED_SIZE + _SHOWN_NAME
+        buf = self._buf
+        if len(buf) < kept:
+            return NEED_DATA
+        event = InvalidRequest(
+            path=bytes(buf[REQUEST_FIXED_SIZE:kept]),
+            flags=flags,
+            mode=mode,
+            errno=errno.ENAMETOOLONG,
+            reason=f"filename of {name_len} bytes is longer than PATH_MAX",
+        )
+        taken = min(len(buf), size)
+        del buf[:taken]
+        self._skip = size - taken
+        if self._skip:
+            self._pending = event
+            return NEED_DATA
+        return event
 
     def _bad_header(self, size: int, command: int) -> NoReturn:
         head = bytes(self._buf[:HEADER_SIZE])

@@ -132,6 +132,26 @@ def test_name_longer_than_path_max_is_enametoolong() -> None:
     assert isinstance(ok, OpenRequest)
 
 
+@given(st.integers(4097, 0xFFFF), st.lists(st.integers(1, 9000), min_size=1, max_size=30))
+def test_an_over_long_name_is_discarded_as_it_arrives(size: int, chunks: list[int]) -> None:
+    """The decoder never holds more of a frame than a valid request can be."""
+    data = raw_request(b"/" + b"n" * (size - 1)) + encode_request("/next", 0)
+    decoder = RequestDecoder()
+    events = []
+    offset = 0
+    cuts = iter(chunks * (len(data) // len(chunks) + 1))
+    while offset < len(data):
+        step = next(cuts)
+        decoder.feed(data[offset : offset + step])
+        offset += step
+        assert decoder.buffered <= 18 + 4096 + step
+        while (ev := decoder.next_event()) is not NEED_DATA:
+            events.append(ev)
+    assert [type(e) for e in events] == [InvalidRequest, OpenRequest]
+    assert events[0].errno == errno.ENAMETOOLONG and events[0].path == b"/" + b"n" * 63
+    assert events[1].path == b"/next" and not decoder.mid_frame
+
+
 @pytest.mark.parametrize(
     ("path", "message"),
     [(b"/a\0b", "NUL"), (b"/" + b"x" * 4096, "PATH_MAX"), (b"", "empty")],
