@@ -15,6 +15,8 @@
      +-- QEMUError                     a QEMU process failed
      |    +-- LaunchError              QEMU did not start: command line, exit code, log
      +-- GuestError                    the guest did not do what a step expected
+     +-- SuperviseError                the seccomp supervisor could not start or serve
+          +-- KernelFeatureError       the kernel lacks seccomp notification or Landlock
 
 Exceptions carry the data a caller needs to act on them, as attributes, and
 chain their cause with ``raise ... from err``.  ``OSError`` is kept for what
@@ -122,3 +124,15 @@ class GuestError(TestbedError):
         super().__init__(f"guest step {step!r}: {message}")
         self.step = step
         self.console_tail = console_tail
+
+
+class SuperviseError(TestbedError):
+    """The seccomp supervisor could not start its command or serve it."""
+
+
+class KernelFeatureError(SuperviseError):
+    """The running kernel lacks something the supervisor needs; ``feature`` names it."""
+
+    def __init__(self, message: str, *, feature: str) -> None:
+        super().__init__(message)
+        self.feature = feature
