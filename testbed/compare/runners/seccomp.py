@@ -1,0 +1,79 @@
+"""Oracle: Debian's QEMU, unmodified, with its opens served by ``testbed supervise``.
+
+The supervisor's audit log is the trace, as the broker's is for the patched
+QEMU.  It sees every open QEMU makes (vvfat's directory scans included,
+which the hook in qemu_open does not), so its normalised trace should equal
+stock QEMU's under strace except where the policy refuses an open (the
+``refusal`` scenarios: stock QEMU has nobody to refuse it).  Run without
+Landlock: Landlock would also deny vvfat rw's mkdir/rename/unlink, which are
+not opens; tests/supervise shows the Landlock runs.
+"""
+
+from __future__ import annotations
+
+from testbed.broker import read_audit
+from testbed.compare.compare import KnownDivergence, _until_refusal
+from testbed.compare.normalise import from_audit, normalise
+from testbed.compare.runners.common import (
+    OracleResult,
+    Setup,
+    machine_type,
+    qemu_args,
+    run_qemu_scenario,
+)
+from testbed.errors import KernelFeatureError
+from testbed.qemu import STOCK_QEMU, Machine, MachineConfig
+from testbed.qemu.binaries import is_runnable
+from testbed.supervise.machine import supervised_config
+from testbed.supervise.seccomp import check_user_notification
+
+
+def run(setup: Setup) -> OracleResult:
+    result = OracleResult()
+    if not is_runnable(STOCK_QEMU):
+        result.skipped = f"Debian's QEMU {STOCK_QEMU} is missing"
+        return result
+    try:
+        check_user_notification()
+    except KernelFeatureError as err:
+        result.skipped = str(err)
+        return result
+    audit = setup.logs / "seccomp-audit.jsonl"
+    audit.unlink(missing_ok=True)
+    log = setup.logs / "seccomp-qemu.log"
+    log.unlink(missing_ok=True)
+    config = supervised_config(
+        MachineConfig(
+            binary=STOCK_QEMU,
+            machine=machine_type(setup.scenario),
+            args=qemu_args(setup),
+            log_path=log,
+        ),
+        setup.policy(),
+        workdir=setup.logs / "seccomp",
+        audit=audit,
+    )
+    run_qemu_scenario(Machine(config), setup, result)
+    records = read_audit(audit) if audit.exists() else []
+    # opens in /var/tmp (g_mkstemp) are not image opens, as in the other oracles
+    result.trace = normalise(from_audit(records), setup.root)
+    result.log = str(log)
+    result.extra["audit"] = str(audit)
+    return result
+
+
+#: The one expected difference from stock QEMU under strace, for a pair
+#: ("seccomp", "stock"); to go into compare.KNOWN_DIVERGENCES with that pair
+#: in PAIRS when the lead merges this oracle into the scenario status.
+KNOWN_DIVERGENCES = (
+    KnownDivergence(
+        key="refusal",
+        pair=("seccomp", "stock"),
+        tag="refusal",
+        reason=(
+            "stock QEMU has nobody to refuse an open: the traces are the same up to the "
+            "open the supervisor refused (EACCES) and differ afterwards."
+        ),
+        rewrite=_until_refusal,
+    ),
+)
