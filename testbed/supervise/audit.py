@@ -1,4 +1,7 @@
-"""Audit records of the seccomp front end: the broker's format plus ``via`` and ``tid``.
+"""Audit records of the seccomp front end: the broker's format plus a few fields.
+
+``via`` and ``tid`` say who served and who asked; ``resolved`` and
+``dirfd`` say where the name as given led.
 
 Adapter: the broker's :class:`~testbed.broker.AuditRecord` does not have
 the optional ``via`` and ``tid`` fields yet (the broker hardening adds
@@ -22,3 +25,8 @@ class SeccompAuditRecord(AuditRecord):
     via: str = VIA
     #: The thread that asked (``peer_pid`` is its thread group).
     tid: int = 0
+    #: ``path`` is the name as the caller gave it (relative names too, as
+    #: strace shows them); this is the absolute name the policy decided on.
+    resolved: str = ""
+    #: The directory fd a relative ``path`` is relative to (-100: the cwd).
+    dirfd: int = -100

@@ -10,6 +10,7 @@ the time from starting the process to its QMP greeting on ``-qmp stdio``.
 from __future__ import annotations
 
 import argparse
+import os
 import select
 import statistics
 import subprocess
@@ -50,7 +51,7 @@ def greeting_ms(start: Start, binary: Path = STOCK_QEMU, timeout: float = 30.0) 
     if not ready:
         proc.kill()
         raise WaitTimeout("QEMU's QMP greeting", timeout)
-    proc.stdout.read1(1)
+    os.read(proc.stdout.fileno(), 1)
     elapsed = (time.perf_counter() - t0) * 1e3
     proc.kill()
     proc.wait()

@@ -168,6 +168,9 @@ def _will_create(flags: int) -> bool:
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class Resolved:
+    #: The name as the caller gave it (what strace shows, what the audit log calls path).
+    asked: str
+    #: The absolute name the policy decides on.
     path: str
     tgid: int
     umask: int
@@ -187,12 +190,12 @@ def resolve(tid: int, call: OpenCall) -> Resolved:
         name = target.directory_of(tid, call.dirfd) + "/" + name
     status = target.read_status(tid)
     path = target.rewrite_proc_self(target.normalise(name), tgid=status.tgid, tid=tid)
-    return Resolved(path=path, tgid=status.tgid, umask=status.umask)
+    return Resolved(asked=os.fsdecode(raw), path=path, tgid=status.tgid, umask=status.umask)
 
 
 #: Called by a worker after step 2, before the validity check (tests use it
 #: to make the caller vanish exactly there).
-AfterReads = Callable[[SeccompNotif], None]
+AfterReads = Callable[[SeccompNotif, str], None]
 
 
 class NotificationServer:
@@ -332,7 +335,8 @@ class NotificationServer:
         started = time.monotonic()
         wall = time.time()
         answered = False
-        path = ""
+        path = asked = ""
+        dirfd = target.AT_FDCWD
         flags = mode = 0
         tgid = 0
         tid = notif.pid
@@ -340,11 +344,11 @@ class NotificationServer:
         try:
             try:
                 call = decode(notif)
-                flags, mode = call.flags, call.mode
+                flags, mode, dirfd = call.flags, call.mode, call.dirfd
                 resolved = resolve(tid, call)
-                path, tgid = resolved.path, resolved.tgid
+                path, asked, tgid = resolved.path, resolved.asked, resolved.tgid
                 if self.after_reads is not None:
-                    self.after_reads(notif)
+                    self.after_reads(notif, path)
             except target.TargetError as err:
                 outcome = Outcome(result=-err.errno, reason=err.reason)
                 if not self.listener.id_valid(notif.id):
@@ -362,10 +366,9 @@ class NotificationServer:
                     if call.flags & os.O_CREAT:
                         os.umask(resolved.umask)
                     outcome, _ = self.decider.decide(path, flags, mode, tgid=tgid)
-            self._record(
-                wall, started, tgid, tid, path, flags, mode, outcome.result, outcome.reason
-            )
-            answered = self._answer(notif, outcome, flags, path, wall, tgid, mode)
+            record = _Record(wall, started, tgid, tid, asked, path, dirfd, flags, mode)
+            self._record(record, outcome.result, outcome.reason)
+            answered = self._answer(notif, outcome, record)
         except Exception:
             log.exception("serving tid %d's open of %r failed", tid, path)
         finally:
@@ -373,10 +376,8 @@ class NotificationServer:
             if not answered:
                 self._reply_error(notif.id, -errno.EIO)
 
-    def _answer(
-        self, notif: SeccompNotif, outcome: Outcome, flags: int, path: str, wall: float,
-        tgid: int, mode: int,
-    ) -> bool:  # fmt: skip
+    def _answer(self, notif: SeccompNotif, outcome: Outcome, record: _Record) -> bool:
+        flags, path = record.flags, record.path
         if outcome.result != 0 or outcome.fd is None:
             self._reply_error(notif.id, outcome.result or -errno.EIO)
             return True
@@ -388,10 +389,7 @@ class NotificationServer:
                 return True
             # EMFILE (its table is full) and the like: it must still hear back
             code = err.errno or errno.EIO
-            self._record(
-                wall, time.monotonic(), tgid, notif.pid, path, flags, mode, -code,
-                f"injecting the descriptor failed: {err.strerror}",
-            )  # fmt: skip
+            self._record(record, -code, f"injecting the descriptor failed: {err.strerror}")
             self._reply_error(notif.id, -code)
         finally:
             os.close(outcome.fd)
@@ -404,24 +402,38 @@ class NotificationServer:
             if err.errno != errno.ENOENT:  # ENOENT: the caller is gone, nobody to answer
                 log.error("answering notification %#x failed: %s", notif_id, err)
 
-    def _record(
-        self, wall: float, started: float, tgid: int, tid: int, path: str, flags: int,
-        mode: int, result: int, reason: str,
-    ) -> None:  # fmt: skip
+    def _record(self, r: _Record, result: int, reason: str) -> None:
         if not self.audit.active:
             return
         self.audit.write(
             SeccompAuditRecord(
-                time=wall,
+                time=r.wall,
                 conn=self.conn,
-                peer_pid=tgid,
-                path=path,
-                flags=flags,
-                flag_names=tuple(flag_names(flags)),
-                mode=mode,
+                peer_pid=r.tgid,
+                path=r.asked,
+                flags=r.flags,
+                flag_names=tuple(flag_names(r.flags)),
+                mode=r.mode,
                 result=result,
-                latency_us=round((time.monotonic() - started) * 1e6, 1),
+                latency_us=round((time.monotonic() - r.started) * 1e6, 1),
                 reason=reason,
-                tid=tid,
+                tid=r.tid,
+                resolved=r.path,
+                dirfd=r.dirfd,
             )
         )
+
+
+@dataclass(frozen=True, slots=True)
+class _Record:
+    """What an audit record of one notification says, besides its result."""
+
+    wall: float
+    started: float
+    tgid: int
+    tid: int
+    asked: str
+    path: str
+    dirfd: int
+    flags: int
+    mode: int

@@ -183,10 +183,13 @@ def test_notif_id_valid_is_checked_after_reading_the_caller(
         )
         assert sup.server is not None
 
+        killed: list[str] = []
+
         def kill_the_caller(notif: object, path: str) -> None:
             if path == str(victim):
                 proc.kill()
                 _wait_gone(proc.pid)
+                killed.append(path)
 
         sup.server.after_reads = kill_the_caller
         assert proc.stdout is not None and proc.stdin is not None
@@ -195,6 +198,7 @@ def test_notif_id_valid_is_checked_after_reading_the_caller(
         proc.stdin.flush()
         proc.wait(10)
         sup.wait(10)
+    assert killed == [str(victim)]  # the caller died right after the reads
     assert not victim.exists()
     assert not [r for r in sup.records if r.path == str(victim)]
 

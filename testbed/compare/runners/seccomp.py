@@ -11,9 +11,11 @@ not opens; tests/supervise shows the Landlock runs.
 
 from __future__ import annotations
 
-from testbed.broker import read_audit
+import json
+from pathlib import Path
+
 from testbed.compare.compare import KnownDivergence, _until_refusal
-from testbed.compare.normalise import from_audit, normalise
+from testbed.compare.normalise import RawOpen, normalise
 from testbed.compare.runners.common import (
     OracleResult,
     Setup,
@@ -26,6 +28,31 @@ from testbed.qemu import STOCK_QEMU, Machine, MachineConfig
 from testbed.qemu.binaries import is_runnable
 from testbed.supervise.machine import supervised_config
 from testbed.supervise.seccomp import check_user_notification
+from testbed.supervise.target import AT_FDCWD
+
+
+def raw_opens(audit: Path) -> list[RawOpen]:
+    """The audit log's opens with the names as QEMU gave them (relative ones too,
+    and the directory fd they are relative to), as strace shows them."""
+    if not audit.exists():
+        return []
+    out = []
+    with open(audit, encoding="utf-8") as f:
+        for line in f:
+            if not line.strip():
+                continue
+            data = json.loads(line)
+            dirfd = int(data.get("dirfd", AT_FDCWD))
+            out.append(
+                RawOpen(
+                    path=data["path"],
+                    flags=data["flags"],
+                    mode=data["mode"],
+                    result=data["result"],
+                    dirfd="AT_FDCWD" if dirfd == AT_FDCWD else str(dirfd),
+                )
+            )
+    return out
 
 
 def run(setup: Setup) -> OracleResult:
@@ -54,9 +81,7 @@ def run(setup: Setup) -> OracleResult:
         audit=audit,
     )
     run_qemu_scenario(Machine(config), setup, result)
-    records = read_audit(audit) if audit.exists() else []
-    # opens in /var/tmp (g_mkstemp) are not image opens, as in the other oracles
-    result.trace = normalise(from_audit(records), setup.root)
+    result.trace = normalise(raw_opens(audit), setup.root)
     result.log = str(log)
     result.extra["audit"] = str(audit)
     return result
