@@ -23,7 +23,7 @@
 #include <unistd.h>
 
 static char *slurp(int fd) {
-    static char buf[4096];
+    static __thread char buf[4096];  /* per thread: the threads test reads at once */
     ssize_t n = pread(fd, buf, sizeof buf - 1, 0);
     buf[n < 0 ? 0 : n] = 0;
     return buf;
@@ -182,7 +182,10 @@ static void *threads_worker(void *arg) {
     snprintf(want, sizeof want, "t%ld", i);
     for (int k = 0; k < threads_m; k++) {
         int fd = open(path, O_RDONLY | O_CLOEXEC);
-        int bad = fd < 0 || strcmp(slurp(fd), want) != 0;
+        char got[64] = "";
+        if (fd >= 0) snprintf(got, sizeof got, "%s", slurp(fd));
+        int bad = fd < 0 || strcmp(got, want) != 0;
+        if (bad) printf("bad_%ld_%d=%s fd=%d got=%s\n", i, k, fd < 0 ? strerrorname_np(errno) : "-", fd, got);
         if (fd >= 0) close(fd);
         if (bad) {
             pthread_mutex_lock(&threads_lock);

@@ -136,7 +136,8 @@ def test_many_threads_at_once_each_get_their_own_file(run_supervised: Run, tmp_p
     done, sup = run_supervised(
         "threads", tmp_path, "16", "50", policy=Policy.from_grants(ro=[tmp_path])
     )
-    assert parse(done.stdout) == {"bad": "0"}
+    failed = [r for r in sup.records if r.result != 0]
+    assert parse(done.stdout) == {"bad": "0"}, (done.stdout, failed)
     tids = {r.tid for r in sup.records if r.path.startswith(str(tmp_path))}  # type: ignore[attr-defined]
     assert len(tids) == 16
 
