@@ -174,6 +174,7 @@ class Resolved:
     path: str
     tgid: int
     umask: int
+    uid: int
 
 
 def resolve(tid: int, call: OpenCall) -> Resolved:
@@ -190,7 +191,9 @@ def resolve(tid: int, call: OpenCall) -> Resolved:
         name = target.directory_of(tid, call.dirfd) + "/" + name
     status = target.read_status(tid)
     path = target.rewrite_proc_self(target.normalise(name), tgid=status.tgid, tid=tid)
-    return Resolved(asked=os.fsdecode(raw), path=path, tgid=status.tgid, umask=status.umask)
+    return Resolved(
+        asked=os.fsdecode(raw), path=path, tgid=status.tgid, umask=status.umask, uid=status.uid
+    )
 
 
 #: Called by a worker after step 2, before the validity check (tests use it
@@ -359,7 +362,10 @@ class NotificationServer:
                     log.info("tid %d went away before its open of %s was decided", tid, path)
                     answered = True
                     return
-                if call.flags & os.O_TMPFILE == os.O_TMPFILE:
+                peer = self._peer_problem(resolved)
+                if peer:
+                    outcome = self.decider.images.refuse(peer)
+                elif call.flags & os.O_TMPFILE == os.O_TMPFILE:
                     # an unnamed file cannot be audited by name; callers fall back
                     outcome = Outcome(result=-errno.EOPNOTSUPP, reason="O_TMPFILE is not served")
                 else:
@@ -375,6 +381,15 @@ class NotificationServer:
             self.served += 1
             if not answered:
                 self._reply_error(notif.id, -errno.EIO)
+
+    def _peer_problem(self, r: Resolved) -> str:
+        """The broker's peer_uid/peer_pid rules, for the process that asked."""
+        policy = self.decider.policy
+        if policy.peer_uid is not None and r.uid != policy.peer_uid:
+            return f"uid {r.uid} is not the policy's peer_uid {policy.peer_uid}"
+        if policy.peer_pid is not None and r.tgid != policy.peer_pid:
+            return f"pid {r.tgid} is not the policy's peer_pid {policy.peer_pid}"
+        return ""
 
     def _answer(self, notif: SeccompNotif, outcome: Outcome, record: _Record) -> bool:
         flags, path = record.flags, record.path

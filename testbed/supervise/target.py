@@ -114,24 +114,28 @@ def read_open_how(tid: int, address: int, size: int) -> OpenHow:
 class TaskStatus:
     tgid: int
     umask: int
+    #: The real uid (what SO_PEERCRED would report for a socket it made).
+    uid: int
 
 
 def read_status(tid: int) -> TaskStatus:
-    """Tgid and umask of ``tid``, from ``/proc/TID/status``."""
+    """Tgid, umask and uid of ``tid``, from ``/proc/TID/status``."""
     try:
         with open(f"/proc/{tid}/status", "rb") as f:
             text = f.read()
     except FileNotFoundError as err:
         raise TargetError(errno.ESRCH, "the calling thread is gone") from err
-    tgid = umask = -1
+    tgid = umask = uid = -1
     for line in text.splitlines():
         if line.startswith(b"Tgid:"):
             tgid = int(line.split()[1])
         elif line.startswith(b"Umask:"):
             umask = int(line.split()[1], 8)
-    if tgid < 0 or umask < 0:
-        raise TargetError(errno.EIO, f"/proc/{tid}/status has no Tgid or Umask")
-    return TaskStatus(tgid=tgid, umask=umask)
+        elif line.startswith(b"Uid:"):
+            uid = int(line.split()[1])
+    if tgid < 0 or umask < 0 or uid < 0:
+        raise TargetError(errno.EIO, f"/proc/{tid}/status has no Tgid, Umask or Uid")
+    return TaskStatus(tgid=tgid, umask=umask, uid=uid)
 
 
 def _readlink(link: str, *, missing: int, what: str) -> str:

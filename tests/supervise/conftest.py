@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import shutil
 import subprocess
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from supervise_helpers import Run
 
 from testbed.broker import Policy
 from testbed.pytest_plugin import require
@@ -39,13 +40,6 @@ def kernel() -> None:
         check_user_notification()
     except Exception as err:
         require(False, str(err))
-
-
-def parse(out: str) -> dict[str, str]:
-    return dict(line.split("=", 1) for line in out.splitlines() if "=" in line)
-
-
-Run = Callable[..., tuple[subprocess.CompletedProcess[str], Supervisor]]
 
 
 @pytest.fixture

@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import Run, parse
+from supervise_helpers import Run, parse
 
 from testbed.broker import Policy
 from testbed.supervise import Supervisor
@@ -365,3 +365,21 @@ class Fanotify:
     def __exit__(self, *exc: object) -> None:
         self.allow_all()
         os.close(self.fd)
+
+
+def test_policy_peer_uid_and_pid_apply_to_the_supervised_process(
+    run_supervised: Run, tmp_path: Path
+) -> None:
+    (tmp_path / "f").write_text("x")
+    mine = Policy.from_grants(ro=[tmp_path], peer_uid=os.getuid())
+    done, _ = run_supervised("open", tmp_path / "f", "0", policy=mine)
+    assert parse(done.stdout)["open"] == "ok"
+    other = Policy.from_grants(ro=[tmp_path], peer_uid=os.getuid() + 4242)
+    # not the peer: nothing is served, not even its libraries
+    done, sup = run_supervised("open", tmp_path / "f", "0", policy=other)
+    assert done.returncode != 0 and "open=" not in done.stdout
+    assert sup.records and all("peer_uid" in r.reason for r in sup.records)
+    nobody = Policy.from_grants(ro=[tmp_path], peer_pid=1)
+    done, sup = run_supervised("open", tmp_path / "f", "0", policy=nobody)
+    assert done.returncode != 0
+    assert sup.records and all("peer_pid" in r.reason for r in sup.records)
