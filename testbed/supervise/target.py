@@ -120,22 +120,34 @@ class TaskStatus:
 
 def read_status(tid: int) -> TaskStatus:
     """Tgid, umask and uid of ``tid``, from ``/proc/TID/status``."""
+    # os.open/os.read rather than open(): this runs for every open served
     try:
-        with open(f"/proc/{tid}/status", "rb") as f:
-            text = f.read()
+        fd = os.open(f"/proc/{tid}/status", os.O_RDONLY | os.O_CLOEXEC)
     except FileNotFoundError as err:
         raise TargetError(errno.ESRCH, "the calling thread is gone") from err
-    tgid = umask = uid = -1
-    for line in text.splitlines():
-        if line.startswith(b"Tgid:"):
-            tgid = int(line.split()[1])
-        elif line.startswith(b"Umask:"):
-            umask = int(line.split()[1], 8)
-        elif line.startswith(b"Uid:"):
-            uid = int(line.split()[1])
-    if tgid < 0 or umask < 0 or uid < 0:
-        raise TargetError(errno.EIO, f"/proc/{tid}/status has no Tgid, Umask or Uid")
-    return TaskStatus(tgid=tgid, umask=umask, uid=uid)
+    try:
+        text = os.read(fd, 8192)
+    except ProcessLookupError as err:
+        raise TargetError(errno.ESRCH, "the calling thread is gone") from err
+    finally:
+        os.close(fd)
+    try:
+        return TaskStatus(
+            tgid=int(_field(text, b"\nTgid:")),
+            umask=int(_field(text, b"\nUmask:"), 8),
+            uid=int(_field(text, b"\nUid:").split()[0]),
+        )
+    except (ValueError, IndexError) as err:
+        raise TargetError(errno.EIO, f"/proc/{tid}/status has no Tgid, Umask or Uid") from err
+
+
+def _field(text: bytes, key: bytes) -> bytes:
+    start = text.find(key)
+    if start < 0:
+        raise ValueError(key)
+    start += len(key)
+    end = text.find(b"\n", start)
+    return text[start : end if end >= 0 else len(text)].strip()
 
 
 def _readlink(link: str, *, missing: int, what: str) -> str:

@@ -383,3 +383,27 @@ def test_policy_peer_uid_and_pid_apply_to_the_supervised_process(
     done, sup = run_supervised("open", tmp_path / "f", "0", policy=nobody)
     assert done.returncode != 0
     assert sup.records and all("peer_pid" in r.reason for r in sup.records)
+
+
+def test_system_profile_file_replaces_the_builtin(
+    helper: Path, kernel: None, tmp_path: Path
+) -> None:
+    empty = tmp_path / "empty.toml"
+    empty.write_text('[profile]\ndescription = "nothing at all"\n')
+    cmd = [sys.executable, "-m", "testbed", "supervise"]
+    out = subprocess.run(
+        [*cmd, "--system-profile", str(empty), "--", str(helper), "iouring"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    # the dynamic loader cannot even read libc now
+    assert out.returncode == 127 and "error while loading shared libraries" in out.stderr
+    out = subprocess.run(
+        [*cmd, "--", str(helper), "iouring"], capture_output=True, text=True, timeout=30
+    )
+    assert out.returncode == 0, out.stderr
+    out = subprocess.run(
+        [*cmd, "--system-profile", "nonesuch", "--", "true"], capture_output=True, text=True
+    )
+    assert out.returncode == 2 and "no such built-in system profile" in out.stderr
