@@ -228,7 +228,9 @@ class NotificationServer:
         self._workers: list[threading.Thread] = []
         self._stop_r, self._stop_w = os.pipe2(os.O_CLOEXEC)
         self._receiver: threading.Thread | None = None
+        self._finished = False  # the receiver is done and the stop pipe closed
         self._warned_full = False
+        self._private_fs = threading.local()
 
     # -- lifecycle -------------------------------------------------------------------
 
@@ -240,8 +242,10 @@ class NotificationServer:
 
     def stop(self) -> None:
         """Stop receiving and close the listener: the callers' opens now fail ENOSYS."""
-        with contextlib.suppress(OSError):
-            os.write(self._stop_w, b"x")
+        with self._lock:
+            if not self._finished:  # else the pipe's fd numbers may be someone else's
+                with contextlib.suppress(OSError):
+                    os.write(self._stop_w, b"x")
         self.join(5.0)
 
     def join(self, timeout: float | None = None) -> bool:
@@ -291,13 +295,15 @@ class NotificationServer:
                 n = len(self._workers)
             for _ in range(n):
                 self._queue.put(None)
-            # Workers may still be answering; they hold no reference to the fd
-            # number, only to the listener, which closes when the last is done.
+            # Workers may still be answering: the listener closes after the last
+            # is done, so its fd number cannot be reused under one of them.
             for t in list(self._workers):
                 t.join()
             self.listener.close()
-            os.close(self._stop_r)
-            os.close(self._stop_w)
+            with self._lock:
+                self._finished = True
+                os.close(self._stop_r)
+                os.close(self._stop_w)
 
     def _dispatch(self, notif: SeccompNotif) -> None:
         with self._lock:
@@ -322,8 +328,12 @@ class NotificationServer:
 
     def _work(self) -> None:
         # A private fs_struct: this worker's umask can then be the caller's.
-        if libc().unshare(CLONE_FS) != 0:
-            log.error("unshare(CLONE_FS): %s", os.strerror(ctypes.get_errno()))
+        self._private_fs.ok = libc().unshare(CLONE_FS) == 0
+        if not self._private_fs.ok:
+            log.error(
+                "unshare(CLONE_FS): %s: created files get the supervisor's umask",
+                os.strerror(ctypes.get_errno()),
+            )
         while True:
             notif = self._queue.get()
             if notif is None:
@@ -369,7 +379,7 @@ class NotificationServer:
                     # an unnamed file cannot be audited by name; callers fall back
                     outcome = Outcome(result=-errno.EOPNOTSUPP, reason="O_TMPFILE is not served")
                 else:
-                    if call.flags & os.O_CREAT:
+                    if call.flags & os.O_CREAT and getattr(self._private_fs, "ok", False):
                         os.umask(resolved.umask)
                     outcome, _ = self.decider.decide(path, flags, mode, tgid=tgid)
             record = _Record(wall, started, tgid, tid, asked, path, dirfd, flags, mode)
