@@ -1,4 +1,5 @@
-"""The seccomp oracle against stock QEMU under strace, for every scenario of the matrix."""
+"""The seccomp oracle against stock QEMU under strace and against the patched QEMU's hook,
+for every scenario of the matrix."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from testbed.compare.runners.common import load_index
 from testbed.compare.runners.seccomp import KNOWN_DIVERGENCES
 from testbed.compare.scenarios import Scenario, build_matrix
 from testbed.pytest_plugin import require
-from testbed.qemu.binaries import REPO_ROOT
+from testbed.qemu.binaries import REPO_ROOT, is_runnable, patched_qemu_path
 
 pytestmark = [pytest.mark.stock_qemu, pytest.mark.images, pytest.mark.slow]
 
@@ -31,3 +32,22 @@ def test_seccomp_trace_equals_stock_strace(sc: Scenario, tmp_path: Path, kernel:
     )
     assert pair.status != MISMATCH, "\n".join(pair.diff)
     assert len(seccomp.trace) > 0
+
+
+@pytest.mark.qemu
+@pytest.mark.parametrize("sc", build_matrix(), ids=lambda s: s.name)
+def test_seccomp_trace_equals_the_hooks_but_for_directory_scans(
+    sc: Scenario, tmp_path: Path, kernel: None
+) -> None:
+    require(INDEX.exists(), f"the image corpus {INDEX} (make images)")
+    require(is_runnable(patched_qemu_path()), f"patched QEMU {patched_qemu_path()} (make qemu)")
+    images = load_index(INDEX)
+    res = run_scenario(sc, images[sc.image], tmp_path, ("patched", "seccomp"))
+    patched, seccomp = res.oracles["patched"], res.oracles["seccomp"]
+    require(not patched.skipped and not seccomp.skipped, patched.skipped or seccomp.skipped)
+    pair = compare_pair(
+        "patched", patched.trace, "seccomp", seccomp.trace, tags=sc.tags, table=KNOWN_DIVERGENCES
+    )
+    assert pair.status != MISMATCH, "\n".join(pair.diff)
+    if pair.divergences:
+        assert pair.divergences == ("opendir",) and "vvfat" in sc.tags
