@@ -288,6 +288,34 @@ static int cmd_open(char **argv) {
     return 0;
 }
 
+/* edge DIR FILE MISSING: opens whose errno the kernel decides; the supervisor must answer alike */
+struct how { unsigned long long flags, mode, resolve; };
+static long openat2_(const char *path, unsigned long long flags, unsigned long long resolve) {
+    struct how h = {flags, 0, resolve};
+    return syscall(437, AT_FDCWD, path, &h, sizeof h);
+}
+static int cmd_edge(char **argv) {
+    char longname[5000];
+    memset(longname, 'a', sizeof longname - 1);
+    longname[sizeof longname - 1] = 0;
+    int p[2];
+    if (pipe(p) != 0) return 2;
+    report_open("null", (int)syscall(SYS_open, NULL, O_RDONLY));
+    report_open("badptr", (int)syscall(SYS_open, (const char *)1, O_RDONLY));
+    report_open("empty", open("", O_RDONLY));
+    report_open("badfd", openat(999, "x", O_RDONLY));
+    report_open("notdir", openat(p[0], "x", O_RDONLY));
+    report_open("long", open(longname, O_RDONLY));
+    report_open("missing", open(argv[2], O_RDONLY));
+    report_open("trailing_slash", open(strcat(strcpy(longname, argv[1]), "/"), O_RDONLY));
+    report_open("openat2_plain", openat2_(argv[1], O_RDONLY, 0));
+    report_open("openat2_badflags", openat2_(argv[1], 1ULL << 40, 0));
+    report_open("opath", open(argv[1], O_PATH));
+    report_open("tmpfile", open(argv[0], O_TMPFILE | O_RDWR, 0600));
+    report_open("openat2_resolve", openat2_(argv[1], O_RDONLY, 0x08));
+    return 0;
+}
+
 /* loop PATH N: N openat+close; prints the median ns of one */
 static int cmp_long(const void *a, const void *b) {
     long x = *(const long *)a, y = *(const long *)b;
@@ -335,6 +363,7 @@ int main(int argc, char **argv) {
     if (!strcmp(c, "write")) return cmd_write(a);
     if (!strcmp(c, "open")) return cmd_open(a);
     if (!strcmp(c, "loop")) return cmd_loop(a);
+    if (!strcmp(c, "edge")) return cmd_edge(a);
     fprintf(stderr, "helper: unknown command %s\n", c);
     return 2;
 }

@@ -407,3 +407,23 @@ def test_system_profile_file_replaces_the_builtin(
         [*cmd, "--system-profile", "nonesuch", "--", "true"], capture_output=True, text=True
     )
     assert out.returncode == 2 and "no such built-in system profile" in out.stderr
+
+
+def test_edge_cases_get_the_kernels_answers(
+    helper: Path, run_supervised: Run, tmp_path: Path
+) -> None:
+    (tmp_path / "f").write_text("x")
+    args = (str(tmp_path), str(tmp_path / "f"), str(tmp_path / "nope"))
+    native = parse(subprocess.run([helper, "edge", *args], capture_output=True, text=True).stdout)
+    done, _ = run_supervised("edge", *args, policy=Policy.from_grants(create=[tmp_path]))
+    served = parse(done.stdout)
+    same = [
+        "null", "badptr", "empty", "badfd", "notdir", "long", "missing",
+        "trailing_slash", "openat2_plain", "openat2_badflags",
+    ]  # fmt: skip
+    assert {k: served[k] for k in same} == {k: native[k] for k in same}
+    assert native["trailing_slash"] == "ENOTDIR" and native["openat2_plain"] == "ok"
+    # what the supervisor cannot serve, said plainly
+    assert served["opath"] == "EACCES"  # ADDFD cannot inject an O_PATH fd
+    assert served["tmpfile"] == "EOPNOTSUPP"  # an unnamed file cannot be audited by name
+    assert served["openat2_resolve"] == "ENOSYS"  # RESOLVE_* is not honoured: fall back
