@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
 import signal
 import subprocess
 import sys
@@ -146,6 +148,8 @@ def run(args: argparse.Namespace) -> int:
         sup.close()
         return 127 if isinstance(err, FileNotFoundError) else 2
 
+    _let_go_of_inherited_fds()
+
     def forward(signum: int, _frame: FrameType | None) -> None:
         if proc.poll() is None:
             proc.send_signal(signum)
@@ -163,6 +167,23 @@ def run(args: argparse.Namespace) -> int:
             signal.signal(s, h)
         sup.close()
     return 128 - code if code < 0 else code
+
+
+def _let_go_of_inherited_fds() -> None:
+    """Drop our copies of what the caller gave COMMAND, so that COMMAND closing
+    one is seen at once (a QMP peer gets its EOF from QEMU, not from us).
+    Ours are all close-on-exec; stderr stays for our own messages."""
+    for name in os.listdir("/proc/self/fd"):
+        fd = int(name)
+        if fd <= 2:
+            continue
+        with contextlib.suppress(OSError):
+            if os.get_inheritable(fd):
+                os.close(fd)
+    null = os.open(os.devnull, os.O_RDWR)
+    for fd in (0, 1):
+        os.dup2(null, fd)
+    os.close(null)
 
 
 __all__ = ["register", "run"]

@@ -24,6 +24,7 @@ import os
 import shutil
 import socket
 import subprocess
+import sys
 import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -234,7 +235,17 @@ class _Handshake(threading.Thread):
     def run(self) -> None:
         try:
             self.sock.settimeout(HANDSHAKE_TIMEOUT)
-            msg, fds, _flags, _addr = socket.recv_fds(self.sock, 4096, 1, socket.MSG_CMSG_CLOEXEC)
+            # Not socket.recv_fds: it drops its flags argument (CPython 3.11), and
+            # an inheritable listener would reach the next command we start.
+            msg, ancdata, _flags, _addr = self.sock.recvmsg(
+                4096, socket.CMSG_SPACE(4), socket.MSG_CMSG_CLOEXEC
+            )
+            fds = [
+                int.from_bytes(data[i : i + 4], sys.byteorder, signed=True)
+                for level, kind, data in ancdata
+                if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS
+                for i in range(0, len(data) - len(data) % 4, 4)
+            ]
             if msg.startswith(LISTENER) and len(fds) == 1:
                 self.server = self._serve(Listener(fds[0]))
             else:

@@ -427,3 +427,20 @@ def test_edge_cases_get_the_kernels_answers(
     assert served["opath"] == "EACCES"  # ADDFD cannot inject an O_PATH fd
     assert served["tmpfile"] == "EOPNOTSUPP"  # an unnamed file cannot be audited by name
     assert served["openat2_resolve"] == "ENOSYS"  # RESOLVE_* is not honoured: fall back
+
+
+def test_a_later_command_does_not_inherit_an_earlier_ones_listener(
+    helper: Path, kernel: None
+) -> None:
+    first = Supervisor()
+    second = Supervisor()
+    try:
+        sleeper = first.popen(["sleep", "30"], close_fds=False)
+        proc = second.popen([helper, "fds"], stdout=subprocess.PIPE, close_fds=False)
+        out, _ = proc.communicate(timeout=30)
+        assert not [v for v in parse(out.decode()).values() if "seccomp" in v]
+        sleeper.kill()
+        sleeper.wait()
+    finally:
+        first.close()
+        second.close()
