@@ -24,7 +24,6 @@ import os
 import shutil
 import socket
 import subprocess
-import sys
 import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -32,7 +31,7 @@ from types import TracebackType
 from typing import Any
 
 from testbed.broker import AuditLog, AuditRecord, Policy
-from testbed.errors import SuperviseError, WaitTimeout
+from testbed.errors import SuperviseError, TransportError, WaitTimeout
 from testbed.supervise import bpf
 from testbed.supervise import landlock as ll
 from testbed.supervise.decide import Decider
@@ -40,6 +39,7 @@ from testbed.supervise.launcher import FAILED, LISTENER, NONE, ChildPlan, child_
 from testbed.supervise.notify import DEFAULT_MAX_WORKERS, NotificationServer
 from testbed.supervise.profile import DEFAULT_PROFILE, SystemProfile, load_profile
 from testbed.supervise.seccomp import Listener, check_user_notification
+from testbed.transport import recv_with_fds
 
 log = logging.getLogger("testbed.supervise")
 
@@ -235,17 +235,10 @@ class _Handshake(threading.Thread):
     def run(self) -> None:
         try:
             self.sock.settimeout(HANDSHAKE_TIMEOUT)
-            # Not socket.recv_fds: it drops its flags argument (CPython 3.11), and
-            # an inheritable listener would reach the next command we start.
-            msg, ancdata, _flags, _addr = self.sock.recvmsg(
-                4096, socket.CMSG_SPACE(4), socket.MSG_CMSG_CLOEXEC
-            )
-            fds = [
-                int.from_bytes(data[i : i + 4], sys.byteorder, signed=True)
-                for level, kind, data in ancdata
-                if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS
-                for i in range(0, len(data) - len(data) % 4, 4)
-            ]
+            # testbed.transport's receive (MSG_CMSG_CLOEXEC), not socket.recv_fds,
+            # which drops its flags (CPython 3.11): an inheritable listener
+            # would reach the next command we start.
+            msg, fds = recv_with_fds(self.sock)
             if msg.startswith(LISTENER) and len(fds) == 1:
                 self.server = self._serve(Listener(fds[0]))
             else:
@@ -255,7 +248,7 @@ class _Handshake(threading.Thread):
                     self.failure = msg[1:].decode(errors="replace")
                 elif msg and not msg.startswith(NONE):
                     self.failure = f"unexpected message {msg[:40]!r}"
-        except OSError as err:
+        except (OSError, TransportError) as err:
             self.failure = f"no answer from the launcher: {err}"
         finally:
             self.sock.close()
