@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import shutil
+import socket
 import subprocess
 from pathlib import Path
 
 import pytest
+from qemu.qmp import ExecuteError, QMPClient
 
 from testbed.broker import Policy, read_audit
 from testbed.compare.normalise import from_audit, normalise, parse_strace
@@ -16,6 +19,7 @@ from testbed.errors import LaunchError
 from testbed.pytest_plugin import require
 from testbed.qemu import STOCK_QEMU, Machine, MachineConfig
 from testbed.qemu.binaries import is_runnable
+from testbed.supervise import Supervisor
 from testbed.supervise.machine import supervised_config
 
 pytestmark = [pytest.mark.stock_qemu, pytest.mark.slow]
@@ -109,3 +113,59 @@ def test_landlock_only_cannot_open_the_images(chain: Path, tmp_path: Path) -> No
     with pytest.raises(LaunchError) as err:
         Machine(config).launch()
     assert f"Could not open '{chain / 'top.qcow2'}': Permission denied" in err.value.log
+
+
+def test_supervisor_gone_qemu_reports_enosys_and_keeps_its_open_images(
+    chain: Path, tmp_path: Path
+) -> None:
+    """Serving stops (as when the supervisor dies: the listener closes): QEMU's next
+    open fails with its own clear error, and the images it has open keep working."""
+    ours, theirs = socket.socketpair()
+    sup = Supervisor(Policy.from_grants(create=[chain]))
+    log = open(tmp_path / "qemu.log", "wb")  # noqa: SIM115
+    try:
+        proc = sup.popen(
+            [
+                STOCK_QEMU, "-nodefaults", "-display", "none", "-machine", "none",
+                "-chardev", f"socket,id=qmp,fd={theirs.fileno()}",
+                "-mon", "chardev=qmp,mode=control",
+                "-drive", f"file={chain / 'top.qcow2'},format=qcow2,if=none,id=drive0",
+            ],
+            pass_fds=(theirs.fileno(),),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )  # fmt: skip
+        theirs.close()
+
+        async def drive() -> tuple[str, str]:
+            qmp = QMPClient("supervised")
+            await asyncio.wait_for(qmp.connect(ours), 30)
+            sup.stop()
+            try:
+                await qmp.execute(
+                    "blockdev-snapshot-sync",
+                    {
+                        "device": "drive0",
+                        "snapshot-file": str(chain / "o.qcow2"),
+                        "format": "qcow2",
+                    },
+                )
+                snapshot = "worked"
+            except ExecuteError as err:
+                snapshot = err.error.error.desc
+            read = await qmp.execute(
+                "human-monitor-command", {"command-line": 'qemu-io drive0 "read 0 4096"'}
+            )
+            await qmp.execute("quit")
+            await qmp.disconnect()
+            return snapshot, str(read)
+
+        snapshot, read = asyncio.run(asyncio.wait_for(drive(), 60))
+        proc.wait(30)
+    finally:
+        ours.close()
+        log.close()
+        sup.close()
+    assert "Function not implemented" in snapshot
+    assert "error" not in read.lower() and "failed" not in read.lower()
+    assert "read 4096/4096 bytes" in (tmp_path / "qemu.log").read_text()
