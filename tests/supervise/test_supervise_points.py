@@ -16,6 +16,7 @@ import pytest
 from supervise_helpers import Run, parse
 
 from testbed.broker import Policy
+from testbed.pytest_plugin import missing
 from testbed.supervise import Supervisor
 from testbed.supervise.decide import Decider
 
@@ -330,13 +331,13 @@ class Fanotify:
         self.libc = ctypes.CDLL(None, use_errno=True)
         fd = self.libc.fanotify_init(FAN_CLASS_CONTENT | FAN_CLOEXEC, os.O_RDONLY)
         if fd < 0:
-            pytest.skip(f"fanotify_init: {os.strerror(ctypes.get_errno())}")
+            missing(f"fanotify_init: {os.strerror(ctypes.get_errno())}")
         self.fd = fd
         ok = self.libc.fanotify_mark(
             fd, FAN_MARK_ADD, ctypes.c_uint64(FAN_OPEN_PERM), AT_FDCWD, str(path).encode()
         )
         if ok != 0:
-            pytest.skip(f"fanotify_mark: {os.strerror(ctypes.get_errno())}")
+            missing(f"fanotify_mark: {os.strerror(ctypes.get_errno())}")
         self.pending: list[int] = []
 
     def wait_for_open(self, timeout: float) -> None:
