@@ -4,9 +4,10 @@ The supervisor's audit log is the trace, as the broker's is for the patched
 QEMU.  It sees every open QEMU makes (vvfat's directory scans included,
 which the hook in qemu_open does not), so its normalised trace should equal
 stock QEMU's under strace except where the policy refuses an open (the
-``refusal`` scenarios: stock QEMU has nobody to refuse it).  Run without
-Landlock: Landlock would also deny vvfat rw's mkdir/rename/unlink, which are
-not opens; tests/supervise shows the Landlock runs.
+``refusal`` scenarios: stock QEMU has nobody to refuse it).  QEMU runs
+under Landlock too, so every image open in the trace can only have come
+from the supervisor (no scenario writes through vvfat rw, whose
+mkdir/rename/unlink Landlock would deny: those are not opens).
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from testbed.compare.runners.common import (
 from testbed.errors import KernelFeatureError
 from testbed.qemu import STOCK_QEMU, Machine, MachineConfig
 from testbed.qemu.binaries import is_runnable
+from testbed.supervise.landlock import abi_version
 from testbed.supervise.machine import supervised_config
 from testbed.supervise.seccomp import check_user_notification
 from testbed.supervise.target import AT_FDCWD
@@ -68,6 +70,7 @@ def run(setup: Setup) -> OracleResult:
         return result
     try:
         check_user_notification()
+        abi_version()
     except KernelFeatureError as err:
         result.skipped = str(err)
         return result
@@ -84,6 +87,7 @@ def run(setup: Setup) -> OracleResult:
         ),
         setup.policy(),
         workdir=setup.logs / "seccomp",
+        landlock=True,
         audit=audit,
     )
     run_qemu_scenario(Machine(config), setup, result)
