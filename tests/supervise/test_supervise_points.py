@@ -17,7 +17,7 @@ from supervise_helpers import Run, parse
 
 from testbed.broker import Policy
 from testbed.pytest_plugin import missing
-from testbed.supervise import Supervisor
+from testbed.supervise import Supervisor, supervised_popen
 from testbed.supervise.decide import Decider
 
 
@@ -445,3 +445,18 @@ def test_a_later_command_does_not_inherit_an_earlier_ones_listener(
     finally:
         first.close()
         second.close()
+
+
+def test_supervised_popen_runs_and_serves(helper: Path, kernel: None, tmp_path: Path) -> None:
+    (tmp_path / "f").write_text("via supervised_popen")
+    proc, sup = supervised_popen(
+        [helper, "open", tmp_path / "f", "0"],
+        Policy.from_grants(ro=[tmp_path]),
+        stdout=subprocess.PIPE,
+    )
+    try:
+        out, _ = proc.communicate(timeout=30)
+        assert parse(out.decode())["content"] == "via supervised_popen"
+        assert sup.wait(10) == 0
+    finally:
+        sup.close()

@@ -174,3 +174,21 @@ def test_command_line_needs_a_command(capsys: pytest.CaptureFixture[str]) -> Non
     args = parser.parse_args(["supervise"])
     assert args.func(args) == 2
     assert "no COMMAND" in capsys.readouterr().err
+
+
+def test_policy_toml_round_trips(tmp_path: Path) -> None:
+    from testbed.broker import Grant, Policy
+    from testbed.broker.policy import Access
+    from testbed.supervise.machine import policy_toml
+
+    policy = Policy(
+        grants=(
+            Grant(path="/srv/a b", access=Access.RO, symlinks=True),
+            Grant(path='/srv/"q"', access=Access.CREATE, devices=True, hardlinks=True),
+        ),
+        refuse_errno=errno.EPERM,
+        create_mode_mask=0o700,
+    )
+    f = tmp_path / "p.toml"
+    f.write_text(policy_toml(policy))
+    assert Policy.from_toml(f) == policy
