@@ -76,6 +76,10 @@ class Decider:
                 AT_FDCWD, path, os.O_PATH | os.O_CLOEXEC | nofollow, 0, RESOLVE_NO_MAGICLINKS
             )
         except OSError as err:
+            if err.errno == errno.ELOOP:
+                # a magic link (/proc/PID/root, /proc/PID/fd/N) or a loop: a
+                # refusal, as the gate answers for a symlink it will not follow
+                return self._refuse("path goes through a magic link or a symlink loop")
             level = self._lexical_access(path, tgid)
             if level is None:
                 return self._refuse("not under any grant or the system profile")

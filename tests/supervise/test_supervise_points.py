@@ -460,3 +460,22 @@ def test_supervised_popen_runs_and_serves(helper: Path, kernel: None, tmp_path: 
         assert sup.wait(10) == 0
     finally:
         sup.close()
+
+
+def test_path_tricks_stay_inside_grants_and_profile(run_supervised: Run, tmp_path: Path) -> None:
+    grant = tmp_path / "grant"
+    grant.mkdir()
+    (tmp_path / "outside").write_text("secret")
+    (grant / "link").symlink_to(tmp_path / "outside")
+    (grant / "rel").symlink_to("../outside")
+    policy = Policy.from_grants(ro=[grant])
+    for path in (
+        f"{grant}/../outside",  # out of the grant by ..
+        f"{grant}/link",  # by an absolute symlink
+        f"{grant}/rel",  # by a relative one
+        "/usr/lib/../../etc/shadow",  # out of the system profile by ..
+        "/proc/self/root/etc/shadow",  # through a magic link
+        "/dev/fd/0",  # the supervisor's own fd 0, if followed
+    ):
+        done, _ = run_supervised("open", path, "0", policy=policy)
+        assert parse(done.stdout)["open"] == "EACCES", path
