@@ -17,6 +17,8 @@
      |    +-- LaunchError              QEMU did not start: command line, exit code, log
      +-- GuestError                    the guest did not do what a step expected
      +-- LibvirtError                  libvirt, virsh or a domain's broker failed
+     +-- SuperviseError                the seccomp supervisor could not start or serve
+          +-- KernelFeatureError       the kernel lacks seccomp notification or Landlock
 
 Exceptions carry the data a caller needs to act on them, as attributes, and
 chain their cause with ``raise ... from err``.  ``OSError`` is kept for what
@@ -149,3 +151,15 @@ class LibvirtError(TestbedError):
         super().__init__(message)
         self.argv = list(argv)
         self.output = output
+
+
+class SuperviseError(TestbedError):
+    """The seccomp supervisor could not start its command or serve it."""
+
+
+class KernelFeatureError(SuperviseError):
+    """The running kernel lacks something the supervisor needs; ``feature`` names it."""
+
+    def __init__(self, message: str, *, feature: str) -> None:
+        super().__init__(message)
+        self.feature = feature

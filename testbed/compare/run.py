@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from testbed.compare.compare import MISMATCH, PairResult, compare_pair, overall, skipped
-from testbed.compare.runners import fdset, model, patched, stock
+from testbed.compare.runners import fdset, model, patched, seccomp, stock
 from testbed.compare.runners.common import ImageInfo, OracleResult, Setup, prepare
 from testbed.compare.scenarios import Scenario
 from testbed.errors import TestbedError
@@ -20,6 +20,7 @@ ORACLES: dict[str, Callable[[Setup], OracleResult]] = {
     "patched": patched.run,
     "stock": stock.run,
     "fdset": fdset.run,
+    "seccomp": seccomp.run,
 }
 #: The comparisons that decide a scenario's status (left, right).
 PAIRS = (("model", "patched"), ("patched", "stock"))
