@@ -20,6 +20,7 @@ import sys
 from pathlib import Path
 
 from testbed.broker import Policy
+from testbed.broker.policy import GRANT_OPTIONS
 from testbed.qemu import MachineConfig
 
 
@@ -35,9 +36,7 @@ def policy_toml(policy: Policy) -> str:
             "[[grant]]",
             f"path = {json.dumps(g.path)}",
             f'access = "{g.access.label}"',
-            f"symlinks = {str(g.symlinks).lower()}",
-            f"devices = {str(g.devices).lower()}",
-            f"hardlinks = {str(g.hardlinks).lower()}",
+            *(f"{rule} = {str(getattr(g, rule)).lower()}" for rule in GRANT_OPTIONS),
         ]
     return "\n".join(lines) + "\n"
 

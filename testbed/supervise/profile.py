@@ -25,6 +25,7 @@ the program could do alone.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import tomllib
 from dataclasses import dataclass
@@ -127,14 +128,7 @@ def profile_from_mapping(data: dict[str, Any], *, name: str, source: str = "") -
     # of it, so a grant is kept under its resolved name (/lib -> /usr/lib,
     # /etc/localtime -> /usr/share/zoneinfo/...).
     resolved = tuple(
-        Grant(
-            path=os.path.realpath(g.path),
-            access=g.access,
-            symlinks=g.symlinks,
-            devices=g.devices,
-            hardlinks=g.hardlinks,
-        )
-        for g in lexical.grants
+        dataclasses.replace(g, path=os.path.realpath(g.path)) for g in lexical.grants
     )
     policy = Policy(
         grants=resolved,

@@ -49,7 +49,9 @@ def test_relative_names_use_the_calling_threads_cwd_and_dirfd(
     for d in (a, b):
         d.mkdir()
         (d / "name").write_text(d.name)
-    done, _ = run_supervised("relative", a, b, policy=Policy.from_grants(ro=[tmp_path]))
+    # the helper opens directory a for its dirfd: the grant must allow directories
+    policy = Policy.from_grants(ro=[tmp_path], directories=True)
+    done, _ = run_supervised("relative", a, b, policy=policy)
     # the thread has its own cwd (unshare(CLONE_FS)); the main thread's is b
     assert parse(done.stdout) == {"thread": "a", "main": "b", "dirfd": "a"}
 

@@ -92,11 +92,15 @@ class Setup:
         # vvfat rw makes its write target in /var/tmp (g_mkstemp, through the hook
         # with the series' extension patch): grant that, or vvfat rw cannot start
         temp = [TEMP_DIR] if self.scenario.vvfat_rw else []
+        # vvfat scans its directory: with opendir() (stock) that is an open
+        # the seccomp supervisor serves, and the broker hands out directory
+        # fds only under a rule that allows them (docs/broker.md).
+        dirs = self.image.format == "vvfat"
         if grant == "ro":
-            return Policy.from_grants(ro=[self.root], create=temp)
+            return Policy.from_grants(ro=[self.root], create=temp, directories=dirs)
         if grant == "main":
-            return Policy.from_grants(rw=[self.main], create=temp)
-        return Policy.from_grants(create=[self.root, *temp])
+            return Policy.from_grants(rw=[self.main], create=temp, directories=dirs)
+        return Policy.from_grants(create=[self.root, *temp], directories=dirs)
 
 
 def prepare(scenario: Scenario, image: ImageInfo, base: Path, oracle: str) -> Setup:
