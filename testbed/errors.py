@@ -15,6 +15,7 @@
      +-- QEMUError                     a QEMU process failed
      |    +-- LaunchError              QEMU did not start: command line, exit code, log
      +-- GuestError                    the guest did not do what a step expected
+ +-- ScenarioFileError             a user's scenario file is malformed: file, line, key
 
 Exceptions carry the data a caller needs to act on them, as attributes, and
 chain their cause with ``raise ... from err``.  ``OSError`` is kept for what
@@ -122,3 +123,18 @@ class GuestError(TestbedError):
         super().__init__(f"guest step {step!r}: {message}")
         self.step = step
         self.console_tail = console_tail
+
+
+class ScenarioFileError(TestbedError):
+    """A scenario file (``testbed compare --scenario-file``) is malformed.
+
+    ``path``, ``line`` (1-based, 0 when unknown) and ``key`` (dotted, e.g.
+    ``scenario[2].steps[1].qmp``) say where; the message says what.
+    """
+
+    def __init__(self, path: str, line: int, key: str, message: str) -> None:
+        where = f"{path}:{line}" if line else path
+        super().__init__(f"{where}: {key}: {message}" if key else f"{where}: {message}")
+        self.path = path
+        self.line = line
+        self.key = key

@@ -386,7 +386,12 @@ class JobManager:
 
     def query(self) -> list[dict[str, Any]]:
         return [
-            {"device": j.id, "type": str(j.type), "status": str(j.status), "ready": j.status == "ready"}
+            {
+                "device": j.id,
+                "type": str(j.type),
+                "status": str(j.status),
+                "ready": j.status == "ready",
+            }
             for j in self.jobs.values()
         ]
 

@@ -265,7 +265,7 @@ class BlockLayer:
         self._close_tree(node)
 
     def open_medium(self, path: str, fmt: str | None, *, node_name: str) -> FormatNode:
-        """A removable medium: opened read-only, the protocol probed (``blockdev-change-medium``)."""
+        """A removable medium: read-only, the protocol probed (``blockdev-change-medium``)."""
         opts = OpenOptions(read_only=True, auto_read_only=False, cache_direct=False)
         return self._open_image(path, fmt=fmt, probe=True, opts=opts, node_name=node_name)
 
@@ -684,7 +684,7 @@ class BlockdevSpec:
     #: ``"file": "node-name"``: an existing node's protocol child.
     file_ref: str | None
     #: A node name, None (``"backing": null``: no backing) or open by name.
-    backing: str | None | _OpenByName
+    backing: str | _OpenByName | None
     opts: OpenOptions
 
 
@@ -717,7 +717,7 @@ def _parse_blockdev(options: Mapping[str, Any]) -> BlockdevSpec:
         path = file_opts.get("filename")  # type: ignore[assignment]
         if not isinstance(path, str) or not path:
             raise BlockError("blockdev-add: file.filename is required")
-    backing: str | None | _OpenByName = _OPEN_BY_NAME
+    backing: str | _OpenByName | None = _OPEN_BY_NAME
     if "backing" in options:
         value = options["backing"]
         if value is not None and not isinstance(value, str):

@@ -115,7 +115,9 @@ class ModelMachine:
         if not words:
             raise BlockError("empty HMP line")
         if words[0] == "snapshot_blkdev" and len(words) >= 3:
-            self.layer.hmp_snapshot_blkdev(words[1], words[2], words[3] if len(words) > 3 else "qcow2")
+            self.layer.hmp_snapshot_blkdev(
+                words[1], words[2], words[3] if len(words) > 3 else "qcow2"
+            )
             return ""
         if words[0] == "qemu-io" and len(words) == 3:
             return _qemu_io(self.layer, words[1], words[2])

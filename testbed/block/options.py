@@ -63,7 +63,9 @@ def parse_keyval(text: str, *, implied: str | None = None) -> dict[str, Any]:
         for part in parts[:-1]:
             child = node.setdefault(part, {})
             if not isinstance(child, dict):
-                raise BlockError(f"option {key!r} of {text!r}: {part!r} is both a value and a group")
+                raise BlockError(
+                    f"option {key!r} of {text!r}: {part!r} is both a value and a group"
+                )
             node = child
         if isinstance(node.get(parts[-1]), dict):
             raise BlockError(f"option {key!r} of {text!r} is both a value and a group")

@@ -49,7 +49,9 @@ def _reopen_one(layer: BlockLayer, opts: Mapping[str, Any]) -> None:
         if opts.get("filename", file.filename) != file.filename:
             raise BlockError(f"Cannot change the option 'filename' of node {name!r}")
         file.read_only, file.cache_direct = read_only, direct
-        file.auto_read_only = flag(opts.get("auto-read-only", False), what=f"{name}: auto-read-only")
+        file.auto_read_only = flag(
+            opts.get("auto-read-only", False), what=f"{name}: auto-read-only"
+        )
         node.read_only = read_only
         new = open_flags(read_only=read_only, cache_direct=direct)
         if file.fd >= 0 and new != file.flags:
