@@ -52,11 +52,17 @@ Modelled (each checked against ``strace`` of Debian's QEMU 7.2, see
 * ``fat:`` file names go to :class:`testbed.block.vvfat.VVFat` (after the
   host_cdrom probe of the whole name, which QEMU makes too).
 
-Knowingly left out: real OFD locks (only the same-process conflict that
-ends a backing loop is modelled), host_cdrom/host_device nodes (a file is
-never a CD-ROM), ``-snapshot``, ``json:`` file names, node references in
-``blockdev-add`` options, block jobs (commit, stream, mirror), ``change``/
-``blockdev-change-medium``, encryption, and qcow2 internal snapshots.
+Elsewhere: block jobs (:mod:`testbed.block.jobs`), ``blockdev-reopen``
+(:mod:`testbed.block.reopen`), removable media (:mod:`testbed.block.media`),
+``-snapshot``/``snapshot=on`` (:mod:`testbed.block.tempsnap`), ``json:``
+names (:mod:`testbed.block.options`); node references in ``blockdev-add``
+(``"file": NODE``, ``"backing": NODE | null``) are handled here.
+
+Knowingly left out: real OFD locks (only the same-process conflicts that
+end a backing loop or refuse a node over a file another node writes are
+modelled, and they follow permissions, not descriptors), host_cdrom/
+host_device nodes (a file is never a CD-ROM), encryption, and qcow2
+internal snapshots.  ``docs/block-model.md`` lists what the jobs leave out.
 """
 
 from __future__ import annotations

@@ -1,3 +1,4 @@
+# ruff: noqa: E501 - the malformed-file table reads best one case per line
 """Scenario files: the built-in matrix round-trips, malformed files name file, line and key."""
 
 from __future__ import annotations
@@ -116,3 +117,14 @@ def test_the_command_reports_a_bad_file(tmp_path: Path, capsys: pytest.CaptureFi
     clash.write_text('[[scenario]]\nname = "raw_drive_read"\nimage = "raw"\n')
     assert main(["compare", "--scenario-file", str(clash), "--list"]) == 2
     assert "defined twice" in capsys.readouterr().err
+
+
+def test_the_documented_examples_load_and_are_in_the_docs() -> None:
+    docs = Path(__file__).resolve().parents[2] / "docs"
+    text = (docs / "compare.md").read_text()
+    for name in ("commit-chain.toml", "cdrom-swap.toml"):
+        path = docs / "examples" / name
+        (sc,) = load(path)
+        assert sc.name.startswith("user-")
+        # the docs show the file as it is
+        assert path.read_text().strip() in text, name
