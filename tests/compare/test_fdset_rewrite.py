@@ -109,3 +109,21 @@ def test_a_read_only_grant_passes_no_write_fds(chain: Path) -> None:
     lib = Libvirt(setup)
     rewrite_args(lib, setup.args())
     assert all("O_RDWR" not in p for p in lib.report()["preopened"])
+
+
+def test_a_medium_change_becomes_blockdev_add_and_insert(chain: Path) -> None:
+    sc = scenario("qcow2-chain1", "cdrom", ("change-medium",))
+    setup = _main(Setup(scenario=sc, image=None, root=chain, logs=chain,
+                        binaries=Binaries(patched=Path("/x"), stock=Path("/x"))))  # fmt: skip
+    lib = Libvirt(setup)
+    rewrite_args(lib, setup.args())
+    out = lib.steps(setup.steps()[0])
+    assert [s.command for s in out] == [
+        "blockdev-add", "blockdev-open-tray", "blockdev-remove-medium",
+        "blockdev-insert-medium", "blockdev-close-tray",
+    ]  # fmt: skip
+    node = out[0].arguments
+    assert node["read-only"] is True and node["node-name"] == "medium1"
+    assert node["backing"]["file"]["filename"].startswith("/dev/fdset/")
+    assert out[3].arguments == {"id": "cdrom0", "node-name": "medium1"}
+    assert lib.report()["headers"] == ["top.qcow2 (qcow2)", "mid.qcow2 (qcow2)", "base.raw (raw)"]

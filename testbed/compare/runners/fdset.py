@@ -20,8 +20,11 @@ scenario the way libvirt would have to:
 * ``-add-fd`` passes the fds of files in the command line (opened before QMP
   exists), QMP ``add-fd`` those first named by a step, before the steps run.
 
-What cannot be spelled out stays a name and fails: vmdk extents, vvfat's
-host files, a backing chain behind ``blockdev-change-medium``'s filename.
+A ``blockdev-change-medium`` becomes what libvirt sends with -blockdev:
+``blockdev-add`` of the new medium with its chain spelled out, then
+``blockdev-open-tray``, ``blockdev-remove-medium``, ``blockdev-insert-medium``,
+``blockdev-close-tray``.  What cannot be spelled out stays a name and fails:
+vmdk extents, vvfat's host files.
 The grant is respected: ``ro`` passes no ``O_RDWR`` member, ``main``
 passes only the main file.  The result is whether every step worked (and
 QEMU's error if not), with what had to be pre-opened and which headers
@@ -94,6 +97,7 @@ class Libvirt:
         self.node_files: dict[str, str] = {}
         self.chains: dict[str, list[Layer]] = {}
         self.layer_names: dict[str, str] = {}
+        self.media = 0
         self.notes: list[str] = []
         sc = setup.scenario
         self.writable = sc.grant is not Grant.RO
@@ -268,6 +272,39 @@ class Libvirt:
 
     # -- steps ----------------------------------------------------------------------
 
+    def steps(self, step: Step) -> list[Step]:
+        """``step`` as libvirt would send it (a medium change becomes several)."""
+        if step.kind is StepKind.QMP and step.command == "blockdev-change-medium":
+            return self._change_medium(step)
+        return [self.step(step)]
+
+    def _change_medium(self, step: Step) -> list[Step]:
+        """libvirt with -blockdev: tray open, old medium out, a node with its chain in."""
+        args = step.arguments
+        path, device = args.get("filename"), args.get("id") or args.get("device")
+        if not self.inside(path) or not isinstance(device, str):
+            return [self.step(step)]
+        self.media += 1
+        name = f"medium{self.media}"
+        node = self.spelled(
+            path, args.get("format"), late=True, writable=False, given={"node-name": name}
+        )
+        node["read-only"] = True
+        tray = {"id": device}
+        return [
+            Step(kind=StepKind.QMP, command="blockdev-add", arguments=node),
+            Step(
+                kind=StepKind.QMP, command="blockdev-open-tray", arguments={**tray, "force": True}
+            ),
+            Step(kind=StepKind.QMP, command="blockdev-remove-medium", arguments=tray),
+            Step(
+                kind=StepKind.QMP,
+                command="blockdev-insert-medium",
+                arguments={**tray, "node-name": name},
+            ),
+            Step(kind=StepKind.QMP, command="blockdev-close-tray", arguments=tray),
+        ]
+
     def step(self, step: Step) -> Step:
         if step.kind is StepKind.HMP:
             # HMP has no mode=existing: an empty file is the most libvirt can make
@@ -359,7 +396,7 @@ class Libvirt:
         if self.inside(value):
             if not os.path.exists(value):
                 Path(value).touch()  # libvirt creates what QEMU will create
-                self.created.append(self.rel(value))
+                self.created.append(f"{self.rel(value)} (an empty file)")
             return self.fdset_name(value, late=True, rdwr=True, why=f"named by {label}")
         return value
 
@@ -456,7 +493,7 @@ def run(setup: Setup) -> OracleResult:
         return result
     lib = Libvirt(setup)
     args = rewrite_args(lib, setup.args())
-    steps = [lib.step(s) for s in setup.steps()]
+    steps = [s for step in setup.steps() for s in lib.steps(step)]
     result.extra.update(lib.report())
     log = setup.logs / "fdset-qemu.log"
     log.unlink(missing_ok=True)
