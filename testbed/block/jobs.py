@@ -293,7 +293,7 @@ class JobManager:
             auto_read_only=source.auto_read_only,
             cache_direct=source.cache_direct,
         )
-        return self.layer._open_image(
+        return self.layer.open_image(
             target,
             fmt=fmt,
             probe=True,
@@ -477,7 +477,7 @@ def create_image_file(
     opener.probe(path)
     if open_backing and backing is not None:
         opts = OpenOptions(read_only=True, auto_read_only=False, cache_direct=False)
-        check = layer._open_image(
+        check = layer.open_image(
             backing.filename, fmt=backing.driver, probe=True, opts=opts, node_name="img-create"
         )
         layer.close_node(check)

@@ -275,6 +275,25 @@ class BlockLayer:
         opts = OpenOptions(read_only=True, auto_read_only=False, cache_direct=False)
         return self._open_image(path, fmt=fmt, probe=True, opts=opts, node_name=node_name)
 
+    def open_image(
+        self,
+        path: str,
+        *,
+        fmt: str | None,
+        probe: bool,
+        opts: OpenOptions,
+        node_name: str,
+        no_backing: bool = False,
+    ) -> FormatNode:
+        """Open an image and (unless ``no_backing``) its chain, as ``bdrv_open`` does.
+
+        For the operation modules (job targets, temporary overlays); the node is
+        not a drive: the caller attaches it.
+        """
+        return self._open_image(
+            path, fmt=fmt, probe=probe, opts=opts, node_name=node_name, no_backing=no_backing
+        )
+
     def emit(self, event: str, data: dict[str, Any]) -> None:
         """Record a QMP event (a scenario's ``wait`` looks for it)."""
         self.events.append({"event": event, "data": data})

@@ -78,7 +78,7 @@ def append_temp_snapshot(layer: BlockLayer, top: FormatNode, *, tmpdir: str | No
         finally:
             os.close(fd)
         opts = OpenOptions(read_only=False, auto_read_only=False, cache_direct=top.cache_direct)
-        overlay = layer._open_image(
+        overlay = layer.open_image(
             name,
             fmt="qcow2",
             probe=False,

@@ -97,12 +97,12 @@ def run_job(session: Session, job: GuestJob, records: int) -> JobReport:
             sync="full",
         )
         wait_job(session, "BLOCK_JOB_READY", timeout=timeout)
-        session._step("mirror ready", True, time.monotonic() - t0, f"{target.name} in sync")
+        session.note("mirror ready", True, time.monotonic() - t0, f"{target.name} in sync")
         # the mirror keeps up with the guest's writes until it is completed
         session.finish_writer()
         vm.qmp("block-job-complete", device=JOB_ID)
         wait_job(session, "BLOCK_JOB_COMPLETED", timeout=timeout)
-        session._step("mirror", True, time.monotonic() - t0, f"pivoted onto {target.name}")
+        session.note("mirror", True, time.monotonic() - t0, f"pivoted onto {target.name}")
         return JobReport(job=job, result=target, result_format="qcow2", seconds=0.0)
     overlay = session.snapshot("qmp").overlay
     session.wait_synced(records // 2)
@@ -118,7 +118,7 @@ def run_job(session: Session, job: GuestJob, records: int) -> JobReport:
         wait_job(session, "BLOCK_JOB_COMPLETED", timeout=timeout)
         result, fmt = overlay, "qcow2"
         detail = f"{session.disk.path.name} streamed into {overlay.name}"
-    session._step(str(job), True, time.monotonic() - t0, detail)
+    session.note(str(job), True, time.monotonic() - t0, detail)
     session.finish_writer()
     return JobReport(job=job, result=result, result_format=fmt, seconds=time.monotonic() - t0)
 
@@ -158,7 +158,7 @@ def verify_job(session: Session, report: JobReport) -> tuple[int, list[int], str
         if done.returncode != 0:
             problems.append(f"qemu-img compare source target: {compared}")
     verified = len(synced) - len(lost)
-    session._step(
+    session.note(
         "verify",
         not problems,
         0.0,
