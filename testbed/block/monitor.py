@@ -165,6 +165,10 @@ def _job_id(args: dict[str, Any]) -> str | None:
     return value if isinstance(value, str) else None
 
 
+def _blockdev_add(m: ModelMachine, a: dict[str, Any]) -> None:
+    m.layer.blockdev_add(a)  # QMP answers {}, not the node
+
+
 def _snapshot_sync(m: ModelMachine, a: dict[str, Any]) -> None:
     m.layer.blockdev_snapshot_sync(
         a.get("device"),
@@ -229,7 +233,7 @@ def _tray(args: dict[str, Any]) -> str:
 
 #: QMP command -> what the model does; one line per command.
 COMMANDS: dict[str, Handler] = {
-    "blockdev-add": lambda m, a: m.layer.blockdev_add(a) and None,
+    "blockdev-add": lambda m, a: _blockdev_add(m, a),
     "blockdev-del": lambda m, a: m.layer.blockdev_del(_str(a, "node-name")),
     "blockdev-snapshot-sync": lambda m, a: _snapshot_sync(m, a),
     "blockdev-reopen": lambda m, a: blockdev_reopen(m.layer, a.get("options") or []),

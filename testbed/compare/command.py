@@ -83,7 +83,7 @@ def register(sub: Any) -> None:
     p.add_argument(
         "--oracles",
         default="model,patched,stock,fdset",
-        help="comma-separated subset of model,patched,stock,fdset",
+        help="comma-separated subset of the oracles (default: all of them)",
     )
     p.set_defaults(func=main)
 
