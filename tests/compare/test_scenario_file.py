@@ -128,3 +128,13 @@ def test_the_documented_examples_load_and_are_in_the_docs() -> None:
         assert sc.name.startswith("user-")
         # the docs show the file as it is
         assert path.read_text().strip() in text, name
+
+
+def test_dump_scenarios_writes_one_file_per_operation(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["compare", "--dump-scenarios", str(tmp_path / "d")]) == 0
+    files = sorted((tmp_path / "d").glob("*.toml"))
+    assert {f.stem for f in files} >= {"commit", "commit-active", "mirror-full", "open", "tray"}
+    assert sum(len(load(f)) for f in files) == len(build_matrix())
+    assert str(files[0]) in capsys.readouterr().out
