@@ -2,8 +2,10 @@
 
 The scenario: boot; check the host's pattern (or, for vvfat, the host's
 files); write records with sync (taking an HMP then a QMP live snapshot
-while the guest writes, with ``snapshot``); power off from inside; verify on
-the host that every record the guest reported synced is in the chain.
+while the guest writes, with ``snapshot``; or running a block job, with
+``job``: :mod:`testbed.guest.jobs`); power off from inside; verify on the
+host that every record the guest reported synced is in the chain (or in the
+image the job left).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from pathlib import Path
 
 from testbed.errors import TestbedError
 from testbed.guest.console import StepResult
+from testbed.guest.jobs import GuestJob, JobReport, run_job, verify_job
 from testbed.guest.records import DiskLayout
 from testbed.guest.session import Session, SessionConfig
 
@@ -35,6 +38,8 @@ class BootOptions:
     keep: bool = False
     guest_dir: Path | None = None
     qemu: Path | None = None
+    #: ``commit``, ``stream`` or ``mirror``: run that block job while the guest writes
+    job: str | None = None
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -54,6 +59,8 @@ class BootResult:
     broker_requests: int = 0
     broker_errors: int = 0
     error: str | None = None
+    #: ``--job``: the job, the image that holds the records, qemu-img compare's answer
+    job: dict[str, object] | None = None
 
     @property
     def ok(self) -> bool:
@@ -73,6 +80,7 @@ class BootResult:
             "broker_requests": self.broker_requests,
             "broker_errors": self.broker_errors,
             "error": self.error,
+            "job": self.job,
         }
 
     def write_json(self, path: Path) -> None:
@@ -93,6 +101,12 @@ def run_boot(
             "--sandbox cannot be used with vvfat: QEMU reads the directory "
             "listing with opendir(), which does not go through the hook"
         )
+    if opts.job is not None and opts.fmt == "vvfat":
+        raise ValueError("--job needs a writable image format, not vvfat")
+    if opts.job is not None and opts.snapshot:
+        raise ValueError("--job and --snapshot do not go together (a job takes its own)")
+    if opts.job is not None and opts.job not in {j.value for j in GuestJob}:
+        raise ValueError(f"--job {opts.job}: not one of {', '.join(j.value for j in GuestJob)}")
     if opts.records < 4:
         raise ValueError(f"--records {opts.records}: need at least 4")
     config = SessionConfig(
@@ -107,10 +121,15 @@ def run_boot(
     )
     session = Session(config, on_step=on_step)
     error: str | None = None
+    job: JobReport | None = None
+    verified: tuple[int, list[int], str] | None = None
     try:
         session.start()
         if opts.fmt == "vvfat":
             session.check_fat()
+        elif opts.job is not None:
+            session.check_pattern()
+            job = run_job(session, GuestJob(opts.job), opts.records)
         else:
             session.check_pattern()
             session.start_writer(opts.records)
@@ -122,7 +141,9 @@ def run_boot(
                 session.snapshot("qmp")
             session.finish_writer()
         session.shutdown()
-        if opts.fmt != "vvfat":
+        if job is not None:
+            verified = verify_job(session, job)
+        elif opts.fmt != "vvfat":
             session.verify()
     except TestbedError as err:
         error = str(err)
@@ -131,19 +152,26 @@ def run_boot(
         session.close()
     report = session.report
     audit = session.audit_records()
+    if job is not None:
+        n_verified = verified[0] if verified else 0
+        n_lost = len(verified[1]) if verified else len(session.synced)
+    else:
+        n_verified = report.verified if report else 0
+        n_lost = len(report.lost) if report else len(session.synced)
     result = BootResult(
         format=opts.fmt,
         accel=session.accel_used or opts.accel,
         booted=session.booted,
         steps=tuple(session.console.steps) if session.console else (),
         records_written=len(session.synced),
-        records_verified=report.verified if report else 0,
-        lost=len(report.lost) if report else len(session.synced),
+        records_verified=n_verified,
+        lost=n_lost,
         snapshot_files=tuple(str(m.overlay) for m in session.marks),
         console_log=str(session.console_log),
         broker_requests=len(audit),
         broker_errors=sum(1 for r in audit if r.result < 0),
         error=error,
+        job={**job.as_dict(), "compare": verified[2] if verified else ""} if job else None,
     )
     if not opts.keep and error is None:
         shutil.rmtree(session.image_dir, ignore_errors=True)

@@ -18,8 +18,10 @@ Boot the testbed guest (make guest) in the patched QEMU with -open-hook-fd:
 a broker (granted the image directory) opens every file QEMU asks for.  The
 guest reads a pattern the host wrote and checks it, writes sequence-numbered
 records with sync, and powers off; the host then finds every record the guest
-reported synced on the disk.  For vvfat the guest mounts the FAT disk and
-checksums files from a host directory.  Each step is printed as it finishes;
+reported synced on the disk.  With --job a block job (commit, stream,
+mirror) runs over QMP while the guest writes, waited for by its events.
+For vvfat the guest mounts the FAT disk and checksums files from a host
+directory.  Each step is printed as it finishes;
 the whole console goes to a log file with timestamps.
 """
 
@@ -42,6 +44,16 @@ def register(sub: Any) -> None:
         "--snapshot",
         action="store_true",
         help="take an HMP then a QMP live snapshot while the guest writes",
+    )
+    p.add_argument(
+        "--job",
+        choices=("commit", "stream", "mirror"),
+        help=(
+            "run a block job while the guest writes: commit (a snapshot, then an active "
+            "commit back into the base), stream (a snapshot, then stream the base into it), "
+            "mirror (drive-mirror to a new qcow2, then pivot); every synced record must "
+            "be in the result, and a mirror target must equal the source"
+        ),
     )
     p.add_argument(
         "--sandbox",
@@ -98,6 +110,7 @@ def run(args: argparse.Namespace) -> int:
             records=args.records,
             keep=args.keep,
             qemu=args.qemu,
+            job=args.job,
         )
         result = run_boot(opts, on_step=show)
     except ValueError as err:
@@ -108,6 +121,11 @@ def run(args: argparse.Namespace) -> int:
         print(
             f"records: {result.records_written} synced, {result.records_verified} verified, "
             f"{result.lost} lost; snapshots: {', '.join(result.snapshot_files) or 'none'}"
+        )
+    if result.job:
+        print(
+            f"job {result.job['job']}: records in {result.job['result']}"
+            + (f"; qemu-img compare: {result.job['compare']}" if result.job["compare"] else "")
         )
     if result.broker_requests:
         print(

@@ -327,6 +327,10 @@ class Session:
         self._step(step, True, time.monotonic() - t0, f"{overlay.name} after record {before}")
         return mark
 
+    def note(self, name: str, ok: bool, seconds: float, detail: str) -> None:
+        """Record and report a step done outside the console (a QMP job, a check)."""
+        self._step(name, ok, seconds, detail)
+
     def _step(self, name: str, ok: bool, seconds: float, detail: str) -> None:
         result = StepResult(name=name, ok=ok, seconds=seconds, detail=detail)
         self.con.steps.append(result)

@@ -127,9 +127,7 @@ def profile_from_mapping(data: dict[str, Any], *, name: str, source: str = "") -
     # The gate opens beneath each grant's root without following symlinks out
     # of it, so a grant is kept under its resolved name (/lib -> /usr/lib,
     # /etc/localtime -> /usr/share/zoneinfo/...).
-    resolved = tuple(
-        dataclasses.replace(g, path=os.path.realpath(g.path)) for g in lexical.grants
-    )
+    resolved = tuple(dataclasses.replace(g, path=os.path.realpath(g.path)) for g in lexical.grants)
     policy = Policy(
         grants=resolved,
         refuse_errno=lexical.refuse_errno,

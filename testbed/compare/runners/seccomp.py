@@ -15,23 +15,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from testbed.compare.compare import (
-    KnownDivergence,
-    _drop_right,
-    _is_opendir,
-    _relative_refused,
-    _until_refusal,
-)
+from testbed.compare.compare import KNOWN_DIVERGENCES as ALL_DIVERGENCES
 from testbed.compare.normalise import RawOpen, normalise
-from testbed.compare.runners.common import (
-    OracleResult,
-    Setup,
-    machine_type,
-    qemu_args,
-    run_qemu_scenario,
-)
+from testbed.compare.runners.common import OracleResult, Setup, run_qemu_scenario
 from testbed.errors import KernelFeatureError
-from testbed.qemu import STOCK_QEMU, Machine, MachineConfig
+from testbed.qemu import Machine, MachineConfig
 from testbed.qemu.binaries import is_runnable
 from testbed.supervise.landlock import abi_version
 from testbed.supervise.machine import supervised_config
@@ -65,8 +53,9 @@ def raw_opens(audit: Path) -> list[RawOpen]:
 
 def run(setup: Setup) -> OracleResult:
     result = OracleResult()
-    if not is_runnable(STOCK_QEMU):
-        result.skipped = f"Debian's QEMU {STOCK_QEMU} is missing"
+    binary = setup.binaries.stock
+    if not is_runnable(binary):
+        result.skipped = f"stock QEMU {binary} is missing"
         return result
     try:
         check_user_notification()
@@ -80,9 +69,10 @@ def run(setup: Setup) -> OracleResult:
     log.unlink(missing_ok=True)
     config = supervised_config(
         MachineConfig(
-            binary=STOCK_QEMU,
-            machine=machine_type(setup.scenario),
-            args=qemu_args(setup),
+            binary=binary,
+            machine=setup.scenario.machine,
+            args=setup.args(),
+            env=setup.env(),
             log_path=log,
         ),
         setup.policy(),
@@ -97,43 +87,6 @@ def run(setup: Setup) -> OracleResult:
     return result
 
 
-#: The expected differences from stock QEMU under strace (pair ("seccomp",
-#: "stock")) and from the patched QEMU's hook (pair ("patched", "seccomp")):
-#: to go into compare.KNOWN_DIVERGENCES, with those pairs in PAIRS, when this
-#: oracle joins the scenario status.
-KNOWN_DIVERGENCES = (
-    KnownDivergence(
-        key="refusal",
-        pair=("seccomp", "stock"),
-        tag="refusal",
-        reason=(
-            "stock QEMU has nobody to refuse an open: the traces are the same up to the "
-            "open the supervisor refused (EACCES) and differ afterwards."
-        ),
-        rewrite=_until_refusal,
-    ),
-    KnownDivergence(
-        key="relative-name",
-        pair=("seccomp", "stock"),
-        tag="",
-        reason=(
-            "QEMU sometimes opens a name relative to its working directory (the host_cdrom "
-            "probe of a whole 'fat:...' name; a qcow2 external data file named in the "
-            "header). The supervisor resolves it against QEMU's cwd, which lies outside the "
-            "grants, and refuses it (EACCES); stock QEMU gets the kernel's answer (ENOENT). "
-            "Same request, other errno."
-        ),
-        rewrite=_relative_refused,
-    ),
-    KnownDivergence(
-        key="opendir",
-        pair=("patched", "seccomp"),
-        tag="",
-        reason=(
-            "glibc's opendir() opens each directory O_RDONLY|O_NONBLOCK|O_DIRECTORY "
-            "(vvfat's directory scan): the supervisor serves every open and sees these, "
-            "the hook in qemu_open does not."
-        ),
-        rewrite=_drop_right(_is_opendir),
-    ),
-)
+#: The known divergences of the pairs this oracle is in (they live in
+#: compare.KNOWN_DIVERGENCES with every other pair's).
+KNOWN_DIVERGENCES = tuple(d for d in ALL_DIVERGENCES if "seccomp" in d.pair)
