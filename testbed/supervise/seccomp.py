@@ -158,11 +158,9 @@ class Listener:
         resp = SeccompNotifResp(notif_id, val, error, 0)
         _ioctl(self.fd, IOCTL_NOTIF_SEND, ctypes.byref(resp))
 
-    def send_fd(self, notif_id: int, fd: int, *, cloexec: bool) -> int:
-        """Install ``fd`` in the caller and answer with its number, in one step."""
-        addfd = SeccompNotifAddfd(
-            notif_id, SECCOMP_ADDFD_FLAG_SEND, fd, 0, os.O_CLOEXEC if cloexec else 0
-        )
+    def install_fd(self, notif_id: int, fd: int, *, cloexec: bool) -> int:
+        """Install ``fd`` in the caller without answering; the caller's fd number."""
+        addfd = SeccompNotifAddfd(notif_id, 0, fd, 0, os.O_CLOEXEC if cloexec else 0)
         return _ioctl(self.fd, IOCTL_NOTIF_ADDFD, ctypes.byref(addfd))
 
     def close(self) -> None:

@@ -341,6 +341,25 @@ static int cmd_loop(char **argv) {
     return 0;
 }
 
+/* ofdlock PATH N: open, take an OFD write lock, close, N times.  Each open
+ * is a new open file description; once this process closed its fd, nothing
+ * may still hold the description (and its lock), or the next lock fails. */
+static int cmd_ofdlock(char **argv) {
+    int n = atoi(argv[1]), conflicts = 0;
+    for (int i = 0; i < n; i++) {
+        int fd = open(argv[0], O_RDWR | O_CLOEXEC);
+        if (fd < 0) {
+            printf("open=%s\n", strerrorname_np(errno));
+            return 1;
+        }
+        struct flock fl = {.l_type = F_WRLCK, .l_whence = SEEK_SET, .l_start = 100, .l_len = 1};
+        if (fcntl(fd, F_OFD_SETLK, &fl) != 0) conflicts++;
+        close(fd);
+    }
+    printf("conflicts=%d\n", conflicts);
+    return 0;
+}
+
 int main(int argc, char **argv) {
     setvbuf(stdout, NULL, _IOLBF, 0);
     if (argc < 2) return 2;
@@ -364,6 +383,7 @@ int main(int argc, char **argv) {
     if (!strcmp(c, "open")) return cmd_open(a);
     if (!strcmp(c, "loop")) return cmd_loop(a);
     if (!strcmp(c, "edge")) return cmd_edge(a);
+    if (!strcmp(c, "ofdlock")) return cmd_ofdlock(a);
     fprintf(stderr, "helper: unknown command %s\n", c);
     return 2;
 }

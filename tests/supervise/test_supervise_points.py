@@ -481,3 +481,15 @@ def test_path_tricks_stay_inside_grants_and_profile(run_supervised: Run, tmp_pat
     ):
         done, _ = run_supervised("open", path, "0", policy=policy)
         assert parse(done.stdout)["open"] == "EACCES", path
+
+
+def test_the_supervisors_copy_is_closed_before_the_caller_resumes(
+    run_supervised: Run, tmp_path: Path
+) -> None:
+    # A copy of the fd left open in the supervisor keeps the open file
+    # description, and the OFD locks taken on it, alive after the caller's
+    # close: QEMU's image locking then conflicts with itself.
+    disk = tmp_path / "disk.raw"
+    disk.write_bytes(b"x" * 4096)
+    done, _ = run_supervised("ofdlock", disk, "300", policy=Policy.from_grants(rw=[tmp_path]))
+    assert parse(done.stdout) == {"conflicts": "0"}

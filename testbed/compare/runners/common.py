@@ -16,7 +16,7 @@ from testbed.broker import Policy
 from testbed.compare.scenarios import Grant, Scenario
 from testbed.compare.steps import Step, StepKind, matches, substitute, substituted, wait_timeout
 from testbed.compare.trace import Open
-from testbed.errors import QEMUError, TestbedError
+from testbed.errors import QEMUError, TestbedError, WaitTimeout
 from testbed.qemu import Machine, QMPCommandError
 
 #: Node name (``-blockdev``, hotplug) or BlockBackend id (``-drive``) of the image.
@@ -306,6 +306,8 @@ def wait_event(vm: Machine, step: Step) -> dict[str, Any]:
     while True:
         for event in vm.events():
             if matches(event, step):
+                if step.command in _JOB_ENDS and step.job:
+                    _wait_job_gone(vm, step.job, deadline)
                 return event
             data = event.get("data") or {}
             if (
@@ -321,6 +323,16 @@ def wait_event(vm: Machine, step: Step) -> dict[str, Any]:
         if time.monotonic() >= deadline:
             raise wait_timeout(step)
         time.sleep(0.02)
+
+
+def _wait_job_gone(vm: Machine, job: str, deadline: float) -> None:
+    # A job's end event comes before QEMU has let go of the job's nodes;
+    # the next step (quit, usually) must not race that release, or the
+    # opens it causes land before or after the step's by chance.
+    while any(j.get("id") == job for j in vm.qmp("query-jobs")):
+        if time.monotonic() >= deadline:
+            raise WaitTimeout(f"job {job!r} to be dismissed", 0)
+        time.sleep(0.01)
 
 
 def run_qemu_scenario(
