@@ -29,9 +29,10 @@ Per notification, in order (DESIGN.md section 6):
 5. write the audit record, then answer: ``SECCOMP_IOCTL_NOTIF_ADDFD`` installs
    the fd, our copy is closed, and ``SECCOMP_IOCTL_NOTIF_SEND`` answers with its
    number (``O_CLOEXEC`` as the caller asked; not ``SECCOMP_ADDFD_FLAG_SEND``,
-   see ``_answer``), or ``SECCOMP_IOCTL_NOTIF_SEND`` with the errno.  If injecting fails for any reason but ENOENT (the caller
-   is gone), the caller still gets an answer with that errno, or it would
-   wait for ever; any unexpected error in steps 1-4 answers EIO.
+   see ``_answer``), or ``SECCOMP_IOCTL_NOTIF_SEND`` with the errno.  If
+   injecting fails for any reason but ENOENT (the caller is gone), the
+   caller still gets an answer with that errno, or it would wait for ever;
+   any unexpected error in steps 1-4 answers EIO.
 
 ``SECCOMP_USER_NOTIF_FLAG_CONTINUE`` is never used: the path could change
 after it was read, so the supervisor opens what it read.
