@@ -25,6 +25,7 @@ COMMAND_MODULES = (
     "testbed.compare.command",
     "testbed.bench.command",
     "testbed.guest.command",
+    "testbed.iotests.command",
 )
 
 

@@ -15,6 +15,7 @@
      +-- QEMUError                     a QEMU process failed
      |    +-- LaunchError              QEMU did not start: command line, exit code, log
      +-- GuestError                    the guest did not do what a step expected
+ +-- IotestsError                  QEMU's iotests cannot be set up or run here
 
 Exceptions carry the data a caller needs to act on them, as attributes, and
 chain their cause with ``raise ... from err``.  ``OSError`` is kept for what
@@ -122,3 +123,7 @@ class GuestError(TestbedError):
         super().__init__(f"guest step {step!r}: {message}")
         self.step = step
         self.console_tail = console_tail
+
+
+class IotestsError(TestbedError):
+    """QEMU's own iotests cannot be set up or run (source tree, tools, layout)."""
