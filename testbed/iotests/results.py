@@ -144,7 +144,7 @@ def read_json(path: Path) -> tuple[list[TestRun], dict[str, Any]]:
     try:
         doc = json.loads(path.read_text())
         return [TestRun.from_json(d) for d in doc["results"]], dict(doc.get("meta", {}))
-    except (OSError, ValueError, KeyError, TypeError) as err:
+    except (OSError, ValueError, KeyError, TypeError, IotestsError) as err:
         raise IotestsError(f"{path}: not an iotests result file ({err})") from err
 
 

@@ -1,0 +1,64 @@
+"""Where the builds and the suite's tools come from."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from testbed.errors import IotestsError
+from testbed.iotests import builds
+from testbed.iotests.builds import QemuBuild, find_builds, suite_tools, upstream_version
+
+
+def exe(path: Path, version_line: str = "") -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(f"#!/bin/sh\necho '{version_line}'\n")
+    path.chmod(0o755)
+    return path
+
+
+def make_build(root: Path, name: str, source_version: str, tools: bool = False) -> Path:
+    d = root / "build" / name
+    exe(d / "bin" / "qemu-system-x86_64")
+    (d / "info.json").write_text(json.dumps({"source_version": source_version}))
+    if tools:
+        for n in builds.TOOL_NAMES:
+            exe(d / "bin" / n)
+    return d
+
+
+def test_upstream_version() -> None:
+    assert upstream_version("1:7.2+dfsg-7+deb12u18") == "7.2"
+    assert upstream_version("1:10.0.13+ds-0+deb13u1") == "10.0"
+    with pytest.raises(IotestsError, match="'garbage'"):
+        upstream_version("garbage")
+
+
+def test_find_builds_one_per_version_in_version_order(tmp_path: Path) -> None:
+    make_build(tmp_path, "qemu", "1:7.2+dfsg-7+deb12u18")
+    make_build(tmp_path, "qemu-10.0", "1:10.0.13+ds-0+deb13u1")
+    (tmp_path / "build" / "qemu-incomplete").mkdir()  # no info.json: not a build
+    assert [b.version for b in find_builds(tmp_path)] == ["7.2", "10.0"]
+
+
+def test_tools_of_the_build_win(tmp_path: Path) -> None:
+    d = make_build(tmp_path, "qemu-10.0", "1:10.0.13+ds-0+deb13u1", tools=True)
+    t = suite_tools(QemuBuild("10.0", "1:10.0.13+ds-0+deb13u1", d))
+    assert t.qemu_img == d / "bin" / "qemu-img"
+    assert t.env()["QSD_PROG"] == str(d / "bin" / "qemu-storage-daemon")
+
+
+def test_system_tools_only_of_the_same_source_version(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    system = tmp_path / "usr-bin"
+    for n in builds.TOOL_NAMES:
+        exe(system / n, f"{n} version 7.2.19 (Debian 1:7.2+dfsg-7+deb12u18+b3)")
+    monkeypatch.setattr(builds, "SYSTEM_BIN", system)
+    d = make_build(tmp_path, "qemu", "1:7.2+dfsg-7+deb12u18")
+    assert suite_tools(QemuBuild("7.2", "1:7.2+dfsg-7+deb12u18", d)).qemu_io == system / "qemu-io"
+    d10 = make_build(tmp_path, "qemu-10.0", "1:10.0.13+ds-0+deb13u1")
+    with pytest.raises(IotestsError, match=r"qemu-img.*not built from source 1:10\.0\.13"):
+        suite_tools(QemuBuild("10.0", "1:10.0.13+ds-0+deb13u1", d10))
