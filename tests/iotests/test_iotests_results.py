@@ -76,7 +76,7 @@ def test_summary_counts_and_medians() -> None:
 
 def test_report_shows_the_diff_of_hooked_only_failures() -> None:
     md = render(RUNS, {"started": "now"}, [])
-    assert "## hooked-only failures (1)" in md
+    assert "## hooked-only failures (1; 0 explained by known divergences)" in md
     assert "+Permission denied" in md and "`foo:bar` O_RDONLY -> -13: relative path" in md
     assert "+other" not in md  # 153 failed unhooked too: not the hook's doing
 
@@ -97,3 +97,23 @@ def test_read_json_names_a_bad_file(tmp_path: Path) -> None:
     path.write_text('{"results": [{"version": "7.2"}]}')
     with pytest.raises(IotestsError, match=r"bad\.json"):
         read_json(path)
+
+
+def test_known_divergence_explains_only_a_diff_made_of_it() -> None:
+    from testbed.iotests.divergences import KnownDivergence, explain
+
+    k = KnownDivergence("051", r"x: No such file or directory", r"x: Permission denied", "why")
+    only = (
+        "--- a",
+        "+++ b",
+        "@@ -1 +1 @@",
+        " ctx",
+        "-x: No such file or directory",
+        "+x: Permission denied",
+    )
+    assert explain("051", only, [k]) == [k]
+    assert explain("052", only, [k]) is None  # another test's divergence does not count
+    more = (*only, "+y: Permission denied")  # one more changed line: a defect could hide there
+    assert explain("051", more, [k]) is None
+    assert explain("051", ("-x: No such file or directory",), [k]) == [k]
+    assert explain("051", (), [k]) is None
