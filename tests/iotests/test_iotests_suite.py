@@ -30,7 +30,7 @@ SUBSET = [
     ("157", "qcow2"),  # -drive cache options: O_DIRECT reopens
     ("182", "qcow2"),  # image locking across two QEMUs
     ("195", "qcow2"),  # snapshot changing backing files
-    ("227", "qcow2"),  # blockdev and drive stats
+    ("099", "qcow2"),  # json: filenames, blkverify, blkdebug config files
     ("132", "qcow2"),  # Python: a mirror job over QMP
     ("208", "qcow2"),  # Python: drive-mirror to a new image, then quit
 ]
