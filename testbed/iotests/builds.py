@@ -1,9 +1,11 @@
 """Which QEMU builds exist, and the programs QEMU's iotests need for each.
 
-A *build* is a directory ``build/qemu*`` of the checkout (a symlink into the
-build cache) with ``info.json`` and ``bin/qemu-system-x86_64``, as
-``scripts/build-qemu.sh`` leaves it.  Its source tree (the one the suite's
-``check`` script comes from) is ``$TESTBED_CACHE/qemu-src/<source version>``.
+A *build* is a directory with ``info.json`` and ``bin/qemu-system-x86_64``,
+as ``scripts/build-qemu.sh`` leaves it in the cache and links it into the
+checkout: ``build/qemu`` (one version) or ``build/qemu/<version>/patched``
+(several versions, with a ``stock`` sibling where the stock oracle is built).
+Its source tree (the one the suite's ``check`` script comes from) is
+``$TESTBED_CACHE/qemu-src/<source version>``.
 
 The suite also runs qemu-img, qemu-io, qemu-nbd and qemu-storage-daemon, and
 they must come from the same source version as the system emulator:
@@ -16,6 +18,7 @@ import json
 import os
 import re
 import subprocess
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -86,26 +89,49 @@ def _is_exe(path: Path) -> bool:
     return path.is_file() and os.access(path, os.X_OK)
 
 
-def _read_build(path: Path) -> QemuBuild | None:
+def read_build(path: Path) -> QemuBuild | None:
+    """The build in ``path``, or None when it holds no complete build."""
     info_file = path / "info.json"
     if not (info_file.is_file() and _is_exe(path / "bin" / "qemu-system-x86_64")):
         return None
     try:
         info = json.loads(info_file.read_text())
         source_version = str(info["source_version"])
+        kind = str(info.get("kind", "patched"))
     except (OSError, ValueError, KeyError, TypeError) as err:
         raise IotestsError(f"{info_file}: unreadable build description ({err})") from err
-    return QemuBuild(upstream_version(source_version), source_version, path)
+    if kind != "patched":
+        return None
+    version = str(info.get("version") or upstream_version(source_version))
+    return QemuBuild(version, source_version, path)
 
 
-def find_builds(repo: Path | None = None) -> list[QemuBuild]:
-    """Every complete build under ``build/qemu*``, one per upstream version."""
+def _version_key(b: QemuBuild) -> tuple[int, ...]:
+    return tuple(int(x) for x in re.findall(r"\d+", b.version))
+
+
+def find_builds(repo: Path | None = None, dirs: Sequence[Path] = ()) -> list[QemuBuild]:
+    """The patched builds in ``dirs``, or else every one linked in the checkout.
+
+    One per version, oldest first.  A directory in ``dirs`` that holds no
+    patched build is an error naming it.
+    """
     found: dict[str, QemuBuild] = {}
-    for path in sorted(((repo or REPO_ROOT) / "build").glob("qemu*")):
-        b = _read_build(path)
-        if b is not None:
+    if dirs:
+        for d in dirs:
+            b = read_build(d)
+            if b is None:
+                raise IotestsError(
+                    f"{d}: no patched QEMU build (info.json, bin/qemu-system-x86_64)"
+                )
             found.setdefault(b.version, b)
-    return sorted(found.values(), key=lambda b: tuple(int(x) for x in b.version.split(".")))
+    else:
+        root = (repo or REPO_ROOT) / "build" / "qemu"
+        for path in [root, *sorted(root.glob("*/patched"))]:
+            b = read_build(path)
+            if b is not None:
+                found.setdefault(b.version, b)
+    return sorted(found.values(), key=_version_key)
 
 
 def tool_version(path: Path) -> str:
@@ -157,9 +183,9 @@ def suite_tools(build: QemuBuild) -> SuiteTools:
 
 def stock_emulator(build: QemuBuild) -> Path | None:
     """An unpatched qemu-system of the same source version (for ``supervised``)."""
-    own = build.build_dir / "bin" / "qemu-system-x86_64-stock"
-    if _is_exe(own):
-        return own
+    sibling = build.build_dir.parent / "stock" / "bin" / "qemu-system-x86_64"
+    if build.build_dir.name == "patched" and _is_exe(sibling):
+        return sibling
     if _is_exe(STOCK_QEMU) and build.source_version.split(":", 1)[-1] in tool_version(STOCK_QEMU):
         return STOCK_QEMU
     return None

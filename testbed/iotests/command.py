@@ -73,6 +73,22 @@ def register(sub: Any) -> None:
         help="only these versions, e.g. 7.2 or 7.2,10.0 (default: every build under build/qemu*)",
     )
     p.add_argument(
+        "--qemu-build",
+        type=Path,
+        action="append",
+        default=[],
+        metavar="DIR",
+        help="run these patched builds (a cache entry or build/qemu/<v>/patched, with "
+        "info.json and bin/) instead of the ones linked in the checkout",
+    )
+    p.add_argument(
+        "--broker",
+        type=Path,
+        metavar="TESTBED",
+        help="the `testbed` executable whose `broker --fd` the hooked wrapper starts "
+        "(default: this checkout's)",
+    )
+    p.add_argument(
         "--mode",
         type=_csv,
         action="extend",
@@ -168,7 +184,11 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as err:
         print(f"testbed iotests: --mode: {err} (one of: {', '.join(Mode)})", file=sys.stderr)
         return 2
-    builds = find_builds()
+    try:
+        builds = find_builds(dirs=args.qemu_build)
+    except IotestsError as err:
+        print(f"testbed iotests: {err}", file=sys.stderr)
+        return 2
     if args.qemu_version:
         unknown = set(args.qemu_version) - {b.version for b in builds}
         if unknown:
@@ -236,6 +256,7 @@ def run(args: argparse.Namespace) -> int:
             timeout=args.timeout or DEFAULT_TIMEOUT,
             retries=max(0, args.retries),
             unavailable=unavailable,
+            testbed=args.broker,
         )
 
         all_runs += run_all(cfg, modes, runs, on_result=progress.add)

@@ -32,8 +32,10 @@ MODE_HELP = {
 }
 
 
-def broker_command() -> list[str]:
+def broker_command(testbed: Path | None = None) -> list[str]:
     """How the hooked wrapper starts ``testbed broker`` (the venv's entry point)."""
+    if testbed is not None:
+        return [str(testbed)]
     script = Path(sys.executable).with_name("testbed")
     return [str(script)] if script.is_file() else [sys.executable, "-m", "testbed"]
 
@@ -118,14 +120,14 @@ def write_wrapper(bindir: Path, mode: Mode, *, qemu: Path, stock: Path | None) -
     return Wrapper(mode, path)
 
 
-def wrapper_env(mode: Mode, *, qemu: Path) -> dict[str, str]:
+def wrapper_env(mode: Mode, *, qemu: Path, testbed: Path | None = None) -> dict[str, str]:
     """What the wrapper reads from the environment (besides the run directory)."""
     if mode is not Mode.HOOKED:
         return {}
     return {
         "TESTBED_IOTESTS_QEMU": str(qemu),
         "TESTBED_IOTESTS_FIRMWARE": ":".join(str(d) for d in firmware_dirs()),
-        "TESTBED_IOTESTS_BROKER": json.dumps(broker_command()),
+        "TESTBED_IOTESTS_BROKER": json.dumps(broker_command(testbed)),
     }
 
 

@@ -91,6 +91,7 @@ class RunConfig:
     timeout: float = DEFAULT_TIMEOUT
     retries: int = 1  # a failed run is run again this many times (the machine is shared)
     unavailable: dict[Mode, str] | None = None  # mode -> why it cannot run
+    testbed: Path | None = None  # the `testbed` whose broker the hook starts (default: ours)
 
 
 def prepare_wrappers(cfg: RunConfig, modes: Sequence[Mode]) -> dict[Mode, Path]:
@@ -196,7 +197,7 @@ def run_one(cfg: RunConfig, mode: Mode, wrapper: Path | None, planned: Planned) 
     sock_dir = Path(tempfile.mkdtemp(prefix="tbiot-", dir="/tmp"))
     env = dict(os.environ)
     env.update(cfg.tools.env())
-    env.update(wrapper_env(mode, qemu=cfg.build.system_emulator))
+    env.update(wrapper_env(mode, qemu=cfg.build.system_emulator, testbed=cfg.testbed))
     env.update(
         QEMU_PROG=str(wrapper),
         TEST_DIR=str(test_dir),

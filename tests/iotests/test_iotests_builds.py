@@ -37,10 +37,27 @@ def test_upstream_version() -> None:
 
 
 def test_find_builds_one_per_version_in_version_order(tmp_path: Path) -> None:
+    make_build(tmp_path, "qemu/10.0/patched", "1:10.0.13+ds-0+deb13u1")
+    make_build(tmp_path, "qemu/9.2/patched", "1:9.2.0")
+    (tmp_path / "build" / "qemu" / "8.0" / "patched").mkdir(parents=True)  # no info.json
+    make_build(tmp_path, "qemu", "1:7.2+dfsg-7+deb12u18")  # the one-version layout
+    assert [b.version for b in find_builds(tmp_path)] == ["7.2", "9.2", "10.0"]
+
+
+def test_find_builds_in_named_dirs_only(tmp_path: Path) -> None:
+    d = make_build(tmp_path, "elsewhere", "1:10.0.13+ds-0+deb13u1")
     make_build(tmp_path, "qemu", "1:7.2+dfsg-7+deb12u18")
-    make_build(tmp_path, "qemu-10.0", "1:10.0.13+ds-0+deb13u1")
-    (tmp_path / "build" / "qemu-incomplete").mkdir()  # no info.json: not a build
-    assert [b.version for b in find_builds(tmp_path)] == ["7.2", "10.0"]
+    assert [b.build_dir for b in find_builds(tmp_path, dirs=[d])] == [d]
+    with pytest.raises(IotestsError, match="no patched QEMU build"):
+        find_builds(tmp_path, dirs=[tmp_path / "build"])
+
+
+def test_stock_sibling_of_a_versioned_build(tmp_path: Path) -> None:
+    d = make_build(tmp_path, "qemu/10.0/patched", "1:10.0.13+ds-0+deb13u1")
+    b = QemuBuild("10.0", "1:10.0.13+ds-0+deb13u1", d)
+    assert builds.stock_emulator(b) is None
+    stock = exe(tmp_path / "build" / "qemu" / "10.0" / "stock" / "bin" / "qemu-system-x86_64")
+    assert builds.stock_emulator(b) == stock
 
 
 def test_tools_of_the_build_win(tmp_path: Path) -> None:
