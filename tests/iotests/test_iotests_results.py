@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -117,3 +118,17 @@ def test_known_divergence_explains_only_a_diff_made_of_it() -> None:
     assert explain("051", more, [k]) is None
     assert explain("051", ("-x: No such file or directory",), [k]) == [k]
     assert explain("051", (), [k]) is None
+
+
+def test_cost_per_launch_uses_tests_that_passed_both_ways() -> None:
+    from testbed.iotests.report import cost_per_launch
+
+    runs = [
+        run("unhooked", "a", Status.PASS, launches=10),
+        run("hooked", "a", Status.PASS, launches=10),
+        run("unhooked", "b", Status.PASS, launches=4),
+        run("hooked", "b", Status.FAIL, launches=4),  # not counted: failed hooked
+    ]
+    runs[1] = dataclasses.replace(runs[1], seconds=3.0)  # 2 s more over 10 launches
+    assert cost_per_launch(runs, "hooked") == pytest.approx(0.2)
+    assert cost_per_launch(runs[2:], "hooked") is None
