@@ -243,8 +243,9 @@ def run_one(cfg: RunConfig, mode: Mode, wrapper: Path | None, planned: Planned) 
         tail = (err_text or out_text).strip().splitlines()[-3:]
         reason = f"check gave no result for {test} (exit {proc.returncode}): " + " | ".join(tail)
     elif status is Status.NOT_RUN:
-        notrun = test_dir / f"{name}.notrun"
-        reason = notrun.read_text(errors="replace").strip() if notrun.is_file() else ""
+        # 7.2 writes it in TEST_DIR, 10.0 in TEST_DIR/<fmt>-<proto>-<test>/
+        notrun = next(iter(sorted(test_dir.rglob(f"{name}.notrun"))), None)
+        reason = notrun.read_text(errors="replace").strip() if notrun else ""
     elif status is Status.FAIL:
         reason = "output mismatch" if err_text.strip() else f"exit status {proc.returncode}"
     diff = tuple(err_text.splitlines()) if status is Status.FAIL else ()
