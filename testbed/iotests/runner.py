@@ -68,7 +68,8 @@ def lay_out(build: QemuBuild, work: Path) -> Layout:
             f"QEMU {build.version}: no source tree with tests/qemu-iotests/check at {src} "
             "(scripts/build-qemu.sh --fetch-only unpacks it)"
         )
-    layout = Layout(build.version, work / build.version)
+    # absolute: QEMU_PROG and TEST_DIR are used from the suite's directory
+    layout = Layout(build.version, work.resolve() / build.version)
     tree = layout.root / "tree"
     stamp = tree / ".source-version"
     if not (stamp.is_file() and stamp.read_text() == build.source_version):
