@@ -79,3 +79,25 @@ def test_system_tools_only_of_the_same_source_version(
     d10 = make_build(tmp_path, "qemu-10.0", "1:10.0.13+ds-0+deb13u1")
     with pytest.raises(IotestsError, match=r"qemu-img.*not built from source 1:10\.0\.13"):
         suite_tools(QemuBuild("10.0", "1:10.0.13+ds-0+deb13u1", d10))
+
+
+def test_lay_out_copies_the_suite_once_and_is_absolute(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from testbed.iotests.runner import lay_out
+
+    monkeypatch.setenv("TESTBED_CACHE", str(tmp_path / "cache"))
+    src = tmp_path / "cache" / "qemu-src" / "1_7.2+dfsg-7+deb12u18"
+    (src / "tests" / "qemu-iotests").mkdir(parents=True)
+    (src / "tests" / "qemu-iotests" / "check").write_text("#!/usr/bin/env python3\n")
+    (src / "python" / "qemu").mkdir(parents=True)
+    b = QemuBuild("7.2", "1:7.2+dfsg-7+deb12u18", make_build(tmp_path, "qemu", "1:7.2"))
+    monkeypatch.chdir(tmp_path)
+    layout = lay_out(b, Path("work"))  # relative, as `--work build/x` gives it
+    assert layout.iotests.is_absolute() and (layout.iotests / "check").is_file()
+    assert (layout.root / "tree" / "python" / "qemu").is_dir()
+    (layout.iotests / "left-by-a-run").write_text("")
+    lay_out(b, Path("work"))  # same source version: not copied again
+    assert (layout.iotests / "left-by-a-run").exists()
+    with pytest.raises(IotestsError, match="no source tree"):
+        lay_out(QemuBuild("10.0", "1:10.0.13+ds-0+deb13u1", b.build_dir), Path("work"))
