@@ -162,17 +162,45 @@ def parse_tap(out: str, fmt: str, test: str) -> Status | None:
     return None
 
 
-def _kill_group(proc: subprocess.Popen[bytes]) -> None:
-    for sig, wait in ((signal.SIGTERM, 5.0), (signal.SIGKILL, 10.0)):
-        try:
-            os.killpg(proc.pid, sig)
-        except ProcessLookupError:
-            return
-        try:
-            proc.wait(timeout=wait)
-            return
-        except subprocess.TimeoutExpired:
+def _exited(pid: int, timeout: float) -> bool:
+    """Wait for ``pid`` to exit *without reaping it*, so that its process group
+    id cannot be reused by someone else's processes while we signal it."""
+    deadline = time.monotonic() + timeout
+    while os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is None:
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.05)
+    return True
+
+
+def _group_members(pgid: int) -> list[int]:
+    """Live (non-zombie) processes in process group ``pgid``."""
+    out = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
             continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if fields[0] != "Z" and int(fields[2]) == pgid:
+            out.append(int(entry))
+    return out
+
+
+def _end_group(proc: subprocess.Popen[bytes]) -> None:
+    """End what is left of the test's process group (a QEMU it forgot, a daemon),
+    then reap ``check``.  Only called while ``check`` is unreaped or alive."""
+    for sig, grace in ((signal.SIGTERM, 5.0), (signal.SIGKILL, 5.0)):
+        if not _group_members(proc.pid):
+            break
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, sig)
+        deadline = time.monotonic() + grace
+        while _group_members(proc.pid) and time.monotonic() < deadline:
+            time.sleep(0.05)
+    proc.wait()
 
 
 def run_one(cfg: RunConfig, mode: Mode, wrapper: Path | None, planned: Planned) -> TestRun:
@@ -220,12 +248,8 @@ def run_one(cfg: RunConfig, mode: Mode, wrapper: Path | None, planned: Planned) 
             stderr=err,
             start_new_session=True,  # the test, its QEMUs and brokers: one group to kill
         )
-        try:
-            proc.wait(timeout=cfg.timeout)
-        except subprocess.TimeoutExpired:
-            timed_out = True
-        # Whatever the test left running (a QEMU it forgot, a daemon) goes too.
-        _kill_group(proc)
+        timed_out = not _exited(proc.pid, cfg.timeout)
+        _end_group(proc)
     seconds = round(time.monotonic() - started, 1)
     shutil.rmtree(sock_dir, ignore_errors=True)
     out_text = (rundir / "check.out").read_text(errors="replace")
