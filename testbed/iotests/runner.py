@@ -248,8 +248,10 @@ def run_one(cfg: RunConfig, mode: Mode, wrapper: Path | None, planned: Planned) 
             stderr=err,
             start_new_session=True,  # the test, its QEMUs and brokers: one group to kill
         )
-        timed_out = not _exited(proc.pid, cfg.timeout)
-        _end_group(proc)
+        try:
+            timed_out = not _exited(proc.pid, cfg.timeout)
+        finally:  # interrupted too: the test's processes never outlive the harness
+            _end_group(proc)
     seconds = round(time.monotonic() - started, 1)
     shutil.rmtree(sock_dir, ignore_errors=True)
     out_text = (rundir / "check.out").read_text(errors="replace")
