@@ -137,9 +137,41 @@ def register(sub: Any) -> None:
     )
     p.add_argument("--list", action="store_true", help="print the plan and what is left out")
     p.add_argument(
+        "--from-json",
+        type=Path,
+        action="append",
+        default=[],
+        metavar="FILE",
+        help="run nothing: write the report (and --json) from earlier result files, "
+        "merged (e.g. one per version, or a run cut short)",
+    )
+    p.add_argument(
         "tests", nargs="*", metavar="TEST", help="iotests by name (default: the selection)"
     )
     p.set_defaults(func=run)
+
+
+def _from_json(args: argparse.Namespace) -> int:
+    from testbed.iotests.modes import Mode
+    from testbed.iotests.report import unexplained, write_report
+    from testbed.iotests.results import TestRun, read_json, write_json
+
+    runs: list[TestRun] = []
+    meta: dict[str, Any] = {}
+    for path in args.from_json:
+        try:
+            more, m = read_json(path)
+        except IotestsError as err:
+            print(f"testbed iotests: {err}", file=sys.stderr)
+            return 2
+        runs += more
+        meta.update({f"{k} ({path.name})" if k in meta else k: v for k, v in m.items()})
+    if args.json:
+        write_json(args.json, runs, meta)
+    report = write_report(args.report or args.work / "report", runs, meta, [])
+    print(f"report:  {report}", file=sys.stderr)
+    bad = [f for m in Mode if m is not Mode.UNHOOKED for f in unexplained(runs, m.value)]
+    return 1 if bad else 0
 
 
 class _Progress:
@@ -179,6 +211,8 @@ def run(args: argparse.Namespace) -> int:
     from testbed.iotests.runner import DEFAULT_TIMEOUT, RunConfig, lay_out, run_all
     from testbed.iotests.selection import LeftOut, plan, scan_suite
 
+    if args.from_json:
+        return _from_json(args)
     try:
         modes = [Mode(m) for m in args.mode] if args.mode else list(Mode)
     except ValueError as err:

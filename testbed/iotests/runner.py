@@ -124,28 +124,32 @@ def _num(x: object) -> float:
     return float(x) if isinstance(x, int | float) else 0.0
 
 
-def _alive_broker(pid: int) -> bool:
+def _alive_broker(pid: int, audit: Path) -> bool:
+    """Whether ``pid`` is still the broker of this run: alive, and its command
+    line names this run's audit file.  Pids are reused within minutes on a
+    busy machine, so the pid alone would name someone else's process."""
     try:
         with open(f"/proc/{pid}/stat") as f:
             state = f.read().rsplit(")", 1)[1].split()[0]
         with open(f"/proc/{pid}/cmdline", "rb") as f:
-            cmdline = f.read()
+            argv = f.read().split(b"\0")
     except (OSError, IndexError):
         return False
-    return state != "Z" and b"broker" in cmdline
+    return state != "Z" and b"broker" in argv and os.fsencode(audit) in argv
 
 
-def reap_brokers(launches: Sequence[dict[str, object]]) -> int:
-    """Count brokers still alive after their test, and end them (we started them)."""
+def reap_brokers(launches: Sequence[dict[str, object]], audit: Path) -> int:
+    """Count this run's brokers still alive after their test, and end them."""
     pids = [int(p) for p in (rec.get("broker_pid") for rec in launches) if isinstance(p, int)]
     deadline = time.monotonic() + BROKER_GRACE
-    alive = [p for p in pids if _alive_broker(p)]
+    alive = [p for p in pids if _alive_broker(p, audit)]
     while alive and time.monotonic() < deadline:
         time.sleep(0.1)
-        alive = [p for p in alive if _alive_broker(p)]
+        alive = [p for p in alive if _alive_broker(p, audit)]
     for p in alive:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(p, signal.SIGTERM)
+        if _alive_broker(p, audit):  # checked again right before the signal
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(p, signal.SIGTERM)
     return len(alive)
 
 
@@ -307,7 +311,7 @@ def run_one(cfg: RunConfig, mode: Mode, wrapper: Path | None, planned: Planned) 
         launches=len(launches),
         requests=len(audit),
         refusals=refusals,
-        brokers_left=reap_brokers(launches),
+        brokers_left=reap_brokers(launches, rundir / "audit.jsonl"),
         first_answer_s=first_answer,
         latency_us=tuple(_num(r.get("latency_us")) for r in audit),
     )

@@ -6,6 +6,7 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -111,7 +112,7 @@ def test_hooked_wrapper_serves_the_suites_directories_and_keeps_argv0(
     launches = suite.jsonl("launches.jsonl")
     assert len(launches) == 1 and isinstance(launches[0]["broker_pid"], int)
     # the broker goes when its QEMU does
-    assert reap_brokers(launches) == 0
+    assert reap_brokers(launches, suite.rundir / "audit.jsonl") == 0
 
 
 def test_hooked_wrapper_leaves_no_broker_when_qemu_cannot_start(
@@ -133,7 +134,7 @@ def test_hooked_wrapper_leaves_no_broker_when_qemu_cannot_start(
         if Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z":
             break
         time.sleep(0.05)
-    assert reap_brokers(launches) == 0
+    assert reap_brokers(launches, suite.rundir / "audit.jsonl") == 0
 
 
 def test_hooked_wrapper_names_a_missing_setting(suite: Suite, tmp_path: Path) -> None:
@@ -158,3 +159,24 @@ def test_unhooked_wrapper_adds_firmware_and_no_hook(
     assert "arg -machine" in lines and not any(x.startswith("open ") for x in lines)
     assert len(suite.jsonl("launches.jsonl")) == 1
     assert suite.jsonl("audit.jsonl") == []
+
+
+def test_reap_brokers_never_takes_a_reused_pid_for_a_broker(tmp_path: Path) -> None:
+    # a process that has "broker" in its command line but is not this run's
+    sleeper = [sys.executable, "-c", "import time; time.sleep(30)", "broker"]
+    other = subprocess.Popen(sleeper)
+    try:
+        launches: list[dict[str, object]] = [{"broker_pid": other.pid}]
+        assert reap_brokers(launches, tmp_path / "audit.jsonl") == 0
+        assert other.poll() is None  # not signalled
+        ours = subprocess.Popen([*sleeper, "--audit", str(tmp_path / "audit.jsonl")])
+        # the kernel sets the new command line a moment after Popen returns
+        deadline = time.monotonic() + 10
+        while b"--audit" not in Path(f"/proc/{ours.pid}/cmdline").read_bytes():
+            assert time.monotonic() < deadline, "the stand-in broker never started"
+            time.sleep(0.01)
+        assert reap_brokers([{"broker_pid": ours.pid}], tmp_path / "audit.jsonl") == 1
+        assert ours.wait(timeout=10) == -15
+    finally:
+        other.kill()
+        other.wait()
