@@ -89,6 +89,13 @@ def register(sub: Any) -> None:
         "(default: this checkout's)",
     )
     p.add_argument(
+        "--supervisor",
+        type=Path,
+        metavar="TESTBED",
+        help="the `testbed` executable whose `supervise` runs stock QEMU in mode supervised "
+        "(default: this checkout's, when it has the command)",
+    )
+    p.add_argument(
         "--mode",
         type=_csv,
         action="extend",
@@ -239,7 +246,7 @@ def run(args: argparse.Namespace) -> int:
         return 2
     unavailable: dict[Mode, str] = {}
     if Mode.SUPERVISED in modes:
-        why = supervise_available()
+        why = supervise_available(args.supervisor)
         if why:
             unavailable[Mode.SUPERVISED] = why
             print(f"testbed iotests: {why}", file=sys.stderr)
@@ -291,6 +298,7 @@ def run(args: argparse.Namespace) -> int:
             retries=max(0, args.retries),
             unavailable=unavailable,
             testbed=args.broker,
+            supervisor=args.supervisor,
         )
 
         all_runs += run_all(cfg, modes, runs, on_result=progress.add)

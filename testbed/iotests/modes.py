@@ -13,6 +13,7 @@ import argparse
 import importlib.util
 import json
 import shlex
+import subprocess
 import sys
 from dataclasses import dataclass
 from enum import StrEnum
@@ -40,8 +41,21 @@ def broker_command(testbed: Path | None = None) -> list[str]:
     return [str(script)] if script.is_file() else [sys.executable, "-m", "testbed"]
 
 
-def supervise_available() -> str | None:
-    """None when ``testbed supervise`` exists, else why the mode cannot run."""
+def supervise_available(testbed: Path | None = None) -> str | None:
+    """None when ``testbed supervise`` exists (in ``testbed``, or this tree), else why not."""
+    if testbed is not None:
+        try:
+            done = subprocess.run(
+                [str(testbed), "supervise", "--help"],
+                capture_output=True,
+                timeout=60,
+                check=False,
+            )
+        except (OSError, subprocess.SubprocessError) as err:
+            return f"mode 'supervised' is not available: cannot run {testbed}: {err}"
+        if done.returncode == 0:
+            return None
+        return f"mode 'supervised' is not available: {testbed} has no `supervise` command"
     from testbed.cli import build_parser  # late: the CLI imports every part
 
     for action in build_parser()._actions:
@@ -79,7 +93,9 @@ def firmware_dirs() -> tuple[Path, ...]:
     return FIRMWARE_DIRS
 
 
-def wrapper_text(mode: Mode, *, qemu: Path, stock: Path | None) -> str:
+def wrapper_text(
+    mode: Mode, *, qemu: Path, stock: Path | None, supervisor: Path | None = None
+) -> str:
     firmware = " ".join(f"-L {shlex.quote(str(d))}" for d in firmware_dirs())
     if mode is Mode.HOOKED:
         # -I: the suite sets PYTHONPATH to its own python/ tree; the hook needs none.
@@ -99,23 +115,31 @@ def wrapper_text(mode: Mode, *, qemu: Path, stock: Path | None) -> str:
             f'exec -a "$0" {shlex.quote(str(qemu))} {firmware} "$@"\n'
         )
     target = shlex.quote(str(stock)) if stock else "/nonexistent/stock-qemu"
-    supervise = " ".join(shlex.quote(a) for a in broker_command())
+    supervise = " ".join(shlex.quote(a) for a in broker_command(supervisor))
+    # the same grants as the hooked wrapper's (hook.py): the suite's directories
+    # and TMPDIR to create in, QEMU's working directory read-only
     return (
         "#!/bin/bash\n"
         "# testbed iotests, mode supervised: stock QEMU under the seccomp supervisor\n"
         f"{_launch_log_line()}\n"
+        "grants=()\n"
+        'for d in "$TEST_DIR" "$SOCK_DIR" "$TMPDIR"; do\n'
+        '  [ -d "$d" ] && grants+=(--allow-create "$(realpath "$d")")\n'
+        "done\n"
         f"exec {supervise} supervise --allow-symlinks"
-        ' --allow-create "$(realpath "$TEST_DIR")" --allow-create "$(realpath "$SOCK_DIR")"'
+        ' "${grants[@]}" --allow-ro "$(realpath .)"'
         ' --audit "$TESTBED_IOTESTS_RUNDIR/audit.jsonl"'
         f' -- {target} {firmware} "$@"\n'
     )
 
 
-def write_wrapper(bindir: Path, mode: Mode, *, qemu: Path, stock: Path | None) -> Wrapper:
+def write_wrapper(
+    bindir: Path, mode: Mode, *, qemu: Path, stock: Path | None, supervisor: Path | None = None
+) -> Wrapper:
     d = bindir / mode.value
     d.mkdir(parents=True, exist_ok=True)
     path = d / "qemu-system-x86_64"
-    path.write_text(wrapper_text(mode, qemu=qemu, stock=stock))
+    path.write_text(wrapper_text(mode, qemu=qemu, stock=stock, supervisor=supervisor))
     path.chmod(0o755)
     return Wrapper(mode, path)
 

@@ -93,11 +93,18 @@ class RunConfig:
     retries: int = 1  # a failed run is run again this many times (the machine is shared)
     unavailable: dict[Mode, str] | None = None  # mode -> why it cannot run
     testbed: Path | None = None  # the `testbed` whose broker the hook starts (default: ours)
+    supervisor: Path | None = None  # the `testbed` whose supervise runs stock QEMU
 
 
 def prepare_wrappers(cfg: RunConfig, modes: Sequence[Mode]) -> dict[Mode, Path]:
     return {
-        m: write_wrapper(cfg.layout.bindir, m, qemu=cfg.build.system_emulator, stock=cfg.stock).path
+        m: write_wrapper(
+            cfg.layout.bindir,
+            m,
+            qemu=cfg.build.system_emulator,
+            stock=cfg.stock,
+            supervisor=cfg.supervisor,
+        ).path
         for m in modes
     }
 
