@@ -276,8 +276,13 @@ def run(args: argparse.Namespace) -> int:
             f"{build.system_emulator} (source {build.source_version}); tools: {tools.origin}"
         )
         stock = stock_emulator(build)
-        if Mode.SUPERVISED in modes and stock is None and Mode.SUPERVISED not in unavailable:
-            unavailable[Mode.SUPERVISED] = f"no stock qemu-system of source {build.source_version}"
+        this_unavailable = dict(unavailable)  # per build: one may have a stock binary, one not
+        if Mode.SUPERVISED in modes and stock is None:
+            this_unavailable.setdefault(
+                Mode.SUPERVISED,
+                f"mode 'supervised' is not available for QEMU {build.version}: no stock "
+                f"qemu-system of source {build.source_version}",
+            )
         print(
             f"QEMU {build.version}: {len(runs)} test(s) x {len(modes)} mode(s) "
             f"({len(left)} left out); suite in {layout.iotests}",
@@ -296,11 +301,10 @@ def run(args: argparse.Namespace) -> int:
             stock=stock,
             timeout=args.timeout or DEFAULT_TIMEOUT,
             retries=max(0, args.retries),
-            unavailable=unavailable,
+            unavailable=this_unavailable,
             testbed=args.broker,
             supervisor=args.supervisor,
         )
-
         all_runs += run_all(cfg, modes, runs, on_result=progress.add)
     if args.list:
         return 0
