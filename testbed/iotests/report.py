@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
@@ -16,6 +17,10 @@ _MARK = {Status.PASS: "pass", Status.FAIL: "**FAIL**", Status.NOT_RUN: "not run"
 
 #: How many diff lines of one failure the report shows (the JSON has them all).
 DIFF_LINES = 80
+
+
+def _version_key(v: str) -> tuple[int, ...]:
+    return tuple(int(x) for x in re.findall(r"\d+", v))  # 7.2 before 10.0
 
 
 def _key(r: TestRun) -> tuple[str, str, str]:
@@ -60,7 +65,7 @@ def _fmt_s(x: float | None, scale: float = 1.0, unit: str = "s") -> str:
 
 def render(runs: Sequence[TestRun], meta: dict[str, Any], left_out: Sequence[LeftOut]) -> str:
     modes = [m.value for m in Mode if any(r.mode == m.value for r in runs)]
-    versions = sorted({r.version for r in runs})
+    versions = sorted({r.version for r in runs}, key=_version_key)
     lines = ["# QEMU iotests through the open hook", ""]
     for k, v in meta.items():
         lines.append(f"- {k}: {v}")
