@@ -40,6 +40,26 @@ def divergent(runs: Sequence[TestRun], mode: str) -> list[tuple[TestRun, TestRun
     return out
 
 
+# what differs between the modes' runs by construction: their directories
+_MODE_PATHS = re.compile(r"\b(runs|bin)/(?:unhooked|hooked|supervised)/")
+_SOCK_DIR = re.compile(r"tbiot-\w+")
+
+
+def same_failure(a: TestRun, b: TestRun) -> bool:
+    """Both failed with the same diff against the reference (its file-name header aside):
+    the output is identical, so the failure is the suite's or the machine's, not the hook's."""
+
+    def body(r: TestRun) -> list[str]:
+        lines = list(r.diff)
+        for head in ("--- ", "+++ "):  # the two file names, wherever check printed them
+            i = next((i for i, x in enumerate(lines) if x.startswith(head)), None)
+            if i is not None:
+                del lines[i]
+        return [_MODE_PATHS.sub(r"\1/MODE/", _SOCK_DIR.sub("tbiot-X", x)) for x in lines]
+
+    return a.status is b.status is Status.FAIL and bool(a.diff) and body(a) == body(b)
+
+
 def unexplained(runs: Sequence[TestRun], mode: str) -> list[TestRun]:
     """The ``mode``-only failures that no known divergence accounts for."""
     return [r for _u, r in divergent(runs, mode) if explain(r.test, r.diff) is None]
@@ -139,6 +159,9 @@ def render(runs: Sequence[TestRun], meta: dict[str, Any], left_out: Sequence[Lef
                     marks.append("")
                 else:
                     extra = f" ({cell.requests} req)" if cell.requests else ""
+                    ref = row.get((v, Mode.UNHOOKED.value))
+                    if m != Mode.UNHOOKED.value and ref is not None and same_failure(ref, cell):
+                        extra += ", same output as unhooked"
                     marks.append(_MARK[cell.status] + extra)
         lines.append(f"| {test} | {fmt} | " + " | ".join(marks) + " |")
     flaky = [r for r in runs if r.attempts > 1]

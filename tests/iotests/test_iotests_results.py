@@ -132,3 +132,14 @@ def test_cost_per_launch_uses_tests_that_passed_both_ways() -> None:
     runs[1] = dataclasses.replace(runs[1], seconds=3.0)  # 2 s more over 10 launches
     assert cost_per_launch(runs, "hooked") == pytest.approx(0.2)
     assert cost_per_launch(runs[2:], "hooked") is None
+
+
+def test_same_failure_compares_the_diff_without_its_file_names() -> None:
+    from testbed.iotests.report import same_failure
+
+    u = run("unhooked", "153", Status.FAIL, diff=("--- a", "+++ u", "-x", "+y runs/unhooked/1"))
+    h = run("hooked", "153", Status.FAIL, diff=("--- a", "+++ h", "-x", "+y runs/hooked/1"))
+    other = run("hooked", "153", Status.FAIL, diff=("--- a", "+++ h", "-x", "+z"))
+    assert same_failure(u, h)
+    assert not same_failure(u, other)
+    assert not same_failure(u, run("hooked", "153", Status.PASS))
