@@ -43,11 +43,13 @@ def divergent(runs: Sequence[TestRun], mode: str) -> list[tuple[TestRun, TestRun
 # what differs between the modes' runs by construction: their directories
 _MODE_PATHS = re.compile(r"\b(runs|bin)/(?:unhooked|hooked|supervised)/")
 _SOCK_DIR = re.compile(r"tbiot-\w+")
+_PIDS = re.compile(r"\d{4,}")  # pids in socket and image names differ from run to run
 
 
 def same_failure(a: TestRun, b: TestRun) -> bool:
-    """Both failed with the same diff against the reference (its file-name header aside):
-    the output is identical, so the failure is the suite's or the machine's, not the hook's."""
+    """Both failed with the same diff against the reference (its file-name header, the
+    modes' directories and numbers of four or more digits, such as pids, aside): the
+    output is the same, so the failure is the suite's or the machine's, not the hook's."""
 
     def body(r: TestRun) -> list[str]:
         lines = list(r.diff)
@@ -55,7 +57,9 @@ def same_failure(a: TestRun, b: TestRun) -> bool:
             i = next((i for i, x in enumerate(lines) if x.startswith(head)), None)
             if i is not None:
                 del lines[i]
-        return [_MODE_PATHS.sub(r"\1/MODE/", _SOCK_DIR.sub("tbiot-X", x)) for x in lines]
+        return [
+            _PIDS.sub("N", _MODE_PATHS.sub(r"\1/MODE/", _SOCK_DIR.sub("tbiot-X", x))) for x in lines
+        ]
 
     return a.status is b.status is Status.FAIL and bool(a.diff) and body(a) == body(b)
 

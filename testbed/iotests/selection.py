@@ -32,7 +32,7 @@ class Language(StrEnum):
 NOT_GENERIC = frozenset({"bochs", "cloop", "dmg", "vvfat"})
 
 #: The formats tried by default, in order of preference.
-DEFAULT_FORMATS = ("qcow2", "raw", "vvfat")
+DEFAULT_FORMATS = ("qcow2", "raw", "vvfat", "vmdk", "vpc", "vdi", "vhdx")
 
 _BASH_STARTS_QEMU = re.compile(r"_launch_qemu\b|\$\{?QEMU\}?(?![_A-Za-z0-9])|(?<![\w-])_qemu\b")
 _PY_STARTS_QEMU = re.compile(r"\biotests\.VM\(|(?<![\w.])VM\(|\bQEMUMachine\(")
