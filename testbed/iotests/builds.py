@@ -181,6 +181,26 @@ def suite_tools(build: QemuBuild) -> SuiteTools:
     return _tools(system, f"Debian {debian} ({SYSTEM_BIN})")
 
 
+def block_formats(build: QemuBuild) -> frozenset[str]:
+    """The block drivers the build's qemu-system has (``-drive format=help``)."""
+    try:
+        out = subprocess.run(
+            [str(build.system_emulator), "-machine", "none", "-drive", "format=help"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        ).stdout
+    except (OSError, subprocess.SubprocessError) as err:
+        raise IotestsError(f"QEMU {build.version}: cannot ask for its formats: {err}") from err
+    for line in out.splitlines():
+        if line.startswith("Supported formats:"):
+            return frozenset(line.split(":", 1)[1].split())
+    raise IotestsError(
+        f"QEMU {build.version}: {build.system_emulator} -drive format=help listed no formats"
+    )
+
+
 def stock_emulator(build: QemuBuild) -> Path | None:
     """An unpatched qemu-system of the same source version (for ``supervised``)."""
     sibling = build.build_dir.parent / "stock" / "bin" / "qemu-system-x86_64"
@@ -195,6 +215,7 @@ __all__ = [
     "TOOL_NAMES",
     "QemuBuild",
     "SuiteTools",
+    "block_formats",
     "find_builds",
     "stock_emulator",
     "suite_tools",

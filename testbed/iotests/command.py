@@ -111,7 +111,8 @@ def register(sub: Any) -> None:
         default=list(DEFAULT_FORMATS),
         metavar="FMT,...",
         help="image formats in order of preference; each test runs with the first it "
-        f"supports (default: {','.join(DEFAULT_FORMATS)})",
+        "supports that the build has (-drive format=help) "
+        f"(default: {','.join(DEFAULT_FORMATS)})",
     )
     p.add_argument("--json", type=Path, metavar="FILE", help="write every result as JSON")
     p.add_argument(
@@ -210,7 +211,7 @@ class _Progress:
 
 
 def run(args: argparse.Namespace) -> int:
-    from testbed.iotests.builds import find_builds, stock_emulator, suite_tools
+    from testbed.iotests.builds import block_formats, find_builds, stock_emulator, suite_tools
     from testbed.iotests.exclusions import excluded_for
     from testbed.iotests.modes import Mode, supervise_available
     from testbed.iotests.report import unexplained, write_report
@@ -265,8 +266,12 @@ def run(args: argparse.Namespace) -> int:
             tools = suite_tools(build)
             layout = lay_out(build, args.work)
             tests = scan_suite(layout.iotests)
+            built = block_formats(build)
             runs, left = plan(
-                tests, formats=args.format, names=args.tests, excluded=excluded_for(build.version)
+                tests,
+                formats=[f for f in args.format if f in built],
+                names=args.tests,
+                excluded=excluded_for(build.version),
             )
         except IotestsError as err:
             print(f"testbed iotests: {err}", file=sys.stderr)

@@ -144,7 +144,9 @@ def plan(
         if fmt is None:
             left.append(
                 LeftOut(
-                    t.name, f"supports only {', '.join(t.formats)} (asked: {', '.join(formats)})"
+                    t.name,
+                    f"supports only {', '.join(t.formats)} "
+                    f"(asked, and in the build: {', '.join(formats)})",
                 )
             )
         else:

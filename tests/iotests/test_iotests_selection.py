@@ -107,8 +107,8 @@ def test_plan_unsupported_format_is_left_out_with_the_formats(suite: Path) -> No
     runs, left = plan(scan_suite(suite), formats=("raw",), names=["pipe-only", "004"])
     assert runs == []
     assert {x.name: x.reason for x in left} == {
-        "pipe-only": "supports only vvfat (asked: raw)",
-        "004": "supports only qcow2, qed (asked: raw)",
+        "pipe-only": "supports only vvfat (asked, and in the build: raw)",
+        "004": "supports only qcow2, qed (asked, and in the build: raw)",
     }
 
 
