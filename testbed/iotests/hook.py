@@ -6,7 +6,7 @@ starts ``testbed broker --fd N`` as a child, closes the broker's end, and
 *execs* the patched qemu-system with ``-open-hook-fd M`` in its own place,
 argv[0] kept, so messages still begin with the name the suite's filters
 replace.  The broker exits when QEMU's end of the socket closes (``--fd``
-serves one peer and stops when it is gone); a parent-death signal is the
+serves one peer and stops when it is gone); a parent-death SIGKILL is the
 second guarantee that it is never left behind, except under ``-daemonize``,
 where the QEMU that survives is a child of the one that exits.
 
@@ -47,10 +47,12 @@ _PR_SET_PDEATHSIG = 1
 
 
 def _die_with_parent() -> None:
-    # Runs in the broker's child between fork and exec.  If the wrapper (by
-    # then QEMU) is already gone, do not serve nobody.
+    # Runs in the broker's child between fork and exec.  SIGKILL, not SIGTERM:
+    # once QEMU is gone nothing is left to serve (the audit log is written,
+    # line-buffered, before each reply), and `testbed broker`'s SIGTERM
+    # handler was seen to deadlock when the signal met the EOF of QEMU's exit.
     libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
 
 
 def _env(name: str) -> str:
