@@ -49,8 +49,8 @@ _PR_SET_PDEATHSIG = 1
 def _die_with_parent() -> None:
     # Runs in the broker's child between fork and exec.  SIGKILL, not SIGTERM:
     # once QEMU is gone nothing is left to serve (the audit log is written,
-    # line-buffered, before each reply), and `testbed broker`'s SIGTERM
-    # handler was seen to deadlock when the signal met the EOF of QEMU's exit.
+    # line-buffered, before each reply), and brokers that got SIGTERM as QEMU
+    # exited were seen to hang for good in futex_wait (docs/iotests.md).
     libc = ctypes.CDLL(None, use_errno=True)
     libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
 

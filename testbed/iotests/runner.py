@@ -156,8 +156,8 @@ def reap_brokers(launches: Sequence[dict[str, object]], audit: Path) -> int:
         alive = [p for p in alive if _alive_broker(p, audit)]
     for p in alive:
         if _alive_broker(p, audit):  # checked again right before the signal
-            # SIGKILL: a broker still there after its QEMU is stuck (its SIGTERM
-            # handler can deadlock), and its audit records are already written
+            # SIGKILL: a broker still there after its QEMU is stuck (SIGTERM was
+            # seen not to end one), and its audit records are already written
             with contextlib.suppress(ProcessLookupError):
                 os.kill(p, signal.SIGKILL)
     return len(alive)
