@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 export TESTBED_CACHE ?= $(HOME)/.cache/testbed
 
-.PHONY: help deps venv test demo qemu images guest bench lint typecheck clean
+.PHONY: help deps venv test demo qemu images guest bench iotests lint typecheck clean
 
 help:
 	@echo "make demo   - set everything up and run the comparison report (the main job)"
@@ -15,6 +15,7 @@ help:
 	@echo "make images - generate the image corpus under build/images"
 	@echo "make guest  - build the guest kernel + initramfs (cached)"
 	@echo "make bench  - fd-passing benchmark (table, JSON, plots under build/bench)"
+	@echo "make iotests - QEMU's own iotests unhooked vs hooked (report under build/iotests)"
 	@echo "make lint   - ruff check, ruff format --check, mypy strict"
 
 deps:
@@ -52,6 +53,9 @@ demo: venv qemu images
 
 bench: venv qemu
 	$(VENV)/bin/testbed bench --json build/bench/bench.json --plot build/bench
+
+iotests: venv qemu
+	$(VENV)/bin/testbed iotests --json build/iotests/iotests.json --report build/iotests/report
 
 clean:
 	rm -rf build $(VENV)

@@ -27,6 +27,7 @@ COMMAND_MODULES = (
     "testbed.guest.command",
     "testbed.libvirt.command",
     "testbed.supervise.command",
+    "testbed.iotests.command",
 )
 
 

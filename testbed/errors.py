@@ -17,9 +17,10 @@
      |    +-- LaunchError              QEMU did not start: command line, exit code, log
      +-- GuestError                    the guest did not do what a step expected
      +-- LibvirtError                  libvirt, virsh or a domain's broker failed
+     +-- ScenarioFileError             a user's scenario file is malformed: file, line, key
+     +-- IotestsError                  QEMU's iotests cannot be set up or run here
      +-- SuperviseError                the seccomp supervisor could not start or serve
           +-- KernelFeatureError       the kernel lacks seccomp notification or Landlock
- +-- ScenarioFileError             a user's scenario file is malformed: file, line, key
 
 Exceptions carry the data a caller needs to act on them, as attributes, and
 chain their cause with ``raise ... from err``.  ``OSError`` is kept for what
@@ -179,3 +180,7 @@ class ScenarioFileError(TestbedError):
         self.path = path
         self.line = line
         self.key = key
+
+
+class IotestsError(TestbedError):
+    """QEMU's own iotests cannot be set up or run (source tree, tools, layout)."""
