@@ -215,9 +215,13 @@ def run(args: argparse.Namespace) -> int:
         broker.add_listener(sock)
         where = args.socket
 
+    caught: list[int] = []
+
     def on_signal(signum: int, _frame: FrameType | None) -> None:
-        log.info("signal %s: stopping", signal.Signals(signum).name)
-        broker.stop()
+        # No logging and no locks here: the handler runs between two bytecodes
+        # of whatever the loop was doing, possibly inside a lock it would wait on.
+        caught.append(signum)
+        broker.stop_soon()
 
     old = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
     print(
@@ -228,6 +232,8 @@ def run(args: argparse.Namespace) -> int:
     finally:
         for s, h in old.items():
             signal.signal(s, h)
+        if caught:
+            log.info("signal %s: stopped", signal.Signals(caught[0]).name)
         if args.socket:
             with contextlib.suppress(OSError):
                 os.unlink(args.socket)

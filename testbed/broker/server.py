@@ -163,6 +163,8 @@ class Broker:
         self._held: set[Connection] = set()
         self._next_id = 1
         self._stop = threading.Event()
+        #: set by :meth:`stop_soon` (a signal handler), which must take no lock
+        self._stop_requested = False
         self._thread: threading.Thread | None = None
         self._closed = False
         self.served_connections = 0
@@ -220,6 +222,17 @@ class Broker:
                 raise WaitTimeout("the broker thread to finish", timeout)
             self._shutdown()
 
+    def stop_soon(self) -> None:
+        """Ask the loop to stop, from a signal handler: takes no lock, logs nothing.
+
+        ``stop()`` sets a ``threading.Event``, whose non-reentrant lock a
+        handler could find already held by the very thread it interrupted,
+        and wait on for ever (seen as brokers hung in futex_wait after
+        SIGTERM).
+        """
+        self._stop_requested = True
+        self._wake()
+
     def __enter__(self) -> Broker:
         """Serve (if not serving yet) until the ``with`` block ends."""
         return self if self._thread is not None else self.start()
@@ -230,7 +243,7 @@ class Broker:
     def serve(self) -> None:
         """Run the loop in the calling thread until stopped (or idle, see above)."""
         try:
-            while not self._stop.is_set():
+            while not (self._stop_requested or self._stop.is_set()):
                 self._take_pending()
                 if (
                     self.exit_when_idle

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from testbed.broker import Broker, Policy, read_audit
+from testbed.broker import Broker, Policy, read_audit, serve_socketpair
 from testbed.errors import TransportError
 from testbed.protocol import encode_request
 from testbed.pytest_plugin import missing
@@ -255,3 +255,25 @@ def test_rfc_peer_in_c(grant_dir: Path, tmp_path: Path) -> None:
             assert out.stdout.startswith(want)
             if want == "fd ":
                 assert out.stdout.split(" ", 2)[2].startswith("disk-bytes")
+
+
+def test_stop_soon_needs_no_lock_the_interrupted_code_may_hold(grant_dir: Path) -> None:
+    # A signal handler runs between two bytecodes of the thread it interrupts,
+    # which may be inside threading.Event's (non-reentrant) lock: stopping
+    # from a handler must not wait on it, or the broker hangs in futex_wait.
+    import threading
+
+    broker, theirs = serve_socketpair(Policy.from_grants(ro=[grant_dir]))
+    theirs.close()
+    done = threading.Event()
+
+    def interrupted_inside_the_lock() -> None:
+        with broker._stop._cond:  # what the handler finds held
+            broker.stop_soon()
+        done.set()
+
+    t = threading.Thread(target=interrupted_inside_the_lock, daemon=True)
+    t.start()
+    t.join(5)
+    assert done.is_set(), "stop_soon() waited on a lock its caller holds"
+    broker.stop()
