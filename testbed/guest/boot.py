@@ -2,8 +2,10 @@
 
 The scenario: boot; check the host's pattern (or, for vvfat, the host's
 files); write records with sync (taking an HMP then a QMP live snapshot
-while the guest writes, with ``snapshot``); power off from inside; verify on
-the host that every record the guest reported synced is in the chain.
+while the guest writes, with ``snapshot``; or running a block job program,
+with ``job``: see :mod:`testbed.guest.jobrun`); power off from inside;
+verify on the host that every record the guest reported synced is in the
+chain (or in the image the job left).
 """
 
 from __future__ import annotations
@@ -17,6 +19,16 @@ from pathlib import Path
 
 from testbed.errors import TestbedError
 from testbed.guest.console import StepResult
+from testbed.guest.disk import IMAGE_FORMATS
+from testbed.guest.jobrun import (
+    DEFAULT_SPEED,
+    MIN_JOB_RECORDS,
+    JobVerdict,
+    MirrorCheck,
+    run_program,
+    verify_job,
+)
+from testbed.guest.jobs import JobKind, JobRun, MirrorVia
 from testbed.guest.records import DiskLayout
 from testbed.guest.session import Session, SessionConfig
 
@@ -29,6 +41,11 @@ class BootOptions:
     workdir: Path
     accel: str = "tcg"
     snapshot: bool = False
+    #: a block job program to run while the guest writes (testbed.guest.jobrun)
+    job: JobKind | None = None
+    mirror_via: MirrorVia = MirrorVia.DRIVE
+    #: the jobs' rate limit in bytes/s (0: none)
+    speed: int = DEFAULT_SPEED
     sandbox: bool = False
     hook: bool = True
     records: int = 40
@@ -54,6 +71,11 @@ class BootResult:
     broker_requests: int = 0
     broker_errors: int = 0
     error: str | None = None
+    job: JobKind | None = None
+    jobs: tuple[JobRun, ...] = ()
+    #: the image that holds the disk after the job (power-off), and the mirror comparison
+    final_image: str | None = None
+    mirror: MirrorCheck | None = None
 
     @property
     def ok(self) -> bool:
@@ -73,6 +95,15 @@ class BootResult:
             "broker_requests": self.broker_requests,
             "broker_errors": self.broker_errors,
             "error": self.error,
+            "job": str(self.job) if self.job else None,
+            "jobs": [j.as_dict() for j in self.jobs],
+            "job_opens": (
+                sum(len(j.opens or ()) for j in self.jobs)
+                if self.jobs and all(j.opens is not None for j in self.jobs)
+                else None
+            ),
+            "final_image": self.final_image,
+            "mirror_compare": self.mirror.as_dict() if self.mirror else None,
         }
 
     def write_json(self, path: Path) -> None:
@@ -95,6 +126,18 @@ def run_boot(
         )
     if opts.records < 4:
         raise ValueError(f"--records {opts.records}: need at least 4")
+    if opts.job is not None:
+        if opts.fmt not in IMAGE_FORMATS:
+            raise ValueError(f"--job {opts.job} needs a writable image format, not {opts.fmt}")
+        if opts.snapshot:
+            raise ValueError(f"--job {opts.job} takes its own snapshots: drop --snapshot")
+        if opts.speed < 0:
+            raise ValueError(f"--speed {opts.speed}: must be 0 (no limit) or positive")
+        if opts.records < MIN_JOB_RECORDS:
+            raise ValueError(
+                f"--records {opts.records}: --job needs at least {MIN_JOB_RECORDS} "
+                "to spread its steps over"
+            )
     config = SessionConfig(
         fmt=opts.fmt,
         workdir=opts.workdir,
@@ -107,10 +150,14 @@ def run_boot(
     )
     session = Session(config, on_step=on_step)
     error: str | None = None
+    verdict: JobVerdict | None = None
     try:
         session.start()
         if opts.fmt == "vvfat":
             session.check_fat()
+        elif opts.job is not None:
+            session.check_pattern()
+            run_program(session, opts.job, opts.records, opts.mirror_via, opts.speed)
         else:
             session.check_pattern()
             session.start_writer(opts.records)
@@ -122,7 +169,9 @@ def run_boot(
                 session.snapshot("qmp")
             session.finish_writer()
         session.shutdown()
-        if opts.fmt != "vvfat":
+        if opts.job is not None:
+            verdict = verify_job(session, opts.job, session.jobs)
+        elif opts.fmt != "vvfat":
             session.verify()
     except TestbedError as err:
         error = str(err)
@@ -144,6 +193,10 @@ def run_boot(
         broker_requests=len(audit),
         broker_errors=sum(1 for r in audit if r.result < 0),
         error=error,
+        job=opts.job,
+        jobs=tuple(session.jobs),
+        final_image=str(verdict.final_image) if verdict else None,
+        mirror=verdict.mirror if verdict else None,
     )
     if not opts.keep and error is None:
         shutil.rmtree(session.image_dir, ignore_errors=True)
