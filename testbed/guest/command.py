@@ -16,7 +16,7 @@ from testbed.guest.jobrun import DEFAULT_SPEED
 from testbed.guest.jobs import JobKind, MirrorVia
 
 #: Records --job writes by default: enough to write on through every step.
-JOB_RECORDS = 100
+JOB_RECORDS = 200
 
 DESCRIPTION = """\
 Boot the testbed guest (make guest) in the patched QEMU with -open-hook-fd:

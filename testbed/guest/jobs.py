@@ -268,8 +268,11 @@ def qemu_img_compare(
 ) -> Compare:
     """``qemu-img compare`` of the guest-visible contents of two images.
 
-    With ``length``, only the first ``length`` bytes of each are compared.
+    With ``length`` (a multiple of 512), only the first ``length`` bytes of
+    each are compared.
     """
+    if length is not None and (length <= 0 or length % 512):
+        raise ValueError(f"compare length {length} is not a positive multiple of 512")
     argv = ("qemu-img", "compare", "-U", _spec(a, a_fmt, length), _spec(b, b_fmt, length))
     try:
         proc = subprocess.run(argv, capture_output=True, text=True, timeout=120)
