@@ -42,7 +42,6 @@ from testbed.guest.jobs import (
     JobTimer,
     MirrorVia,
     backing_chain,
-    job_events,
     qemu_img_compare,
     run_create_job,
     wait_completed,
@@ -177,7 +176,8 @@ def run_block_job(
         job_id=job_id,
         command=command,
         arguments=args,
-        events=job_events(vm.seen[event_start:], job_id),
+        # every event read in the window: the job's, and those of the jobs prepare ran
+        events=tuple(vm.seen[event_start:]),
         started=timer.wall,
         seconds=seconds,
         seconds_to_ready=ready_at,

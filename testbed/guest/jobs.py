@@ -17,7 +17,7 @@ import json
 import re
 import subprocess
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
@@ -136,15 +136,6 @@ class JobRun:
             "records_during": self.records_during,
             "chain_after": list(self.chain_after),
         }
-
-
-def job_events(events: Sequence[QMPEvent], job_id: str) -> tuple[QMPEvent, ...]:
-    """The events about job ``job_id`` (block-job events name it ``device``, job events ``id``)."""
-    return tuple(e for e in events if _names_job(e, job_id))
-
-
-def _names_job(event: QMPEvent, job_id: str) -> bool:
-    return event.data.get("device") == job_id or event.data.get("id") == job_id
 
 
 def _failed(job_id: str) -> list[EventPattern]:
