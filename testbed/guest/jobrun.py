@@ -42,6 +42,8 @@ from testbed.guest.jobs import (
     JobTimer,
     MirrorVia,
     backing_chain,
+    format_node,
+    node_files,
     qemu_img_compare,
     run_create_job,
     wait_completed,
@@ -132,6 +134,8 @@ def run_block_job(
     ready_at: float | None = None
     prepared: Sequence[str] = ()
     args: dict[str, Any] = {"job-id": job_id, **arguments}
+    wanted = {str(v) for k, v in arguments.items() if k.endswith("-node")}
+    nodes = {n: f for n, f in node_files(vm).items() if n in wanted} if wanted else {}
     if not complete:
         # mirror-like jobs keep the source drained from their last pass to the
         # graph change, so the guest could not write while they are pending
@@ -189,6 +193,7 @@ def run_block_job(
         synced_at_end=at_end,
         chain_after=chain,
         prepare=tuple(prepared),
+        nodes=nodes,
     )
     s.jobs.append(run)
     rw = ", ".join(o.path for o in run.rw_opens) or "none"
@@ -234,7 +239,11 @@ def commit_program(s: Session, records: int, speed: int) -> list[JobRun]:
         s,
         "commit-mid",
         "block-commit",
-        {"device": DRIVE_ID, "top": str(first.overlay), "base": str(base)},
+        {
+            "device": DRIVE_ID,
+            "top-node": format_node(s.vm, first.overlay),
+            "base-node": format_node(s.vm, base),
+        },
         complete=False,
         speed=speed,
         expect_chain=(second.overlay.name, base.name),
@@ -266,7 +275,7 @@ def stream_program(s: Session, records: int, speed: int) -> list[JobRun]:
         s,
         "stream-base",
         "block-stream",
-        {"device": DRIVE_ID, "base": str(base)},
+        {"device": DRIVE_ID, "base-node": format_node(s.vm, base)},
         complete=False,
         speed=speed,
         expect_chain=(second.overlay.name, base.name),

@@ -104,6 +104,8 @@ class JobRun:
     synced_at_end: int
     chain_after: tuple[str, ...]
     prepare: tuple[str, ...] = ()
+    #: the file behind each node name in ``arguments``
+    nodes: Mapping[str, str] = field(default_factory=dict)
 
     @property
     def records_during(self) -> int:
@@ -119,6 +121,7 @@ class JobRun:
             "job_id": self.job_id,
             "command": self.command,
             "arguments": dict(self.arguments),
+            "nodes": dict(self.nodes),
             "prepare": list(self.prepare),
             "seconds": round(self.seconds, 3),
             "seconds_to_ready": (
@@ -206,6 +209,33 @@ def run_create_job(
             raise QEMUError(f"job {job_id!r} (blockdev-create) failed: {job['error']}")
     vm.qmp("job-dismiss", id=job_id)
     wait_gone(vm, job_id, timeout=timeout)
+
+
+#: Protocol drivers: their nodes sit under a format node with the same file name.
+_PROTOCOL_DRIVERS = frozenset({"file", "host_device", "host_cdrom"})
+
+
+def format_node(vm: EventMachine, path: Path) -> str:
+    """The node name of the format node QEMU opened ``path`` as.
+
+    Jobs are given node names (``top-node``, ``base-node``), not file names:
+    QEMU looks a file name up with realpath(), which does not go through the
+    hook and fails where the image directory is hidden (measured:
+    ``Top image file .../snap1.qcow2 not found`` under ``--sandbox``).
+    """
+    for node in vm.qmp("query-named-block-nodes"):
+        if node.get("file") == str(path) and node.get("drv") not in _PROTOCOL_DRIVERS:
+            return str(node["node-name"])
+    raise QEMUError(f"query-named-block-nodes has no format node for {path}")
+
+
+def node_files(vm: EventMachine) -> dict[str, str]:
+    """Node name -> the file name (no directory) of every named node."""
+    return {
+        str(n["node-name"]): Path(str(n.get("file", "?"))).name
+        for n in vm.qmp("query-named-block-nodes")
+        if n.get("node-name")
+    }
 
 
 def backing_chain(vm: EventMachine, device: str) -> tuple[str, ...]:
