@@ -169,7 +169,7 @@ def run_block_job(
                 f"not {list(expect_chain)}"
             )
     except TestbedError as err:
-        s.step(name, False, timer.since(), str(err))
+        s.note(name, False, timer.since(), str(err))
         raise
     opens = None
     if s.config.hook:
@@ -198,7 +198,7 @@ def run_block_job(
     s.jobs.append(run)
     rw = ", ".join(o.path for o in run.rw_opens) or "none"
     seen = f"{len(opens)} opens (read-write: {rw})" if opens is not None else "opens not seen"
-    s.step(
+    s.note(
         name,
         True,
         seconds,
@@ -458,7 +458,7 @@ def verify_job(s: Session, kind: JobKind, jobs: Sequence[JobRun]) -> JobVerdict:
         t0 = time.monotonic()
         mirror = check_mirror(s, disk, fmt, final)
         found = mirror_problems(mirror)
-        s.step(
+        s.note(
             "compare",
             not found,
             time.monotonic() - t0,

@@ -285,7 +285,7 @@ class Session:
                 "write", r"WRITER DONE (\d+)", timeout=self.config.step_timeout, record=False
             )
             self.writer_done = True
-        self.step(
+        self.note(
             "write",
             True,
             time.monotonic() - self._writer_t0,
@@ -318,16 +318,16 @@ class Session:
             else:
                 raise ValueError(f"unknown snapshot kind {kind!r} (hmp or qmp)")
         except QEMUError as err:
-            self.step(step, False, time.monotonic() - t0, str(err))
+            self.note(step, False, time.monotonic() - t0, str(err))
             raise
         self.drain()
         after = self.synced[-1] if self.synced else -1
         mark = SnapshotMark(overlay=overlay, synced_before=before, synced_after=after)
         self.marks.append(mark)
-        self.step(step, True, time.monotonic() - t0, f"{overlay.name} after record {before}")
+        self.note(step, True, time.monotonic() - t0, f"{overlay.name} after record {before}")
         return mark
 
-    def step(self, name: str, ok: bool, seconds: float, detail: str) -> None:
+    def note(self, name: str, ok: bool, seconds: float, detail: str) -> None:
         """Record (and show) a step that is not a console wait: QMP commands, checks."""
         result = StepResult(name=name, ok=ok, seconds=seconds, detail=detail)
         self.con.steps.append(result)
@@ -394,7 +394,7 @@ class Session:
             f"{report.verified}/{report.synced} synced records intact, "
             f"records per layer {dict(report.per_layer)}"
         )
-        self.step("verify", not report.problems, time.monotonic() - t0, detail)
+        self.note("verify", not report.problems, time.monotonic() - t0, detail)
         if report.problems:
             raise VerifyError(report.problems)
         return report
