@@ -26,6 +26,7 @@ COMMAND_MODULES = (
     "testbed.bench.command",
     "testbed.guest.command",
     "testbed.libvirt.command",
+    "testbed.supervise.command",
 )
 
 

@@ -17,6 +17,9 @@
      |    +-- LaunchError              QEMU did not start: command line, exit code, log
      +-- GuestError                    the guest did not do what a step expected
      +-- LibvirtError                  libvirt, virsh or a domain's broker failed
+     +-- SuperviseError                the seccomp supervisor could not start or serve
+          +-- KernelFeatureError       the kernel lacks seccomp notification or Landlock
+ +-- ScenarioFileError             a user's scenario file is malformed: file, line, key
 
 Exceptions carry the data a caller needs to act on them, as attributes, and
 chain their cause with ``raise ... from err``.  ``OSError`` is kept for what
@@ -149,3 +152,30 @@ class LibvirtError(TestbedError):
         super().__init__(message)
         self.argv = list(argv)
         self.output = output
+
+
+class SuperviseError(TestbedError):
+    """The seccomp supervisor could not start its command or serve it."""
+
+
+class KernelFeatureError(SuperviseError):
+    """The running kernel lacks something the supervisor needs; ``feature`` names it."""
+
+    def __init__(self, message: str, *, feature: str) -> None:
+        super().__init__(message)
+        self.feature = feature
+
+
+class ScenarioFileError(TestbedError):
+    """A scenario file (``testbed compare --scenario-file``) is malformed.
+
+    ``path``, ``line`` (1-based, 0 when unknown) and ``key`` (dotted, e.g.
+    ``scenario[2].steps[1].qmp``) say where; the message says what.
+    """
+
+    def __init__(self, path: str, line: int, key: str, message: str) -> None:
+        where = f"{path}:{line}" if line else path
+        super().__init__(f"{where}: {key}: {message}" if key else f"{where}: {message}")
+        self.path = path
+        self.line = line
+        self.key = key

@@ -52,18 +52,24 @@ Modelled (each checked against ``strace`` of Debian's QEMU 7.2, see
 * ``fat:`` file names go to :class:`testbed.block.vvfat.VVFat` (after the
   host_cdrom probe of the whole name, which QEMU makes too).
 
-Knowingly left out: real OFD locks (only the same-process conflict that
-ends a backing loop is modelled), host_cdrom/host_device nodes (a file is
-never a CD-ROM), ``-snapshot``, ``json:`` file names, node references in
-``blockdev-add`` options, block jobs (commit, stream, mirror), ``change``/
-``blockdev-change-medium``, encryption, and qcow2 internal snapshots.
+Elsewhere: block jobs (:mod:`testbed.block.jobs`), ``blockdev-reopen``
+(:mod:`testbed.block.reopen`), removable media (:mod:`testbed.block.media`),
+``-snapshot``/``snapshot=on`` (:mod:`testbed.block.tempsnap`), ``json:``
+names (:mod:`testbed.block.options`); node references in ``blockdev-add``
+(``"file": NODE``, ``"backing": NODE | null``) are handled here.
+
+Knowingly left out: real OFD locks (only the same-process conflicts that
+end a backing loop or refuse a node over a file another node writes are
+modelled, and they follow permissions, not descriptors), host_cdrom/
+host_device nodes (a file is never a CD-ROM), encryption, and qcow2
+internal snapshots.  ``docs/block-model.md`` lists what the jobs leave out.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -136,6 +142,12 @@ class BlockLayer:
         self.drives: dict[str, Drive] = {}
         self._open_files: list[ProtocolNode] = []
         self._closed = False
+        #: Node holders outside ``drives`` (cdrom trays, jobs): each returns its nodes.
+        self.extra_users: list[Callable[[], list[FormatNode]]] = []
+        #: Called first by :meth:`quit` (trays close their media, jobs are cancelled).
+        self.quit_hooks: list[Callable[[], None]] = []
+        #: QMP events so far, oldest first (``{"event": NAME, "data": {...}}``).
+        self.events: list[dict[str, Any]] = []
 
     # -- public API: what QEMU's command line and monitor do -----------------
 
@@ -156,17 +168,39 @@ class BlockLayer:
         cache_direct: bool = False,
         id: str | None = None,
         drive_id: str | None = None,
+        snapshot: bool = False,
+        tmpdir: str | None = None,
     ) -> FormatNode:
-        """``-drive file=...,if=none,id=...`` at start-up (``auto-read-only=on``)."""
+        """``-drive file=...,if=none,id=...`` at start-up (``auto-read-only=on``).
+
+        A ``json:{...}`` file name names its drivers, so the protocol is not
+        probed; ``snapshot`` (``snapshot=on`` or ``-snapshot``) opens the
+        image read-only under a temporary qcow2 overlay in ``tmpdir``
+        (:mod:`testbed.block.tempsnap`).
+        """
         path = file if file is not None else filename
         if not path:
             raise BlockError("drive_add: no file name given")
         name = id or drive_id or "drive0"
         self._check_new_id(name)
+        fmt = format or fmt
+        probe = True
+        if path.startswith("json:"):
+            from testbed.block.options import json_filename
+
+            fmt, path = json_filename(path, fmt)
+            probe = False
         opts = OpenOptions(
-            read_only=read_only, auto_read_only=not read_only, cache_direct=cache_direct
+            read_only=read_only or snapshot,
+            auto_read_only=not read_only and not snapshot,
+            cache_direct=cache_direct,
         )
-        top = self._open_image(path, fmt=format or fmt, probe=True, opts=opts, node_name=name)
+        top = self._open_image(path, fmt=fmt, probe=probe, opts=opts, node_name=name)
+        if snapshot:
+            from testbed.block.tempsnap import append_temp_snapshot
+
+            with self._undo_tree_on_error(top):
+                top = append_temp_snapshot(self, top, tmpdir=tmpdir)
         self.drives[name] = Drive(id=name, top=top)
         if not if_none:
             self.attach_device(name)
@@ -191,10 +225,24 @@ class BlockLayer:
                 "cache": {"direct": cache_direct},
                 "file": {"driver": "file", "filename": filename},
             }
-        fmt, name, path, opts = _parse_blockdev(options)
-        self._check_new_id(name)
-        top = self._open_image(path, fmt=fmt, probe=False, opts=opts, node_name=name)
-        self.drives[name] = Drive(id=name, top=top)
+        spec = _parse_blockdev(options)
+        self._check_new_id(spec.name)
+        file_node = None
+        if spec.file_ref is not None:
+            file_node = self._drive(spec.file_ref).top.file.node
+        backing = spec.backing
+        top = self._open_image(
+            spec.path,
+            fmt=spec.fmt,
+            probe=False,
+            opts=spec.opts,
+            node_name=spec.name,
+            no_backing=backing is not _OPEN_BY_NAME,
+            file_node=file_node,
+        )
+        if isinstance(backing, str):
+            top.backing = self._drive(backing).top
+        self.drives[spec.name] = Drive(id=spec.name, top=top)
         return top
 
     def blockdev_del(self, node_name: str) -> None:
@@ -202,8 +250,53 @@ class BlockLayer:
         drive = self._drive(node_name)
         if drive.device:
             raise BlockError(f"node {node_name!r} is in use by a device")
+        if self._users(drive.top, ignore=drive):
+            raise BlockError(f"Node {node_name!r} is busy: another node uses it")
         del self.drives[node_name]
         self._close_tree(drive.top)
+
+    # -- what the operation modules (jobs, media, reopen) build on ------------------
+
+    def drive_or_node(self, name: str) -> Drive:
+        """The drive (BlockBackend) or named node ``name``."""
+        return self._drive(name)
+
+    def is_named(self, node: FormatNode) -> bool:
+        """Whether ``node`` is the top of a drive or a named node (so it stays open)."""
+        return any(d.top is node for d in self.drives.values())
+
+    def close_node(self, node: FormatNode) -> None:
+        """Close ``node`` and what only it holds (write permission dropped first)."""
+        node.writers = 0
+        self._close_tree(node)
+
+    def open_medium(self, path: str, fmt: str | None, *, node_name: str) -> FormatNode:
+        """A removable medium: read-only, the protocol probed (``blockdev-change-medium``)."""
+        opts = OpenOptions(read_only=True, auto_read_only=False, cache_direct=False)
+        return self._open_image(path, fmt=fmt, probe=True, opts=opts, node_name=node_name)
+
+    def open_image(
+        self,
+        path: str,
+        *,
+        fmt: str | None,
+        probe: bool,
+        opts: OpenOptions,
+        node_name: str,
+        no_backing: bool = False,
+    ) -> FormatNode:
+        """Open an image and (unless ``no_backing``) its chain, as ``bdrv_open`` does.
+
+        For the operation modules (job targets, temporary overlays); the node is
+        not a drive: the caller attaches it.
+        """
+        return self._open_image(
+            path, fmt=fmt, probe=probe, opts=opts, node_name=node_name, no_backing=no_backing
+        )
+
+    def emit(self, event: str, data: dict[str, Any]) -> None:
+        """Record a QMP event (a scenario's ``wait`` looks for it)."""
+        self.events.append({"event": event, "data": data})
 
     def attach_device(self, drive_id: str) -> None:
         """``-device virtio-blk-pci,drive=ID``: the device takes write permission."""
@@ -302,9 +395,12 @@ class BlockLayer:
         if self._closed:
             return
         self._closed = True
+        for hook in self.quit_hooks:
+            hook()
         for drive in list(self.drives.values()):
             drive.top.writers = 0
-            drive.top.refresh_perms()
+            if not drive.top.closed:
+                drive.top.refresh_perms()
         for name in list(self.drives):
             self._close_tree(self.drives.pop(name).top)
 
@@ -353,18 +449,28 @@ class BlockLayer:
         node_name: str,
         no_backing: bool = False,
         chain: tuple[tuple[int, int], ...] = (),
+        file_node: ProtocolNode | None = None,
     ) -> FormatNode:
-        """``bdrv_open_inherit``: protocol node, format, driver open, backing."""
-        file = self._open_protocol(path, probe=probe, opts=opts)
-        with self._undo_on_error(file):
-            key = self._check_locks(file, chain)
+        """``bdrv_open_inherit``: protocol node, format, driver open, backing.
+
+        ``file_node`` is a protocol node another named node already holds
+        (``"file": "node-name"``): it is used as it is, nothing is opened.
+        """
+        owned = file_node is None
+        if file_node is not None:
+            file, path = file_node, file_node.filename
+        else:
+            file = self._open_protocol(path, probe=probe, opts=opts)
+        with self._undo_on_error(file, owned=owned):
+            key = self._check_locks(file, chain) if owned else ()
             if fmt is None:
                 fmt = self._probe_format(file)
             elif fmt == "file":
                 fmt = "raw"  # a bare protocol node: the same bytes, no format
             driver = _driver(fmt)
             role = "data" if fmt == "raw" else "metadata"
-            file.set_write(role == "metadata" and not opts.read_only)
+            if owned:
+                file.set_write(role == "metadata" and not opts.read_only)
             ctx = _ChildOpener(self, opts)
             try:
                 image: FormatImage = driver.open(file, ctx)
@@ -376,7 +482,7 @@ class BlockLayer:
                 node_name=node_name,
                 filename=path,
                 image=image,
-                file=Child(node=file, role=role, name="file"),
+                file=Child(node=file, role=role, name="file", owned=owned),
                 read_only=opts.read_only,
                 auto_read_only=opts.auto_read_only,
                 cache_direct=opts.cache_direct,
@@ -434,7 +540,13 @@ class BlockLayer:
             if other is file or not isinstance(other, FileNode) or other.fd < 0:
                 continue
             ost = os.fstat(other.fd)
-            if (ost.st_dev, ost.st_ino) == key and (other.writable_fd or file.writable_fd):
+            if (ost.st_dev, ost.st_ino) != key:
+                continue
+            # Locks follow permissions, not descriptors: a file node nobody
+            # writes through holds no write lock, even when open O_RDWR.
+            parents = self._parents(other)
+            written = any(p.wants_write(c) for p, c in parents)
+            if written or (file.writable_fd and parents):
                 raise BlockError(
                     f'Failed to get shared "write" lock on {file.filename!r}: '
                     f"it is already open for writing as {other.filename!r}"
@@ -472,11 +584,20 @@ class BlockLayer:
     # -- closing --------------------------------------------------------------
 
     @contextlib.contextmanager
-    def _undo_on_error(self, file: ProtocolNode) -> Iterator[None]:
+    def _undo_on_error(self, file: ProtocolNode, *, owned: bool = True) -> Iterator[None]:
         try:
             yield
         except BaseException:
-            self._close_children([Child(node=file, role="data", name="file")])
+            if owned:
+                self._close_children([Child(node=file, role="data", name="file")])
+            raise
+
+    @contextlib.contextmanager
+    def _undo_tree_on_error(self, node: FormatNode) -> Iterator[None]:
+        try:
+            yield
+        except BaseException:
+            self._close_tree(node)
             raise
 
     def _close_children(self, children: list[Child]) -> None:
@@ -488,13 +609,57 @@ class BlockLayer:
                 self._open_files.remove(child.node)
 
     def _close_tree(self, node: FormatNode) -> None:
-        """``bdrv_close``: the driver, then children newest first (backing, then file)."""
+        """``bdrv_close``: the driver, then children newest first (backing, then file).
+
+        A node still used by a named node or a device (a node reference, a
+        job's target after a pivot) stays open; a shared protocol child
+        belongs to the node that opened it.
+        """
+        if node.closed:
+            return
+        node.closed = True
         node.image.close()
         if node.backing is not None:
             backing, node.backing = node.backing, None
-            if not any(d.top is backing for d in self.drives.values()):
+            if not self._users(backing):
                 self._close_tree(backing)
-        self._close_children(node.children())
+        self._close_children(
+            [c for c in node.children() if c.owned and not self._protocol_users(c.node, node)]
+        )
+
+    def _users(self, node: FormatNode, *, ignore: Drive | None = None) -> bool:
+        """Whether a live drive, named node or overlay still holds ``node``."""
+        for d in self.drives.values():
+            if d is ignore or d.top.closed:
+                continue
+            if d.top is node or any(n is node for n in d.top.chain()[1:]):
+                return True
+            if node.file.owned and any(
+                c.node is node.file.node and not c.owned for c in d.top.children()
+            ):
+                return True
+        return any(node in holder() for holder in self.extra_users)
+
+    def _parents(self, proto: ProtocolNode) -> list[tuple[FormatNode, Child]]:
+        """The live format nodes over ``proto``, with the edge."""
+        seen: set[int] = set()
+        out = []
+        roots = [d.top for d in self.drives.values()]
+        roots += [n for holder in self.extra_users for n in holder()]
+        for root in roots:
+            for n in root.chain():
+                if id(n) in seen or n.closed:
+                    continue
+                seen.add(id(n))
+                out += [(n, c) for c in n.children() if c.node is proto]
+        return out
+
+    def _protocol_users(self, proto: ProtocolNode, owner: FormatNode) -> bool:
+        for d in self.drives.values():
+            for n in d.top.chain():
+                if n is not owner and not n.closed and any(c.node is proto for c in n.children()):
+                    return True
+        return False
 
     # -- lookups --------------------------------------------------------------
 
@@ -526,38 +691,82 @@ def _check_range(node: FormatNode, offset: int, length: int) -> None:
         )
 
 
-def _parse_blockdev(options: Mapping[str, Any]) -> tuple[str, str, str, OpenOptions]:
-    """(format, node-name, filename, open options) from blockdev-add's JSON shape."""
+class _OpenByName:
+    """``backing`` absent from the options: open the image's own backing file."""
+
+
+_OPEN_BY_NAME = _OpenByName()
+
+
+@dataclass(frozen=True, kw_only=True)
+class BlockdevSpec:
+    """What ``blockdev-add`` asks for, from its JSON shape."""
+
+    fmt: str
+    name: str
+    #: The protocol file name ("" when ``file`` is a node reference).
+    path: str
+    #: ``"file": "node-name"``: an existing node's protocol child.
+    file_ref: str | None
+    #: A node name, None (``"backing": null``: no backing) or open by name.
+    backing: str | _OpenByName | None
+    opts: OpenOptions
+
+
+def _parse_blockdev(options: Mapping[str, Any]) -> BlockdevSpec:
+    """``blockdev-add``'s options: a nested ``file`` object or a node reference."""
     driver = options.get("driver")
     name = options.get("node-name")
     if not isinstance(driver, str) or not driver:
         raise BlockError("blockdev-add: 'driver' is required")
     if not isinstance(name, str) or not name:
         raise BlockError("blockdev-add: 'node-name' is required")
+    file_ref = None
+    path = ""
     if driver == "file":
         file_opts: Mapping[str, Any] = options
     else:
-        file_opts = options.get("file") or {}
-        if not isinstance(file_opts, Mapping):
-            raise BlockError(
-                "blockdev-add: 'file' must be an object (node references are not modelled)"
-            )
-        if file_opts.get("driver") != "file":
-            raise BlockError(
-                f"blockdev-add: file driver {file_opts.get('driver')!r} is not "
-                "modelled (only 'file')"
-            )
-    path = file_opts.get("filename")
-    if not isinstance(path, str) or not path:
-        raise BlockError("blockdev-add: file.filename is required")
+        file = options.get("file")
+        if isinstance(file, str):
+            file_ref, file_opts = file, {}
+        elif isinstance(file, Mapping):
+            file_opts = file
+            if file_opts.get("driver") != "file":
+                raise BlockError(
+                    f"blockdev-add: file driver {file_opts.get('driver')!r} is not "
+                    "modelled (only 'file')"
+                )
+        else:
+            raise BlockError("blockdev-add: 'file' must be an object or a node name")
+    if file_ref is None:
+        path = file_opts.get("filename")  # type: ignore[assignment]
+        if not isinstance(path, str) or not path:
+            raise BlockError("blockdev-add: file.filename is required")
+    backing: str | _OpenByName | None = _OPEN_BY_NAME
+    if "backing" in options:
+        value = options["backing"]
+        if value is not None and not isinstance(value, str):
+            raise BlockError("blockdev-add: 'backing' must be a node name or null")
+        backing = value
     cache = options.get("cache") or {}
-    read_only = bool(options.get("read-only", False))
+    read_only = _flag(options.get("read-only", False))
     opts = OpenOptions(
         read_only=read_only,
-        auto_read_only=bool(file_opts.get("auto-read-only", options.get("auto-read-only", False))),
-        cache_direct=bool(cache.get("direct", False) if isinstance(cache, Mapping) else False),
+        auto_read_only=_flag(file_opts.get("auto-read-only", options.get("auto-read-only", False))),
+        cache_direct=_flag(cache.get("direct", False) if isinstance(cache, Mapping) else False),
     )
-    return driver, name, path, opts
+    return BlockdevSpec(
+        fmt=driver, name=name, path=path, file_ref=file_ref, backing=backing, opts=opts
+    )
+
+
+def _flag(value: Any) -> bool:
+    """A boolean option as QMP (true/false) or the command line (on/off) spells it."""
+    if isinstance(value, str):
+        if value not in ("on", "off", "true", "false"):
+            raise BlockError(f"{value!r} is not a boolean (on/off)")
+        return value in ("on", "true")
+    return bool(value)
 
 
 __all__ = ["BlockLayer", "Drive", "OpenOptions"]

@@ -183,6 +183,9 @@ class Child:
     #: (written only when the parent's users write).
     role: str
     name: str
+    #: False for a node reference (``"file": "node-name"``): the child belongs
+    #: to another named node and is not closed with this one.
+    owned: bool = True
 
 
 @dataclass(eq=False)
@@ -202,6 +205,7 @@ class FormatNode:
     backing: FormatNode | None = None
     #: Users of this node that take write permission (devices, overlays' writes).
     writers: int = 0
+    closed: bool = False
 
     @property
     def virtual_size(self) -> int:

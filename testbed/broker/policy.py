@@ -136,11 +136,12 @@ class Policy:
         rw: Iterable[str | Path] = (),
         create: Iterable[str | Path] = (),
         symlinks: bool = False,
+        directories: bool = False,
         **kwargs: Any,
     ) -> Policy:
         """A policy from lists of paths per access level (the command-line flags)."""
         grants = [
-            Grant(path=str(p), access=level, symlinks=symlinks)
+            Grant(path=str(p), access=level, symlinks=symlinks, directories=directories)
             for level, paths in ((Access.RO, ro), (Access.RW, rw), (Access.CREATE, create))
             for p in paths
         ]

@@ -35,6 +35,25 @@ def register(sub: Any) -> None:
         metavar="GLOB",
         help="only scenarios whose name matches (repeatable)",
     )
+    p.add_argument(
+        "--scenario-file",
+        action="append",
+        default=[],
+        type=Path,
+        metavar="FILE.toml",
+        help="also run the scenarios in FILE (repeatable; format in docs/compare.md)",
+    )
+    p.add_argument(
+        "--only-files",
+        action="store_true",
+        help="run only the --scenario-file scenarios, not the built-in matrix",
+    )
+    p.add_argument(
+        "--dump-scenarios",
+        type=Path,
+        metavar="DIR",
+        help="write the built-in matrix as scenario files (one per operation) into DIR and exit",
+    )
     p.add_argument("--list", action="store_true", help="list the scenarios and exit")
     p.add_argument("--json", type=Path, metavar="FILE", help="write every trace as JSON")
     p.add_argument(
@@ -63,8 +82,8 @@ def register(sub: Any) -> None:
     )
     p.add_argument(
         "--oracles",
-        default="model,patched,stock,fdset",
-        help="comma-separated subset of model,patched,stock,fdset",
+        default="model,patched,stock,fdset,seccomp",
+        help="comma-separated subset of the oracles (default: all of them)",
     )
     p.set_defaults(func=main)
 
@@ -73,25 +92,34 @@ def main(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from testbed.compare import report
+    from testbed.compare import report, scenario_file
     from testbed.compare.run import ORACLES, ScenarioResult, run_scenario
-    from testbed.compare.runners.common import load_index
-    from testbed.compare.scenarios import build_matrix, select
+    from testbed.compare.runners.common import Binaries, load_index
+    from testbed.compare.scenarios import build_matrix, check_unique, select
     from testbed.errors import TestbedError
 
     console = Console(stderr=False)
-    err = Console(stderr=True)
+    err = Console(stderr=True, soft_wrap=True)
+    if args.dump_scenarios:
+        for path in scenario_file.dump_matrix(build_matrix(), args.dump_scenarios):
+            console.print(str(path), highlight=False)
+        return 0
     try:
-        chosen = select(build_matrix(), args.scenario)
-    except ValueError as e:
-        err.print(f"testbed compare: {e}")
+        every = [] if args.only_files else build_matrix()
+        for path in args.scenario_file:
+            every += scenario_file.load(path)
+        check_unique(every)
+        chosen = select(every, args.scenario)
+    except (ValueError, TestbedError) as e:
+        err.print(f"testbed compare: {e}", highlight=False, markup=False)
         return 2
     if args.list:
         for sc in chosen:
             console.print(
-                f"{sc.name}  [dim]{sc.image} {sc.attach} grant={sc.grant} "
-                f"{' '.join(sc.operations)}[/]",
+                f"{sc.name}  [dim]{sc.operation}: {sc.image or sc.main} {sc.attach} "
+                f"grant={sc.grant} {'; '.join(sc.operations)}[/]",
                 highlight=False,
+                markup=True,
             )
         console.print(f"{len(chosen)} scenarios")
         return 0
@@ -108,17 +136,19 @@ def main(args: argparse.Namespace) -> int:
     except TestbedError as e:
         err.print(f"testbed compare: {e}")
         return 2
-    missing = sorted({sc.image for sc in chosen if sc.image not in images})
+    missing = sorted({sc.image for sc in chosen if sc.image and sc.image not in images})
     if missing:
         err.print(
             f"testbed compare: images not in {args.images}: {', '.join(missing)} "
             "(run `make images`)"
         )
         return 2
+    # chosen here, once, and handed to every runner (a --qemu-version picks other ones)
+    binaries = Binaries(patched=patched_qemu_path(), stock=STOCK_QEMU)
     meta: dict[str, Any] = {
         "started": datetime.datetime.now().isoformat(timespec="seconds"),
-        "patched": str(patched_qemu_path()),
-        "stock": str(STOCK_QEMU),
+        "patched": str(binaries.patched),
+        "stock": str(binaries.stock),
         "oracles": list(oracles),
         "argv": sys.argv,
     }
@@ -134,7 +164,7 @@ def main(args: argparse.Namespace) -> int:
         task = progress.add_task("comparing", total=len(chosen))
 
         def one(sc: Any) -> None:
-            res = run_scenario(sc, images[sc.image], args.workdir, oracles)
+            res = run_scenario(sc, images.get(sc.image), args.workdir, oracles, binaries=binaries)
             results[sc.name] = res
             progress.update(task, advance=1, description=f"{sc.name}: {res.status}")
 

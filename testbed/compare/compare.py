@@ -114,6 +114,40 @@ KNOWN_DIVERGENCES: tuple[KnownDivergence, ...] = (
         ),
         rewrite=_relative_refused,
     ),
+    KnownDivergence(
+        key="refusal",
+        pair=("seccomp", "stock"),
+        tag="refusal",
+        reason=(
+            "stock QEMU has nobody to refuse an open: the traces are the same up to the "
+            "open the supervisor refused (EACCES) and differ afterwards."
+        ),
+        rewrite=_until_refusal,
+    ),
+    KnownDivergence(
+        key="relative-name",
+        pair=("seccomp", "stock"),
+        tag="",
+        reason=(
+            "QEMU sometimes opens a name relative to its working directory (the host_cdrom "
+            "probe of a whole 'fat:...' name; a qcow2 external data file named in the "
+            "header). The supervisor resolves it against QEMU's cwd, which lies outside the "
+            "grants, and refuses it (EACCES); stock QEMU gets the kernel's answer (ENOENT). "
+            "Same request, other errno."
+        ),
+        rewrite=_relative_refused,
+    ),
+    KnownDivergence(
+        key="opendir",
+        pair=("patched", "seccomp"),
+        tag="",
+        reason=(
+            "glibc's opendir() opens each directory O_RDONLY|O_NONBLOCK|O_DIRECTORY "
+            "(vvfat's directory scan): the supervisor serves every open and sees these, "
+            "the hook in qemu_open does not."
+        ),
+        rewrite=_drop_right(_is_opendir),
+    ),
 )
 
 

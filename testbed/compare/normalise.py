@@ -15,7 +15,9 @@ The named filters, applied to every source alike:
 * the result is ``ok`` or the errno's name (the broker says ``-2``, strace
   ``-1 ENOENT``);
 * an ``O_RDONLY|O_NONBLOCK`` open of something other than a directory is
-  QEMU's host_cdrom probe and marked as a probe.
+  QEMU's host_cdrom probe and marked as a probe;
+* the random part of a temporary file name (``create_tmp_file``'s
+  ``vl.XXXXXX``, behind ``-snapshot``) is written ``XXXXXX``.
 """
 
 from __future__ import annotations
@@ -34,6 +36,8 @@ from testbed.protocol.flags import NOISE_FLAGS, flag_names, parse_flags, wants_c
 CWD_PREFIX = "cwd:"
 #: Stands for the scenario directory inside a relative name.
 ROOT_MARK = "$D"
+#: ``create_tmp_file``'s ``$TMPDIR/vl.XXXXXX`` once g_mkstemp filled it in.
+_TEMP_NAME = re.compile(r"(^|/)vl\.[A-Za-z0-9]{6}$")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -103,6 +107,7 @@ def normalise_open(raw: RawOpen, roots: tuple[str, ...], *, cwd: str | None = No
         rel = CWD_PREFIX + path
     if rel is None:
         return None
+    rel = _TEMP_NAME.sub(r"\1vl.XXXXXX", rel)
     flags = raw.flags & ~NOISE_FLAGS
     return Open(
         path=rel,

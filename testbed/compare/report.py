@@ -63,8 +63,82 @@ def summary(results: list[ScenarioResult]) -> dict[str, Any]:
     }
 
 
+def _reasons(entries: list[str]) -> list[str]:
+    """The "(why)" parts of fd-set pre-open entries: what had to be O_RDWR and why."""
+    out = []
+    for e in entries:
+        if "(" in e and "O_RDWR" in e:
+            out += [w.strip() for w in e.split("(", 1)[1].rstrip(")").split(";")]
+    return out
+
+
+def operation_summary(results: list[ScenarioResult]) -> list[dict[str, Any]]:
+    """One row per operation: the hook, fd sets (and seccomp), what the fd-set side needed."""
+    groups: dict[str, list[ScenarioResult]] = {}
+    for r in results:
+        groups.setdefault(r.scenario.operation, []).append(r)
+    rows = []
+    for op, group in groups.items():
+        fds = [r.oracles["fdset"] for r in group if "fdset" in r.oracles]
+        sec = [r.oracles["seccomp"] for r in group if "seccomp" in r.oracles]
+        hook_ok = sum(
+            1
+            for r in group
+            if r.pair("model", "patched").status == MATCH
+            and r.pair("patched", "stock").status in (MATCH, KNOWN)
+        )
+        reasons: Counter[str] = Counter()
+        created: Counter[str] = Counter()
+        headers = []
+        errors: Counter[str] = Counter()
+        for f in fds:
+            reasons.update(dict.fromkeys(_reasons(f.extra.get("preopened", [])), 1))
+            made = [c.partition(" ")[2] or c for c in f.extra.get("created", [])]
+            created.update(dict.fromkeys(made, 1))
+            headers.append(len(f.extra.get("headers", [])))
+            if not f.ok and not f.skipped:
+                errors[short_error(f.first_error)[:140]] += 1
+        rows.append(
+            {
+                "operation": op,
+                "scenarios": len(group),
+                "status": dict(Counter(r.status for r in group)),
+                "hook": f"{hook_ok}/{len(group)}",
+                "fdset_works": sum(1 for f in fds if f.ok),
+                "fdset_fails": sum(1 for f in fds if not f.ok and not f.skipped),
+                "seccomp": (f"{sum(1 for x in sec if x.ok)}/{len(sec)} work" if sec else "not run"),
+                "preopened_rdwr": [f"{k} ({n})" for k, n in reasons.most_common()],
+                "created": [f"{k} ({n})" for k, n in created.most_common()],
+                "headers_parsed": (
+                    f"{min(headers)}-{max(headers)} per scenario" if headers else "-"
+                ),
+                "fdset_errors": [f"{k} ({n})" for k, n in errors.most_common(3)],
+            }
+        )
+    return rows
+
+
+def operation_table(results: list[ScenarioResult]) -> Table:
+    table = Table(title="per operation: the hook vs fd sets")
+    cols = ("operation", "scen.", "hook", "fd sets", "seccomp", "pre-opened O_RDWR for", "headers")
+    for col in cols:
+        table.add_column(col)
+    for row in operation_summary(results):
+        table.add_row(
+            row["operation"],
+            str(row["scenarios"]),
+            row["hook"],
+            f"{row['fdset_works']} work, {row['fdset_fails']} fail",
+            row["seccomp"],
+            "; ".join(row["preopened_rdwr"])[:120] or "-",
+            row["headers_parsed"],
+        )
+    return table
+
+
 def print_summary(console: Console, results: list[ScenarioResult], wall: float) -> None:
     console.print(terminal_table(results))
+    console.print(operation_table(results))
     s = summary(results)
     console.print(
         f"{s['scenarios']} scenarios in {wall:.1f}s: "
@@ -82,6 +156,7 @@ def write_json(path: Path, results: list[ScenarioResult], meta: dict[str, Any]) 
             {"key": k.key, "pair": list(k.pair), "tag": k.tag, "reason": k.reason}
             for k in KNOWN_DIVERGENCES
         ],
+        "operations": operation_summary(results),
         "scenarios": [r.to_json() for r in results],
     }
     path.write_text(json.dumps(data, indent=1) + "\n")
@@ -112,6 +187,26 @@ def write_markdown(path: Path, results: list[ScenarioResult], meta: dict[str, An
         *(f"| {k} | {n} |" for k, n in sorted(s["status"].items())),
         "",
         f"fd sets: work in {s['fdset_works']}, fail in {s['fdset_fails']}.",
+        "",
+        "## Per operation",
+        "",
+        "hook: scenarios where model = patched QEMU and patched = stock QEMU (or a known "
+        "divergence); fd sets: scenarios where every step worked with only `/dev/fdset/N` "
+        "names; what the fd-set side (the testbed as libvirt) had to pre-open read-write, "
+        "create, and how many image headers it parsed per scenario.",
+        "",
+        "| operation | scenarios | hook | fd sets | seccomp | pre-opened O_RDWR for | "
+        "created beforehand | headers parsed | fd-set errors |",
+        "|---|---|---|---|---|---|---|---|---|",
+        *(
+            f"| {row['operation']} | {row['scenarios']} | {row['hook']} | "
+            f"{row['fdset_works']} work, {row['fdset_fails']} fail | {row['seccomp']} | "
+            f"{'; '.join(row['preopened_rdwr']) or '-'} | {'; '.join(row['created']) or '-'} | "
+            f"{row['headers_parsed']} | "
+            + ("; ".join(row["fdset_errors"]).replace("|", "\\|") or "-")
+            + " |"
+            for row in operation_summary(results)
+        ),
         "",
         "## Scenarios",
         "",
@@ -149,10 +244,11 @@ def write_markdown(path: Path, results: list[ScenarioResult], meta: dict[str, An
         out += [
             f"### {r.scenario.name}",
             "",
-            f"image `{r.scenario.image}` ({r.image.format}"
-            f"{', ' + r.image.subformat if r.image.subformat else ''}), "
-            f"attach `{r.scenario.attach}`, grant `{r.scenario.grant}`, operations "
-            f"`{' '.join(r.scenario.operations)}` — **{r.status}**",
+            f"image `{r.scenario.image or r.scenario.main}` "
+            f"({r.image.format if r.image else 'recipe'}"
+            f"{', ' + r.image.subformat if r.image and r.image.subformat else ''}), "
+            f"attach `{r.scenario.attach}`, grant `{r.scenario.grant}`, steps "
+            f"`{'; '.join(r.scenario.operations)}` ({r.scenario.source}) — **{r.status}**",
             "",
         ]
         for oracle in ("model", "patched", "stock", "fdset"):
@@ -226,6 +322,18 @@ def write_html(path: Path, results: list[ScenarioResult], meta: dict[str, Any]) 
         f"{meta.get('wall_seconds', '?')} s: "
         + ", ".join(f"{n} {e(k)}" for k, n in sorted(s["status"].items()))
         + f". fd sets work in {s['fdset_works']}, fail in {s['fdset_fails']}.</p>",
+        "<h2>Per operation</h2><table><tr><th>operation<th>scenarios<th>hook<th>fd sets"
+        "<th>seccomp<th>pre-opened O_RDWR for<th>created beforehand<th>headers parsed"
+        "<th>fd-set errors</tr>",
+        *(
+            f"<tr><td>{e(row['operation'])}<td>{row['scenarios']}<td>{e(row['hook'])}"
+            f"<td>{row['fdset_works']} work, {row['fdset_fails']} fail<td>{e(row['seccomp'])}"
+            f"<td>{e('; '.join(row['preopened_rdwr']) or '-')}"
+            f"<td>{e('; '.join(row['created']) or '-')}<td>{e(row['headers_parsed'])}"
+            f"<td>{e('; '.join(row['fdset_errors']) or '-')}</tr>"
+            for row in operation_summary(results)
+        ),
+        "</table><h2>Scenarios</h2>",
         "<table><tr><th>scenario<th>opens<th>model = patched<th>patched = stock"
         "<th>fd sets<th>status<th>time</tr>",
     ]

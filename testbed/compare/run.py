@@ -10,25 +10,27 @@ from pathlib import Path
 from typing import Any
 
 from testbed.compare.compare import MISMATCH, PairResult, compare_pair, overall, skipped
-from testbed.compare.runners import fdset, model, patched, stock
-from testbed.compare.runners.common import ImageInfo, OracleResult, Setup, prepare
+from testbed.compare.runners import fdset, model, patched, seccomp, stock
+from testbed.compare.runners.common import Binaries, ImageInfo, OracleResult, Setup, prepare
 from testbed.compare.scenarios import Scenario
 from testbed.errors import TestbedError
 
+#: Every oracle, by name: a runner takes a Setup (which carries the binaries to use).
 ORACLES: dict[str, Callable[[Setup], OracleResult]] = {
     "model": model.run,
     "patched": patched.run,
     "stock": stock.run,
     "fdset": fdset.run,
+    "seccomp": seccomp.run,
 }
 #: The comparisons that decide a scenario's status (left, right).
-PAIRS = (("model", "patched"), ("patched", "stock"))
+PAIRS = (("model", "patched"), ("patched", "stock"), ("seccomp", "stock"), ("patched", "seccomp"))
 
 
 @dataclass(kw_only=True)
 class ScenarioResult:
     scenario: Scenario
-    image: ImageInfo
+    image: ImageInfo | None
     oracles: dict[str, OracleResult] = field(default_factory=dict)
     pairs: list[PairResult] = field(default_factory=list)
     seconds: float = 0.0
@@ -49,15 +51,15 @@ class ScenarioResult:
         return {
             "name": sc.name,
             "image": sc.image,
-            "format": self.image.format,
-            "subformat": self.image.subformat,
+            "format": self.image.format if self.image else "",
+            "subformat": self.image.subformat if self.image else None,
             "attach": sc.attach,
-            "options": {
-                "read_only": sc.read_only,
-                "cache_direct": sc.cache_direct,
-                "vvfat_rw": sc.vvfat_rw,
-                "grant": sc.grant,
-            },
+            "operation": sc.operation,
+            "source": sc.source,
+            "machine": sc.machine,
+            "args": list(sc.args),
+            "grant": str(sc.grant),
+            "steps": [st.to_json() for st in sc.steps],
             "operations": list(sc.operations),
             "tags": sorted(sc.tags),
             **{name: res.to_json() for name, res in self.oracles.items()},
@@ -103,15 +105,20 @@ def _check_outcomes(
 
 
 def run_scenario(
-    scenario: Scenario, image: ImageInfo, workdir: Path, oracles: tuple[str, ...] = tuple(ORACLES)
+    scenario: Scenario,
+    image: ImageInfo | None,
+    workdir: Path,
+    oracles: tuple[str, ...] = tuple(ORACLES),
+    *,
+    binaries: Binaries,
 ) -> ScenarioResult:
     start = time.monotonic()
     out = ScenarioResult(scenario=scenario, image=image)
     for name in oracles:
         try:
-            setup = prepare(scenario, image, workdir, name)
+            setup = prepare(scenario, image, workdir, name, binaries)
             out.oracles[name] = ORACLES[name](setup)
-        except TestbedError as err:
+        except (TestbedError, OSError) as err:
             out.oracles[name] = OracleResult(skipped=f"{type(err).__name__}: {err}")
     for left, right in PAIRS:
         a, b = out.oracles.get(left), out.oracles.get(right)

@@ -1,98 +1,194 @@
-"""The scenario matrix: an image, how it is attached, what is done to it.
+"""Scenarios: an image, how QEMU is given it, the grant, and the steps that follow.
 
-A scenario names an image recipe (``images/manifest.d``), an attachment and
-a list of operations.  The matrix is built from a few small tables below,
-not written out scenario by scenario; ``testbed compare --list`` prints it.
+A :class:`Scenario` is what every oracle runs: a corpus image
+(``images/manifest.d``) and/or a recipe of shell commands, QEMU options
+(``args``), a machine type, the broker's grant and a list of
+:class:`~testbed.compare.steps.Step`.  In ``args``, steps and the recipe,
+``$D`` is the scenario's directory (a fresh copy per oracle), ``$IMAGE``
+the corpus image's main file (``fat:...`` for vvfat) and ``$FORMAT`` its
+format as QEMU is told it.
 
-Attachments (QEMU command line; the model does the same through
-:class:`testbed.block` calls):
+The built-in matrix is generated from the small tables below (``testbed
+compare --list``; ``--dump-scenarios DIR`` writes it in the scenario-file
+format of :mod:`testbed.compare.scenario_file`).  Its attachments:
 
 ``drive``        ``-drive file=...,if=none,id=drive0`` on ``-machine none``: no device,
-                 so ``auto-read-only`` keeps the image read-only
+                 so ``auto-read-only`` keeps a raw image read-only
 ``drive-device`` the same plus ``-device virtio-blk-pci,drive=drive0`` on ``-machine pc``
-                 (``-S``): the device takes write permission, the image goes read-write
-``blockdev``     ``-blockdev driver=FMT,node-name=drive0,file.driver=file,...``:
-                 read-write at once, no protocol probe
+                 (``-S``): the device takes write permission
+``blockdev``     ``-blockdev driver=FMT,node-name=drive0,file.driver=file,...``
 ``hotplug``      nothing on the command line; ``blockdev-add`` at run time
+``node-refs``    ``blockdev-add`` of a ``file`` node, then a format node naming it
+``file-node``    ``-blockdev`` of a read-only ``file`` node and a format node over it
+``json``         ``-drive file=json:{...}`` with a device
+``snapshot-on``  ``-drive ...,snapshot=on`` with a device (the temporary overlay)
+``snapshot``     ``-snapshot`` and a ``-drive`` with a device
+``cdrom``        an empty ``ide-cd`` whose medium the steps change
 
-Options: ``read-only=on``, ``cache.direct=on`` (``O_DIRECT``), ``rw`` (vvfat's
-``fat:rw:`` write mode).
-
-Operations, in order: ``add`` / ``del`` (``blockdev-add`` / ``blockdev-del``,
-hotplug only), ``read`` (a guest-side read of the first MiB, HMP
-``qemu-io``), ``snapshot-qmp`` (``blockdev-snapshot-sync``),
-``snapshot-hmp`` (HMP ``snapshot_blkdev``), ``snapshot-existing``
-(``blockdev-snapshot-sync mode=existing`` onto an overlay made beforehand
-with ``qemu-img``), ``quit`` (the drop back to read-only).
-
-Grants (the broker's policy for the scenario directory ``D``):
-``create`` (everything under ``D``), ``ro`` (read-only grant on ``D``: QEMU's
-write opens are refused), ``main`` (a read-write grant on the image's
-main file only: its backing file lies outside the grant).  A scenario with
-a grant other than ``create`` carries the tag ``refusal``.
+Grants (the broker's policy for the scenario directory ``D``): ``create``
+(everything under ``D``), ``ro`` (read-only grant on ``D``), ``main`` (a
+read-write grant on the image's main file only).  A scenario with a grant
+other than ``create`` carries the tag ``refusal``.
 """
 
 from __future__ import annotations
 
+import enum
 import fnmatch
+import re
 from dataclasses import dataclass, field
 
-ATTACHES = ("drive", "drive-device", "blockdev", "hotplug")
-OPERATIONS = ("add", "read", "snapshot-qmp", "snapshot-hmp", "snapshot-existing", "del", "quit")
-GRANTS = ("create", "ro", "main")
+from testbed.compare.ops import Op, OpContext, all_operations, get
+from testbed.compare.ops.hotplug import add_args
+from testbed.compare.steps import QUIT, Step, StepKind, qmp
 
+#: Node name (``-blockdev``, hotplug) or BlockBackend id (``-drive``) of the image.
+DRIVE = "drive0"
 #: The overlay every snapshot operation creates, relative to the scenario directory.
 OVERLAY = "snap.qcow2"
-#: What a ``read`` operation reads: (offset, length).
-READ_SPAN = (0, 1 << 20)
+
+
+class Grant(enum.StrEnum):
+    CREATE = "create"
+    RO = "ro"
+    MAIN = "main"
+
+
+GRANTS = tuple(g.value for g in Grant)
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+=-]*$")
 
 
 @dataclass(frozen=True, kw_only=True)
 class Scenario:
     name: str
+    #: A corpus image (its directory is copied), or "" for a recipe-only scenario.
     image: str
-    attach: str
-    operations: tuple[str, ...]
-    read_only: bool = False
-    cache_direct: bool = False
-    vvfat_rw: bool = False
-    grant: str = "create"
+    steps: tuple[Step, ...]
+    args: tuple[str, ...] = ()
+    machine: str = "none"
+    recipe: tuple[str, ...] = ()
+    #: The main image file relative to ``$D`` (default: the corpus image's).
+    main: str = ""
+    #: ``$FORMAT`` (default: the corpus image's format; raw for vvfat).
+    format: str = ""
+    grant: Grant = Grant.CREATE
+    #: What the scenario exercises: the per-operation summary groups by it.
+    operation: str = "open"
+    #: How the image is attached (a label: ``drive-device``, ``json``, ...).
+    attach: str = "custom"
     tags: frozenset[str] = field(default_factory=frozenset)
+    #: Where it was defined: ``built-in`` or ``FILE:LINE``.
+    source: str = "built-in"
 
     def __post_init__(self) -> None:
-        if self.attach not in ATTACHES:
+        if not _NAME.match(self.name) or "/" in self.name or ":" in self.name:
             raise ValueError(
-                f"scenario {self.name}: attach {self.attach!r} is not one of {', '.join(ATTACHES)}"
-            )
-        for op in self.operations:
-            if op not in OPERATIONS:
-                raise ValueError(f"scenario {self.name}: unknown operation {op!r}")
-        if self.grant not in GRANTS:
-            raise ValueError(
-                f"scenario {self.name}: grant {self.grant!r} is not one of {', '.join(GRANTS)}"
-            )
-        if (self.attach == "hotplug") != ("add" in self.operations):
-            raise ValueError(f"scenario {self.name}: 'add' goes with attach=hotplug, and only")
-        if not self.operations or self.operations[-1] != "quit":
-            raise ValueError(f"scenario {self.name}: the last operation must be 'quit'")
-        if "/" in self.name or ":" in self.name or "," in self.name:
-            raise ValueError(
-                f"scenario name {self.name!r} has '/', ':' or ',' "
+                f"scenario name {self.name!r}: letters, digits and _.+=- only "
                 "(it becomes a directory inside QEMU file names)"
             )
+        if not self.image and not self.recipe:
+            raise ValueError(f"scenario {self.name}: give an image, a recipe, or both")
+        if not self.image and not self.main:
+            raise ValueError(
+                f"scenario {self.name}: a recipe-only scenario must name its main file"
+            )
+        if not self.steps or self.steps[-1].kind is not StepKind.QUIT:
+            raise ValueError(f"scenario {self.name}: the last step must be quit")
+        if any(s.kind is StepKind.QUIT for s in self.steps[:-1]):
+            raise ValueError(f"scenario {self.name}: quit may only be the last step")
 
     @property
-    def snapshots(self) -> bool:
-        return any(op.startswith("snapshot") for op in self.operations)
+    def operations(self) -> tuple[str, ...]:
+        """The step labels, for reports."""
+        return tuple(s.label for s in self.steps)
 
 
-def _name(image: str, attach: str, opts: list[str], ops: tuple[str, ...], grant: str) -> str:
-    parts = [image, attach + "".join(f"+{o}" for o in opts)]
-    shown = [op for op in ops if op not in ("add", "del", "quit")]
-    parts.append("-".join(shown) if shown else "open")
-    if grant != "create":
-        parts.append(f"grant-{grant}")
-    return "_".join(parts)
+@dataclass(frozen=True, kw_only=True)
+class Layers:
+    """QEMU's names for an image's layers, for commit and stream (``$D``-relative)."""
+
+    mid: str = ""
+    bottom: str = ""
+    backing_name: str = ""
+
+
+#: The chains the jobs run on: second layer, lowest layer, and the lowest's stored name.
+CHAINS: dict[str, Layers] = {
+    "qcow2-chain1": Layers(mid="", bottom="$D/base.raw", backing_name="base.raw"),
+    "qcow2-chain2-subdir": Layers(
+        mid="$D/top/../mid/mid.qcow2",
+        bottom="$D/top/../mid/../base/base.raw",
+        backing_name="../base/base.raw",
+    ),
+    "qcow2-chain3-nofmt": Layers(mid="$D/l2.qcow2", bottom="$D/base.raw", backing_name="base.raw"),
+}
+
+
+def attach_args(
+    attach: str,
+    *,
+    read_only: bool = False,
+    cache_direct: bool = False,
+) -> tuple[str, tuple[str, ...]]:
+    """(machine, QEMU options) for a built-in attachment of ``$IMAGE``."""
+    opts = []
+    if read_only:
+        opts.append("read-only=on")
+    if cache_direct:
+        opts.append("cache.direct=on")
+    drive = ["file=$IMAGE", "format=$FORMAT", "if=none", f"id={DRIVE}", *opts]
+    device = ("-S", "-device", f"virtio-blk-pci,drive={DRIVE}")
+    if attach == "drive":
+        return "none", ("-drive", ",".join(drive))
+    if attach == "drive-device":
+        return "pc", ("-drive", ",".join(drive), *device)
+    if attach == "snapshot-on":
+        return "pc", ("-drive", ",".join([*drive, "snapshot=on"]), *device)
+    if attach == "snapshot":
+        return "pc", ("-snapshot", "-drive", ",".join(drive), *device)
+    if attach == "json":
+        # a comma inside a -drive value is written twice
+        tree = '{"driver":"$FORMAT",,"file":{"driver":"file",,"filename":"$IMAGE"}}'
+        return "pc", ("-drive", ",".join([f"file=json:{tree}", "if=none", f"id={DRIVE}"]), *device)
+    if attach == "blockdev":
+        node = [
+            "driver=$FORMAT",
+            f"node-name={DRIVE}",
+            "file.driver=file",
+            "file.filename=$IMAGE",
+            *opts,
+        ]
+        return "none", ("-blockdev", ",".join(node))
+    if attach == "file-node":
+        return "none", (
+            "-blockdev",
+            "driver=file,node-name=file0,filename=$IMAGE,read-only=on",
+            "-blockdev",
+            f"driver=$FORMAT,node-name={DRIVE},file=file0,read-only=on",
+        )
+    if attach == "cdrom":
+        return "pc", (
+            "-S",
+            "-drive",
+            "if=none,id=cd0,media=cdrom",
+            "-device",
+            "ide-cd,drive=cd0,id=cdrom0",
+        )
+    if attach in ("hotplug", "node-refs"):
+        return "none", ()
+    raise ValueError(f"unknown attachment {attach!r}")
+
+
+def _node_ref_steps(ctx: OpContext) -> tuple[tuple[Step, ...], tuple[Step, ...]]:
+    add = (
+        qmp("blockdev-add", driver="file", **{"node-name": "file0"}, filename="$IMAGE"),
+        qmp("blockdev-add", driver="$FORMAT", **{"node-name": DRIVE}, file="file0"),
+    )
+    remove = (
+        qmp("blockdev-del", **{"node-name": DRIVE}),
+        qmp("blockdev-del", **{"node-name": "file0"}),
+    )
+    return add, remove
 
 
 def scenario(
@@ -105,28 +201,63 @@ def scenario(
     vvfat_rw: bool = False,
     grant: str = "create",
     tags: tuple[str, ...] = (),
+    label: str = "",
 ) -> Scenario:
-    """A scenario with its name made from its parts; ``quit`` (and add/del) appended."""
-    full = ops
+    """A built-in scenario, its name made from its parts; add/del and quit around ``ops``."""
+    layers = CHAINS.get(image, Layers())
+    ctx = OpContext(
+        attach=attach,
+        mid=layers.mid,
+        bottom=layers.bottom,
+        backing_name=layers.backing_name,
+        read_only=read_only,
+        cache_direct=cache_direct,
+    )
+    machine, args = attach_args(attach, read_only=read_only, cache_direct=cache_direct)
+    before: tuple[Step, ...] = ()
+    after: tuple[Step, ...] = ()
     if attach == "hotplug":
-        full = ("add", *ops, "del")
-    full = (*full, "quit")
+        before = (qmp("blockdev-add", **add_args(ctx)),)
+        after = (qmp("blockdev-del", **{"node-name": DRIVE}),)
+    elif attach == "node-refs":
+        before, after = _node_ref_steps(ctx)
+    steps: list[Step] = list(before)
+    recipe: list[str] = []
+    for name in ops:
+        op = get(name)
+        if op.attaches and attach not in op.attaches:
+            raise ValueError(f"operation {name} does not go with attach {attach}")
+        steps += op.steps(ctx)
+        recipe += op.recipe
+    steps += [*after, QUIT]
     opts = [o for o, on in (("ro", read_only), ("direct", cache_direct), ("rw", vvfat_rw)) if on]
     all_tags = set(tags) | ({"refusal"} if grant != "create" else set())
     if image.startswith("vvfat"):
         all_tags.add("vvfat")
+    if vvfat_rw:
+        all_tags.add("vvfat-rw")
+    if attach in ("snapshot", "snapshot-on"):
+        all_tags.add("tmpdir")
+    parts = [image, attach + "".join(f"+{o}" for o in opts), "-".join(ops) if ops else "open"]
+    if grant != "create":
+        parts.append(f"grant-{grant}")
+    main_op = next((o for o in ops if o != "read"), "")
     return Scenario(
-        name=_name(image, attach, opts, ops, grant),
+        name="_".join(parts),
         image=image,
+        steps=tuple(steps),
+        args=args,
+        machine=machine,
+        recipe=tuple(recipe),
+        grant=Grant(grant),
+        operation=label or main_op or (attach if attach in _ATTACH_OPS else "open"),
         attach=attach,
-        operations=full,
-        read_only=read_only,
-        cache_direct=cache_direct,
-        vvfat_rw=vvfat_rw,
-        grant=grant,
         tags=frozenset(all_tags),
     )
 
+
+#: Attachments that are themselves what a scenario exercises.
+_ATTACH_OPS = frozenset({"hotplug", "node-refs", "json", "snapshot-on", "snapshot"})
 
 #: Every format and subformat the model supports (one image each, chains of depth 1-3).
 IMAGES = (
@@ -142,11 +273,13 @@ IMAGES = (
 #: vvfat trees: read-only, and one in rw mode (``fat:rw:``).
 VVFAT = ("vvfat-floppy", "vvfat-fat16")
 VVFAT_RW = "vvfat-fat16"
+CHAIN_IMAGES = ("qcow2-chain1", "qcow2-chain2-subdir", "qcow2-chain3-nofmt")
+DEEP_CHAINS = ("qcow2-chain2-subdir", "qcow2-chain3-nofmt")
 
 
-def build_matrix() -> list[Scenario]:
+def _opens_matrix() -> list[Scenario]:
+    """The first matrix: every image attached every way, snapshots, hotplug, refusals."""
     m: list[Scenario] = []
-    # every image: -drive without a device (stays read-only), and with one (goes read-write)
     for image in IMAGES:
         m.append(scenario(image, "drive"))
     m += [scenario(image, "drive") for image in VVFAT]
@@ -154,7 +287,6 @@ def build_matrix() -> list[Scenario]:
     m.append(scenario(VVFAT_RW, "drive-device", vvfat_rw=True))
     for image in IMAGES:
         m.append(scenario(image, "drive-device"))
-    # -blockdev, read-only=on, cache.direct=on
     for image in ("raw", "qcow2-chain1", "vmdk-twoGbMaxExtentFlat", "vpc-dynamic", "vdi-static"):
         m.append(scenario(image, "blockdev"))
     for image in ("raw", "qcow2-chain2-subdir", "vmdk-monolithicFlat"):
@@ -163,25 +295,77 @@ def build_matrix() -> list[Scenario]:
     for image in ("raw", "qcow2-chain1"):
         m.append(scenario(image, "blockdev", cache_direct=True))
     m.append(scenario("qcow2-v3", "drive-device", cache_direct=True))
-    # live snapshots
     for op in ("snapshot-qmp", "snapshot-hmp", "snapshot-existing"):
         m.append(scenario("qcow2-chain1", "drive-device", ("read", op)))
     m.append(scenario("raw", "drive-device", ("snapshot-qmp",)))
     m.append(scenario("vmdk-twoGbMaxExtentFlat", "drive-device", ("snapshot-qmp",)))
     m.append(scenario("qcow2-v3", "blockdev", ("snapshot-qmp",)))
-    # blockdev-add / blockdev-del at run time
     for image in ("raw", "qcow2-chain2-subdir", "vmdk-twoGbMaxExtentSparse", "vdi-dynamic"):
         m.append(scenario(image, "hotplug"))
-    # refusals: a backing file outside the grant, a read-only grant where QEMU wants write
     m.append(scenario("qcow2-chain1", "hotplug", grant="main"))
     m.append(scenario("raw", "hotplug", grant="ro"))
     m.append(scenario("qcow2-chain1", "drive-device", grant="ro"))
     m.append(scenario("raw", "drive", grant="ro"))
-    names = [s.name for s in m]
-    dupes = {n for n in names if names.count(n) > 1}
-    if dupes:
-        raise ValueError(f"duplicate scenario names: {sorted(dupes)}")
     return m
+
+
+def _reopen_matrix() -> list[Scenario]:
+    """Every command that reopens images: jobs, blockdev-reopen, media, temporary overlays."""
+    m: list[Scenario] = []
+    for image in DEEP_CHAINS:
+        for attach in ("drive-device", "drive", "blockdev"):
+            m.append(scenario(image, attach, ("commit",)))
+        m.append(scenario(image, "drive-device", ("commit-backing-file",)))
+    for image in CHAIN_IMAGES:
+        for attach in ("drive-device", "drive", "blockdev"):
+            m.append(scenario(image, attach, ("commit-active",)))
+        m.append(scenario(image, "drive-device", ("stream",)))
+        m.append(scenario(image, "blockdev", ("stream",)))
+    for image in DEEP_CHAINS:
+        m.append(scenario(image, "drive-device", ("stream-base",)))
+    for op in ("mirror-full", "mirror-top", "mirror-none", "mirror-cancel"):
+        m.append(scenario("qcow2-chain1", "drive-device", (op,)))
+    for image in ("raw", "qcow2-v3", "qcow2-chain2-subdir"):
+        m.append(scenario(image, "drive-device", ("mirror-full",)))
+    m.append(scenario("qcow2-chain1", "blockdev", ("mirror-full",)))
+    for image in ("raw", "qcow2-v3", "qcow2-chain1"):
+        m.append(scenario(image, "drive-device", ("blockdev-mirror",)))
+    for image in ("raw", "qcow2-v3", "qcow2-chain1", "qcow2-chain2-subdir"):
+        m.append(scenario(image, "drive-device", ("backup",)))
+    m.append(scenario("qcow2-chain1", "drive-device", ("backup-top",)))
+    for image in ("raw", "qcow2-v3", "qcow2-chain1"):
+        m.append(scenario(image, "drive-device", ("blockdev-backup",)))
+    for image in ("raw", "qcow2-v3"):
+        m.append(scenario(image, "file-node", ("reopen-rw",)))
+        m.append(scenario(image, "file-node", ("reopen-direct",)))
+    for image in ("raw", "qcow2-chain1", "vpc-dynamic"):
+        m.append(scenario(image, "cdrom", ("change-medium",)))
+    m.append(scenario("qcow2-v3", "cdrom", ("tray",)))
+    for image in ("raw", "qcow2-v3", "qcow2-chain1", "vmdk-monolithicSparse"):
+        m.append(scenario(image, "snapshot-on", ()))
+    for image in ("raw", "qcow2-chain1", "vpc-dynamic"):
+        m.append(scenario(image, "snapshot", ()))
+    for image in ("raw", "qcow2-v3", "qcow2-chain1", "vdi-dynamic"):
+        m.append(scenario(image, "node-refs", ("read",)))
+    for image in ("raw", "qcow2-v3", "qcow2-chain1"):
+        m.append(scenario(image, "json", ("read",)))
+    return m
+
+
+def build_matrix() -> list[Scenario]:
+    m = _opens_matrix() + _reopen_matrix()
+    check_unique(m)
+    return m
+
+
+def check_unique(scenarios: list[Scenario]) -> None:
+    seen: dict[str, str] = {}
+    for s in scenarios:
+        if s.name in seen:
+            raise ValueError(
+                f"scenario name {s.name!r} is defined twice ({seen[s.name]} and {s.source})"
+            )
+        seen[s.name] = s.source
 
 
 def select(matrix: list[Scenario], patterns: list[str]) -> list[Scenario]:
@@ -192,3 +376,17 @@ def select(matrix: list[Scenario], patterns: list[str]) -> list[Scenario]:
     if not chosen:
         raise ValueError(f"no scenario matches {' or '.join(patterns)} (see --list)")
     return chosen
+
+
+__all__ = [
+    "DRIVE",
+    "GRANTS",
+    "OVERLAY",
+    "Grant",
+    "Op",
+    "Scenario",
+    "all_operations",
+    "build_matrix",
+    "scenario",
+    "select",
+]

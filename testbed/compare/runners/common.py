@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import time
@@ -12,19 +13,30 @@ from pathlib import Path
 from typing import Any
 
 from testbed.broker import Policy
-from testbed.compare.scenarios import OVERLAY, READ_SPAN, Scenario
+from testbed.compare.scenarios import Grant, Scenario
+from testbed.compare.steps import Step, StepKind, matches, substitute, substituted, wait_timeout
 from testbed.compare.trace import Open
-from testbed.errors import TestbedError
+from testbed.errors import QEMUError, TestbedError, WaitTimeout
 from testbed.qemu import Machine, QMPCommandError
 
 #: Node name (``-blockdev``, hotplug) or BlockBackend id (``-drive``) of the image.
 DRIVE = "drive0"
 #: Where QEMU's g_mkstemp puts temporary images.
 TEMP_DIR = "/var/tmp"
+#: Inside the scenario directory: ``TMPDIR`` for scenarios tagged ``tmpdir`` (-snapshot).
+SCENARIO_TMP = "tmp"
 
 
 class ScenarioSetupError(TestbedError):
     """A scenario cannot be prepared: image missing from the index, copy failed, ..."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class Binaries:
+    """The QEMU binaries a run uses (chosen once, by the caller, for every runner)."""
+
+    patched: Path
+    stock: Path
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -66,91 +78,142 @@ class Setup:
     """A scenario ready to run for one oracle: ``root`` is a fresh copy of the image dir."""
 
     scenario: Scenario
-    image: ImageInfo
+    image: ImageInfo | None
     root: Path
     #: Where logs, strace output and audit files go (outside ``root``).
     logs: Path
+    binaries: Binaries
 
     @property
     def main(self) -> Path:
+        if self.scenario.main or self.image is None:
+            return self.root / self.scenario.main
         return self.root / self.image.main_rel
 
     @property
-    def overlay(self) -> Path:
-        return self.root / OVERLAY
+    def format(self) -> str:
+        """``$FORMAT``: what QEMU is told the image is."""
+        if self.scenario.format:
+            return self.scenario.format
+        if self.image is None:
+            return "raw"
+        return "raw" if self.image.format == "vvfat" else self.image.format
+
+    @property
+    def vvfat(self) -> bool:
+        return self.image is not None and self.image.format == "vvfat" and not self.scenario.main
 
     def filename(self, main: str | None = None) -> str:
         """The image's file name as QEMU is given it (``fat:...`` for vvfat)."""
         path = main if main is not None else str(self.main)
-        if self.image.format == "vvfat":
+        if self.vvfat:
+            assert self.image is not None
             prefix = self.image.subformat or "fat:"
-            return prefix + ("rw:" if self.scenario.vvfat_rw else "") + path
+            return prefix + ("rw:" if "vvfat-rw" in self.scenario.tags else "") + path
         return path
+
+    @property
+    def tmpdir(self) -> str | None:
+        """``TMPDIR`` for QEMU and the model (inside the scenario for -snapshot)."""
+        return str(self.root / SCENARIO_TMP) if "tmpdir" in self.scenario.tags else None
+
+    def expand(self, value: Any, *, image: str | None = None) -> Any:
+        """``value`` with ``$D``, ``$IMAGE`` and ``$FORMAT`` filled in."""
+        value = _replace(value, "$IMAGE", image if image is not None else self.filename())
+        value = _replace(value, "$FORMAT", self.format)
+        return substitute(value, str(self.root))
+
+    def args(self) -> tuple[str, ...]:
+        return tuple(self.expand(list(self.scenario.args)))
+
+    def steps(self) -> list[Step]:
+        return [_expand_step(self, s) for s in self.scenario.steps]
+
+    def env(self) -> tuple[tuple[str, str], ...]:
+        tmp = self.tmpdir
+        return (("TMPDIR", tmp),) if tmp else ()
 
     def policy(self) -> Policy:
         grant = self.scenario.grant
         # vvfat rw makes its write target in /var/tmp (g_mkstemp, through the hook
         # with the series' extension patch): grant that, or vvfat rw cannot start
-        temp = [TEMP_DIR] if self.scenario.vvfat_rw else []
-        if grant == "ro":
-            return Policy.from_grants(ro=[self.root], create=temp)
-        if grant == "main":
-            return Policy.from_grants(rw=[self.main], create=temp)
-        return Policy.from_grants(create=[self.root, *temp])
+        temp = [TEMP_DIR] if "vvfat-rw" in self.scenario.tags else []
+        # vvfat scans its directory: with opendir() (stock) that is an open
+        # the seccomp supervisor serves, and the broker hands out directory
+        # fds only under a rule that allows them (docs/broker.md).
+        dirs = self.image is not None and self.image.format == "vvfat"
+        if grant is Grant.RO:
+            return Policy.from_grants(ro=[self.root], create=temp, directories=dirs)
+        if grant is Grant.MAIN:
+            return Policy.from_grants(rw=[self.main], create=temp, directories=dirs)
+        return Policy.from_grants(create=[self.root, *temp], directories=dirs)
 
 
-def prepare(scenario: Scenario, image: ImageInfo, base: Path, oracle: str) -> Setup:
-    """A fresh copy of ``image``'s directory under ``base/<scenario>/<oracle>``."""
+def _replace(value: Any, mark: str, text: str) -> Any:
+    if isinstance(value, str):
+        return value.replace(mark, text)
+    if isinstance(value, dict):
+        return {k: _replace(v, mark, text) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_replace(v, mark, text) for v in value]
+    return value
+
+
+def _expand_step(setup: Setup, step: Step) -> Step:
+    d = str(setup.root)
+    expanded = Step(
+        kind=step.kind,
+        command=step.command,
+        arguments=setup.expand(step.arguments),
+        line=setup.expand(step.line),
+        job=step.job,
+        device=step.device,
+        offset=step.offset,
+        length=step.length,
+        timeout=step.timeout,
+    )
+    return substituted(expanded, d)
+
+
+def prepare(
+    scenario: Scenario, image: ImageInfo | None, base: Path, oracle: str, binaries: Binaries
+) -> Setup:
+    """A fresh copy of ``image``'s directory under ``base/<scenario>/<oracle>``, recipe run."""
     where = base.resolve() / scenario.name
     root = where / oracle
     logs = where / "logs"
     if root.exists():
         shutil.rmtree(root)
     logs.mkdir(parents=True, exist_ok=True)
-    # cp keeps the images sparse (shutil would write every hole: 58 MB of
-    # images became 1.2 GB of copies)
-    done = subprocess.run(
-        ["cp", "-a", "--sparse=always", f"{image.dir}/.", str(root)],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    if done.returncode != 0:
-        raise ScenarioSetupError(f"cannot copy image {image.name} to {root}: {done.stderr.strip()}")
-    (root / ".recipe-hash").unlink(missing_ok=True)
-    setup = Setup(scenario=scenario, image=image, root=root, logs=logs)
-    if "snapshot-existing" in scenario.operations:
-        # The overlay mode=existing expects: made beforehand, as libvirt would.
-        size = subprocess.run(
-            ["qemu-img", "info", "--output=json", "-f", image.format, str(setup.main)],
+    if image is not None:
+        # cp keeps the images sparse (shutil would write every hole: 58 MB of
+        # images became 1.2 GB of copies)
+        done = subprocess.run(
+            ["cp", "-a", "--sparse=always", f"{image.dir}/.", str(root)],
             capture_output=True,
             text=True,
-            timeout=60,
+            timeout=300,
         )
-        if size.returncode != 0:
-            raise ScenarioSetupError(f"qemu-img info {setup.main}: {size.stderr.strip()}")
-        vsize = json.loads(size.stdout)["virtual-size"]
-        made = subprocess.run(
-            [
-                "qemu-img",
-                "create",
-                "-q",
-                "-f",
-                "qcow2",
-                "-u",
-                "-b",
-                image.main_rel,
-                "-F",
-                image.format,
-                str(setup.overlay),
-                str(vsize),
-            ],
-            capture_output=True,
-            text=True,
-            timeout=60,
+        if done.returncode != 0:
+            raise ScenarioSetupError(
+                f"cannot copy image {image.name} to {root}: {done.stderr.strip()}"
+            )
+        (root / ".recipe-hash").unlink(missing_ok=True)
+    else:
+        root.mkdir(parents=True)
+    setup = Setup(scenario=scenario, image=image, root=root, logs=logs, binaries=binaries)
+    if setup.tmpdir:
+        os.makedirs(setup.tmpdir, exist_ok=True)
+    for command in scenario.recipe:
+        line = setup.expand(command)
+        done = subprocess.run(
+            line, shell=True, cwd=root, capture_output=True, text=True, timeout=120
         )
-        if made.returncode != 0:
-            raise ScenarioSetupError(f"qemu-img create {setup.overlay}: {made.stderr.strip()}")
+        if done.returncode != 0:
+            raise ScenarioSetupError(
+                f"scenario {scenario.name}: recipe step {line!r} failed: "
+                f"{(done.stderr or done.stdout).strip()[-300:]}"
+            )
     return setup
 
 
@@ -192,98 +255,40 @@ class OracleResult:
 # -- QEMU ------------------------------------------------------------------------------
 
 
-def machine_type(scenario: Scenario) -> str:
-    return "pc" if scenario.attach == "drive-device" else "none"
+def run_step(vm: Machine, step: Step, failed_jobs: dict[str, str] | None = None) -> str:
+    """Do ``step`` on a running QEMU; "ok" or the error's text (QEMU's own words).
+
+    ``failed_jobs`` collects the jobs whose start failed, so that a later
+    ``wait`` for one of them fails at once instead of running out its timeout.
+    """
+    failed = failed_jobs if failed_jobs is not None else {}
+    if step.kind is StepKind.WAIT and step.job in failed:
+        return f"job {step.job!r} never started: {failed[step.job]}"
+    text = _run_step(vm, step)
+    job = step.arguments.get("job-id") if step.kind is StepKind.QMP else None
+    if text != "ok" and isinstance(job, str):
+        failed[job] = text
+    return text
 
 
-def qemu_args(setup: Setup, main: str | None = None) -> tuple[str, ...]:
-    """QEMU options attaching the scenario's image; ``main`` replaces its path (fd sets)."""
-    sc = setup.scenario
-    fmt = "raw" if setup.image.format == "vvfat" else setup.image.format
-    opts = []
-    if sc.read_only:
-        opts.append("read-only=on")
-    if sc.cache_direct:
-        opts.append("cache.direct=on")
-    if sc.attach in ("drive", "drive-device"):
-        drive = [f"file={setup.filename(main)}", f"format={fmt}", "if=none", f"id={DRIVE}", *opts]
-        args: list[str] = ["-drive", ",".join(drive)]
-        if sc.attach == "drive-device":
-            args += ["-S", "-device", f"virtio-blk-pci,drive={DRIVE}"]
-        return tuple(args)
-    if sc.attach == "blockdev":
-        node = [
-            f"driver={fmt}",
-            f"node-name={DRIVE}",
-            "file.driver=file",
-            f"file.filename={setup.filename(main)}",
-            *opts,
-        ]
-        return ("-blockdev", ",".join(node))
-    return ()
-
-
-def blockdev_add_args(setup: Setup, main: str | None = None) -> dict[str, Any]:
-    sc = setup.scenario
-    args: dict[str, Any] = {
-        "driver": setup.image.format,
-        "node-name": DRIVE,
-        "file": {"driver": "file", "filename": setup.filename(main)},
-    }
-    if sc.read_only:
-        args["read-only"] = True
-    if sc.cache_direct:
-        args["cache"] = {"direct": True}
-    return args
-
-
-def _device_words(setup: Setup) -> tuple[str, dict[str, str]]:
-    """qemu-io's target and blockdev-snapshot-sync's selector for the image."""
-    # HMP qemu-io takes a BlockBackend name or a node name in the same place
-    if setup.scenario.attach in ("drive", "drive-device"):
-        return DRIVE, {"device": DRIVE}
-    return DRIVE, {"node-name": DRIVE, "snapshot-node-name": "snap0"}
-
-
-def run_operation(
-    vm: Machine,
-    setup: Setup,
-    op: str,
-    *,
-    overlay: str | None = None,
-    add_args: dict[str, Any] | None = None,
-) -> str:
-    """Do ``op`` on a running QEMU; "ok" or the error's text (QEMU's own words)."""
-    target, selector = _device_words(setup)
-    snap = overlay if overlay is not None else str(setup.overlay)
+def _run_step(vm: Machine, step: Step) -> str:
     try:
-        if op == "add":
-            vm.qmp("blockdev-add", **(add_args or blockdev_add_args(setup)))
-        elif op == "del":
-            vm.qmp("blockdev-del", **{"node-name": DRIVE})
-        elif op == "read":
-            offset, length = READ_SPAN
-            out = vm.qemu_io(target, f"read {offset} {length}")
+        if step.kind is StepKind.QMP:
+            vm.qmp(step.command, **step.arguments)
+        elif step.kind is StepKind.HMP:
+            out = vm.hmp(step.line).strip()
+            if out and _HMP_ERROR.search(out):
+                return f"{step.label}: {out[-300:]}"
+        elif step.kind is StepKind.READ:
+            out = vm.qemu_io(step.device, f"read {step.offset} {step.length}")
             if "read " not in out or "error" in out.lower() or "failed" in out.lower():
                 return f"qemu-io read: {out.strip()[-300:]}"
-        elif op in ("snapshot-qmp", "snapshot-existing"):
-            extra = {"mode": "existing"} if op == "snapshot-existing" else {}
-            vm.qmp(
-                "blockdev-snapshot-sync",
-                **selector,
-                **{"snapshot-file": snap, "format": "qcow2"},
-                **extra,
-            )
-        elif op == "snapshot-hmp":
-            out = vm.hmp(f"snapshot_blkdev {DRIVE} {snap} qcow2")
-            if out.strip():
-                return f"snapshot_blkdev: {out.strip()}"
-        elif op == "quit":
+        elif step.kind is StepKind.WAIT:
+            wait_event(vm, step)
+        else:
             how = vm.shutdown()
             if how != "quit":
                 return f"QEMU did not quit cleanly ({how})"
-        else:
-            raise ValueError(f"unknown operation {op!r}")
     except QMPCommandError as err:
         return f"{err.error_class}: {err.desc}"
     except TestbedError as err:
@@ -291,8 +296,49 @@ def run_operation(
     return "ok"
 
 
-def run_qemu_scenario(vm: Machine, setup: Setup, result: OracleResult) -> None:
-    """Launch ``vm``, do every operation, shut down; outcomes go into ``result``."""
+_JOB_ENDS = frozenset({"BLOCK_JOB_COMPLETED", "BLOCK_JOB_CANCELLED", "BLOCK_JOB_ERROR"})
+_HMP_ERROR = re.compile(r"error|failed|could not|not found|invalid|unknown", re.IGNORECASE)
+
+
+def wait_event(vm: Machine, step: Step) -> dict[str, Any]:
+    """The next QMP event ``step`` waits for; WaitTimeout naming the event and job."""
+    deadline = time.monotonic() + step.timeout
+    while True:
+        for event in vm.events():
+            if matches(event, step):
+                if step.command in _JOB_ENDS and step.job:
+                    _wait_job_gone(vm, step.job, deadline)
+                return event
+            data = event.get("data") or {}
+            if (
+                event.get("event") in _JOB_ENDS
+                and step.command not in _JOB_ENDS
+                and step.job
+                and data.get("device") == step.job
+            ):
+                raise QEMUError(
+                    f"job {step.job!r} ended ({event['event']}: {data.get('error', 'no error')}) "
+                    f"before {step.command}"
+                )
+        if time.monotonic() >= deadline:
+            raise wait_timeout(step)
+        time.sleep(0.02)
+
+
+def _wait_job_gone(vm: Machine, job: str, deadline: float) -> None:
+    # A job's end event comes before QEMU has let go of the job's nodes;
+    # the next step (quit, usually) must not race that release, or the
+    # opens it causes land before or after the step's by chance.
+    while any(j.get("id") == job for j in vm.qmp("query-jobs")):
+        if time.monotonic() >= deadline:
+            raise WaitTimeout(f"job {job!r} to be dismissed", 0)
+        time.sleep(0.01)
+
+
+def run_qemu_scenario(
+    vm: Machine, setup: Setup, result: OracleResult, steps: list[Step] | None = None
+) -> None:
+    """Launch ``vm``, do every step, shut down; outcomes go into ``result``."""
     start = time.monotonic()
     try:
         vm.launch()
@@ -302,9 +348,10 @@ def run_qemu_scenario(vm: Machine, setup: Setup, result: OracleResult) -> None:
         result.seconds = time.monotonic() - start
         return
     result.operations.append(("launch", "ok"))
+    failed: dict[str, str] = {}
     try:
-        for op in setup.scenario.operations:
-            result.operations.append((op, run_operation(vm, setup, op)))
+        for step in steps if steps is not None else setup.steps():
+            result.operations.append((step.label, run_step(vm, step, failed)))
     finally:
         vm.shutdown()
         result.seconds = time.monotonic() - start
@@ -314,8 +361,3 @@ def _launch_error(err: TestbedError) -> str:
     log = getattr(err, "log", "") or ""
     lines = [ln for ln in log.splitlines() if "qemu-system" in ln or "error" in ln.lower()]
     return (lines[-1].strip() if lines else str(err).splitlines()[0])[:400]
-
-
-def remove_if_exists(path: Path) -> None:
-    if path.exists():
-        os.unlink(path)

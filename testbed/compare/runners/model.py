@@ -1,6 +1,7 @@
 """Oracle 4: the Python model of QEMU's block layer, opening through the same broker.
 
-The scenario is replayed on :class:`testbed.block.layer.BlockLayer` with a
+The scenario's QEMU options and steps are replayed on
+:class:`testbed.block.monitor.ModelMachine` with a
 :class:`~testbed.transport.HookClient` to an in-process broker holding the
 scenario's policy; the broker's audit records are the trace, exactly as for
 patched QEMU.
@@ -9,31 +10,32 @@ patched QEMU.
 from __future__ import annotations
 
 import time
-from typing import Any
 
 from testbed.block.layer import BlockLayer
+from testbed.block.monitor import ModelMachine
 from testbed.broker import serve_socketpair
 from testbed.compare.normalise import from_audit, normalise
-from testbed.compare.runners.common import DRIVE, OracleResult, Setup
-from testbed.compare.scenarios import READ_SPAN
+from testbed.compare.runners.common import OracleResult, Setup
+from testbed.compare.steps import Step, StepKind
 from testbed.errors import TestbedError
 from testbed.transport import HookClient
 
 
 def run(setup: Setup) -> OracleResult:
     result = OracleResult()
-    sc = setup.scenario
     broker, theirs = serve_socketpair(setup.policy())
     client = HookClient(theirs)
     start = time.monotonic()
     try:
-        layer = BlockLayer(client)
-        launched = _attach(layer, setup)
+        machine = ModelMachine(BlockLayer(client), tmpdir=setup.tmpdir)
+        launched = _error_text(lambda: machine.launch(setup.args()))
         result.operations.append(("launch", launched))
         # A -drive or -blockdev that fails at startup ends QEMU; so it ends the model.
         if launched == "ok":
-            for op in sc.operations:
-                result.operations.append((op, _do(layer, setup, op)))
+            for step in setup.steps():
+                result.operations.append((step.label, _do(machine, step)))
+        else:
+            machine.quit()
     finally:
         client.close()
         broker.stop()
@@ -42,57 +44,26 @@ def run(setup: Setup) -> OracleResult:
     return result
 
 
-def _attach(layer: Any, setup: Setup) -> str:
-    """What QEMU's command line does: -drive (and a device) or -blockdev."""
-    sc = setup.scenario
-    fmt = "raw" if setup.image.format == "vvfat" else setup.image.format
-    try:
-        if sc.attach in ("drive", "drive-device"):
-            layer.drive_add(
-                filename=setup.filename(),
-                fmt=fmt,
-                drive_id=DRIVE,
-                read_only=sc.read_only,
-                cache_direct=sc.cache_direct,
-            )
-            if sc.attach == "drive-device":
-                layer.attach_device(DRIVE)
-        elif sc.attach == "blockdev":
-            layer.blockdev_add(
-                driver=fmt,
-                node_name=DRIVE,
-                filename=setup.filename(),
-                read_only=sc.read_only,
-                cache_direct=sc.cache_direct,
-            )
-        return "ok"
-    except (TestbedError, OSError) as err:
-        return str(err).splitlines()[0] if str(err) else type(err).__name__
+def _do(machine: ModelMachine, step: Step) -> str:
+    def go() -> None:
+        if step.kind is StepKind.QMP:
+            machine.qmp(step.command, **step.arguments)
+        elif step.kind is StepKind.HMP:
+            machine.hmp(step.line)
+        elif step.kind is StepKind.READ:
+            machine.layer.read(step.device, step.offset, step.length)
+        elif step.kind is StepKind.WAIT:
+            machine.wait(step.command, job=step.job or None, timeout=step.timeout)
+        else:
+            machine.quit()
+
+    return _error_text(go)
 
 
-def _do(layer: Any, setup: Setup, op: str) -> str:
-    sc = setup.scenario
+def _error_text(fn: object) -> str:
+    assert callable(fn)
     try:
-        if op == "add":
-            layer.blockdev_add(
-                driver=setup.image.format,
-                node_name=DRIVE,
-                filename=setup.filename(),
-                read_only=sc.read_only,
-                cache_direct=sc.cache_direct,
-            )
-        elif op == "del":
-            layer.blockdev_del(DRIVE)
-        elif op == "read":
-            layer.read(DRIVE, *READ_SPAN)
-        elif op in ("snapshot-qmp", "snapshot-existing"):
-            layer.blockdev_snapshot_sync(
-                DRIVE, str(setup.overlay), fmt="qcow2", existing=op == "snapshot-existing"
-            )
-        elif op == "snapshot-hmp":
-            layer.hmp_snapshot_blkdev(DRIVE, str(setup.overlay), fmt="qcow2")
-        elif op == "quit":
-            layer.quit()
-        return "ok"
+        fn()
     except (TestbedError, OSError) as err:
         return str(err).splitlines()[0] if str(err) else type(err).__name__
+    return "ok"

@@ -8,15 +8,9 @@ from pathlib import Path
 
 from testbed.broker import read_audit
 from testbed.compare.normalise import from_audit, normalise
-from testbed.compare.runners.common import (
-    OracleResult,
-    Setup,
-    machine_type,
-    qemu_args,
-    run_qemu_scenario,
-)
+from testbed.compare.runners.common import OracleResult, Setup, run_qemu_scenario
 from testbed.qemu import Machine, MachineConfig
-from testbed.qemu.binaries import is_runnable, patched_qemu_path
+from testbed.qemu.binaries import is_runnable
 
 
 @functools.lru_cache(maxsize=4)
@@ -31,11 +25,11 @@ def block_formats(binary: Path) -> frozenset[str]:
 
 def run(setup: Setup) -> OracleResult:
     result = OracleResult()
-    binary = patched_qemu_path()
+    binary = setup.binaries.patched
     if not is_runnable(binary):
         result.skipped = f"patched QEMU {binary} is missing (run `make qemu`)"
         return result
-    if setup.scenario.vvfat_rw and "qcow" not in block_formats(binary):
+    if "vvfat-rw" in setup.scenario.tags and "qcow" not in block_formats(binary):
         # vvfat rw formats its write target as qcow (version 1)
         result.skipped = (
             f"{binary} has no qcow driver, which vvfat rw needs "
@@ -49,8 +43,9 @@ def run(setup: Setup) -> OracleResult:
     config = MachineConfig(
         binary=binary,
         hook=True,
-        machine=machine_type(setup.scenario),
-        args=qemu_args(setup),
+        machine=setup.scenario.machine,
+        args=setup.args(),
+        env=setup.env(),
         log_path=log,
     )
     vm = Machine(config)

@@ -5,14 +5,8 @@ from __future__ import annotations
 import shutil
 
 from testbed.compare.normalise import normalise, parse_strace
-from testbed.compare.runners.common import (
-    OracleResult,
-    Setup,
-    machine_type,
-    qemu_args,
-    run_qemu_scenario,
-)
-from testbed.qemu import STOCK_QEMU, Machine, MachineConfig
+from testbed.compare.runners.common import OracleResult, Setup, run_qemu_scenario
+from testbed.qemu import Machine, MachineConfig
 from testbed.qemu.binaries import is_runnable
 
 
@@ -35,8 +29,9 @@ def strace_prefix(output: str) -> tuple[str, ...]:
 
 def run(setup: Setup) -> OracleResult:
     result = OracleResult()
-    if not is_runnable(STOCK_QEMU):
-        result.skipped = f"Debian's QEMU {STOCK_QEMU} is missing"
+    binary = setup.binaries.stock
+    if not is_runnable(binary):
+        result.skipped = f"Debian's QEMU {binary} is missing"
         return result
     if shutil.which("strace") is None:
         result.skipped = "strace is not installed"
@@ -46,9 +41,10 @@ def run(setup: Setup) -> OracleResult:
     log = setup.logs / "stock-qemu.log"
     log.unlink(missing_ok=True)
     config = MachineConfig(
-        binary=STOCK_QEMU,
-        machine=machine_type(setup.scenario),
-        args=qemu_args(setup),
+        binary=binary,
+        machine=setup.scenario.machine,
+        args=setup.args(),
+        env=setup.env(),
         log_path=log,
         wrapper=strace_prefix(str(out)),
     )

@@ -1,0 +1,330 @@
+"""Scenario files: ``testbed compare --scenario-file FILE.toml`` (and the built-ins, dumped).
+
+A file holds ``[[scenario]]`` tables (the format is documented, with two
+worked examples, in ``docs/compare.md``)::
+
+    [[scenario]]
+    name = "commit-mid"                   # letters, digits, _.+=-
+    image = "qcow2-chain2-subdir"         # a corpus image, and/or:
+    recipe = ["qemu-img create -q -f raw base.raw 4M"]   # shell, run in $D
+    main = "top.qcow2"                    # the main file (required without image)
+    format = "qcow2"                      # $FORMAT (default: the image's)
+    machine = "pc"                        # default "none"
+    args = ["-drive", "file=$IMAGE,format=$FORMAT,if=none,id=drive0"]
+    grant = "create"                      # create | ro | main
+    operation = "commit"                  # the summary row it counts under
+    tags = ["tmpdir"]                     # tmpdir: TMPDIR=$D/tmp (-snapshot)
+
+    [[scenario.steps]]                    # one of qmp/hmp/read/wait/op/quit each
+    qmp = "block-commit"
+    arguments = { device = "drive0", "job-id" = "job0", top = "$D/mid.qcow2" }
+
+    [[scenario.steps]]
+    wait = "BLOCK_JOB_COMPLETED"
+    job = "job0"
+    timeout = 60
+
+A last ``quit`` is added when missing.  Every error names the file, the
+line and the key (``FILE:LINE: scenario[1].steps[2].wait: ...``).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import tomllib
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from testbed.compare.ops import Op, OpContext, get
+from testbed.compare.scenarios import Grant, Scenario
+from testbed.compare.steps import QUIT, Step, StepKind, hmp, qmp, read, wait
+from testbed.errors import ScenarioFileError
+
+SCENARIO_KEYS = frozenset(
+    {"name", "image", "recipe", "main", "format", "machine", "args", "grant", "operation",
+     "attach", "tags", "steps"}
+)  # fmt: skip
+STEP_KINDS = ("qmp", "hmp", "read", "wait", "op", "quit")
+STEP_KEYS = frozenset({*STEP_KINDS, "arguments", "job", "timeout"})
+
+
+class _Lines:
+    """Where tables and keys are in the file's text (tomllib gives no positions)."""
+
+    def __init__(self, text: str) -> None:
+        self.lines = text.splitlines()
+        self.scenarios = [
+            i for i, ln in enumerate(self.lines) if re.match(r"\s*\[\[\s*scenario\s*\]\]", ln)
+        ]
+        self.steps = [
+            i
+            for i, ln in enumerate(self.lines)
+            if re.match(r"\s*\[\[\s*scenario\.steps\s*\]\]", ln)
+        ]
+
+    def _block(self, index: int) -> tuple[int, int]:
+        if index >= len(self.scenarios):
+            return 0, len(self.lines)
+        start = self.scenarios[index]
+        end = self.scenarios[index + 1] if index + 1 < len(self.scenarios) else len(self.lines)
+        return start, end
+
+    def scenario(self, index: int, key: str = "") -> int:
+        start, end = self._block(index)
+        steps = [i for i in self.steps if start < i < end]
+        stop = steps[0] if steps and key != "steps" else end
+        return self._find(start, stop, key) if key else start + 1
+
+    def step(self, scenario: int, index: int, key: str = "") -> int:
+        start, end = self._block(scenario)
+        steps = [i for i in self.steps if start < i < end]
+        if index >= len(steps):
+            return self.scenario(scenario, "steps")
+        s = steps[index]
+        stop = steps[index + 1] if index + 1 < len(steps) else end
+        return self._find(s, stop, key) if key else s + 1
+
+    def _find(self, start: int, stop: int, key: str) -> int:
+        pattern = re.compile(rf'(^|[{{,\s])"?{re.escape(key)}"?\s*=')
+        for i in range(start, stop):
+            if pattern.search(self.lines[i]):
+                return i + 1
+        return start + 1
+
+
+def load(path: Path) -> list[Scenario]:
+    """The scenarios in ``path``; ScenarioFileError naming file, line and key if malformed."""
+    name = str(path)
+    try:
+        text = path.read_text()
+    except OSError as err:
+        raise ScenarioFileError(name, 0, "", f"cannot read it: {err.strerror}") from err
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as err:
+        m = re.search(r"at line (\d+)", str(err))
+        raise ScenarioFileError(name, int(m.group(1)) if m else 0, "", f"not TOML: {err}") from err
+    where = _Lines(text)
+    extra = sorted(set(data) - {"scenario"})
+    if extra:
+        line = where._find(0, len(where.lines), extra[0])
+        message = "unknown top-level key (a file holds [[scenario]] tables)"
+        raise ScenarioFileError(name, line, extra[0], message)
+    tables = data.get("scenario")
+    if not isinstance(tables, list) or not tables:
+        raise ScenarioFileError(name, 1, "scenario", "no [[scenario]] table in the file")
+    return [_scenario(name, where, i, t) for i, t in enumerate(tables)]
+
+
+def _scenario(path: str, where: _Lines, index: int, table: dict[str, Any]) -> Scenario:
+    def fail(key: str, message: str, line: int | None = None) -> ScenarioFileError:
+        return ScenarioFileError(
+            path,
+            line if line is not None else where.scenario(index, key),
+            f"scenario[{index + 1}]" + (f".{key}" if key else ""),
+            message,
+        )
+
+    for key in table:
+        if key not in SCENARIO_KEYS:
+            raise fail(key, f"unknown key (allowed: {', '.join(sorted(SCENARIO_KEYS))})")
+    name = _string(table, "name", fail, required=True)
+    image = _string(table, "image", fail)
+    recipe = _strings(table, "recipe", fail)
+    args = _strings(table, "args", fail)
+    tags = _strings(table, "tags", fail)
+    grant = _string(table, "grant", fail) or "create"
+    if grant not in {g.value for g in Grant}:
+        raise fail("grant", f"{grant!r} is not one of {', '.join(g.value for g in Grant)}")
+    attach = _string(table, "attach", fail) or "custom"
+    raw_steps = table.get("steps", [])
+    if not isinstance(raw_steps, list):
+        raise fail("steps", "must be an array of tables ([[scenario.steps]])")
+    steps: list[Step] = []
+    for j, st in enumerate(raw_steps):
+        steps += _steps(path, where, index, j, st, attach)
+    if not steps or steps[-1].kind is not StepKind.QUIT:
+        steps.append(QUIT)
+    line = where.scenario(index)
+    try:
+        return Scenario(
+            name=name,
+            image=image,
+            recipe=tuple(recipe),
+            main=_string(table, "main", fail),
+            format=_string(table, "format", fail),
+            machine=_string(table, "machine", fail) or "none",
+            args=tuple(args),
+            grant=Grant(grant),
+            operation=_string(table, "operation", fail) or "custom",
+            attach=attach,
+            tags=frozenset(tags),
+            steps=tuple(steps),
+            source=f"{path}:{line}",
+        )
+    except ValueError as err:
+        raise fail("", str(err), line) from err
+
+
+def _steps(path: str, where: _Lines, index: int, j: int, st: Any, attach: str) -> list[Step]:
+    def fail(key: str, message: str) -> ScenarioFileError:
+        return ScenarioFileError(
+            path,
+            where.step(index, j, key),
+            f"scenario[{index + 1}].steps[{j + 1}]" + (f".{key}" if key else ""),
+            message,
+        )
+
+    if not isinstance(st, dict):
+        raise fail("", "a step must be a table")
+    for key in st:
+        if key not in STEP_KEYS:
+            raise fail(key, f"unknown key (allowed: {', '.join(sorted(STEP_KEYS))})")
+    kinds = [k for k in STEP_KINDS if k in st]
+    if len(kinds) != 1:
+        raise fail(
+            "", f"give exactly one of {', '.join(STEP_KINDS)} (got {', '.join(kinds) or 'none'})"
+        )
+    kind = kinds[0]
+    value = st[kind]
+    allowed = {"qmp": {"arguments"}, "wait": {"job", "timeout"}}.get(kind, set())
+    for key in st:
+        if key != kind and key not in allowed:
+            raise fail(key, f"does not go with {kind}")
+    try:
+        if kind == "qmp":
+            arguments = st.get("arguments", {})
+            if not isinstance(value, str) or not value:
+                raise fail("qmp", "must be a QMP command name")
+            if not isinstance(arguments, dict):
+                raise fail("arguments", "must be a table")
+            return [qmp(value, **arguments)]
+        if kind == "hmp":
+            if not isinstance(value, str) or not value.strip():
+                raise fail("hmp", "must be an HMP command line")
+            return [hmp(value)]
+        if kind == "read":
+            if not isinstance(value, dict) or set(value) - {"offset", "length", "device"}:
+                raise fail("read", "must be { offset = N, length = N[, device = NAME] }")
+            offset, length = value.get("offset", 0), value.get("length")
+            if not isinstance(offset, int) or not isinstance(length, int):
+                raise fail("read", "offset and length must be integers")
+            return [read(offset, length, str(value.get("device", "drive0")))]
+        if kind == "wait":
+            if not isinstance(value, str) or not value:
+                raise fail("wait", "must be a QMP event name")
+            timeout = st.get("timeout", 60.0)
+            if not isinstance(timeout, (int, float)) or isinstance(timeout, bool):
+                raise fail("timeout", "must be a number of seconds")
+            return [wait(value, str(st.get("job", "")), float(timeout))]
+        if kind == "op":
+            if not isinstance(value, str):
+                raise fail("op", "must be an operation name")
+            try:
+                op = get(value)
+            except KeyError as err:
+                raise fail("op", str(err.args[0])) from None
+            return list(op.steps(OpContext(attach=attach)))
+        if value is not True:
+            raise fail("quit", "write quit = true")
+        return [QUIT]
+    except ValueError as err:
+        raise fail(kind, str(err)) from err
+
+
+def _string(table: dict[str, Any], key: str, fail: Any, *, required: bool = False) -> str:
+    value = table.get(key)
+    if value is None:
+        if required:
+            raise fail(key, "is required")
+        return ""
+    if not isinstance(value, str):
+        raise fail(key, f"must be a string, not {type(value).__name__}")
+    return value
+
+
+def _strings(table: dict[str, Any], key: str, fail: Any) -> list[str]:
+    value = table.get(key, [])
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise fail(key, "must be an array of strings")
+    return value
+
+
+# -- writing ---------------------------------------------------------------------------
+
+
+def _toml(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, str):
+        return json.dumps(value)
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_toml(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{ " + ", ".join(f"{json.dumps(k)} = {_toml(v)}" for k, v in value.items()) + " }"
+    raise TypeError(f"cannot write {value!r} as TOML")
+
+
+def dump(scenarios: Iterable[Scenario]) -> str:
+    """The scenarios as a scenario file (``load(dump(x))`` gives ``x`` back)."""
+    out: list[str] = []
+    for sc in scenarios:
+        out.append("[[scenario]]")
+        fields: list[tuple[str, Any]] = [
+            ("name", sc.name),
+            ("image", sc.image),
+            ("recipe", list(sc.recipe)),
+            ("main", sc.main),
+            ("format", sc.format),
+            ("machine", sc.machine),
+            ("args", list(sc.args)),
+            ("grant", str(sc.grant)),
+            ("operation", sc.operation),
+            ("attach", sc.attach),
+            ("tags", sorted(sc.tags)),
+        ]
+        for key, value in fields:
+            if value or key == "name":
+                out.append(f"{key} = {_toml(value)}")
+        for step in sc.steps:
+            out.append("")
+            out.append("[[scenario.steps]]")
+            if step.kind is StepKind.QMP:
+                out.append(f"qmp = {_toml(step.command)}")
+                if step.arguments:
+                    out.append(f"arguments = {_toml(step.arguments)}")
+            elif step.kind is StepKind.HMP:
+                out.append(f"hmp = {_toml(step.line)}")
+            elif step.kind is StepKind.READ:
+                span = {"offset": step.offset, "length": step.length, "device": step.device}
+                out.append(f"read = {_toml(span)}")
+            elif step.kind is StepKind.WAIT:
+                out.append(f"wait = {_toml(step.command)}")
+                if step.job:
+                    out.append(f"job = {_toml(step.job)}")
+                out.append(f"timeout = {_toml(step.timeout)}")
+            else:
+                out.append("quit = true")
+        out.append("")
+    return "\n".join(out)
+
+
+def dump_matrix(scenarios: list[Scenario], directory: Path) -> list[Path]:
+    """One file per operation under ``directory``; the paths written."""
+    directory.mkdir(parents=True, exist_ok=True)
+    groups: dict[str, list[Scenario]] = {}
+    for sc in scenarios:
+        groups.setdefault(sc.operation, []).append(sc)
+    written = []
+    for op, group in sorted(groups.items()):
+        path = directory / f"{op}.toml"
+        path.write_text(f"# built-in scenarios: {op} ({len(group)})\n\n" + dump(group))
+        written.append(path)
+    return written
+
+
+__all__ = ["Op", "dump", "dump_matrix", "load"]
