@@ -7,6 +7,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from testbed.errors import BuildError
+from testbed.qemu import patched_qemu_path
+from testbed.qemu.binaries import STOCK_QEMU, is_runnable
 
 REPO = Path(__file__).resolve().parents[2]
 #: ``make guest`` links this to the cached build.
@@ -40,3 +42,17 @@ def guest_available(directory: Path | None = None) -> bool:
     except BuildError:
         return False
     return True
+
+
+def guest_qemu(*, hook: bool, qemu: Path | None = None) -> Path:
+    """The QEMU binary a guest boot runs: the one place the guest chooses it.
+
+    ``qemu`` wins when given; otherwise the patched build for the hook and
+    Debian's binary without it.  (A ``--qemu-version`` belongs here.)
+    Raises :class:`BuildError` naming the binary when it cannot be run.
+    """
+    binary = qemu or (patched_qemu_path() if hook else STOCK_QEMU)
+    if not is_runnable(binary):
+        hint = " (run `make qemu`)" if hook and qemu is None else ""
+        raise BuildError(f"QEMU binary {binary} is missing{hint}")
+    return binary

@@ -2,10 +2,10 @@
 
 The scenario: boot; check the host's pattern (or, for vvfat, the host's
 files); write records with sync (taking an HMP then a QMP live snapshot
-while the guest writes, with ``snapshot``; or running a block job, with
-``job``: :mod:`testbed.guest.jobs`); power off from inside; verify on the
-host that every record the guest reported synced is in the chain (or in the
-image the job left).
+while the guest writes, with ``snapshot``; or running a block job program,
+with ``job``: see :mod:`testbed.guest.jobrun`); power off from inside;
+verify on the host that every record the guest reported synced is in the
+chain (or in the image the job left).
 """
 
 from __future__ import annotations
@@ -19,7 +19,16 @@ from pathlib import Path
 
 from testbed.errors import TestbedError
 from testbed.guest.console import StepResult
-from testbed.guest.jobs import GuestJob, JobReport, run_job, verify_job
+from testbed.guest.disk import IMAGE_FORMATS
+from testbed.guest.jobrun import (
+    DEFAULT_SPEED,
+    MIN_JOB_RECORDS,
+    JobVerdict,
+    MirrorCheck,
+    run_program,
+    verify_job,
+)
+from testbed.guest.jobs import JobKind, JobRun, MirrorVia
 from testbed.guest.records import DiskLayout
 from testbed.guest.session import Session, SessionConfig
 
@@ -32,14 +41,17 @@ class BootOptions:
     workdir: Path
     accel: str = "tcg"
     snapshot: bool = False
+    #: a block job program to run while the guest writes (testbed.guest.jobrun)
+    job: JobKind | None = None
+    mirror_via: MirrorVia = MirrorVia.DRIVE
+    #: the jobs' rate limit in bytes/s (0: none)
+    speed: int = DEFAULT_SPEED
     sandbox: bool = False
     hook: bool = True
     records: int = 40
     keep: bool = False
     guest_dir: Path | None = None
     qemu: Path | None = None
-    #: ``commit``, ``stream`` or ``mirror``: run that block job while the guest writes
-    job: str | None = None
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -59,8 +71,11 @@ class BootResult:
     broker_requests: int = 0
     broker_errors: int = 0
     error: str | None = None
-    #: ``--job``: the job, the image that holds the records, qemu-img compare's answer
-    job: dict[str, object] | None = None
+    job: JobKind | None = None
+    jobs: tuple[JobRun, ...] = ()
+    #: the image that holds the disk after the job (power-off), and the mirror comparison
+    final_image: str | None = None
+    mirror: MirrorCheck | None = None
 
     @property
     def ok(self) -> bool:
@@ -80,7 +95,15 @@ class BootResult:
             "broker_requests": self.broker_requests,
             "broker_errors": self.broker_errors,
             "error": self.error,
-            "job": self.job,
+            "job": str(self.job) if self.job else None,
+            "jobs": [j.as_dict() for j in self.jobs],
+            "job_opens": (
+                sum(len(j.opens or ()) for j in self.jobs)
+                if self.jobs and all(j.opens is not None for j in self.jobs)
+                else None
+            ),
+            "final_image": self.final_image,
+            "mirror_compare": self.mirror.as_dict() if self.mirror else None,
         }
 
     def write_json(self, path: Path) -> None:
@@ -101,14 +124,20 @@ def run_boot(
             "--sandbox cannot be used with vvfat: QEMU reads the directory "
             "listing with opendir(), which does not go through the hook"
         )
-    if opts.job is not None and opts.fmt == "vvfat":
-        raise ValueError("--job needs a writable image format, not vvfat")
-    if opts.job is not None and opts.snapshot:
-        raise ValueError("--job and --snapshot do not go together (a job takes its own)")
-    if opts.job is not None and opts.job not in {j.value for j in GuestJob}:
-        raise ValueError(f"--job {opts.job}: not one of {', '.join(j.value for j in GuestJob)}")
     if opts.records < 4:
         raise ValueError(f"--records {opts.records}: need at least 4")
+    if opts.job is not None:
+        if opts.fmt not in IMAGE_FORMATS:
+            raise ValueError(f"--job {opts.job} needs a writable image format, not {opts.fmt}")
+        if opts.snapshot:
+            raise ValueError(f"--job {opts.job} takes its own snapshots: drop --snapshot")
+        if opts.speed < 0:
+            raise ValueError(f"--speed {opts.speed}: must be 0 (no limit) or positive")
+        if opts.records < MIN_JOB_RECORDS:
+            raise ValueError(
+                f"--records {opts.records}: --job needs at least {MIN_JOB_RECORDS} "
+                "to spread its steps over"
+            )
     config = SessionConfig(
         fmt=opts.fmt,
         workdir=opts.workdir,
@@ -121,15 +150,14 @@ def run_boot(
     )
     session = Session(config, on_step=on_step)
     error: str | None = None
-    job: JobReport | None = None
-    verified: tuple[int, list[int], str] | None = None
+    verdict: JobVerdict | None = None
     try:
         session.start()
         if opts.fmt == "vvfat":
             session.check_fat()
         elif opts.job is not None:
             session.check_pattern()
-            job = run_job(session, GuestJob(opts.job), opts.records)
+            run_program(session, opts.job, opts.records, opts.mirror_via, opts.speed)
         else:
             session.check_pattern()
             session.start_writer(opts.records)
@@ -141,8 +169,8 @@ def run_boot(
                 session.snapshot("qmp")
             session.finish_writer()
         session.shutdown()
-        if job is not None:
-            verified = verify_job(session, job)
+        if opts.job is not None:
+            verdict = verify_job(session, opts.job, session.jobs)
         elif opts.fmt != "vvfat":
             session.verify()
     except TestbedError as err:
@@ -152,26 +180,23 @@ def run_boot(
         session.close()
     report = session.report
     audit = session.audit_records()
-    if job is not None:
-        n_verified = verified[0] if verified else 0
-        n_lost = len(verified[1]) if verified else len(session.synced)
-    else:
-        n_verified = report.verified if report else 0
-        n_lost = len(report.lost) if report else len(session.synced)
     result = BootResult(
         format=opts.fmt,
         accel=session.accel_used or opts.accel,
         booted=session.booted,
         steps=tuple(session.console.steps) if session.console else (),
         records_written=len(session.synced),
-        records_verified=n_verified,
-        lost=n_lost,
+        records_verified=report.verified if report else 0,
+        lost=len(report.lost) if report else len(session.synced),
         snapshot_files=tuple(str(m.overlay) for m in session.marks),
         console_log=str(session.console_log),
         broker_requests=len(audit),
         broker_errors=sum(1 for r in audit if r.result < 0),
         error=error,
-        job={**job.as_dict(), "compare": verified[2] if verified else ""} if job else None,
+        job=opts.job,
+        jobs=tuple(session.jobs),
+        final_image=str(verdict.final_image) if verdict else None,
+        mirror=verdict.mirror if verdict else None,
     )
     if not opts.keep and error is None:
         shutil.rmtree(session.image_dir, ignore_errors=True)

@@ -12,17 +12,34 @@ from testbed.guest.artifacts import REPO
 from testbed.guest.boot import BootOptions, run_boot
 from testbed.guest.console import StepResult
 from testbed.guest.disk import FORMATS
+from testbed.guest.jobrun import DEFAULT_SPEED
+from testbed.guest.jobs import JobKind, MirrorVia
+
+#: Records --job writes by default: enough to write on through every step.
+JOB_RECORDS = 200
 
 DESCRIPTION = """\
 Boot the testbed guest (make guest) in the patched QEMU with -open-hook-fd:
 a broker (granted the image directory) opens every file QEMU asks for.  The
 guest reads a pattern the host wrote and checks it, writes sequence-numbered
 records with sync, and powers off; the host then finds every record the guest
-reported synced on the disk.  With --job a block job (commit, stream,
-mirror) runs over QMP while the guest writes, waited for by its events.
-For vvfat the guest mounts the FAT disk and checksums files from a host
-directory.  Each step is printed as it finishes;
+reported synced on the disk.  For vvfat the guest mounts the FAT disk and
+checksums files from a host directory.  Each step is printed as it finishes;
 the whole console goes to a log file with timestamps.
+
+--job runs a block job live while the guest writes, then checks the image
+the job left after power-off:
+  commit  two snapshots; block-commit of the middle layer into the disk,
+          then of the active layer (BLOCK_JOB_READY, block-job-complete);
+          every synced record must be in the disk
+  stream  two snapshots; block-stream with base=the disk, then without;
+          every synced record must be in the top overlay, now standalone
+  mirror  drive-mirror (or --mirror-via blockdev-mirror) sync=full to a new
+          qcow2 created through the hook; block-job-complete pivots while
+          the guest writes; the target must hold every synced record and
+          qemu-img compare must find source and target equal up to the pivot
+Each job is waited for by its QMP events, and the opens the broker answered
+during it (with their flags) are printed and written to --json.
 """
 
 
@@ -47,13 +64,14 @@ def register(sub: Any) -> None:
     )
     p.add_argument(
         "--job",
-        choices=("commit", "stream", "mirror"),
-        help=(
-            "run a block job while the guest writes: commit (a snapshot, then an active "
-            "commit back into the base), stream (a snapshot, then stream the base into it), "
-            "mirror (drive-mirror to a new qcow2, then pivot); every synced record must "
-            "be in the result, and a mirror target must equal the source"
-        ),
+        choices=[str(k) for k in JobKind],
+        help="run a block job live while the guest writes (see above)",
+    )
+    p.add_argument(
+        "--mirror-via",
+        choices=[str(v) for v in MirrorVia],
+        default=str(MirrorVia.DRIVE),
+        help="the QMP command --job mirror uses (default drive-mirror)",
     )
     p.add_argument(
         "--sandbox",
@@ -69,7 +87,17 @@ def register(sub: Any) -> None:
     p.add_argument("--json", type=Path, metavar="FILE", help="write the result as JSON")
     p.add_argument("--keep", action="store_true", help="keep the images after a good run")
     p.add_argument(
-        "--records", type=int, default=40, metavar="N", help="records the guest writes (default 40)"
+        "--records",
+        type=int,
+        metavar="N",
+        help=f"records the guest writes (default 40; {JOB_RECORDS} with --job)",
+    )
+    p.add_argument(
+        "--speed",
+        type=int,
+        default=DEFAULT_SPEED,
+        metavar="BYTES",
+        help=f"rate limit of the --job jobs in bytes/s (default {DEFAULT_SPEED}; 0: none)",
     )
     p.add_argument(
         "--no-hook",
@@ -81,14 +109,15 @@ def register(sub: Any) -> None:
         "--workdir",
         type=Path,
         metavar="DIR",
-        help="where images and logs go (default build/boot/FORMAT)",
+        help="where images and logs go (default build/boot/FORMAT[-JOB])",
     )
     p.add_argument("--qemu", type=Path, metavar="BINARY", help="QEMU binary to run")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    workdir = args.workdir or REPO / "build" / "boot" / args.fmt
+    name = f"{args.fmt}-{args.job}" if args.job else args.fmt
+    workdir = args.workdir or REPO / "build" / "boot" / name
     start = time.monotonic()
 
     def show(step: StepResult) -> None:
@@ -105,12 +134,14 @@ def run(args: argparse.Namespace) -> int:
             workdir=workdir,
             accel=args.accel,
             snapshot=args.snapshot,
+            job=JobKind(args.job) if args.job else None,
+            mirror_via=MirrorVia(args.mirror_via),
             sandbox=args.sandbox,
             hook=args.hook,
-            records=args.records,
+            records=args.records or (JOB_RECORDS if args.job else 40),
+            speed=args.speed,
             keep=args.keep,
             qemu=args.qemu,
-            job=args.job,
         )
         result = run_boot(opts, on_step=show)
     except ValueError as err:
@@ -122,11 +153,18 @@ def run(args: argparse.Namespace) -> int:
             f"records: {result.records_written} synced, {result.records_verified} verified, "
             f"{result.lost} lost; snapshots: {', '.join(result.snapshot_files) or 'none'}"
         )
-    if result.job:
+    for job in result.jobs:
         print(
-            f"job {result.job['job']}: records in {result.job['result']}"
-            + (f"; qemu-img compare: {result.job['compare']}" if result.job["compare"] else "")
+            f"job {job.job_id} ({job.command}): {job.seconds:.2f}s, "
+            f"{len(job.events)} events, {job.records_during} records synced meanwhile, "
+            f"chain after: {' <- '.join(reversed(job.chain_after))}"
         )
+        if job.opens is None:
+            print("  opens: not seen (no hook)")
+        for o in job.opens or ():
+            print(f"  open {o}")
+    if result.final_image:
+        print(f"final image: {result.final_image}")
     if result.broker_requests:
         print(
             f"broker: {result.broker_requests} opens answered, "

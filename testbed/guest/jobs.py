@@ -1,170 +1,323 @@
-"""``testbed boot --job commit|stream|mirror``: a block job runs while the guest writes.
+"""Block jobs run live under the guest: commit, stream, mirror.
 
-Each job runs live, over QMP, between the guest's record writes, and is
-waited for by its QMP events with a timeout that names the job:
+Each job is started with its QMP command and waited for by its events:
+``BLOCK_JOB_READY`` (for the jobs that need ``block-job-complete``), then
+``BLOCK_JOB_COMPLETED``, then the ``JOB_STATUS_CHANGE`` to ``null`` that
+says the job is gone.  Every wait has a timeout that names the job.  While
+it runs, the guest keeps writing records; the broker's audit log, read
+before and after, gives the opens the job made, with their flags.
 
-``commit``  a ``blockdev-snapshot-sync`` overlay is taken while the guest writes,
-            then ``block-commit`` of the active layer into the base, ``BLOCK_JOB_READY``,
-            ``block-job-complete`` (the device pivots onto the base), ``COMPLETED``;
-            the guest goes on writing into the base.  Every synced record must be
-            in the base, which has no backing file.
-``stream``  the same overlay, then ``block-stream`` of the whole chain into it;
-            afterwards the overlay stands alone (no backing file) and must hold
-            every synced record.
-``mirror``  ``drive-mirror sync=full`` to a new qcow2 while the guest writes,
-            ``BLOCK_JOB_READY``; once the writer is done ``block-job-complete``
-            pivots onto the target.  The target must hold every synced record and
-            equal the source (``qemu-img compare``).
+The programs (what each ``testbed boot --job`` does) are in
+:mod:`testbed.guest.jobrun`; this module holds the pieces.
 """
 
 from __future__ import annotations
 
-import enum
 import json
+import re
 import subprocess
 import time
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
-from testbed.errors import QEMUError, WaitTimeout
-from testbed.guest.records import VerifyError, read_raw, scan
-from testbed.guest.session import DRIVE_ID, Session
-
-JOB_ID = "job0"
+from testbed.broker import AuditRecord
+from testbed.errors import QEMUError, TestbedError
+from testbed.guest.events import EventMachine, EventPattern, QMPEvent
 
 
-class GuestJob(enum.StrEnum):
+class JobKind(StrEnum):
+    """What ``testbed boot --job`` runs."""
+
     COMMIT = "commit"
     STREAM = "stream"
     MIRROR = "mirror"
 
 
+class MirrorVia(StrEnum):
+    """The two QMP commands that start a mirror."""
+
+    DRIVE = "drive-mirror"
+    BLOCKDEV = "blockdev-mirror"
+
+
 @dataclass(frozen=True, kw_only=True)
-class JobReport:
-    job: GuestJob
-    #: The image that must hold every record once the guest powered off.
-    result: Path
-    result_format: str
-    seconds: float
-    #: What ``qemu-img compare`` said (mirror only).
-    compare: str = ""
+class BrokerOpen:
+    """One request the broker answered, the path relative to the image directory."""
+
+    path: str
+    flags: tuple[str, ...]
+    mode: int
+    result: int
+
+    @classmethod
+    def from_record(cls, record: AuditRecord, image_dir: Path) -> BrokerOpen:
+        path = record.path
+        prefix = f"{image_dir}/"
+        if path.startswith(prefix):
+            path = path[len(prefix) :]
+        return cls(path=path, flags=record.flag_names, mode=record.mode, result=record.result)
+
+    @property
+    def writable(self) -> bool:
+        return "O_RDWR" in self.flags or "O_WRONLY" in self.flags
 
     def as_dict(self) -> dict[str, object]:
         return {
-            "job": str(self.job),
-            "result": str(self.result),
-            "result_format": self.result_format,
+            "path": self.path,
+            "flags": "|".join(self.flags),
+            "mode": oct(self.mode),
+            "result": self.result,
+        }
+
+    def __str__(self) -> str:
+        return f"{self.path} {'|'.join(self.flags)} -> {self.result}"
+
+
+@dataclass(frozen=True, kw_only=True)
+class JobRun:
+    """One block job as it ran: command, events, timings, opens, records.
+
+    Times are seconds since the job's first command was sent.  ``opens`` is
+    None without the hook (nobody sees what QEMU opens then).
+    ``synced_*`` are the highest record seq the guest had reported synced
+    (-1 for none) when the job was started, when ``block-job-complete`` was
+    sent (jobs that need it), when ``job-finalize`` was sent (jobs that
+    finalize by themselves otherwise; the graph changes then) and when the
+    job was gone.
+    """
+
+    job_id: str
+    command: str
+    arguments: Mapping[str, Any]
+    events: tuple[QMPEvent, ...]
+    started: float
+    seconds: float
+    seconds_to_ready: float | None
+    seconds_to_pending: float
+    opens: tuple[BrokerOpen, ...] | None
+    synced_at_start: int
+    synced_at_complete: int | None
+    synced_at_finalize: int | None
+    synced_at_end: int
+    chain_after: tuple[str, ...]
+    prepare: tuple[str, ...] = ()
+    #: the file behind each node name in ``arguments``
+    nodes: Mapping[str, str] = field(default_factory=dict)
+
+    @property
+    def records_during(self) -> int:
+        """Records the guest reported synced while the job ran."""
+        return max(0, self.synced_at_end - self.synced_at_start)
+
+    @property
+    def rw_opens(self) -> tuple[BrokerOpen, ...]:
+        return tuple(o for o in self.opens or () if o.writable and o.result >= 0)
+
+    def as_dict(self) -> dict[str, object]:
+        return {
+            "job_id": self.job_id,
+            "command": self.command,
+            "arguments": dict(self.arguments),
+            "nodes": dict(self.nodes),
+            "prepare": list(self.prepare),
             "seconds": round(self.seconds, 3),
-            "compare": self.compare,
+            "seconds_to_ready": (
+                round(self.seconds_to_ready, 3) if self.seconds_to_ready is not None else None
+            ),
+            "seconds_to_pending": round(self.seconds_to_pending, 3),
+            "events": [e.as_dict(since=self.started) for e in self.events],
+            "opens": [o.as_dict() for o in self.opens] if self.opens is not None else None,
+            "opens_count": len(self.opens) if self.opens is not None else None,
+            "rw_opens": [o.as_dict() for o in self.rw_opens],
+            "synced_at_start": self.synced_at_start,
+            "synced_at_complete": self.synced_at_complete,
+            "synced_at_finalize": self.synced_at_finalize,
+            "synced_at_end": self.synced_at_end,
+            "records_during": self.records_during,
+            "chain_after": list(self.chain_after),
         }
 
 
-def wait_job(session: Session, event: str, *, timeout: float) -> dict[str, Any]:
-    """The job's next ``event``; the guest's console is read meanwhile."""
-    deadline = time.monotonic() + timeout
-    while True:
-        for e in session.vm.events():
-            data = e.get("data") or {}
-            if data.get("device") != JOB_ID:
-                continue
-            if e.get("event") == event:
-                return e
-            if e.get("event") in ("BLOCK_JOB_COMPLETED", "BLOCK_JOB_CANCELLED", "BLOCK_JOB_ERROR"):
-                raise QEMUError(
-                    f"block job {JOB_ID!r} ended with {e['event']} "
-                    f"({data.get('error', 'no error given')}) while waiting for {event}"
-                )
-        if time.monotonic() >= deadline:
-            raise WaitTimeout(f"QMP event {event} of block job {JOB_ID!r}", timeout)
-        session.drain(window=0.05)
+def _failed(job_id: str) -> list[EventPattern]:
+    """Events that mean block job ``job_id`` will not get where a wait wants it."""
+    return [
+        EventPattern(name="BLOCK_JOB_CANCELLED", data={"device": job_id}),
+        EventPattern(name="BLOCK_JOB_ERROR", data={"device": job_id}),
+        EventPattern(name="JOB_STATUS_CHANGE", data={"id": job_id, "status": "aborting"}),
+    ]
 
 
-def run_job(session: Session, job: GuestJob, records: int) -> JobReport:
-    """Start the writer, run ``job`` while it writes, finish the writer."""
-    assert session.disk is not None
-    timeout = session.config.step_timeout
-    vm = session.vm
-    t0 = time.monotonic()
-    session.start_writer(records)
-    session.wait_synced(records // 4)
-    if job is GuestJob.MIRROR:
-        target = session.image_dir / "mirror.qcow2"
-        vm.qmp(
-            "drive-mirror",
-            **{"device": DRIVE_ID, "job-id": JOB_ID, "target": str(target)},
-            format="qcow2",
-            sync="full",
-        )
-        wait_job(session, "BLOCK_JOB_READY", timeout=timeout)
-        session.note("mirror ready", True, time.monotonic() - t0, f"{target.name} in sync")
-        # the mirror keeps up with the guest's writes until it is completed
-        session.finish_writer()
-        vm.qmp("block-job-complete", device=JOB_ID)
-        wait_job(session, "BLOCK_JOB_COMPLETED", timeout=timeout)
-        session.note("mirror", True, time.monotonic() - t0, f"pivoted onto {target.name}")
-        return JobReport(job=job, result=target, result_format="qcow2", seconds=0.0)
-    overlay = session.snapshot("qmp").overlay
-    session.wait_synced(records // 2)
-    if job is GuestJob.COMMIT:
-        vm.qmp("block-commit", **{"device": DRIVE_ID, "job-id": JOB_ID})
-        wait_job(session, "BLOCK_JOB_READY", timeout=timeout)
-        vm.qmp("block-job-complete", device=JOB_ID)
-        wait_job(session, "BLOCK_JOB_COMPLETED", timeout=timeout)
-        result, fmt = session.disk.path, session.disk.fmt
-        detail = f"{overlay.name} committed into {result.name}"
-    else:
-        vm.qmp("block-stream", **{"device": DRIVE_ID, "job-id": JOB_ID})
-        wait_job(session, "BLOCK_JOB_COMPLETED", timeout=timeout)
-        result, fmt = overlay, "qcow2"
-        detail = f"{session.disk.path.name} streamed into {overlay.name}"
-    session.note(str(job), True, time.monotonic() - t0, detail)
-    session.finish_writer()
-    return JobReport(job=job, result=result, result_format=fmt, seconds=time.monotonic() - t0)
-
-
-def verify_job(session: Session, report: JobReport) -> tuple[int, list[int], str]:
-    """(records verified, records lost, qemu-img compare's answer) after power-off."""
-    assert session.disk is not None
-    layout = session.config.layout
-    problems: list[str] = []
-    info = json.loads(
-        subprocess.run(
-            ["qemu-img", "info", "-U", "--output=json", str(report.result)],
-            capture_output=True,
-            text=True,
-            check=True,
-            timeout=60,
-        ).stdout
+def wait_ready(vm: EventMachine, job_id: str, *, timeout: float) -> QMPEvent:
+    """``BLOCK_JOB_READY``: a mirror-like job has copied everything and mirrors writes."""
+    return vm.wait_event(
+        EventPattern(name="BLOCK_JOB_READY", data={"device": job_id}),
+        timeout=timeout,
+        what=f"block job {job_id!r} to become ready",
+        fail=[*_failed(job_id), EventPattern(name="BLOCK_JOB_COMPLETED", data={"device": job_id})],
     )
-    if "backing-filename" in info:
-        problems.append(
-            f"{report.result.name} still has a backing file ({info['backing-filename']})"
-        )
-    view = scan(read_raw(report.result, report.result_format), layout, session.run)
-    synced = set(session.synced)
-    lost = sorted(synced - view.seqs)
-    if lost:
-        problems.append(f"{report.result.name}: synced records missing: {lost}")
-    problems += [f"{report.result.name}: sector {s}: {why}" for s, why in view.corrupt]
-    compared = ""
-    if report.job is GuestJob.MIRROR:
-        done = subprocess.run(
-            ["qemu-img", "compare", "-U", "-f", session.disk.fmt, "-F", "qcow2",
-             str(session.disk.path), str(report.result)],
-            capture_output=True, text=True, timeout=120,
-        )  # fmt: skip
-        compared = (done.stdout or done.stderr).strip()
-        if done.returncode != 0:
-            problems.append(f"qemu-img compare source target: {compared}")
-    verified = len(synced) - len(lost)
-    session.note(
-        "verify",
-        not problems,
-        0.0,
-        f"{verified}/{len(synced)} synced records in {report.result.name}"
-        + (f"; {compared}" if compared else ""),
+
+
+def wait_pending(vm: EventMachine, job_id: str, *, timeout: float) -> QMPEvent:
+    """The ``JOB_STATUS_CHANGE`` to ``pending``: work done, waiting for ``job-finalize``."""
+    return vm.wait_event(
+        EventPattern(name="JOB_STATUS_CHANGE", data={"id": job_id, "status": "pending"}),
+        timeout=timeout,
+        what=f"block job {job_id!r} to finish its work (status pending)",
+        fail=_failed(job_id),
     )
-    if problems:
-        raise VerifyError(problems)
-    return verified, lost, compared
+
+
+def wait_completed(vm: EventMachine, job_id: str, *, timeout: float) -> QMPEvent:
+    """``BLOCK_JOB_COMPLETED``; one carrying an ``error`` raises :class:`QEMUError`."""
+    done = vm.wait_event(
+        EventPattern(name="BLOCK_JOB_COMPLETED", data={"device": job_id}),
+        timeout=timeout,
+        what=f"block job {job_id!r} to complete",
+        fail=_failed(job_id),
+    )
+    if "error" in done.data:
+        raise QEMUError(f"block job {job_id!r} failed: {done.data['error']}")
+    return done
+
+
+def wait_gone(vm: EventMachine, job_id: str, *, timeout: float) -> QMPEvent:
+    """The ``JOB_STATUS_CHANGE`` to ``null``: the job is dismissed."""
+    return vm.wait_event(
+        EventPattern(name="JOB_STATUS_CHANGE", data={"id": job_id, "status": "null"}),
+        timeout=timeout,
+        what=f"job {job_id!r} to be dismissed",
+    )
+
+
+def run_create_job(
+    vm: EventMachine, job_id: str, options: Mapping[str, Any], *, timeout: float
+) -> None:
+    """``blockdev-create`` (a job that is not a block job): wait, check, dismiss."""
+    vm.qmp("blockdev-create", **{"job-id": job_id, "options": dict(options)})
+    vm.wait_event(
+        EventPattern(name="JOB_STATUS_CHANGE", data={"id": job_id, "status": "concluded"}),
+        timeout=timeout,
+        what=f"job {job_id!r} (blockdev-create {options.get('driver')}) to conclude",
+    )
+    jobs = vm.qmp("query-jobs")
+    for job in jobs:
+        if job.get("id") == job_id and job.get("error"):
+            vm.qmp("job-dismiss", id=job_id)
+            raise QEMUError(f"job {job_id!r} (blockdev-create) failed: {job['error']}")
+    vm.qmp("job-dismiss", id=job_id)
+    wait_gone(vm, job_id, timeout=timeout)
+
+
+#: Protocol drivers: their nodes sit under a format node with the same file name.
+_PROTOCOL_DRIVERS = frozenset({"file", "host_device", "host_cdrom"})
+
+
+def format_node(vm: EventMachine, path: Path) -> str:
+    """The node name of the format node QEMU opened ``path`` as.
+
+    Jobs are given node names (``top-node``, ``base-node``), not file names:
+    QEMU looks a file name up with realpath(), which does not go through the
+    hook and fails where the image directory is hidden (measured:
+    ``Top image file .../snap1.qcow2 not found`` under ``--sandbox``).
+    """
+    for node in vm.qmp("query-named-block-nodes"):
+        if node.get("file") == str(path) and node.get("drv") not in _PROTOCOL_DRIVERS:
+            return str(node["node-name"])
+    raise QEMUError(f"query-named-block-nodes has no format node for {path}")
+
+
+def node_files(vm: EventMachine) -> dict[str, str]:
+    """Node name -> the file name (no directory) of every named node."""
+    return {
+        str(n["node-name"]): Path(str(n.get("file", "?"))).name
+        for n in vm.qmp("query-named-block-nodes")
+        if n.get("node-name")
+    }
+
+
+def backing_chain(vm: EventMachine, device: str) -> tuple[str, ...]:
+    """The file names of ``device``'s chain, active layer first (from ``query-block``)."""
+    for dev in vm.qmp("query-block"):
+        if dev.get("device") != device:
+            continue
+        image = (dev.get("inserted") or {}).get("image")
+        names: list[str] = []
+        while image:
+            names.append(Path(str(image.get("filename", "?"))).name)
+            image = image.get("backing-image")
+        return tuple(names)
+    raise QEMUError(f"query-block has no device {device!r}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class Compare:
+    """What ``qemu-img compare`` said about two images (or prefixes of them)."""
+
+    identical: bool
+    #: first differing byte, when qemu-img names it
+    mismatch_at: int | None
+    argv: tuple[str, ...]
+    output: str
+    length: int | None = None
+
+    def as_dict(self) -> dict[str, object]:
+        return {
+            "identical": self.identical,
+            "mismatch_at": self.mismatch_at,
+            "length": self.length,
+            "command": " ".join(self.argv),
+            "output": self.output,
+        }
+
+
+_MISMATCH = re.compile(r"Content mismatch at offset (\d+)")
+
+
+def _spec(path: Path, fmt: str, length: int | None) -> str:
+    node: dict[str, Any] = {"driver": fmt, "file": {"driver": "file", "filename": str(path)}}
+    if length is not None:
+        # the raw driver's offset/size view: compare only the first ``length`` bytes
+        node = {"driver": "raw", "size": length, "file": node}
+    return "json:" + json.dumps(node)
+
+
+def qemu_img_compare(
+    a: Path, a_fmt: str, b: Path, b_fmt: str, *, length: int | None = None
+) -> Compare:
+    """``qemu-img compare`` of the guest-visible contents of two images.
+
+    With ``length`` (a multiple of 512), only the first ``length`` bytes of
+    each are compared.
+    """
+    if length is not None and (length <= 0 or length % 512):
+        raise ValueError(f"compare length {length} is not a positive multiple of 512")
+    argv = ("qemu-img", "compare", "-U", _spec(a, a_fmt, length), _spec(b, b_fmt, length))
+    try:
+        proc = subprocess.run(argv, capture_output=True, text=True, timeout=120)
+    except (OSError, subprocess.SubprocessError) as err:
+        raise TestbedError(f"qemu-img compare {a.name} {b.name}: {err}") from err
+    out = (proc.stdout + proc.stderr).strip()
+    if proc.returncode not in (0, 1):
+        raise TestbedError(f"qemu-img compare {a.name} {b.name} failed: {out}")
+    m = _MISMATCH.search(out)
+    return Compare(
+        identical=proc.returncode == 0,
+        mismatch_at=int(m.group(1)) if m else None,
+        argv=argv,
+        output=out,
+        length=length,
+    )
+
+
+@dataclass(frozen=True, kw_only=True)
+class JobTimer:
+    """Wall and monotonic start of a job, for event offsets and durations."""
+
+    wall: float = field(default_factory=time.time)
+    mono: float = field(default_factory=time.monotonic)
+
+    def since(self) -> float:
+        return time.monotonic() - self.mono

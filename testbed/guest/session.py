@@ -12,7 +12,7 @@ import secrets
 import signal
 import subprocess
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -21,10 +21,12 @@ import pexpect
 from pexpect.fdpexpect import fdspawn
 
 from testbed.broker import AuditRecord, Broker, Policy, read_audit
-from testbed.errors import BuildError, GuestError, QEMUError
-from testbed.guest.artifacts import find_guest
+from testbed.errors import GuestError, QEMUError
+from testbed.guest.artifacts import find_guest, guest_qemu
 from testbed.guest.console import PROMPT, Console, StepResult
 from testbed.guest.disk import Disk, make_disk
+from testbed.guest.events import EventMachine
+from testbed.guest.jobs import JobRun
 from testbed.guest.records import (
     ChainReport,
     DiskLayout,
@@ -33,8 +35,7 @@ from testbed.guest.records import (
     check_chain,
     pattern_digest,
 )
-from testbed.qemu import Machine, MachineConfig, patched_qemu_path
-from testbed.qemu.binaries import STOCK_QEMU, is_runnable
+from testbed.qemu import MachineConfig
 
 log = logging.getLogger(__name__)
 
@@ -81,10 +82,12 @@ class Session:
         self.disk: Disk | None = None
         self.broker: Broker | None = None
         self.broker_pid: int | None = None
-        self.qemu: Machine | None = None
+        self.qemu: EventMachine | None = None
         self.console: Console | None = None
         self.synced: list[int] = []
         self.marks: list[SnapshotMark] = []
+        #: block jobs run so far (testbed.guest.jobrun appends)
+        self.jobs: list[JobRun] = []
         self.next_seq = 0
         self.writer_done = True
         self.booted = False
@@ -99,10 +102,7 @@ class Session:
         cfg.workdir.mkdir(parents=True, exist_ok=True)
         self.disk = make_disk(self.image_dir, cfg.fmt, run=self.run, layout=cfg.layout)
         guest = find_guest(cfg.guest_dir)
-        binary = cfg.qemu or (patched_qemu_path() if cfg.hook else STOCK_QEMU)
-        if not is_runnable(binary):
-            hint = " (run `make qemu`)" if cfg.hook else ""
-            raise BuildError(f"QEMU binary {binary} is missing{hint}")
+        binary = guest_qemu(hook=cfg.hook, qemu=cfg.qemu)
         args = (
             "-m", "256", "-no-reboot",
             "-kernel", str(guest.kernel), "-initrd", str(guest.initrd),
@@ -122,7 +122,7 @@ class Session:
             launch_timeout=cfg.step_timeout,
             command_timeout=cfg.step_timeout,
         )
-        self.qemu = Machine(machine)
+        self.qemu = EventMachine(machine)
         if cfg.hook:
             self._start_broker(self.qemu)
         log.info(
@@ -158,7 +158,7 @@ class Session:
             return [], [], [d]
         return [], [str(self.disk.path)], []
 
-    def _start_broker(self, vm: Machine) -> None:
+    def _start_broker(self, vm: EventMachine) -> None:
         ro, rw, create = self._policy_args()
         if self.config.broker_process:
             args = ["--audit", str(self.audit_path)]
@@ -181,7 +181,7 @@ class Session:
         return self.console
 
     @property
-    def vm(self) -> Machine:
+    def vm(self) -> EventMachine:
         if self.qemu is None:
             raise QEMUError("QEMU is not running (call start())")
         return self.qemu
@@ -285,7 +285,7 @@ class Session:
                 "write", r"WRITER DONE (\d+)", timeout=self.config.step_timeout, record=False
             )
             self.writer_done = True
-        self._step(
+        self.note(
             "write",
             True,
             time.monotonic() - self._writer_t0,
@@ -318,20 +318,17 @@ class Session:
             else:
                 raise ValueError(f"unknown snapshot kind {kind!r} (hmp or qmp)")
         except QEMUError as err:
-            self._step(step, False, time.monotonic() - t0, str(err))
+            self.note(step, False, time.monotonic() - t0, str(err))
             raise
         self.drain()
         after = self.synced[-1] if self.synced else -1
         mark = SnapshotMark(overlay=overlay, synced_before=before, synced_after=after)
         self.marks.append(mark)
-        self._step(step, True, time.monotonic() - t0, f"{overlay.name} after record {before}")
+        self.note(step, True, time.monotonic() - t0, f"{overlay.name} after record {before}")
         return mark
 
     def note(self, name: str, ok: bool, seconds: float, detail: str) -> None:
-        """Record and report a step done outside the console (a QMP job, a check)."""
-        self._step(name, ok, seconds, detail)
-
-    def _step(self, name: str, ok: bool, seconds: float, detail: str) -> None:
+        """Record (and show) a step that is not a console wait: QMP commands, checks."""
         result = StepResult(name=name, ok=ok, seconds=seconds, detail=detail)
         self.con.steps.append(result)
         if self._on_step is not None:
@@ -369,17 +366,25 @@ class Session:
                 )
         return self.vm.shutdown()
 
-    def verify(self) -> ChainReport:
+    def verify(
+        self,
+        *,
+        base: Path | None = None,
+        base_format: str | None = None,
+        marks: Sequence[SnapshotMark] | None = None,
+    ) -> ChainReport:
         """Every synced record is on the disk (through the snapshot chain), none corrupt.
 
+        By default the chain is the disk and the snapshots taken; a block
+        job that changed the chain passes the one that should be left.
         The report is kept in :attr:`report`; problems raise :class:`VerifyError`.
         """
         assert self.disk is not None
         t0 = time.monotonic()
         report = check_chain(
-            base=self.disk.path,
-            base_format=self.disk.fmt,
-            marks=self.marks,
+            base=base or self.disk.path,
+            base_format=base_format or self.disk.fmt,
+            marks=self.marks if marks is None else marks,
             synced=self.synced,
             layout=self.config.layout,
             run=self.run,
@@ -389,7 +394,7 @@ class Session:
             f"{report.verified}/{report.synced} synced records intact, "
             f"records per layer {dict(report.per_layer)}"
         )
-        self._step("verify", not report.problems, time.monotonic() - t0, detail)
+        self.note("verify", not report.problems, time.monotonic() - t0, detail)
         if report.problems:
             raise VerifyError(report.problems)
         return report
