@@ -149,7 +149,7 @@ fetch_source() {
 # A venv holding meson $1 (a pip requirement), made once per requirement.
 meson_env() {
   local spec=$1 dir
-  dir=$cache/meson/$(echo "$spec" | tr -c 'A-Za-z0-9.=_-' '_')
+  dir=$cache/meson/$(printf '%s' "$spec" | tr -c 'A-Za-z0-9.=_-' '_')
   if [ ! -f "$dir/.complete" ]; then
     say "pip install $spec into $dir (the build's own environment)"
     rm -rf "$dir"
@@ -286,10 +286,13 @@ build_one() {
   local targets=(qemu-system-x86_64 qemu-img qemu-io qemu-nbd storage-daemon/qemu-storage-daemon)
   [ "$kind" = patched ] && targets+=(contrib/open-hook-server/open-hook-server)
   local jobs=${QEMU_BUILD_JOBS:-2}
-  say "$label: ninja -j$jobs ${targets[*]} (progress below, full output in the log)"
-  (cd "$tmp/src/build" && ninja -j"$jobs" "${targets[@]}" 2>&1) |
-    tee -a "$log" | grep --line-buffered -E '^\[[0-9]+/[0-9]+\]|error|FAILED' |
-    sed -u "s/^/  [$label] /" >&2 || failed "ninja failed"
+  say "$label: ninja -j$jobs ${targets[*]} (every 100th step below, full output in the log)"
+  (cd "$tmp/src/build" && ninja -j"$jobs" "${targets[@]}" 2>&1) | tee -a "$log" |
+    awk -v label="$label" '
+      /^\[[0-9]+\/[0-9]+\]/ { split(substr($1, 2), a, "/"); n = a[1] + 0; m = a[2] + 0
+                              if (n % 100 == 0 || n == m) { printf "  [%s] step %d of %d\n", label, n, m; fflush() }
+                              next }
+      /error:|FAILED|fatal/ { print "  [" label "] " $0; fflush() }' >&2 || failed "ninja failed"
 
   local t
   for t in "${targets[@]}"; do

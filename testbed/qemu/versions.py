@@ -90,8 +90,15 @@ VERSIONS: dict[str, QemuVersion] = {
             # bookworm has meson 1.0.1, QEMU 10.0 needs >= 1.5, and the +ds
             # source drops the wheel upstream bundles in python/wheels
             meson="meson==1.5.2",
-            # configure would otherwise try to download meson and subprojects
-            configure_extra=("--disable-download",),
+            # configure would otherwise try to download meson and subprojects;
+            # vmdk, vpc and vhdx became features after 7.2 (always built there),
+            # so --without-default-features leaves them out unless asked for
+            configure_extra=(
+                "--disable-download",
+                "--enable-vmdk",
+                "--enable-vpc",
+                "--enable-vhdx",
+            ),
         ),
     )
 }
