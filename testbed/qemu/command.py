@@ -16,6 +16,7 @@ import argparse
 import json
 import os
 import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -149,6 +150,8 @@ def run_qemu(args: argparse.Namespace) -> int:
     if not is_runnable(binary):
         print(f"testbed qemu run: {binary} is missing ({build_hint(get(args.qemu_version), kind)})")
         return 1
+    what = "the given binary" if args.binary else f"QEMU {get(args.qemu_version).name} {kind}"
+    print(f"testbed qemu run: {what}: {binary}", file=sys.stderr, flush=True)
     argv = [str(binary)]
     for fw in FIRMWARE_DIRS:
         argv += ["-L", str(fw)]

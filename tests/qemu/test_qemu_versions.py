@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -149,3 +150,38 @@ def test_info_json_describes_a_built_version(
         tools = by_kind[kind]["tools"]
         assert isinstance(tools, dict) and set(tools) >= {"qemu-img", "qemu-io", "qemu-nbd"}
     assert by_kind["open-hook-server"]["version_string"] == ""
+
+
+def test_qemu_run_uses_the_version_asked_for(qemu_version: str, tmp_path: Path) -> None:
+    binary = require_binary(qemu_version, Kind.PATCHED)
+    missing = tmp_path / "missing.raw"
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "testbed",
+            "qemu",
+            "run",
+            "--qemu-version",
+            qemu_version,
+            "--allow-ro",
+            str(tmp_path),
+            "--",
+            "-machine",
+            "none",
+            "-nodefaults",
+            "-display",
+            "none",
+            "-drive",
+            f"file={missing},format=raw,if=none,id=d0",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert f"testbed qemu run: QEMU {qemu_version} patched: {binary}" in done.stderr
+    # QEMU asked the broker (granted directory, no such file) and stopped at startup
+    assert f"Could not open '{missing}': No such file or directory" in done.stderr
+    assert f"{missing} O_RDONLY|O_NONBLOCK -> No such file or directory" in done.stdout
+    assert done.returncode == 1
