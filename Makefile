@@ -11,7 +11,7 @@ export TESTBED_CACHE ?= $(HOME)/.cache/testbed
 help:
 	@echo "make demo   - set everything up and run the comparison report (the main job)"
 	@echo "make test   - set everything up and run the test suite"
-	@echo "make qemu   - build the patched QEMU (cached under $(TESTBED_CACHE))"
+	@echo "make qemu   - build QEMU 7.2 and 10.0, patched and stock (QEMU_VERSIONS=10.0: one; cached)"
 	@echo "make images - generate the image corpus under build/images"
 	@echo "make guest  - build the guest kernel + initramfs (cached)"
 	@echo "make bench  - fd-passing benchmark (table, JSON, plots under build/bench)"
@@ -30,7 +30,7 @@ $(STAMP): pyproject.toml
 venv: deps $(STAMP)
 
 qemu: deps
-	@scripts/build-qemu.sh
+	@QEMU_VERSIONS="$(QEMU_VERSIONS)" scripts/build-qemu.sh
 
 images: deps
 	@$(PYTHON) images/generate.py --out build/images

@@ -13,6 +13,8 @@
      +-- BlockError                    the block-layer model refused an operation
      +-- WaitTimeout (also TimeoutError)  a wait ran out; names what it waited for
      +-- BuildError                    building QEMU, images or the guest failed
+     |    +-- MissingBuildError        a QEMU build that was asked for is not there
+     +-- QemuVersionError              a QEMU version or binary kind nobody registered
      +-- QEMUError                     a QEMU process failed
      |    +-- LaunchError              QEMU did not start: command line, exit code, log
      +-- GuestError                    the guest did not do what a step expected
@@ -113,6 +115,20 @@ class BuildError(TestbedError):
     def __init__(self, message: str, *, log: str = "") -> None:
         super().__init__(message)
         self.log = log
+
+
+class MissingBuildError(BuildError):
+    """A QEMU binary that was asked for (version, kind, program) is not built."""
+
+    def __init__(self, message: str, *, version: str, kind: str, path: str) -> None:
+        super().__init__(message)
+        self.version = version
+        self.kind = kind
+        self.path = path
+
+
+class QemuVersionError(TestbedError):
+    """A QEMU version or binary kind that the registry (testbed.qemu.versions) does not know."""
 
 
 class QEMUError(TestbedError):

@@ -12,6 +12,11 @@ point where the -open-hook-fd series sends the request to the broker.
 (the broker answers) or through ``os.open`` (tests without a broker), and
 records an :class:`OpenEvent` per request -- the trace the broker's audit
 log would show (path, flags as sent, their names, mode, 0 or ``-errno``).
+
+Through the broker, a relative name is sent joined to the working directory
+(:func:`hook_name`), as the series' ``open_hook_absolute_name()`` does: the
+broker cannot know QEMU's working directory.  Errors keep the name as given,
+like QEMU's messages.
 """
 
 from __future__ import annotations
@@ -55,6 +60,20 @@ class OpenEvent:
         }
 
 
+def hook_name(path: str, cwd: str | None = None) -> str:
+    """The name the hook sends for ``path``: relative names joined to ``cwd`` (default: ours).
+
+    Not normalised (``../x`` becomes ``CWD/../x``), and an empty name stays
+    empty (joined it would name the directory itself; open(2) says ENOENT).
+    ``os.getcwd()`` raises FileNotFoundError once the directory is removed,
+    as the patch's getcwd() fails: no request is sent then.
+    """
+    if not path or path.startswith("/"):
+        return path
+    base = os.getcwd() if cwd is None else cwd
+    return base + path if base.endswith("/") else f"{base}/{path}"
+
+
 def _local_open(path: str, flags: int, mode: int) -> int:
     return os.open(path, flags, mode)
 
@@ -75,14 +94,18 @@ class Opener:
     def _one(self, path: str, flags: int, mode: int) -> int:
         flags |= os.O_CLOEXEC
         try:
-            fd = self._open(path, flags, mode)
+            sent = hook_name(path) if self.via_broker else path
+        except OSError as err:  # no working directory: no request, as in the patch
+            code = err.errno or errno.ENOENT
+            raise OSError(code, os.strerror(code), path) from err
+        try:
+            fd = self._open(sent, flags, mode)
         except OSError as err:
             code = err.errno or errno.EIO
-            self.trace.append(_event(path, flags, mode, -code))
-            if err.filename is None:
-                raise OSError(code, os.strerror(code), path) from err
-            raise
-        self.trace.append(_event(path, flags, mode, 0))
+            self.trace.append(_event(sent, flags, mode, -code))
+            # QEMU's message names the file as it was given, not as it was sent
+            raise OSError(code, os.strerror(code), path) from err
+        self.trace.append(_event(sent, flags, mode, 0))
         return fd
 
     def qemu_open(self, path: str, flags: int, mode: int = 0) -> int:

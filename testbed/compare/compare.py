@@ -109,8 +109,9 @@ KNOWN_DIVERGENCES: tuple[KnownDivergence, ...] = (
         reason=(
             "QEMU sometimes opens a name relative to its working directory (the host_cdrom "
             "probe of a whole 'fat:...' name; a qcow2 external data file named in the header). "
-            "The broker cannot resolve such a name and answers EACCES; stock QEMU gets the "
-            "kernel's answer for its working directory (ENOENT). Same request, other errno."
+            "The hook sends it joined to that directory, which is outside the scenario's "
+            "grant, so the broker answers EACCES; stock QEMU gets the kernel's answer for "
+            "its working directory (ENOENT). Same request, other errno."
         ),
         rewrite=_relative_refused,
     ),

@@ -7,7 +7,10 @@ The named filters, applied to every source alike:
   open and is dropped; a name QEMU gave relative to its working directory
   is kept as ``cwd:NAME`` (QEMU 7.2 opens a qcow2 external data file that
   way, and probes a whole ``fat:...`` name), the scenario directory inside
-  it written ``$D``; the working directory itself (``.``) is dropped;
+  it written ``$D``; the working directory itself (``.``) is dropped.  The
+  hook sends such a name joined to QEMU's working directory (the series
+  does, and so does the model), so an absolute name beneath ``qemu_cwd``
+  and not beneath the scenario is spelled the same ``cwd:NAME``;
 * flags lose ``O_CLOEXEC`` and ``O_LARGEFILE`` (QEMU adds the first itself,
   the broker ignores it; the second is 0 on x86_64 but strace may print it)
   and become symbolic names;
@@ -86,12 +89,17 @@ def scenario_roots(root: str | os.PathLike[str]) -> tuple[str, ...]:
     return (given,) if given == real else (given, real)
 
 
-def normalise_open(raw: RawOpen, roots: tuple[str, ...], *, cwd: str | None = None) -> Open | None:
+def normalise_open(
+    raw: RawOpen, roots: tuple[str, ...], *, cwd: str | None = None, qemu_cwd: str | None = None
+) -> Open | None:
     """One raw open as an :class:`Open`, or None if it is not beneath the scenario."""
     path = raw.path
     rel: str | None
     if os.path.isabs(path):
         rel = relative_to(path, roots)
+        joined = _joined_to(path, qemu_cwd) if rel is None else None
+        if joined is not None:
+            rel = CWD_PREFIX + _mark_roots(joined, roots)
     elif raw.dirfd != "AT_FDCWD":
         return None  # relative to a directory fd we cannot name
     elif cwd is not None:
@@ -102,9 +110,7 @@ def normalise_open(raw: RawOpen, roots: tuple[str, ...], *, cwd: str | None = No
         # QEMU asked for a name relative to its working directory: whatever that
         # is, the open is QEMU's choice and must be compared, so keep it visibly,
         # with the scenario directory inside it (``fat:16:/D/tree``) spelled $D
-        for root in roots:
-            path = path.replace(root + os.sep, ROOT_MARK + os.sep)
-        rel = CWD_PREFIX + path
+        rel = CWD_PREFIX + _mark_roots(path, roots)
     if rel is None:
         return None
     rel = _TEMP_NAME.sub(r"\1vl.XXXXXX", rel)
@@ -118,14 +124,36 @@ def normalise_open(raw: RawOpen, roots: tuple[str, ...], *, cwd: str | None = No
     )
 
 
+def _mark_roots(name: str, roots: tuple[str, ...]) -> str:
+    for root in roots:
+        name = name.replace(root + os.sep, ROOT_MARK + os.sep)
+    return name
+
+
+def _joined_to(path: str, qemu_cwd: str | None) -> str | None:
+    """The relative name the hook joined to ``qemu_cwd`` to make ``path``, if it did."""
+    if qemu_cwd is None or os.path.normpath(qemu_cwd) == "/":
+        return None  # beneath "/" is every path: nothing tells a joined name apart
+    prefix = os.path.normpath(qemu_cwd) + os.sep
+    return path[len(prefix) :] if path.startswith(prefix) else None
+
+
 def normalise(
-    raws: Iterable[RawOpen], root: str | os.PathLike[str], *, cwd: str | None = None
+    raws: Iterable[RawOpen],
+    root: str | os.PathLike[str],
+    *,
+    cwd: str | None = None,
+    qemu_cwd: str | None = None,
 ) -> list[Open]:
-    """The image opens of ``raws`` beneath ``root``, in order."""
+    """The image opens of ``raws`` beneath ``root``, in order.
+
+    ``qemu_cwd`` is the working directory of a QEMU (or model) that sent its
+    relative names through the hook joined to it.
+    """
     roots = scenario_roots(root)
     out = []
     for raw in raws:
-        o = normalise_open(raw, roots, cwd=cwd)
+        o = normalise_open(raw, roots, cwd=cwd, qemu_cwd=qemu_cwd)
         if o is not None:
             out.append(o)
     return out

@@ -45,7 +45,8 @@ class MachineConfig:
     ``line_buffered`` runs QEMU under ``stdbuf -oL``: HMP ``qemu-io`` prints
     to QEMU's stdout (the log), which is otherwise flushed only at exit.
     ``env`` adds variables to QEMU's environment (e.g. ``TMPDIR`` for
-    ``-snapshot``).
+    ``-snapshot``).  ``cwd`` is QEMU's working directory (default: ours),
+    against which it resolves relative names.
     """
 
     binary: Path = STOCK_QEMU
@@ -60,6 +61,7 @@ class MachineConfig:
     wrapper: tuple[str, ...] = ()
     line_buffered: bool = True
     env: tuple[tuple[str, str], ...] = ()
+    cwd: Path | None = None
     log_path: Path | None = None
     launch_timeout: float = 60.0
     command_timeout: float = 60.0

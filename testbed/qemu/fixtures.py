@@ -1,10 +1,14 @@
 """pytest fixtures for tests that run a real QEMU (loaded by ``testbed.pytest_plugin``).
 
+* ``qemu_version`` -- parametrised over every registered QEMU version
+  ("7.2", "10.0"; ``QEMU_VERSIONS=7.2`` limits it), so a test that uses a
+  machine fixture runs once per version, the version in its id
+  (``test_read[qemu10.0]``);
 * ``broker`` -- a started in-process :class:`~testbed.broker.Broker` whose
   policy lets QEMU create, read and write anything beneath the test's
   ``tmp_path``; stopped after the test.
 * ``patched_qemu`` -- a factory for launched :class:`Machine` s running the
-  patched binary with ``-open-hook-fd``; by default served by the ``broker``
+  patched binary of ``qemu_version`` with ``-open-hook-fd``; by default served by the ``broker``
   fixture, or by a broker for ``policy=`` or ``broker=`` you give::
 
       def test_read(patched_qemu, broker, tmp_path):
@@ -17,7 +21,8 @@
   ``vm.start_open_hook_server(...)``, then ``vm.launch()``); any other
   keyword goes to :class:`MachineConfig`.  Missing build: skipped locally,
   a failure under ``CI=true``.
-* ``stock_qemu`` -- the same factory for Debian's binary (never hooked).
+* ``stock_qemu`` -- the same factory for the version's stock binary (Debian's
+  for 7.2, the unpatched build of the same source for 10.0; never hooked).
 
 Every machine is shut down at the end of the test.  QEMU's log is
 ``tmp_path/qemu-N.log``.
@@ -26,6 +31,7 @@ Every machine is shut down at the end of the test.  QEMU's log is
 from __future__ import annotations
 
 import itertools
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,9 +41,29 @@ import pytest
 
 from testbed.broker import Broker, Policy
 from testbed.pytest_plugin import require
-from testbed.qemu.binaries import STOCK_QEMU, is_runnable, patched_qemu_path
+from testbed.qemu.binaries import build_hint, is_runnable, qemu_binary
 from testbed.qemu.commandline import MachineConfig
 from testbed.qemu.machine import Machine
+from testbed.qemu.versions import Kind, get, parse_versions
+
+
+def version_names() -> list[str]:
+    """The versions tests run against: ``$QEMU_VERSIONS`` (as for make), else every one."""
+    return [v.name for v in parse_versions(os.environ.get("QEMU_VERSIONS"))]
+
+
+def version_id(name: str) -> str:
+    return f"qemu{name}"
+
+
+def require_binary(version: str, kind: Kind) -> Path:
+    """``version``'s ``kind`` binary; skip (locally) or fail (CI) if it is not built."""
+    binary = qemu_binary(version, kind)
+    require(
+        is_runnable(binary),
+        f"QEMU {version} {kind.value} {binary} ({build_hint(get(version), kind)})",
+    )
+    return binary
 
 
 class MachineFactory(Protocol):
@@ -86,6 +112,14 @@ def grant_tmp_path(tmp_path: Path) -> Policy:
     return Policy.from_grants(create=[tmp_path])
 
 
+@pytest.fixture(params=version_names(), ids=version_id)
+def qemu_version(request: pytest.FixtureRequest) -> str:
+    """The QEMU version this test runs against ("7.2", "10.0")."""
+    name = request.param
+    assert isinstance(name, str)
+    return name
+
+
 @pytest.fixture
 def broker(tmp_path: Path) -> Iterator[Broker]:
     b = Broker(grant_tmp_path(tmp_path), audit_path=tmp_path / "audit.jsonl")
@@ -97,9 +131,10 @@ def broker(tmp_path: Path) -> Iterator[Broker]:
 
 
 @pytest.fixture
-def patched_qemu(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[MachineFactory]:
-    binary = patched_qemu_path()
-    require(is_runnable(binary), f"patched QEMU {binary} (run `make qemu`)")
+def patched_qemu(
+    request: pytest.FixtureRequest, tmp_path: Path, qemu_version: str
+) -> Iterator[MachineFactory]:
+    binary = require_binary(qemu_version, Kind.PATCHED)
     machines = _Machines(tmp_path)
 
     def make(
@@ -124,8 +159,8 @@ def patched_qemu(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Mac
 
 
 @pytest.fixture
-def stock_qemu(tmp_path: Path) -> Iterator[MachineFactory]:
-    require(is_runnable(STOCK_QEMU), f"Debian's QEMU {STOCK_QEMU} (scripts/deps.sh installs it)")
+def stock_qemu(tmp_path: Path, qemu_version: str) -> Iterator[MachineFactory]:
+    binary = require_binary(qemu_version, Kind.STOCK)
     machines = _Machines(tmp_path)
 
     def make(
@@ -140,7 +175,7 @@ def stock_qemu(tmp_path: Path) -> Iterator[MachineFactory]:
         if hook or policy is not None or broker is not None:
             raise ValueError("stock QEMU has no -open-hook-fd: use patched_qemu")
         config.setdefault("log_path", machines.log_path())
-        cfg = MachineConfig(binary=STOCK_QEMU, args=args, **config)
+        cfg = MachineConfig(binary=binary, args=args, **config)
         return machines.new(cfg, launch=launch, policy=None, broker=None)
 
     try:

@@ -204,6 +204,7 @@ class Machine:
                     stdout=out,
                     stderr=subprocess.STDOUT,
                     env={**os.environ, **dict(cfg.env)} if cfg.env else None,
+                    cwd=cfg.cwd,
                 )
         except OSError as err:
             self._release()

@@ -1,4 +1,5 @@
-"""qemu_open of the model: O_CLOEXEC, the O_DIRECT EINVAL retry, the broker's errno."""
+"""qemu_open of the model: O_CLOEXEC, the O_DIRECT EINVAL retry, the broker's errno,
+relative names sent joined to the working directory."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from testbed.block.layer import BlockLayer
-from testbed.block.opener import Opener
+from testbed.block.opener import Opener, hook_name
 from testbed.broker import Broker, Policy
 from testbed.transport import HookClient
 
@@ -104,3 +105,56 @@ def test_broker_refusal_surfaces_as_eacces_naming_the_file(
     assert layer.read("d1", 0, 512) == bytes(512)
     layer.quit()
     assert [ev.result for ev in layer.trace] == [-errno.EACCES, 0, 0]
+
+
+def test_hook_name_joins_relative_names_without_normalising() -> None:
+    assert hook_name("disk.raw", "/srv/vm") == "/srv/vm/disk.raw"
+    assert hook_name("../x", "/srv/vm") == "/srv/vm/../x"
+    assert hook_name("fat:16:/srv/tree", "/srv/vm") == "/srv/vm/fat:16:/srv/tree"
+    assert hook_name("x", "/") == "/x"
+    assert hook_name("/abs/x", "/srv/vm") == "/abs/x"
+    assert hook_name("", "/srv/vm") == ""
+
+
+def test_relative_name_reaches_the_broker_absolute_and_opens(
+    tmp_path: Path, ro_broker: HookClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "disk.raw").write_bytes(bytes(4096))
+    monkeypatch.chdir(tmp_path)
+    opener = Opener(ro_broker)
+    os.close(opener.qemu_open("disk.raw", os.O_RDONLY))
+    assert [(ev.path, ev.result) for ev in opener.trace] == [(f"{tmp_path}/disk.raw", 0)]
+
+
+def test_missing_relative_name_is_enoent_naming_it_as_given(
+    tmp_path: Path, ro_broker: HookClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # qemu-iotests 051: file.filename=foo:bar, where the hook used to say EACCES
+    monkeypatch.chdir(tmp_path)
+    opener = Opener(ro_broker)
+    with pytest.raises(FileNotFoundError) as info:
+        opener.qemu_open("foo:bar", os.O_RDONLY)
+    assert info.value.filename == "foo:bar"
+    assert opener.trace[-1].path == f"{tmp_path}/foo:bar"
+
+
+def test_local_open_keeps_relative_names(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "disk.raw").write_bytes(bytes(512))
+    monkeypatch.chdir(tmp_path)
+    opener = Opener()  # stock QEMU: open(2) gets the name as given
+    os.close(opener.qemu_open("disk.raw", os.O_RDONLY))
+    assert opener.trace[-1].path == "disk.raw"
+
+
+def test_no_working_directory_sends_no_request(
+    tmp_path: Path, ro_broker: HookClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    gone = tmp_path / "gone"
+    gone.mkdir()
+    monkeypatch.chdir(gone)
+    gone.rmdir()
+    opener = Opener(ro_broker)
+    with pytest.raises(FileNotFoundError) as info:
+        opener.qemu_open("disk.raw", os.O_RDONLY)
+    assert info.value.filename == "disk.raw"
+    assert opener.trace == []

@@ -90,6 +90,24 @@ def test_paths_outside_are_dropped_and_cwd_relative_ones_marked() -> None:
     assert [o.path for o in normalise(raws[:3], ROOT, cwd=ROOT)] == ["b"]
 
 
+def test_names_the_hook_joined_to_qemus_cwd_are_spelled_like_relative_ones() -> None:
+    # stock QEMU's strace shows the relative name; the hook sends it joined to the cwd
+    cwd = "/home/u/testbed"
+    stock = [RawOpen(path=f"fat:16:{ROOT}/tree", flags=0), RawOpen(path="data.raw", flags=0)]
+    hooked = [RawOpen(path=f"{cwd}/{r.path}", flags=0) for r in stock]
+    assert [o.path for o in normalise(hooked, ROOT, qemu_cwd=cwd)] == [
+        "cwd:fat:16:$D/tree",
+        "cwd:data.raw",
+    ]
+    assert normalise(hooked, ROOT, qemu_cwd=cwd) == normalise(stock, ROOT)
+    # beneath the scenario wins; elsewhere, and without qemu_cwd, it is not an image open
+    inside = [RawOpen(path=f"{ROOT}/a", flags=0), RawOpen(path="/srv/other/b", flags=0)]
+    assert [o.path for o in normalise(inside, ROOT, qemu_cwd=ROOT)] == ["a"]
+    assert normalise(hooked, ROOT) == []
+    # "/" as the cwd would claim every absolute path: it is not guessed
+    assert normalise([RawOpen(path="/usr/share/x", flags=0)], ROOT, qemu_cwd="/") == []
+
+
 def test_symlinked_root_matches_both_spellings(tmp_path: os.PathLike[str]) -> None:
     real = os.path.join(tmp_path, "real")
     os.mkdir(real)

@@ -21,13 +21,21 @@ pytestmark = pytest.mark.qemu
 
 @pytest.mark.parametrize(
     ("fd_kind", "message"),
-    [("pipe", "not a socket"), ("dgram", "not a stream socket"), ("stdin", "stdin")],
+    [
+        ("pipe", "not a socket"),
+        ("dgram", "not a stream socket"),
+        ("stdin", "cannot be stdin"),
+        ("word", "not a file descriptor number"),
+    ],
 )
 def test_open_hook_fd_must_be_a_connected_unix_stream_socket(
     patched_qemu: MachineFactory, fd_kind: str, message: str
 ) -> None:
     keep: list[object] = []
-    if fd_kind == "pipe":
+    arg = ""
+    if fd_kind == "word":
+        fd, arg = -1, "three"
+    elif fd_kind == "pipe":
         r, w = os.pipe()
         keep += [r, w]
         fd = r
@@ -37,10 +45,13 @@ def test_open_hook_fd_must_be_a_connected_unix_stream_socket(
         fd = a.fileno()
     else:
         fd = 0
+    arg = arg or str(fd)
     try:
         with pytest.raises(LaunchError) as info:
-            patched_qemu("-open-hook-fd", str(fd), hook=False, pass_fds=(fd,) if fd > 2 else ())
-        assert message in info.value.log
+            patched_qemu("-open-hook-fd", arg, hook=False, pass_fds=(fd,) if fd > 2 else ())
+        # error_report() prefixes the option and its argument itself: once
+        assert f"-open-hook-fd {arg}: {message}" in info.value.log
+        assert info.value.log.count("-open-hook-fd") == 1, info.value.log
         assert info.value.exitcode == 1
     finally:
         for k in keep:
@@ -143,3 +154,21 @@ def test_broker_as_a_separate_process(
     assert "Pattern verification failed" not in vm.qemu_io("drive0", f"read -P {PATTERN:#x} 0 4096")
     vm.shutdown()
     assert str(images.raw) in audit.read_text()
+
+
+def test_relative_names_are_sent_joined_to_qemus_working_directory(
+    patched_qemu: MachineFactory, broker: Broker, images: Images
+) -> None:
+    vm = patched_qemu(
+        "-drive", f"file={images.qcow2.name},format=qcow2,if=none,id=drive0", cwd=images.dir
+    )
+    # a relative file that exists opens (its backing name is relative to it, as before)
+    assert "Pattern verification failed" not in vm.qemu_io("drive0", f"read -P {PATTERN:#x} 0 4096")
+    # qemu-iotests 051: a missing relative name is QEMU's own ENOENT, not the broker's EACCES
+    with pytest.raises(QMPCommandError) as info:
+        vm.qmp("blockdev-add", driver="file", filename="foo:bar", **{"node-name": "fb"})
+    assert "Could not open 'foo:bar': No such file or directory" in info.value.desc
+    paths = [r.path for r in broker.records]
+    assert f"{images.dir}/{images.qcow2.name}" in paths
+    assert f"{images.dir}/foo:bar" in paths
+    assert all(p.startswith("/") for p in paths), paths

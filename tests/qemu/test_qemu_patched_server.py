@@ -7,26 +7,24 @@ from pathlib import Path
 import pytest
 from qemu_images import PATTERN, Images
 
-from testbed.pytest_plugin import require
-from testbed.qemu import QMPCommandError, open_hook_server_path
-from testbed.qemu.binaries import is_runnable
-from testbed.qemu.fixtures import MachineFactory
+from testbed.qemu import QMPCommandError
+from testbed.qemu.fixtures import MachineFactory, require_binary
+from testbed.qemu.versions import Kind
 
 pytestmark = pytest.mark.qemu
 
 
 def test_open_hook_server_grants_below_its_root(
-    patched_qemu: MachineFactory, images: Images, tmp_path: Path
+    patched_qemu: MachineFactory, images: Images, tmp_path: Path, qemu_version: str
 ) -> None:
-    server = open_hook_server_path()
-    require(is_runnable(server), f"{server} (run `make qemu`)")
+    server = require_binary(qemu_version, Kind.OPEN_HOOK_SERVER)
     outside = tmp_path / "outside.raw"
     outside.write_bytes(bytes(1 << 16))
     log = tmp_path / "server.log"
     vm = patched_qemu(
         "-drive", f"file={images.qcow2},format=qcow2,if=none,id=drive0", serve=False, launch=False
     )
-    vm.start_open_hook_server(images.dir, log_path=log)
+    vm.start_open_hook_server(images.dir, log_path=log, server=server)
     vm.launch()
     assert "Pattern verification failed" not in vm.qemu_io("drive0", f"read -P {PATTERN:#x} 0 4096")
     with pytest.raises(QMPCommandError, match="Permission denied"):

@@ -9,6 +9,7 @@ patched QEMU.
 
 from __future__ import annotations
 
+import os
 import time
 
 from testbed.block.layer import BlockLayer
@@ -40,7 +41,8 @@ def run(setup: Setup) -> OracleResult:
         client.close()
         broker.stop()
         result.seconds = time.monotonic() - start
-    result.trace = normalise(from_audit(broker.records), setup.root)
+    # the model joins relative names to our working directory, as the hook does
+    result.trace = normalise(from_audit(broker.records), setup.root, qemu_cwd=os.getcwd())
     return result
 
 

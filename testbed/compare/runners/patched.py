@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import os
 import subprocess
 from pathlib import Path
 
@@ -51,7 +52,8 @@ def run(setup: Setup) -> OracleResult:
     vm = Machine(config)
     vm.start_broker(setup.policy(), audit_path=audit)
     run_qemu_scenario(vm, setup, result)
-    result.trace = normalise(from_audit(read_audit(audit)), setup.root)
+    # QEMU runs in our working directory and the hook joins relative names to it
+    result.trace = normalise(from_audit(read_audit(audit)), setup.root, qemu_cwd=os.getcwd())
     result.log = str(log)
     result.extra["audit"] = str(audit)
     return result
