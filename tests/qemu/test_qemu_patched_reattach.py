@@ -208,6 +208,29 @@ def test_live_broker_is_replaced(patched_qemu: MachineFactory, images: Images) -
         old.stop()
 
 
+def test_stopped_broker_is_replaced_and_its_socket_closed(
+    patched_qemu: MachineFactory, images: Images, tmp_path: Path
+) -> None:
+    """open-hook-set does not wait for the old broker, and closes its socket."""
+    audit = tmp_path / "old.jsonl"
+    vm = patched_qemu(*drive(images), serve=False, launch=False)
+    pid = vm.start_broker_process(broker_args(images, audit), log_path=tmp_path / "old.log")
+    vm.launch()
+    check_data(vm)
+    old = next(p for p in vm.helpers if p.pid == pid)
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        new = vm.reattach_broker(Policy.from_grants(create=[images.dir]))
+        snapshot(vm, images.dir / "snap.qcow2")
+        assert any(r.path == str(images.dir / "snap.qcow2") for r in new.records)
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    # Its only connection is gone, so the --fd broker exits on its own.
+    assert old.wait(10) == 0
+    assert all(r.path != str(images.dir / "snap.qcow2") for r in read_audit(audit))
+    assert hook_info(vm)["failures"] == 0
+
+
 def _unconnected() -> socket.socket:
     return socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
 
