@@ -34,7 +34,7 @@ from typing import Any, TypeVar
 from qemu.qmp import ExecuteError, QMPClient, QMPError
 
 from testbed.broker import Broker, Policy
-from testbed.errors import LaunchError, QEMUError, WaitTimeout
+from testbed.errors import LaunchError, QEMUError, TransportError, WaitTimeout
 from testbed.qemu.binaries import open_hook_server_path
 from testbed.qemu.commandline import MachineConfig, build_argv
 
@@ -230,9 +230,9 @@ class Machine:
                 if time.monotonic() >= deadline:
                     raise WaitTimeout(f"a broker listening at {path} ({err})", timeout) from err
                 time.sleep(0.02)
-            except OSError:
+            except OSError as err:  # e.g. a path over the 107-byte limit
                 sock.close()
-                raise
+                raise TransportError(f"cannot connect to a broker at {path}: {err}") from err
         self.reattach_hook(sock)
 
     @property
