@@ -34,7 +34,7 @@ from typing import Any, TypeVar
 from qemu.qmp import ExecuteError, QMPClient, QMPError
 
 from testbed.broker import Broker, Policy
-from testbed.errors import LaunchError, QEMUError, WaitTimeout
+from testbed.errors import LaunchError, QEMUError, TransportError, WaitTimeout
 from testbed.qemu.binaries import open_hook_server_path
 from testbed.qemu.commandline import MachineConfig, build_argv
 
@@ -96,6 +96,7 @@ class Machine:
             )
         self.brokers: list[Broker] = []
         self.helpers: list[subprocess.Popen[bytes]] = []
+        self._reattached = 0
 
     # -- the hook end, before launch ------------------------------------------
 
@@ -126,7 +127,11 @@ class Machine:
         The process inherits our end of the socket pair and is waited for at
         shutdown.  Returns its pid.
         """
-        sock = self.take_hook_socket()
+        return self._spawn_hook_process(self.take_hook_socket(), argv, log_path)
+
+    def _spawn_hook_process(
+        self, sock: socket.socket, argv: Sequence[str], log_path: Path | None
+    ) -> int:
         fd = sock.fileno()
         words = [w.replace("{fd}", str(fd)) for w in argv]
         out = open(log_path, "ab") if log_path is not None else subprocess.DEVNULL  # noqa: SIM115
@@ -159,6 +164,76 @@ class Machine:
         binary = server or open_hook_server_path()
         argv = [str(binary), "--root", str(root), "--log", str(log_path), "--fd", "{fd}"]
         return self.start_hook_process(argv)
+
+    # -- a new broker for a running QEMU (patch 0007, QMP open-hook-set) -------
+
+    def reattach_hook(self, sock: socket.socket) -> None:
+        """Make ``sock`` (connected to a broker) QEMU's hook socket, replacing the old one.
+
+        The descriptor rides SCM_RIGHTS with QMP ``getfd``, then
+        ``open-hook-set`` swaps it in: QEMU closes the old socket and clears
+        the broken state.  ``sock`` is closed here (QEMU has its copy), also
+        when QEMU refuses it (QMPCommandError: no hook, not a connected UNIX
+        stream socket).
+        """
+        self._require_running("open-hook-set")
+        self._reattached += 1
+        fdname = f"testbed-open-hook-{self._reattached}"
+        try:
+            self._qmp.send_fd_scm(sock.fileno())
+            self.qmp("getfd", fdname=fdname)
+        finally:
+            sock.close()
+        self.qmp("open-hook-set", fdname=fdname)
+        log.info("QEMU pid %d: hook socket replaced (%s)", self._pid(), fdname)
+
+    def reattach_broker(self, policy: Policy, *, audit_path: str | Path | None = None) -> Broker:
+        """Serve the hook of the running QEMU with a new in-process :class:`Broker`."""
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        broker = Broker(policy, audit_path=audit_path)
+        broker.add_connection(ours)
+        broker.start()
+        self.brokers.append(broker)
+        self.reattach_hook(theirs)
+        return broker
+
+    def reattach_broker_process(
+        self, broker_args: Sequence[str], *, log_path: Path | None = None
+    ) -> int:
+        """Serve the hook with a new ``python -m testbed broker --fd N BROKER_ARGS``; its pid."""
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        argv = [sys.executable, "-m", "testbed", "broker", "--fd", "{fd}", *broker_args]
+        try:
+            pid = self._spawn_hook_process(ours, argv, log_path)
+        except BaseException:
+            theirs.close()
+            raise
+        self.reattach_hook(theirs)
+        return pid
+
+    def reattach_broker_socket(self, path: str | Path, *, timeout: float = 10.0) -> None:
+        """Connect to a broker listening at ``path`` (``testbed broker --socket``) for QEMU.
+
+        The broker sees this process as the peer (SO_PEERCRED is taken at
+        connect()), not QEMU: peer_uid / peer_pid rules match the caller.
+        Retries a missing or refusing socket until ``timeout`` (a broker just
+        started may not listen yet).
+        """
+        deadline = time.monotonic() + timeout
+        while True:
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                sock.connect(str(path))
+                break
+            except (FileNotFoundError, ConnectionRefusedError) as err:
+                sock.close()
+                if time.monotonic() >= deadline:
+                    raise WaitTimeout(f"a broker listening at {path} ({err})", timeout) from err
+                time.sleep(0.02)
+            except OSError as err:  # e.g. a path over the 107-byte limit
+                sock.close()
+                raise TransportError(f"cannot connect to a broker at {path}: {err}") from err
+        self.reattach_hook(sock)
 
     @property
     def console_socket(self) -> socket.socket:
