@@ -50,6 +50,7 @@ from dataclasses import dataclass
 from testbed.block import vvfat_names as names
 from testbed.block.vvfat_layout import (
     DEFAULT_LABEL,
+    DIRECTORY_FLAGS,
     SECTOR,
     SECTORS_PER_CLUSTER,
     Layout,
@@ -152,7 +153,12 @@ class VVFat:
             self._target_fd = self._create_write_target(make_temp)
         label = options.label.encode() if options.label else DEFAULT_LABEL
         try:
-            self.layout: Layout = build_layout(options.dirname, geo, label)
+            self.layout: Layout = build_layout(
+                options.dirname,
+                geo,
+                label,
+                open_dir=lambda path: self._qemu_open(path, DIRECTORY_FLAGS, 0),
+            )
         except BaseException:
             self._close_target()
             raise

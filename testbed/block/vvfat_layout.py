@@ -35,6 +35,7 @@ from __future__ import annotations
 import os
 import stat as stat_mod
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from testbed.block import vvfat_names as names
@@ -197,17 +198,45 @@ def _add_named_entry(layout: Layout, directory_start: int, filename: str) -> byt
     return entry
 
 
-def _read_directory(layout: Layout, mapping_index: int) -> None:
+#: The flags glibc's opendir() uses, which patch 0008 gives qemu_open.
+DIRECTORY_FLAGS = os.O_RDONLY | os.O_NONBLOCK | os.O_DIRECTORY
+#: Opens a directory for the scan (through the hook in the model).
+OpenDir = Callable[[str], int]
+
+
+def _open_directory(path: str) -> int:
+    return os.open(path, DIRECTORY_FLAGS | os.O_CLOEXEC)
+
+
+def _read_directory(layout: Layout, mapping_index: int, open_dir: OpenDir) -> None:
+    mapping = layout.mappings[mapping_index]
+    dirname = mapping.path
+    # The series' extension patch 0008: the directory is opened with
+    # qemu_open (so through the hook) and read with fdopendir; its entries
+    # are stat'ed with fstatat relative to it.  Nothing else is opened
+    # before it is closed.
+    try:
+        dirfd = open_dir(dirname)
+    except OSError as err:
+        mapping.end = mapping.begin
+        raise BlockError(
+            f"vvfat: could not read directory {dirname}: Could not open '{dirname}': {err.strerror}"
+        ) from err
+    try:
+        _scan_directory(layout, mapping_index, dirfd)
+    finally:
+        os.close(dirfd)
+
+
+def _scan_directory(layout: Layout, mapping_index: int, dirfd: int) -> None:
     mapping = layout.mappings[mapping_index]
     dirname = mapping.path
     first_cluster = mapping.begin
     parent = layout.mappings[mapping.parent_index] if mapping.parent_index >= 0 else None
     first_cluster_of_parent = parent.begin if parent is not None else -1
     try:
-        # QEMU's opendir+readdir; the list is taken at once so that the
-        # directory fd is closed before anything else happens, as closedir.
-        with os.scandir(dirname) as it:
-            dirents = [(d.name, os.path.join(dirname, d.name)) for d in it]
+        with os.scandir(dirfd) as it:
+            dirents = [d.name for d in it]
     except OSError as err:
         mapping.end = mapping.begin
         raise BlockError(f"vvfat: could not read directory {dirname}: {err.strerror}") from err
@@ -218,13 +247,13 @@ def _read_directory(layout: Layout, mapping_index: int) -> None:
         layout.directory.append(names.short_entry(b".          "))
         layout.directory.append(names.short_entry(b"..         "))
         entries += [(".", f"{dirname}/."), ("..", f"{dirname}/..")]
-    entries += [(n, f"{dirname}/{n}") for n, _ in dirents]
+    entries += [(n, f"{dirname}/{n}") for n in dirents]
 
     for name, path in entries:
         if is_root and len(layout.directory) >= layout.root_entries - 1:
             raise BlockError(f"vvfat: too many entries in root directory {dirname}")
         try:
-            st = os.stat(path)
+            st = os.stat(name, dir_fd=dirfd)
         except OSError:
             continue  # as QEMU: an entry that cannot be stat'ed is left out
         is_dot, is_dotdot = name == ".", name == ".."
@@ -343,7 +372,13 @@ def _init_bootsector(layout: Layout, sector_count: int) -> None:
     bs[base + 510 : base + 512] = b"\x55\xaa"
 
 
-def build_layout(dirname: str, geo: Geometry, label: bytes = DEFAULT_LABEL) -> Layout:
+def build_layout(
+    dirname: str,
+    geo: Geometry,
+    label: bytes = DEFAULT_LABEL,
+    *,
+    open_dir: OpenDir = _open_directory,
+) -> Layout:
     """``init_directories`` (+ ``init_mbr``): scan ``dirname`` and lay out the disk."""
     if len(label) > 11:
         raise BlockError(f"vvfat label cannot be longer than 11 bytes: {label!r}")
@@ -381,7 +416,7 @@ def build_layout(dirname: str, geo: Geometry, label: bytes = DEFAULT_LABEL) -> L
         mapping = layout.mappings[i]
         mapping.begin = cluster
         if mapping.is_directory:
-            _read_directory(layout, i)
+            _read_directory(layout, i, open_dir)
         else:
             # A file mapping exists only for a non-empty file.
             mapping.end = cluster + 1 + (mapping.end - 1) // layout.cluster_size

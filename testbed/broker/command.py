@@ -106,6 +106,15 @@ def register(sub: Any) -> None:
         action="store_true",
         help="follow symlinks whose every hop stays beneath a grant (for the flag grants)",
     )
+    p.add_argument(
+        "--allow-directories",
+        action="store_true",
+        help=(
+            "hand out directory fds beneath the flag grants (vvfat's directory scan "
+            "needs it; such an fd lets the peer list and open everything beneath "
+            "it itself, and openat(fd, '..') climbs out: docs/broker.md)"
+        ),
+    )
     p.add_argument("--policy", metavar="FILE", help="TOML policy file (see below)")
     p.add_argument("--audit", metavar="FILE", help="append one JSON line per request to FILE")
     p.add_argument(
@@ -143,6 +152,7 @@ def build_policy(args: argparse.Namespace) -> Policy:
         rw=args.allow_rw,
         create=args.allow_create,
         symlinks=args.allow_symlinks,
+        directories=args.allow_directories,
     )
     policy = flags_policy
     if args.policy:

@@ -75,22 +75,7 @@ def _relative_refused(left: list[Open], right: list[Open]) -> tuple[list[Open], 
     return out, right
 
 
-def _is_opendir(o: Open) -> bool:
-    return "O_DIRECTORY" in o.flags
-
-
 KNOWN_DIVERGENCES: tuple[KnownDivergence, ...] = (
-    KnownDivergence(
-        key="opendir",
-        pair=("patched", "stock"),
-        tag="",
-        reason=(
-            "glibc's opendir() opens the directory O_RDONLY|O_NONBLOCK|O_DIRECTORY with openat "
-            "(vvfat's directory scan, and the cleanup of its rw write target); the hook sits in "
-            "qemu_open and never sees these, strace does."
-        ),
-        rewrite=_drop_right(_is_opendir),
-    ),
     KnownDivergence(
         key="refusal",
         pair=("patched", "stock"),
@@ -137,17 +122,6 @@ KNOWN_DIVERGENCES: tuple[KnownDivergence, ...] = (
             "Same request, other errno."
         ),
         rewrite=_relative_refused,
-    ),
-    KnownDivergence(
-        key="opendir",
-        pair=("patched", "seccomp"),
-        tag="",
-        reason=(
-            "glibc's opendir() opens each directory O_RDONLY|O_NONBLOCK|O_DIRECTORY "
-            "(vvfat's directory scan): the supervisor serves every open and sees these, "
-            "the hook in qemu_open does not."
-        ),
-        rewrite=_drop_right(_is_opendir),
     ),
 )
 

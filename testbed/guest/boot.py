@@ -117,13 +117,6 @@ def run_boot(
     """Run the boot scenario; errors end up in ``BootResult.error``, not raised."""
     if opts.snapshot and opts.fmt == "vvfat":
         raise ValueError("--snapshot needs a writable image format, not vvfat")
-    if opts.sandbox and opts.fmt == "vvfat":
-        # QEMU scans a fat: directory with opendir/readdir, which no hook in
-        # qemu_open sees (DESIGN.md section 3), so a hidden directory reads as empty.
-        raise ValueError(
-            "--sandbox cannot be used with vvfat: QEMU reads the directory "
-            "listing with opendir(), which does not go through the hook"
-        )
     if opts.records < 4:
         raise ValueError(f"--records {opts.records}: need at least 4")
     if opts.job is not None:

@@ -162,6 +162,8 @@ class Session:
         ro, rw, create = self._policy_args()
         if self.config.broker_process:
             args = ["--audit", str(self.audit_path)]
+            if self.config.fmt == "vvfat":
+                args.append("--allow-directories")
             for flag, paths in (("--allow-ro", ro), ("--allow-rw", rw), ("--allow-create", create)):
                 for p in paths:
                     args += [flag, p]
@@ -169,7 +171,10 @@ class Session:
                 args, log_path=self.config.workdir / "broker.log"
             )
         else:
-            policy = Policy.from_grants(ro=ro, rw=rw, create=create)
+            # vvfat scans its tree through the hook (patch 0008): directory fds
+            policy = Policy.from_grants(
+                ro=ro, rw=rw, create=create, directories=self.config.fmt == "vvfat"
+            )
             self.broker = vm.start_broker(policy, audit_path=self.audit_path)
 
     # -- steps --------------------------------------------------------------

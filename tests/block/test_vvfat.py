@@ -27,7 +27,7 @@ import pytest
 from testbed.block import vvfat as vvfat_module
 from testbed.block import vvfat_names as names
 from testbed.block.vvfat import HOST_FILE_FLAGS, VVFat, VVFatOptions, parse_fat_filename
-from testbed.block.vvfat_layout import SECTOR, SECTORS_PER_CLUSTER, Mapping
+from testbed.block.vvfat_layout import DIRECTORY_FLAGS, SECTOR, SECTORS_PER_CLUSTER, Mapping
 from testbed.errors import BlockError
 from testbed.pytest_plugin import require
 
@@ -45,8 +45,14 @@ class Recorder:
         #: under :func:`watch_closes`).
         self.events: list[tuple[str, str]] = []
         self.refuse = refuse or set()
+        #: The directory scan's opens (patch 0008), kept apart from the host
+        #: files' so that the tests of file opens read as before.
+        self.scans: list[str] = []
 
     def __call__(self, path: str, flags: int, mode: int) -> int:
+        if flags == DIRECTORY_FLAGS:
+            self.scans.append(path)
+            return os.open(path, flags | os.O_CLOEXEC)
         self.calls.append((path, flags, mode))
         if path in self.refuse:
             raise OSError(errno.EACCES, os.strerror(errno.EACCES), path)
@@ -211,6 +217,8 @@ def test_host_files_opened_only_for_their_clusters(
         watch_closes(monkeypatch, rec),
         VVFat(parse_fat_filename(f"fat:16:{tree}"), qemu_open=rec) as vv,
     ):
+        # The scan (patch 0008): each directory through qemu_open, in QEMU's order.
+        assert rec.scans == [str(tree), str(tree / "sub")]
         # MBR, boot sector, FATs and the root directory: no host file.
         vv.read(0, cluster_offset(vv, 2))
         assert rec.calls == []
@@ -339,12 +347,25 @@ def test_model_through_broker(tmp_path: Path, make_pair: type) -> None:
     from testbed.broker import Policy
 
     tree = make_tree(tmp_path)
-    pair = make_pair(Policy.from_grants(ro=[tree]))
+    pair = make_pair(Policy.from_grants(ro=[tree], directories=True))
     with VVFat(parse_fat_filename(f"fat:16:{tree}"), qemu_open=pair.client.open) as vv:
         one = mapping(vv, "one.txt")
         assert vv.read(cluster_offset(vv, one.begin), 4) == b"one\n"
     records = pair.broker.records
-    assert [(r.path, r.flags, r.result) for r in records] == [(str(tree / "one.txt"), 0, 0)]
+    assert [(r.path, r.flags, r.result) for r in records] == [
+        (str(tree), DIRECTORY_FLAGS, 0),
+        (str(tree / "sub"), DIRECTORY_FLAGS, 0),
+        (str(tree / "one.txt"), 0, 0),
+    ]
+
+
+def test_model_scan_refused_without_a_directories_rule(tmp_path: Path, make_pair: type) -> None:
+    from testbed.broker import Policy
+
+    tree = make_tree(tmp_path)
+    pair = make_pair(Policy.from_grants(ro=[tree]))
+    with pytest.raises(BlockError, match=r"could not read directory.*Permission denied"):
+        VVFat(parse_fat_filename(f"fat:16:{tree}"), qemu_open=pair.client.open)
 
 
 # -- against QEMU ---------------------------------------------------------------

@@ -44,21 +44,17 @@ def test_flags_matter() -> None:
     assert r.status == MISMATCH
 
 
-def test_opendir_only_in_stock_is_known() -> None:
+def test_a_directory_scan_only_in_stock_is_a_mismatch() -> None:
+    # Patch 0008 sends vvfat's directory opens through the hook: a scan the
+    # hook did not see is no longer excused.
     stock = [op("tree", "O_RDONLY", "O_NONBLOCK", "O_DIRECTORY"), *BASE]
     r = compare_pair("patched", BASE, "stock", stock)
-    assert r.status == KNOWN and r.divergences == ("opendir",)
-    assert r.diff  # the original difference is still shown
+    assert r.status == MISMATCH and r.diff
 
 
-def test_opendir_is_not_excused_between_model_and_patched() -> None:
-    extra = [op("tree", "O_RDONLY", "O_NONBLOCK", "O_DIRECTORY"), *BASE]
-    assert compare_pair("model", BASE, "patched", extra).status == MISMATCH
-
-
-def test_opendir_excuse_does_not_hide_a_real_difference() -> None:
-    stock = [op("tree", "O_RDONLY", "O_DIRECTORY"), *BASE[:2]]
-    assert compare_pair("patched", BASE, "stock", stock).status == MISMATCH
+def test_the_same_directory_scan_on_both_sides_matches() -> None:
+    scan = [op("tree", "O_RDONLY", "O_NONBLOCK", "O_DIRECTORY"), *BASE]
+    assert compare_pair("patched", scan, "stock", scan).status == MATCH
 
 
 def test_refusal_compares_up_to_the_refused_open() -> None:
@@ -79,7 +75,13 @@ def test_refusal_still_catches_a_difference_before_the_refusal() -> None:
 
 def test_overall_is_the_worst() -> None:
     m = compare_pair("a", BASE, "b", BASE)
-    k = compare_pair("patched", BASE, "stock", [op("d", "O_RDONLY", "O_DIRECTORY"), *BASE])
+    k = compare_pair(
+        "patched",
+        [*BASE[:2], op("base.raw", result="EACCES")],
+        "stock",
+        [*BASE, op("base.raw", "O_RDWR")],
+        tags=frozenset({"refusal"}),
+    )
     x = compare_pair("a", BASE, "b", [])
     s = skipped("model", "patched", "no model")
     assert overall([m, s]) == MATCH

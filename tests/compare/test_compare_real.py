@@ -80,13 +80,17 @@ def test_blockdev_raw_works_with_fd_sets(images: dict[str, ImageInfo], tmp_path:
     assert r.oracles["fdset"].ok, r.oracles["fdset"].operations
 
 
-def test_vvfat_directory_scan_is_a_known_divergence(
+def test_vvfat_directory_scan_goes_through_the_hook(
     images: dict[str, ImageInfo], tmp_path: Path
 ) -> None:
-    r = run("vvfat-floppy_drive_read", images, tmp_path)
+    # With patch 0008 the hook sees the directory scan strace shows: the
+    # only divergence left is the relative-name probe's errno.
+    r = run("vvfat-floppy_drive_read", images, tmp_path, ("model", "patched", "stock"))
     p = r.pair("patched", "stock")
-    assert p.status == KNOWN and set(p.divergences) == {"opendir", "relative-name"}
-    assert any(o.path.startswith("tree/") for o in r.oracles["patched"].trace)
+    assert p.status == KNOWN and set(p.divergences) == {"relative-name"}
+    scans = [o for o in r.oracles["patched"].trace if "O_DIRECTORY" in o.flags]
+    assert scans and scans[0].path == "tree"
+    assert r.pair("model", "patched").status == MATCH
 
 
 def test_refused_backing_file(images: dict[str, ImageInfo], tmp_path: Path) -> None:

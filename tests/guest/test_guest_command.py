@@ -36,8 +36,3 @@ def test_guest_build_loads_modules_after_their_dependencies() -> None:
     ):
         assert order.index(before) < order.index(after), order
     assert (GUEST_DIR / "modules.load").read_text().split() == order
-
-
-def test_boot_rejects_sandboxed_vvfat(capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["boot", "--format", "vvfat", "--sandbox"]) == 2
-    assert "opendir()" in capsys.readouterr().err

@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 from qemu_images import FAT_PATTERN, PATTERN, Images, Open
 
-from testbed.broker import AuditRecord, Broker
+from testbed.broker import AuditRecord, Broker, Policy
+from testbed.errors import LaunchError
 from testbed.qemu import Machine
 from testbed.qemu.fixtures import MachineFactory
 
@@ -96,14 +97,32 @@ def fat_file_offset(vm: Machine, device: str, name: bytes) -> int:
 
 
 def test_vvfat_reads_host_files_through_the_hook(
-    patched_qemu: MachineFactory, broker: Broker, images: Images, opens: Opens
+    patched_qemu: MachineFactory, images: Images, opens: Opens, tmp_path: Path
 ) -> None:
-    vm = patched_qemu("-drive", f"file=fat:{images.fat_dir},format=raw,if=none,id=drive0")
-    # The directory scan is opendir/readdir in QEMU: no hook request yet.
-    assert opens(broker.records, images.dir) == []
-    offset = fat_file_offset(vm, "drive0", b"HELLO   TXT")
-    out = vm.qemu_io("drive0", f"read -P {FAT_PATTERN:#x} {offset} 2048")
-    assert "Pattern verification failed" not in out
-    assert "read 2048/2048 bytes" in out
-    vm.shutdown()
-    assert set(opens(broker.records, images.dir)) == {("fat/hello.txt", RO)}
+    # With the extension patch 0008 vvfat scans its directory through the
+    # hook too, and the broker hands out directory fds only under a rule
+    # that allows them.
+    policy = Policy.from_grants(create=[tmp_path], directories=True)
+    with Broker(policy, audit_path=tmp_path / "vvfat-audit.jsonl") as broker:
+        vm = patched_qemu(
+            "-drive", f"file=fat:{images.fat_dir},format=raw,if=none,id=drive0", broker=broker
+        )
+        scan = ("fat", "O_RDONLY|O_NONBLOCK|O_DIRECTORY")
+        assert opens(broker.records, images.dir) == [scan]
+        offset = fat_file_offset(vm, "drive0", b"HELLO   TXT")
+        out = vm.qemu_io("drive0", f"read -P {FAT_PATTERN:#x} {offset} 2048")
+        assert "Pattern verification failed" not in out
+        assert "read 2048/2048 bytes" in out
+        vm.shutdown()
+        assert set(opens(broker.records, images.dir)) == {scan, ("fat/hello.txt", RO)}
+
+
+def test_vvfat_directory_is_refused_without_a_directories_rule(
+    patched_qemu: MachineFactory, broker: Broker, images: Images
+) -> None:
+    vm = patched_qemu(
+        "-drive", f"file=fat:{images.fat_dir},format=raw,if=none,id=drive0", launch=False
+    )
+    with pytest.raises(LaunchError, match="Could not read directory"):
+        vm.launch()
+    assert any(r.result < 0 and r.path.endswith("/fat") for r in broker.records)
