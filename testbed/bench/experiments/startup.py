@@ -1,0 +1,89 @@
+"""QEMU start to QMP greeting (``-S``) against the depth of the backing chain.
+
+Per repetition, for each depth, each transport starts QEMU
+``starts_per_cell`` times (the repetition's figure is their median).  The
+cost per extra layer is the least-squares slope of time against depth,
+per transport, from each repetition's figures (median and spread of the
+slopes).  ``startup_depth64_hook_vs_path`` pairs depth 64's hook and path
+figures repetition by repetition.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import statistics
+from collections.abc import Sequence
+
+from testbed.bench.chain import make_chain
+from testbed.bench.experiments import Context
+from testbed.bench.experiments.qemus_alive import usable
+from testbed.bench.interleave import ainterleave
+from testbed.bench.qemurun import started
+from testbed.bench.results import Outcome, Row
+from testbed.bench.stats import paired_ratios, spread
+
+NAME = "startup"
+KEY = "startup_depth64_hook_vs_path"
+KEYS = (KEY,)
+
+
+def slope(xs: Sequence[float], ys: Sequence[float]) -> float:
+    """Least-squares slope of ys against xs."""
+    if len(xs) != len(ys) or len(xs) < 2:
+        raise ValueError("a slope needs two or more points, as many xs as ys")
+    mx, my = statistics.fmean(xs), statistics.fmean(ys)
+    den = sum((x - mx) ** 2 for x in xs)
+    if den == 0:
+        raise ValueError("a slope needs two different xs")
+    return sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True)) / den
+
+
+async def measure(ctx: Context, out: Outcome) -> dict[str, list[float]]:
+    transports = usable(ctx, NAME, out.rows, "all depths")
+    chains = {d: make_chain(ctx.qemu_root / "chains", d) for d in ctx.plan.depths}
+    ctx.services.broker()  # the daemon is up before the first clock starts
+
+    async def once(t_name: str, depth: int) -> float:
+        t = next(x for x in transports if x.name == t_name)
+        times = []
+        for _ in range(ctx.plan.starts_per_cell):
+            async with started(t.binary(ctx.env), t.launch(ctx.services, chains[depth])) as q:
+                times.append(q.greeting_s)
+        return statistics.median(times)
+
+    arms = {
+        f"{t.name}@{d}": (lambda _rep, n=t.name, d=d: once(n, d))
+        for d in ctx.plan.depths
+        for t in transports
+    }
+    return await ainterleave(ctx.plan.reps, arms, log=ctx.log, label="start-up")
+
+
+def run(ctx: Context) -> Outcome:
+    out = Outcome()
+    runs = asyncio.run(measure(ctx, out))
+    by_transport: dict[str, dict[int, list[float]]] = {}
+    for key, secs in runs.items():
+        name, _, depth = key.partition("@")
+        by_transport.setdefault(name, {})[int(depth)] = secs
+        out.rows.append(Row(experiment=NAME, transport=name, setting=f"depth {depth}",
+                            figures={"ms": spread([1000 * s for s in secs])}))  # fmt: skip
+    per_layer: dict[str, object] = {}
+    depths = list(ctx.plan.depths)
+    for name, cells in by_transport.items():
+        slopes = [
+            1000 * slope(depths, [cells[d][rep] for d in depths]) for rep in range(ctx.plan.reps)
+        ]
+        per_layer[name] = spread(slopes).as_json(3)
+        out.rows.append(Row(experiment=NAME, transport=name, setting="ms per extra layer",
+                            figures={"ms": spread(slopes)}))  # fmt: skip
+    out.extra["startup_ms_per_layer"] = per_layer
+    out.extra["startup_ms"] = {
+        name: {str(d): spread([1000 * s for s in cells[d]]).as_json(2) for d in depths}
+        for name, cells in by_transport.items()
+    }
+    if 64 in ctx.plan.depths and "hook" in by_transport and "path" in by_transport:
+        out.ratios[KEY] = paired_ratios(by_transport["hook"][64], by_transport["path"][64])
+    else:
+        out.missing[KEY] = "depth 64, hook or path not measured"
+    return out

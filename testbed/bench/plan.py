@@ -1,0 +1,35 @@
+"""How long and how often: the full plan of ``make bench`` and ``--quick``."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+from testbed.bench.qemus import DEFAULT_VERSION
+
+
+@dataclass(frozen=True, kw_only=True)
+class Plan:
+    reps: int  # interleaved repetitions of every comparison
+    seconds: float  # one ping-pong / sweep round
+    warmup: int  # ops before a client's rounds count
+    clients: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64)
+    qmp_ops: int = 300  # add-fd + remove-fd per repetition
+    blockdev_ops: int = 200  # blockdev-add + blockdev-del per repetition
+    depths: tuple[int, ...] = (1, 4, 16, 64)
+    starts_per_cell: int = 3  # QEMU starts per (depth, transport) per repetition
+    storm_sizes: tuple[int, ...] = (1, 4, 16)
+    storm_depth: int = 4
+    snapshot_depth: int = 4
+    qemu_version: str = DEFAULT_VERSION
+    experiments: tuple[str, ...] | None = None  # None: all
+    transports: tuple[str, ...] | None = None  # QEMU transports; None: all registered
+
+    def as_json(self) -> dict[str, object]:
+        return asdict(self)
+
+
+FULL = Plan(reps=7, seconds=1.0, warmup=1000)
+QUICK = Plan(
+    reps=3, seconds=0.2, warmup=200, clients=(1, 64), qmp_ops=60, blockdev_ops=40,
+    starts_per_cell=1,
+)  # fmt: skip
