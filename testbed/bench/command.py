@@ -41,6 +41,13 @@ def register(subparsers: Any) -> None:
     parser.add_argument("--reps", type=int, metavar="N", help="repetitions (default 7; quick 3)")
     parser.add_argument("--json", type=Path, metavar="FILE", help="write the results as JSON")
     parser.add_argument("--plot", type=Path, metavar="DIR", help="write PNG plots into DIR")
+    parser.add_argument(
+        "--markdown",
+        type=Path,
+        metavar="FILE",
+        help="write the results as markdown; in a FILE with the results markers "
+        "(docs/bench.md) only that section is replaced",
+    )
     parser.add_argument("--only", metavar="EXP,EXP", help="run only these experiments")
     parser.add_argument(
         "--transports", metavar="T,T", help="QEMU transports to run (default: every registered one)"
@@ -170,4 +177,7 @@ def run_command(args: argparse.Namespace) -> int:
     if args.plot:
         for path in report.write_plots(result, args.plot):
             log(f"wrote {path}")
+    if args.markdown:
+        report.write_markdown(result, args.markdown)
+        log(f"wrote the results section of {args.markdown}")
     return 0

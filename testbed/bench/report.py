@@ -181,3 +181,73 @@ def write_plots(report: Report, out_dir: Path) -> list[Path]:
         plt.close(fig)
         written.append(path)
     return written
+
+
+BEGIN = "<!-- bench results: begin (testbed bench --markdown) -->"
+END = "<!-- bench results: end -->"
+
+
+def _md_cell(s: Spread, digits: int) -> str:
+    return f"{_num(s.median, digits)} ({_num(s.low, digits)}-{_num(s.high, digits)})"
+
+
+def markdown(report: Report) -> str:
+    """The results section of docs/bench.md: the run, the goals, every experiment's table."""
+    m = report.machine
+    la0, la1 = m.get("load_average_at_start"), m.get("load_average_at_end")
+    lines = [
+        BEGIN,
+        "",
+        f"Run of {m.get('date', '')}: {m.get('cpu_model')}, {m.get('nproc')} CPUs, kernel "
+        f"{m.get('kernel')}, Python {m.get('python')}; {report.plan.reps} interleaved "
+        f"repetitions; load average {la0} at start, {la1} at end; {report.wall_s:.0f} s.",
+        "",
+        "| ratio | goal | median | min-max | reps | met |",
+        "|---|---:|---:|---:|---:|---|",
+    ]
+    for v in report.verdicts:
+        if v.value is None:
+            lines.append(
+                f"| `{v.goal.key}` | {v.goal.text} | - | - | - | not measured: {v.reason} |"
+            )
+            continue
+        s = v.value
+        met = "yes" if v.met else "**no**"
+        lines.append(
+            f"| `{v.goal.key}` | {v.goal.text} | {s.median:.3f} | {s.low:.3f}-{s.high:.3f} "
+            f"| {s.n} | {met} |"
+        )
+    floor = report.floor.get("syscalls")
+    if isinstance(floor, list):
+        lines += ["", "`python_floor` per request: " + ", ".join(f"`{x}`" for x in floor) + "."]
+    by_experiment: dict[str, list[Row]] = {}
+    for r in report.outcome.rows:
+        by_experiment.setdefault(r.experiment, []).append(r)
+    for name, rows in by_experiment.items():
+        figures = [k for k in COLUMNS if any(k in r.figures for r in rows)]
+        lines += ["", f"**{name}** (median (min-max) over repetitions)", ""]
+        lines.append("| transport | setting | " + " | ".join(COLUMNS[k][0] for k in figures) + " |")
+        lines.append("|---|---|" + "---:|" * len(figures))
+        for r in rows:
+            if r.skipped:
+                lines.append(f"| {r.transport} | {r.setting} | skipped: {r.skipped} |")
+                continue
+            cells = [_md_cell(r.figures[k], COLUMNS[k][1]) if k in r.figures else "-"
+                     for k in figures]  # fmt: skip
+            lines.append(f"| {r.transport} | {r.setting} | " + " | ".join(cells) + " |")
+    lines += ["", END]
+    return "\n".join(lines) + "\n"
+
+
+def write_markdown(report: Report, path: Path) -> None:
+    """Replace the results section of ``path`` (between the markers), or write it alone."""
+    section = markdown(report)
+    text = path.read_text(encoding="utf-8") if path.exists() else ""
+    if BEGIN in text and END in text:
+        head, _, rest = text.partition(BEGIN)
+        _, _, tail = rest.partition(END)
+        text = head + section.rstrip("\n") + tail
+    else:
+        text = section
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text, encoding="utf-8")

@@ -118,3 +118,17 @@ def test_plots_are_written(tmp_path: Path) -> None:
     paths = write_plots(fake_report(), tmp_path)
     assert {p.name for p in paths} == {"startup.png", "throughput.png", "latency.png"}
     assert all(p.stat().st_size > 1000 for p in paths)
+
+
+def test_markdown_replaces_only_the_results_section(tmp_path: Path) -> None:
+    from testbed.bench.report import BEGIN, END, write_markdown
+
+    doc = tmp_path / "bench.md"
+    doc.write_text(f"# Benchmark\nintro\n{BEGIN}\nold figures\n{END}\nclosing words\n")
+    write_markdown(fake_report(), doc)
+    text = doc.read_text()
+    assert text.startswith("# Benchmark\nintro\n") and text.endswith(f"{END}\nclosing words\n")
+    assert "old figures" not in text
+    assert "| `broker_64_vs_broker_1` | >= 1 | 1.500 | 1.400-1.600 | 3 | yes |" in text
+    assert "| hook_c | depth 1 | skipped: open-hook-server not built |" in text
+    assert text.count(BEGIN) == 1
