@@ -14,7 +14,7 @@ from testbed.bench.transports import TRANSPORTS, Transport
 
 
 def test_every_registered_part_loads_under_its_name_in_order() -> None:
-    assert SERVERS.names() == ["broker", "python_floor", "open_hook_server", "c_limit"]
+    assert SERVERS.names()[:4] == ["broker", "python_floor", "open_hook_server", "c_limit"]
     assert [s.name for s in SERVERS] == SERVERS.names()
     assert TRANSPORTS.names()[:4] == ["path", "hook", "hook_c", "fdset"]
     assert [t.name for t in TRANSPORTS] == TRANSPORTS.names()

@@ -45,6 +45,8 @@ def run(ctx: Context) -> Outcome:
     with contextlib.ExitStack() as stack:
         for p in placements():
             for server in servers:
+                if server.placements is not None and p not in server.placements:
+                    continue
                 why = server.unavailable(ctx.env)
                 if why:
                     out.rows.append(Row(experiment=NAME, transport=server.name,

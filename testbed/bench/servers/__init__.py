@@ -13,7 +13,7 @@ from typing import ClassVar, Protocol
 
 from testbed.bench.brokerload import BrokerProcess, ClientPool, SpawnedServer, broker_argv
 from testbed.bench.env import Env
-from testbed.bench.placement import Cpus
+from testbed.bench.placement import Cpus, Placement
 from testbed.bench.registry import Registry
 from testbed.bench.stats import RunFigures
 
@@ -28,6 +28,8 @@ class PingPong(abc.ABC):
 
     name: ClassVar[str]
     what: ClassVar[str]
+    #: the placements it is measured under (None: every one)
+    placements: ClassVar[tuple[Placement, ...] | None] = None
 
     def unavailable(self, env: Env) -> str | None:
         """Why this server cannot run here (None: it can)."""
@@ -83,6 +85,8 @@ SERVERS: Registry[PingPong] = Registry(
         "python_floor": "python_floor",
         "open_hook_server": "open_hook_server",
         "c_limit": "c_limit",
+        "c_floor": "c_floor",
+        "c_pidfd": "c_pidfd",
     },
     PingPong,
 )

@@ -10,13 +10,13 @@ from testbed.bench.stats import RunFigures
 
 
 class CSession:
-    def __init__(self, env: Env, cpus: Cpus) -> None:
+    def __init__(self, env: Env, cpus: Cpus, mode: CMode = CMode.PINGPONG) -> None:
         assert env.c_limit is not None
-        self.env, self.cpus, self.binary = env, cpus, env.c_limit
+        self.env, self.cpus, self.binary, self.mode = env, cpus, env.c_limit, mode
 
     def round(self, seconds: float) -> RunFigures:
         return run_c(
-            self.binary, CMode.PINGPONG, self.env.file, seconds=seconds,
+            self.binary, self.mode, self.env.file, seconds=seconds,
             warmup=self.env.warmup, cpus=self.cpus,
         )  # fmt: skip
 
