@@ -16,7 +16,7 @@ class Plan:
     qmp_ops: int = 300  # add-fd + remove-fd per repetition
     blockdev_ops: int = 200  # blockdev-add + blockdev-del per repetition
     depths: tuple[int, ...] = (1, 4, 16, 64)
-    starts_per_cell: int = 3  # QEMU starts per (depth, transport) per repetition
+    starts_per_cell: int = 5  # QEMU starts per (depth, transport) per repetition
     storm_sizes: tuple[int, ...] = (1, 4, 16)
     storm_depth: int = 4
     snapshot_depth: int = 4
@@ -28,7 +28,7 @@ class Plan:
         return asdict(self)
 
 
-FULL = Plan(reps=7, seconds=1.0, warmup=1000)
+FULL = Plan(reps=7, seconds=1.0, warmup=1000, starts_per_cell=5)
 QUICK = Plan(
     reps=3, seconds=0.2, warmup=200, clients=(1, 64), qmp_ops=60, blockdev_ops=40,
     starts_per_cell=1,

@@ -100,6 +100,24 @@ def chain_node(chain: Chain, filename: Sequence[str] | None = None) -> dict[str,
     return node
 
 
+def flat_chain_args(filenames: Sequence[str]) -> tuple[str, ...]:
+    """The chain as libvirt writes it: base first, a ``file`` and a ``qcow2`` node per
+    layer, each format node naming its backing node (``null`` for the base); the top's
+    format node is ``top``.  Flat, unlike :func:`chain_node` with names, whose nesting
+    QEMU takes quadratic time to process (depth 64: ~190 ms against ~27 ms)."""
+    args: list[str] = []
+    below: str | None = None
+    for i, name in reversed(list(enumerate(filenames))):
+        storage, fmt = f"storage{i}", ("top" if i == 0 else f"format{i}")
+        ro = i != 0  # backing layers read-only, as libvirt opens them
+        file_node = {"driver": "file", "filename": name, "node-name": storage, "read-only": ro}
+        fmt_node = {"driver": "qcow2", "node-name": fmt, "file": storage, "backing": below,
+                    "read-only": ro}  # fmt: skip
+        args += ["-blockdev", json.dumps(file_node), "-blockdev", json.dumps(fmt_node)]
+        below = fmt
+    return tuple(args)
+
+
 def blockdev_args(node: dict[str, Any]) -> tuple[str, ...]:
     return ("-blockdev", json.dumps(node))
 
@@ -117,6 +135,7 @@ TRANSPORTS: Registry[Transport] = Registry(
         "hook": "hook",
         "hook_c": "hook_c",
         "fdset": "fdset",
+        "path_flat": "path_flat",
         "path_debian": "path_debian",
     },
     Transport,

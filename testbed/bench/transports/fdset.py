@@ -18,7 +18,7 @@ from pathlib import Path
 
 from testbed.bench.chain import Chain
 from testbed.bench.qemurun import Launch
-from testbed.bench.transports import Services, Transport, blockdev_args, chain_node, close_all
+from testbed.bench.transports import Services, Transport, close_all, flat_chain_args
 
 FIRST_SET = 10
 
@@ -55,7 +55,7 @@ class FdSet(Transport):
             close_all(fds)
             raise
         if chain is not None:
-            args.extend(blockdev_args(chain_node(chain, layer_names)))
+            args.extend(flat_chain_args(layer_names))
         return Launch(
             args=tuple(args), pass_fds=tuple(fds), names=names,
             spawned=lambda: close_all(fds),
