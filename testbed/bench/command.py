@@ -61,6 +61,13 @@ def register(subparsers: Any) -> None:
         help=f"which QEMU build to measure (default {DEFAULT_VERSION})",
     )
     parser.add_argument(
+        "--qemu-placement",
+        choices=["same-core", "unpinned"],
+        default="same-core",
+        help="where the harness, QEMU and its broker run for blockdev, startup and snapshot "
+        "(default same-core; the storm and the handover always run unpinned)",
+    )
+    parser.add_argument(
         "--check-syscalls",
         action="store_true",
         help="compare the floor's per-request syscalls with the broker's, and exit",
@@ -99,12 +106,16 @@ def parse_clients(text: str) -> tuple[int, ...]:
 
 def plan_from(args: argparse.Namespace) -> Any:
     from testbed.bench.experiments import EXPERIMENTS
+    from testbed.bench.placement import Placement
     from testbed.bench.plan import FULL, QUICK
     from testbed.bench.qemus import versions
     from testbed.bench.transports import TRANSPORTS
 
     plan = QUICK if args.quick else FULL
-    changes: dict[str, Any] = {"qemu_version": args.qemu_version}
+    changes: dict[str, Any] = {
+        "qemu_version": args.qemu_version,
+        "qemu_placement": Placement(args.qemu_placement),
+    }
     if args.qemu_version not in versions():
         raise argparse.ArgumentTypeError(
             f"--qemu-version {args.qemu_version}: known {', '.join(versions())}"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
+from testbed.bench.placement import Placement
 from testbed.bench.qemus import DEFAULT_VERSION
 
 
@@ -21,11 +22,16 @@ class Plan:
     storm_depth: int = 4
     snapshot_depth: int = 4
     qemu_version: str = DEFAULT_VERSION
+    #: where the harness, QEMU and its broker run for blockdev, startup and snapshot
+    #: (the storm and the handover are always unpinned)
+    qemu_placement: Placement = Placement.SAME_CORE
     experiments: tuple[str, ...] | None = None  # None: all
     transports: tuple[str, ...] | None = None  # QEMU transports; None: all registered
 
     def as_json(self) -> dict[str, object]:
-        return asdict(self)
+        d = asdict(self)
+        d["qemu_placement"] = self.qemu_placement.value
+        return d
 
 
 FULL = Plan(reps=7, seconds=1.0, warmup=1000, starts_per_cell=5)

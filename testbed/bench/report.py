@@ -114,7 +114,8 @@ def write_plots(report: Report, out_dir: Path) -> list[Path]:
     startup: dict[str, list[tuple[int, Spread]]] = {}
     for r in _rows(report, "startup"):
         if r.setting.startswith("depth "):
-            startup.setdefault(r.transport, []).append((int(r.setting.split()[1]), r.figures["ms"]))
+            depth = int(r.setting.split(",")[0].split()[1])
+            startup.setdefault(r.transport, []).append((depth, r.figures["ms"]))
     if startup:
         fig, ax = plt.subplots(figsize=(8, 5))
         for name, points in startup.items():

@@ -44,7 +44,7 @@ class Report:
         return {
             "machine": self.machine,
             "plan": self.plan.as_json(),
-            "placement": placement_note(),
+            "placement": placement_note(self.plan),
             "python_floor": self.floor,
             "results": [r.as_json() for r in self.outcome.rows],
             "ratios": {v.goal.key: v.as_json() for v in self.verdicts},
@@ -53,7 +53,7 @@ class Report:
         }
 
 
-def placement_note() -> dict[str, object]:
+def placement_note(plan: Plan) -> dict[str, object]:
     """Which CPUs each placement means on this machine (recorded in the JSON)."""
     out: dict[str, object] = {}
     for p in Placement:
@@ -63,7 +63,10 @@ def placement_note() -> dict[str, object]:
             out[p.value] = str(err)
             continue
         out[p.value] = {"server": c.broker, "client": c.client}
-    out["qemu"] = "unpinned (QEMU, brokers and the harness wherever the scheduler puts them)"
+    out["qemu"] = (
+        f"blockdev, startup, snapshot: {plan.qemu_placement.value} (the harness, every QEMU, "
+        "C server and the broker daemon); storm and handover: unpinned"
+    )
     return out
 
 

@@ -15,7 +15,7 @@ import statistics
 from pathlib import Path
 
 from testbed.bench.experiments import Context
-from testbed.bench.experiments.qemus_alive import start_all, usable
+from testbed.bench.experiments.qemus_alive import placed, start_all, usable
 from testbed.bench.interleave import ainterleave
 from testbed.bench.qemurun import Launch, Qemu
 from testbed.bench.results import Outcome, Row
@@ -62,9 +62,10 @@ async def measure(ctx: Context, out: Outcome) -> dict[str, list[float]]:
 
 def run(ctx: Context) -> Outcome:
     out = Outcome()
-    runs = asyncio.run(measure(ctx, out))
+    with placed(ctx, ctx.plan.qemu_placement) as where:
+        runs = asyncio.run(measure(ctx, out))
     for name, secs in runs.items():
-        out.rows.append(Row(experiment=NAME, transport=name, setting="blockdev-add p50",
+        out.rows.append(Row(experiment=NAME, transport=name, setting=f"blockdev-add p50, {where}",
                             figures={"ms": spread([1000 * s for s in secs])}))  # fmt: skip
     for key, hook in RATIOS.items():
         if hook in runs and "path" in runs:

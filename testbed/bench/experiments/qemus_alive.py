@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Mapping, Sequence
+import os
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
 from testbed.bench.chain import Chain
 from testbed.bench.env import Env
 from testbed.bench.experiments import Context
+from testbed.bench.placement import Placement, cpus_for
 from testbed.bench.qemurun import Launch, Qemu, started
 from testbed.bench.results import Row
 from testbed.bench.transports import TRANSPORTS, Transport
@@ -38,3 +40,19 @@ async def start_all(
         qemu = await stack.enter_async_context(started(t.binary(env), launch))
         out[t.name] = (qemu, launch)
     return out
+
+
+@contextlib.contextmanager
+def placed(ctx: Context, placement: Placement) -> Iterator[str]:
+    """Run the harness (and so every QEMU and C server it spawns) and the broker
+    daemon under ``placement``; the harness's own affinity comes back afterwards.
+    Yields the placement's name for the rows."""
+    saved = os.sched_getaffinity(0)
+    cpu = cpus_for(placement).broker
+    try:
+        os.sched_setaffinity(0, saved if cpu is None else {cpu})
+        ctx.services.broker().pin(cpu)
+        yield placement.value
+    finally:
+        os.sched_setaffinity(0, saved)
+        ctx.services.broker().pin(None)

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from testbed.bench.chain import make_chain
 from testbed.bench.experiments import Context
-from testbed.bench.experiments.qemus_alive import start_all, usable
+from testbed.bench.experiments.qemus_alive import placed, start_all, usable
 from testbed.bench.interleave import ainterleave
 from testbed.bench.qemurun import Launch, Qemu
 from testbed.bench.results import Outcome, Row
@@ -69,10 +69,11 @@ async def measure(ctx: Context, out: Outcome) -> dict[str, list[float]]:
 
 def run(ctx: Context) -> Outcome:
     out = Outcome()
-    runs = asyncio.run(measure(ctx, out))
+    with placed(ctx, ctx.plan.qemu_placement) as where:
+        runs = asyncio.run(measure(ctx, out))
     for name, secs in runs.items():
         out.rows.append(Row(experiment=NAME, transport=name,
-                            setting=f"depth {ctx.plan.snapshot_depth}+",
+                            setting=f"depth {ctx.plan.snapshot_depth}+, {where}",
                             figures={"ms": spread([1000 * s for s in secs])}))  # fmt: skip
     if "path" in runs:
         out.extra["snapshot_vs_path"] = {

@@ -16,7 +16,7 @@ from collections.abc import Sequence
 
 from testbed.bench.chain import make_chain
 from testbed.bench.experiments import Context
-from testbed.bench.experiments.qemus_alive import usable
+from testbed.bench.experiments.qemus_alive import placed, usable
 from testbed.bench.interleave import ainterleave
 from testbed.bench.qemurun import started
 from testbed.bench.results import Outcome, Row
@@ -61,12 +61,13 @@ async def measure(ctx: Context, out: Outcome) -> dict[str, list[float]]:
 
 def run(ctx: Context) -> Outcome:
     out = Outcome()
-    runs = asyncio.run(measure(ctx, out))
+    with placed(ctx, ctx.plan.qemu_placement) as where:
+        runs = asyncio.run(measure(ctx, out))
     by_transport: dict[str, dict[int, list[float]]] = {}
     for key, secs in runs.items():
         name, _, depth = key.partition("@")
         by_transport.setdefault(name, {})[int(depth)] = secs
-        out.rows.append(Row(experiment=NAME, transport=name, setting=f"depth {depth}",
+        out.rows.append(Row(experiment=NAME, transport=name, setting=f"depth {depth}, {where}",
                             figures={"ms": spread([1000 * s for s in secs])}))  # fmt: skip
     per_layer: dict[str, object] = {}
     depths = list(ctx.plan.depths)
@@ -75,7 +76,7 @@ def run(ctx: Context) -> Outcome:
             1000 * slope(depths, [cells[d][rep] for d in depths]) for rep in range(ctx.plan.reps)
         ]
         per_layer[name] = spread(slopes).as_json(3)
-        out.rows.append(Row(experiment=NAME, transport=name, setting="ms per extra layer",
+        out.rows.append(Row(experiment=NAME, transport=name, setting=f"ms per extra layer, {where}",
                             figures={"ms": spread(slopes)}))  # fmt: skip
     out.extra["startup_ms_per_layer"] = per_layer
     out.extra["startup_ms"] = {

@@ -12,8 +12,9 @@ import asyncio
 
 from testbed.bench.chain import make_chain
 from testbed.bench.experiments import Context
-from testbed.bench.experiments.qemus_alive import usable
+from testbed.bench.experiments.qemus_alive import placed, usable
 from testbed.bench.interleave import ainterleave
+from testbed.bench.placement import Placement
 from testbed.bench.qemurun import storm
 from testbed.bench.results import Outcome, Row
 from testbed.bench.stats import paired_ratios, spread
@@ -47,10 +48,11 @@ async def measure(ctx: Context, out: Outcome) -> dict[str, list[float]]:
 
 def run(ctx: Context) -> Outcome:
     out = Outcome()
-    runs = asyncio.run(measure(ctx, out))
+    with placed(ctx, Placement.UNPINNED) as where:
+        runs = asyncio.run(measure(ctx, out))
     for key, secs in runs.items():
         name, _, n = key.partition("@")
-        out.rows.append(Row(experiment=NAME, transport=name, setting=f"{n} QEMUs",
+        out.rows.append(Row(experiment=NAME, transport=name, setting=f"{n} QEMUs, {where}",
                             figures={"ms": spread([1000 * s for s in secs])}))  # fmt: skip
     if "hook@16" in runs and "path@16" in runs:
         out.ratios[KEY] = paired_ratios(runs["hook@16"], runs["path@16"])
