@@ -75,8 +75,10 @@ def fake_report() -> Report:
             figures={"ops_per_s": spread([2e4]), "p50_us": s, "p99_us": s}),
         Row(experiment="sweep", transport="broker", setting="64 clients unpinned",
             figures={"ops_per_s": spread([3e4]), "p50_us": s, "p99_us": s}),
-        Row(experiment="startup", transport="path", setting="depth 1, same-core", figures={"ms": s}),
-        Row(experiment="startup", transport="path", setting="depth 64, same-core", figures={"ms": s}),
+        Row(experiment="startup", transport="path", setting="depth 1, same-core",
+            figures={"ms": s}),
+        Row(experiment="startup", transport="path", setting="depth 64, same-core",
+            figures={"ms": s}),
         Row(experiment="startup", transport="hook_c", setting="depth 1",
             skipped="open-hook-server not built"),
     ]  # fmt: skip
