@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 import types
+from pathlib import Path
 
 import pytest
 
@@ -64,3 +65,16 @@ def test_qemu_binaries_come_from_one_function_keyed_by_version() -> None:
         KeyError, match=r"no patched QEMU 10\.0 .*add it in testbed/bench/qemus\.py"
     ):
         qemus.find_qemu(qemus.Build.PATCHED, "10.0")
+
+
+def test_a_transport_whose_binary_is_missing_says_so(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    from testbed.bench.env import Env
+
+    missing_qemu = tmp_path / "build" / "qemu" / "bin" / "qemu-system-x86_64"
+    monkeypatch.setitem(qemus.BINARIES, (qemus.Build.PATCHED, "7.2"), lambda: missing_qemu)
+    env = Env(work_dir=tmp_path, file=tmp_path / "f", warmup=0, qemu_version="7.2")
+    why = TRANSPORTS.get("hook").unavailable(env)
+    assert why == f"patched QEMU 7.2 {missing_qemu} is not built (make qemu)"
+    assert TRANSPORTS.get("hook_c").unavailable(env) is not None
