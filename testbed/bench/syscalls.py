@@ -44,7 +44,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from testbed.errors import TestbedError, WaitTimeout
-from testbed.protocol import encode_request
+from testbed.protocol import encode_request, format_flags
 
 RESOLVE_NAMES = {
     "RESOLVE_NO_XDEV": 0x01,
@@ -54,6 +54,21 @@ RESOLVE_NAMES = {
     "RESOLVE_IN_ROOT": 0x10,
     "RESOLVE_CACHED": 0x20,
 }
+_MSG_NAMES = {
+    n: int(getattr(socket, n))
+    for n in ("MSG_CMSG_CLOEXEC", "MSG_DONTWAIT", "MSG_NOSIGNAL", "MSG_PEEK", "MSG_WAITALL")
+}
+
+
+def _names(value: int, table: dict[str, int]) -> str:
+    """``A|B`` for the bits of ``value`` named in ``table``, the rest in hex; ``0`` for none."""
+    words = [name for name, bit in table.items() if value & bit]
+    rest = value & ~sum(bit for name, bit in table.items() if name in words)
+    if rest:
+        words.append(hex(rest))
+    return "|".join(words) or "0"
+
+
 #: Calls that wait for the next request: they open a request's segment.
 WAITS = frozenset({"epoll_wait", "epoll_pwait", "epoll_pwait2", "poll", "ppoll", "select"})
 
@@ -87,17 +102,20 @@ class Step:
     target: str = ""  # REOPEN: whose /proc/self/fd entry; SEND: the fd passed ("" for none)
 
     def label(self) -> str:
-        """A compact rendering for reports: ``openat2(root, O_RDONLY|..., RESOLVE_...)``."""
-        extra = []
-        if self.kind in (Kind.OPENAT2, Kind.REOPEN, Kind.RECV, Kind.SEND) and self.flags:
-            extra.append(hex(self.flags))
-        if self.resolve:
-            extra.append(f"resolve={self.resolve:#x}")
-        if self.kind is Kind.FCNTL:
-            extra.append(f"cmd={self.command}, {self.flags:#x}")
-        if self.target:
-            extra.append(self.target)
-        return f"{self.kind.value}({', '.join([self.fd, *extra])})"
+        """A readable rendering: ``new0 = openat2(root, O_RDONLY|..., RESOLVE_BENEATH|...)``."""
+        k = self.kind
+        if k is Kind.OPENAT2:
+            how = f"{format_flags(self.flags)}, {_names(self.resolve, RESOLVE_NAMES)}"
+            return f"{self.fd} = openat2({self.target}, {how})"
+        if k is Kind.REOPEN:
+            return f"{self.fd} = openat(/proc/self/fd/{self.target}, {format_flags(self.flags)})"
+        if k in (Kind.RECV, Kind.SEND):
+            passed = f", [{self.target}]" if self.target else ""
+            return f"{k.value}({self.fd}{passed}, {_names(self.flags, _MSG_NAMES)})"
+        if k is Kind.FCNTL:
+            command = "F_SETFL" if self.command == fcntl.F_SETFL else "F_GETFL"
+            return f"fcntl({self.fd}, {command}, {format_flags(self.flags)})"
+        return f"{k.value}({self.fd})"
 
     def as_json(self) -> dict[str, object]:
         d = asdict(self)

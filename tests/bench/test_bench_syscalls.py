@@ -84,6 +84,8 @@ def test_the_hardened_broker_reopen_is_derived_too() -> None:
     reopen = d.program[4]
     assert (reopen.fd, reopen.target, reopen.flags) == ("new1", "new0", os.O_CLOEXEC)
     assert d.program[7].target == "new1"  # the reopened fd is what travels
+    assert reopen.label() == "new1 = openat(/proc/self/fd/new0, O_RDONLY|O_CLOEXEC)"
+    assert d.program[7].label() == "sendmsg(sock, [new1], MSG_DONTWAIT|MSG_NOSIGNAL)"
 
 
 def test_a_call_the_floor_cannot_issue_is_an_error_naming_it() -> None:
