@@ -7,6 +7,7 @@ in the same pass and per-repetition ratios pair them up.
 
 from __future__ import annotations
 
+import statistics
 from collections.abc import Awaitable, Callable, Mapping
 from typing import TypeVar
 
@@ -43,3 +44,30 @@ async def ainterleave(
         for name, arm in arms.items():
             out[name].append(await arm(rep))
     return out
+
+
+async def ainterleave_rounds(
+    reps: int, rounds: int, arms: Mapping[str, Callable[[], Awaitable[float]]], *,
+    log: Log | None = None, label: str = "",
+) -> dict[str, list[float]]:  # fmt: skip
+    """Repetitions of ``rounds`` samples per arm, the arms alternating sample by sample
+    (A B C A B C ... within a repetition too); each repetition's value is its median.
+
+    For short operations (one ``blockdev-add``, one QEMU start) a burst of outside
+    load then spreads over every arm instead of landing on one arm's batch.
+    """
+    if rounds < 1:
+        raise ValueError(f"{rounds} rounds per repetition")
+
+    def one_rep(_rep: int) -> Callable[[], Awaitable[dict[str, float]]]:
+        async def run() -> dict[str, float]:
+            samples: dict[str, list[float]] = {name: [] for name in arms}
+            for _ in range(rounds):
+                for name, arm in arms.items():
+                    samples[name].append(await arm())
+            return {name: statistics.median(v) for name, v in samples.items()}
+
+        return run
+
+    per_rep = await ainterleave(reps, {"all": lambda rep: one_rep(rep)()}, log=log, label=label)
+    return {name: [rep[name] for rep in per_rep["all"]] for name in arms}

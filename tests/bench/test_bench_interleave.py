@@ -48,3 +48,23 @@ def test_async_arms_alternate_and_never_overlap() -> None:
 def test_no_repetitions_is_an_error(reps: int) -> None:
     with pytest.raises(ValueError, match="repetitions"):
         interleave(reps, {"A": lambda r: r})
+
+
+def test_rounds_alternate_sample_by_sample_and_each_repetition_is_a_median() -> None:
+    from testbed.bench.interleave import ainterleave_rounds
+
+    order: list[str] = []
+    values = {"A": iter([5.0, 1.0, 3.0, 10.0, 20.0, 30.0]), "B": iter([2.0] * 6)}
+
+    def arm(name: str):  # type: ignore[no-untyped-def]
+        async def run() -> float:
+            order.append(name)
+            return next(values[name])
+
+        return run
+
+    out = asyncio.run(ainterleave_rounds(2, 3, {"A": arm("A"), "B": arm("B")}))
+    assert order == list("ABABABABABAB")
+    assert out == {"A": [3.0, 20.0], "B": [2.0, 2.0]}
+    with pytest.raises(ValueError, match="rounds"):
+        asyncio.run(ainterleave_rounds(1, 0, {"A": arm("A")}))

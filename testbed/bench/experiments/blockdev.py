@@ -1,8 +1,9 @@
 """``blockdev-add`` of a read-only ``file`` node (then ``blockdev-del``), every transport.
 
-One QEMU per transport runs for the whole experiment; each repetition is a
-batch of add + del per transport in turn.  The figure is ``blockdev-add``
-alone (its p50 over the batch): what attaching a disk costs.
+One QEMU per transport runs for the whole experiment; each repetition is
+``blockdev_ops`` rounds of one add + del per transport in turn (A B C A B C
+within the repetition too).  The figure is ``blockdev-add`` alone (the
+repetition's median): what attaching a disk costs.
 ``qemu_hook_vs_path`` and ``qemu_hook_c_vs_path`` pair each repetition's
 hook figure with the by-path one.
 """
@@ -11,12 +12,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import statistics
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 from testbed.bench.experiments import Context
 from testbed.bench.experiments.qemus_alive import placed, start_all, usable
-from testbed.bench.interleave import ainterleave
+from testbed.bench.interleave import ainterleave_rounds
 from testbed.bench.qemurun import Launch, Qemu
 from testbed.bench.results import Outcome, Row
 from testbed.bench.stats import paired_ratios, spread
@@ -34,15 +35,17 @@ def bench_file(root: Path) -> Path:
     return path
 
 
-async def batch(qemu: Qemu, launch: Launch, file: Path, ops: int) -> float:
-    """Median seconds of ``blockdev-add`` over ``ops`` add + del pairs."""
+def add_del(qemu: Qemu, launch: Launch, file: Path) -> Callable[[], Awaitable[float]]:
+    """One ``blockdev-add`` (timed, seconds) and its ``blockdev-del``."""
     node = {"driver": "file", "filename": launch.name(file), "node-name": "bench",
             "read-only": True}  # fmt: skip
-    adds = []
-    for _ in range(ops):
-        adds.append(await qemu.timed("blockdev-add", node))
+
+    async def op() -> float:
+        took = await qemu.timed("blockdev-add", node)
         await qemu.execute("blockdev-del", {"node-name": "bench"})
-    return statistics.median(adds)
+        return took
+
+    return op
 
 
 async def measure(ctx: Context, out: Outcome) -> dict[str, list[float]]:
@@ -51,13 +54,13 @@ async def measure(ctx: Context, out: Outcome) -> dict[str, list[float]]:
     async with contextlib.AsyncExitStack() as stack:
         later = {t.name: [file] for t in transports}
         running = await start_all(stack, ctx, transports, {}, later)
-        for qemu, launch in running.values():
-            await batch(qemu, launch, file, 10)  # warm-up
-        arms = {
-            name: (lambda _rep, q=q, la=la: batch(q, la, file, ctx.plan.blockdev_ops))
-            for name, (q, la) in running.items()
-        }
-        return await ainterleave(ctx.plan.reps, arms, log=ctx.log, label="blockdev-add")
+        arms = {name: add_del(q, la, file) for name, (q, la) in running.items()}
+        for op in arms.values():
+            for _ in range(10):  # warm-up
+                await op()
+        return await ainterleave_rounds(
+            ctx.plan.reps, ctx.plan.blockdev_ops, arms, log=ctx.log, label="blockdev-add"
+        )
 
 
 def run(ctx: Context) -> Outcome:

@@ -1,7 +1,7 @@
 """QEMU start to QMP greeting (``-S``) against the depth of the backing chain.
 
-Per repetition, for each depth, each transport starts QEMU
-``starts_per_cell`` times (the repetition's figure is their median).  The
+Per repetition, ``starts_per_cell`` rounds of one start of every (depth,
+transport) in turn (the repetition's figure is each cell's median).  The
 cost per extra layer is the least-squares slope of time against depth,
 per transport, from each repetition's figures (median and spread of the
 slopes).  ``startup_depth64_hook_vs_path`` pairs depth 64's hook and path
@@ -12,15 +12,16 @@ from __future__ import annotations
 
 import asyncio
 import statistics
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 
 from testbed.bench.chain import make_chain
 from testbed.bench.experiments import Context
 from testbed.bench.experiments.qemus_alive import placed, usable
-from testbed.bench.interleave import ainterleave
+from testbed.bench.interleave import ainterleave_rounds
 from testbed.bench.qemurun import started
 from testbed.bench.results import Outcome, Row
 from testbed.bench.stats import paired_ratios, spread
+from testbed.bench.transports import Transport
 
 NAME = "startup"
 KEY = "startup_depth64_hook_vs_path"
@@ -43,20 +44,17 @@ async def measure(ctx: Context, out: Outcome) -> dict[str, list[float]]:
     chains = {d: make_chain(ctx.qemu_root / "chains", d) for d in ctx.plan.depths}
     ctx.services.broker()  # the daemon is up before the first clock starts
 
-    async def once(t_name: str, depth: int) -> float:
-        t = next(x for x in transports if x.name == t_name)
-        times = []
-        for _ in range(ctx.plan.starts_per_cell):
+    def start(t: Transport, depth: int) -> Callable[[], Awaitable[float]]:
+        async def once() -> float:
             async with started(t.binary(ctx.env), t.launch(ctx.services, chains[depth])) as q:
-                times.append(q.greeting_s)
-        return statistics.median(times)
+                return q.greeting_s
 
-    arms = {
-        f"{t.name}@{d}": (lambda _rep, n=t.name, d=d: once(n, d))
-        for d in ctx.plan.depths
-        for t in transports
-    }
-    return await ainterleave(ctx.plan.reps, arms, log=ctx.log, label="start-up")
+        return once
+
+    arms = {f"{t.name}@{d}": start(t, d) for d in ctx.plan.depths for t in transports}
+    return await ainterleave_rounds(
+        ctx.plan.reps, ctx.plan.starts_per_cell, arms, log=ctx.log, label="start-up"
+    )
 
 
 def run(ctx: Context) -> Outcome:
