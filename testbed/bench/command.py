@@ -63,9 +63,10 @@ def register(subparsers: Any) -> None:
     parser.add_argument(
         "--qemu-placement",
         choices=["same-core", "unpinned"],
-        default="same-core",
+        default="unpinned",
         help="where the harness, QEMU and its broker run for blockdev, startup and snapshot "
-        "(default same-core; the storm and the handover always run unpinned)",
+        "(default unpinned; same-core pins them all to one CPU; the storm and the handover "
+        "always run unpinned)",
     )
     parser.add_argument(
         "--check-syscalls",

@@ -24,7 +24,7 @@ class Plan:
     qemu_version: str = DEFAULT_VERSION
     #: where the harness, QEMU and its broker run for blockdev, startup and snapshot
     #: (the storm and the handover are always unpinned)
-    qemu_placement: Placement = Placement.SAME_CORE
+    qemu_placement: Placement = Placement.UNPINNED
     experiments: tuple[str, ...] | None = None  # None: all
     transports: tuple[str, ...] | None = None  # QEMU transports; None: all registered
 
