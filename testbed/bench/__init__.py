@@ -1,18 +1,18 @@
-"""The fd-passing benchmark (``testbed bench``).
+"""The fd-passing benchmark (``testbed bench``): costs users feel, as ratios in one run.
 
-Transports, each measured in the same run on the same file:
-
-- ``broker``: the project's broker process over -open-hook-fd, N client
-  processes (:mod:`testbed.bench.brokerload`, clients in
-  :mod:`testbed.bench.client`);
-- ``c_limit``, ``c_floor``, ``c_pidfd``: a C ping-pong doing the same
-  exchange, open+close with no passing, and pidfd_getfd(2)
-  (:mod:`testbed.bench.climit`, source ``c_limit.c``);
-- ``qmp_add_fd``: QMP ``add-fd`` + ``remove-fd`` against a real QEMU, and
-  ``blockdev_add_*``: ``blockdev-add`` + ``blockdev-del`` of a file node by
-  path, through ``/dev/fdset/N`` and through the hook (:mod:`testbed.bench.qmpload`).
-
-:mod:`testbed.bench.runner` runs a plan, :mod:`testbed.bench.results` holds
-the figures and ratios, :mod:`testbed.bench.report` prints, writes JSON and
-plots.
+- :mod:`testbed.bench.experiments`: what is measured (ping-pong, client
+  sweep, fd handover vs QMP add-fd, blockdev-add, QEMU start-up against
+  chain depth, blockdev-snapshot-sync, start storms), each interleaving the
+  transports it compares repetition by repetition
+  (:mod:`testbed.bench.interleave`);
+- :mod:`testbed.bench.servers` and :mod:`testbed.bench.transports`: the
+  registries of ping-pong servers (the broker, the Python floor, the C
+  open-hook-server, the C limit) and of the ways images reach QEMU (by
+  path, hook with the Python broker or the C server, fd sets);
+- :mod:`testbed.bench.syscalls` and :mod:`testbed.bench.pyfloor`: the
+  Python floor, derived from an strace of the broker;
+- :mod:`testbed.bench.goals`: the issue's goals, each ratio the median of
+  per-repetition ratios; :mod:`testbed.bench.runner` runs a
+  :mod:`testbed.bench.plan`; :mod:`testbed.bench.report` prints, writes
+  JSON, markdown and plots.
 """

@@ -1,8 +1,11 @@
-"""Transport 1: the project's broker as its own process, N client processes.
+"""Servers in their own processes, and N client processes that load them.
 
 The broker is started the way a user starts it (``python -m testbed broker
---socket PATH --allow-ro DIR``), pinned where the placement says, and fed
-by N forked clients (:mod:`testbed.bench.client`).  All clients start and
+--socket PATH --allow-ro DIR``, :class:`BrokerProcess`); a server that
+serves one inherited socket (the Python floor, the series' C
+``open-hook-server``, ``testbed broker --fd``) runs as a
+:class:`SpawnedServer` on one end of a socketpair.  Either is pinned where
+the placement says and fed by forked clients (:mod:`testbed.bench.client`).  All clients start and
 stop on the same CLOCK_MONOTONIC instants, so the aggregate ops/s is the
 sum of their ops over one shared window.  The broker's CPU time per op
 comes from ``/proc/PID/task/*/schedstat`` (nanoseconds, every thread).
@@ -23,6 +26,7 @@ from collections.abc import Callable, Sequence
 from multiprocessing.connection import Connection, wait
 from pathlib import Path
 from types import TracebackType
+from typing import Protocol
 
 from testbed.bench.client import ClientConfig, serve_harness
 from testbed.bench.placement import pin
@@ -55,6 +59,8 @@ def task_cpu_ns(pid: int) -> int:
 
 class BrokerProcess:
     """The broker serving on a UNIX socket in a private short directory."""
+
+    client_fd: int | None = None  # clients connect to socket_path
 
     def __init__(
         self, allow_ro: Path, *, cpu: int | None,
@@ -121,20 +127,92 @@ class BrokerProcess:
         self.stop()
 
 
+class SpawnedServer:
+    """A server process serving one inherited socket; ``client_fd`` is the other end.
+
+    ``argv`` holds ``{fd}`` where the server's descriptor number goes.  The
+    server is expected to exit when its peer hangs up.
+    """
+
+    socket_path: str | None = None
+
+    def __init__(self, argv: Sequence[str], *, cpu: int | None) -> None:
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        self._client: socket.socket | None = ours
+        self.argv = [w.replace("{fd}", str(theirs.fileno())) for w in argv]
+        self._log = tempfile.TemporaryFile()  # noqa: SIM115 - lives as long as the server
+        try:
+            self.proc = subprocess.Popen(
+                self.argv, pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL,
+                stdout=self._log, stderr=subprocess.STDOUT,
+            )  # fmt: skip
+        except OSError as err:
+            ours.close()
+            raise BrokerBenchError(f"cannot start {self.argv[0]}: {err}") from err
+        finally:
+            theirs.close()
+        self.pin(cpu)
+
+    @property
+    def client_fd(self) -> int | None:
+        return None if self._client is None else self._client.fileno()
+
+    def release_client(self) -> None:
+        """Drop our copy of the client end (the forked client holds its own)."""
+        if self._client is not None:
+            self._client.close()
+            self._client = None
+
+    def pin(self, cpu: int | None) -> None:
+        for task in os.listdir(f"/proc/{self.proc.pid}/task"):
+            with contextlib.suppress(OSError):
+                pin(int(task), cpu)
+
+    def log(self) -> str:
+        self._log.seek(0)
+        return self._log.read().decode("utf-8", "replace")[-2000:]
+
+    def cpu_ns(self) -> int:
+        return task_cpu_ns(self.proc.pid)
+
+    def stop(self, timeout: float = 5.0) -> None:
+        self.release_client()
+        try:
+            self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(timeout)
+        self._log.close()
+
+
+class Served(Protocol):
+    """What a client pool needs from the server it loads."""
+
+    @property
+    def socket_path(self) -> str | None: ...
+    @property
+    def client_fd(self) -> int | None: ...
+    def log(self) -> str: ...
+    def cpu_ns(self) -> int: ...
+
+
 class ClientPool:
-    """N forked client processes connected to one broker, run in timed rounds."""
+    """N forked client processes connected to one server, run in timed rounds."""
 
     def __init__(
-        self, n: int, broker: BrokerProcess, file: Path, *, cpu: int | None, warmup: int,
+        self, n: int, broker: Served, file: Path, *, cpu: int | None, warmup: int,
         ready_timeout: float = 60.0,
     ) -> None:  # fmt: skip
         if n < 1:
             raise ValueError(f"client count {n} < 1")
+        if broker.socket_path is None and n != 1:
+            raise ValueError(f"a server on one inherited socket takes one client, not {n}")
         self.broker = broker
         ctx = multiprocessing.get_context("fork")
         config = ClientConfig(
-            socket_path=broker.socket_path, file=str(file), warmup=warmup, cpu=cpu
-        )
+            socket_path=broker.socket_path, fd=broker.client_fd, file=str(file),
+            warmup=warmup, cpu=cpu,
+        )  # fmt: skip
         self._conns: list[Connection] = []
         self._procs: list[multiprocessing.process.BaseProcess] = []
         try:
@@ -145,6 +223,8 @@ class ClientPool:
                 theirs.close()
                 self._conns.append(ours)
                 self._procs.append(proc)
+            if isinstance(broker, SpawnedServer):
+                broker.release_client()  # or the server never sees its client leave
             self._collect("ready", ready_timeout, f"{n} clients to connect and warm up")
         except BaseException:
             self.close()
@@ -166,11 +246,11 @@ class ClientPool:
                     kind, payload = conn.recv()
                 except EOFError as err:
                     raise BrokerBenchError(
-                        f"client {index} died; broker log: {self.broker.log()}"
+                        f"client {index} died; server log: {self.broker.log()}"
                     ) from err
                 if kind != expected:
                     raise BrokerBenchError(
-                        f"client {index}: {payload}; broker log: {self.broker.log()}"
+                        f"client {index}: {payload}; server log: {self.broker.log()}"
                     )
                 answers[index] = payload
                 del pending[index]

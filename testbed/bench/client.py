@@ -34,7 +34,8 @@ ANC_SIZE = socket.CMSG_SPACE(struct.calcsize("i"))
 
 @dataclass(frozen=True, kw_only=True)
 class ClientConfig:
-    socket_path: str
+    socket_path: str | None  # connect here, or
+    fd: int | None  # use this inherited connected socket
     file: str
     warmup: int
     cpu: int | None
@@ -66,9 +67,13 @@ def serve_harness(conn: Connection, config: ClientConfig) -> None:
     """Body of a client process: connect, warm up, run timed rounds until told to exit."""
     try:
         pin(0, config.cpu)
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.settimeout(config.timeout)
-        sock.connect(config.socket_path)
+        if config.fd is not None:
+            sock = socket.socket(fileno=config.fd)
+            sock.settimeout(config.timeout)
+        else:
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            sock.settimeout(config.timeout)
+            sock.connect(str(config.socket_path))
         frame = encode_request(config.file, os.O_RDONLY, 0)
         for _ in range(config.warmup):
             one_op(sock, frame)

@@ -1,4 +1,4 @@
-"""``testbed bench``: the fd-passing benchmark."""
+"""``testbed bench``: fd passing and what users feel of it, against floors, as ratios."""
 
 from __future__ import annotations
 
@@ -8,39 +8,91 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from testbed.bench.placement import Placement
+from testbed.bench.qemus import DEFAULT_VERSION
 
 
 def register(subparsers: Any) -> None:
     parser = subparsers.add_parser(
         "bench",
-        help="fd-passing throughput and latency: broker vs C limit, QMP add-fd, blockdev-add",
+        help="fd-passing costs: broker vs Python floor and C, QEMU start-up, blockdev-add, storms",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
         description=(
-            "Measure the broker over -open-hook-fd with 1..64 client processes against a C "
-            "ping-pong (the kernel's limit), open+close in-process (the floor), pidfd_getfd, "
-            "QMP add-fd, and blockdev-add in QEMU by path, by /dev/fdset and through the hook."
+            "Measure fd passing over -open-hook-fd and what it costs QEMU, as ratios taken in\n"
+            "one run with the compared transports interleaved repetition by repetition.\n\n"
+            "experiments (in order):\n"
+            "  pingpong  one client vs the broker, the Python floor (the broker's syscalls,\n"
+            "            from strace), the C open-hook-server and a C ping-pong; per placement\n"
+            "  sweep     the broker with N clients (unpinned)\n"
+            "  handover  the broker vs QMP add-fd + remove-fd, one fd per op\n"
+            "  blockdev  blockdev-add of a file node by path, fd set, hook (Python, C)\n"
+            "  startup   QEMU -S start to QMP greeting vs backing chain depth\n"
+            "  snapshot  blockdev-snapshot-sync latency per transport\n"
+            "  storm     1, 4, 16 QEMUs started at once: one broker daemon vs by path\n\n"
+            "Each ratio of the goals table is the median of per-repetition ratios, with its\n"
+            "min-max. --check-syscalls only traces the broker and the floor and compares\n"
+            "their system calls per request (rerun it whenever the broker changes)."
         ),
     )
-    parser.add_argument("--quick", action="store_true", help="short runs (about a minute)")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="3 repetitions, short rounds: every ratio in under a minute",
+    )
+    parser.add_argument("--reps", type=int, metavar="N", help="repetitions (default 7; quick 3)")
     parser.add_argument("--json", type=Path, metavar="FILE", help="write the results as JSON")
     parser.add_argument("--plot", type=Path, metavar="DIR", help="write PNG plots into DIR")
     parser.add_argument(
-        "--clients",
-        metavar="N,N,...",
-        help="client counts for the broker sweep (default 1,2,4,8,16,32,64)",
+        "--markdown",
+        type=Path,
+        metavar="FILE",
+        help="write the results as markdown; in a FILE with the results markers "
+        "(docs/bench.md) only that section is replaced",
+    )
+    parser.add_argument("--only", metavar="EXP,EXP", help="run only these experiments")
+    parser.add_argument(
+        "--transports", metavar="T,T", help="QEMU transports to run (default: every registered one)"
     )
     parser.add_argument(
-        "--sweep-placement",
-        choices=[p.value for p in Placement],
-        help="CPU placement for the client sweep (default unpinned)",
+        "--clients", metavar="N,N,...", help="client counts for the sweep (1 and 64 are always in)"
+    )
+    parser.add_argument(
+        "--qemu-version",
+        default=DEFAULT_VERSION,
+        help=f"which QEMU build to measure (default {DEFAULT_VERSION})",
+    )
+    parser.add_argument(
+        "--qemu-placement",
+        choices=["same-core", "unpinned"],
+        default="unpinned",
+        help="where the harness, QEMU and its broker run for blockdev, startup and snapshot "
+        "(default unpinned; same-core pins them all to one CPU; the storm and the handover "
+        "always run unpinned)",
+    )
+    parser.add_argument(
+        "--check-syscalls",
+        action="store_true",
+        help="compare the floor's per-request syscalls with the broker's, and exit",
     )
     parser.add_argument(
         "--work-dir",
         type=Path,
         default=Path("build/bench"),
-        help="where the C program is compiled and the test file lives (default build/bench)",
+        help="C program, chains and files go here (default build/bench)",
     )
     parser.set_defaults(func=run_command)
+
+
+def parse_list(text: str, option: str, *, known: list[str] | None = None) -> tuple[str, ...]:
+    items = tuple(x.strip() for x in text.split(",") if x.strip())
+    if not items:
+        raise argparse.ArgumentTypeError(f"{option} {text!r}: empty list")
+    if known is not None:
+        bad = [x for x in items if x not in known]
+        if bad:
+            raise argparse.ArgumentTypeError(
+                f"{option}: unknown {', '.join(bad)} (known: {', '.join(known)})"
+            )
+    return items
 
 
 def parse_clients(text: str) -> tuple[int, ...]:
@@ -53,25 +105,83 @@ def parse_clients(text: str) -> tuple[int, ...]:
     return counts
 
 
+def plan_from(args: argparse.Namespace) -> Any:
+    from testbed.bench.experiments import EXPERIMENTS
+    from testbed.bench.placement import Placement
+    from testbed.bench.plan import FULL, QUICK
+    from testbed.bench.qemus import versions
+    from testbed.bench.transports import TRANSPORTS
+
+    plan = QUICK if args.quick else FULL
+    changes: dict[str, Any] = {
+        "qemu_version": args.qemu_version,
+        "qemu_placement": Placement(args.qemu_placement),
+    }
+    if args.qemu_version not in versions():
+        raise argparse.ArgumentTypeError(
+            f"--qemu-version {args.qemu_version}: known {', '.join(versions())}"
+        )
+    if args.reps is not None:
+        if args.reps < 1:
+            raise argparse.ArgumentTypeError(f"--reps {args.reps}: need at least 1")
+        changes["reps"] = args.reps
+    if args.only:
+        changes["experiments"] = parse_list(args.only, "--only", known=list(EXPERIMENTS))
+    if args.transports:
+        changes["transports"] = parse_list(
+            args.transports, "--transports", known=TRANSPORTS.names()
+        )
+    if args.clients:
+        changes["clients"] = parse_clients(args.clients)
+    return dataclasses.replace(plan, **changes)
+
+
+def check_syscalls(work_dir: Path) -> int:
+    from testbed.bench.env import Env
+    from testbed.bench.runner import derive_floor, make_file
+    from testbed.bench.servers import floor_argv
+    from testbed.bench.syscalls import SyscallTraceError, compare, per_request, trace_server
+
+    file = make_file(work_dir / "files")
+    try:
+        broker = derive_floor(file)
+        env = Env(
+            work_dir=work_dir,
+            file=file,
+            warmup=0,
+            qemu_version=DEFAULT_VERSION,
+            floor_program=broker.program,
+        )
+        floor = per_request(trace_server(floor_argv(env), file=file))
+    except SyscallTraceError as err:
+        print(f"testbed bench --check-syscalls: {err}", file=sys.stderr)
+        return 1
+    print(f"broker, per request ({broker.matching} of {broker.segments} requests alike):")
+    for step in broker.program:
+        print(f"  {step.label()}")
+    diff = compare(broker.program, floor.program)
+    if diff:
+        print("the Python floor issues different system calls:", *diff, sep="\n  ")
+        return 1
+    print(f"python_floor issues the same ({floor.matching} of {floor.segments} requests alike)")
+    return 0
+
+
 def run_command(args: argparse.Namespace) -> int:
     from testbed.bench import report, runner
 
-    plan = runner.QUICK if args.quick else runner.FULL
-    changes: dict[str, Any] = {"work_dir": args.work_dir}
+    if args.check_syscalls:
+        return check_syscalls(args.work_dir)
     try:
-        if args.clients:
-            changes["clients"] = parse_clients(args.clients)
+        plan = plan_from(args)
     except argparse.ArgumentTypeError as err:
         print(f"testbed bench: {err}", file=sys.stderr)
         return 2
-    if args.sweep_placement:
-        changes["sweep_placement"] = Placement(args.sweep_placement)
-    plan = dataclasses.replace(plan, **changes)
 
     def log(message: str) -> None:
         print(f"bench: {message}", file=sys.stderr, flush=True)
 
-    result = runner.run(plan, log)
+    result = runner.run(plan, args.work_dir, log)
     report.print_report(result)
     if args.json:
         report.write_json(result, args.json)
@@ -79,4 +189,7 @@ def run_command(args: argparse.Namespace) -> int:
     if args.plot:
         for path in report.write_plots(result, args.plot):
             log(f"wrote {path}")
+    if args.markdown:
+        report.write_markdown(result, args.markdown)
+        log(f"wrote the results section of {args.markdown}")
     return 0

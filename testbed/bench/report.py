@@ -1,4 +1,4 @@
-"""Show a benchmark report: a rich table, a JSON file, PNG plots."""
+"""Show a benchmark report: rich tables, the goals with their spreads, JSON, PNG plots."""
 
 from __future__ import annotations
 
@@ -8,68 +8,86 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from testbed.bench.results import Result
+from testbed.bench.goals import Verdict
+from testbed.bench.results import Row
 from testbed.bench.runner import Report
+from testbed.bench.stats import Spread
+
+#: figure name -> (column title, digits)
+COLUMNS = {
+    "ops_per_s": ("ops/s", 0),
+    "p50_us": ("p50 us", 1),
+    "p99_us": ("p99 us", 1),
+    "server_cpu_us_per_op": ("server CPU us/op", 1),
+    "ms": ("ms", 2),
+}
 
 
-def _num(value: float | None, digits: int = 0) -> str:
-    return "-" if value is None else f"{value:,.{digits}f}"
+def _num(value: float, digits: int) -> str:
+    return f"{value:,.{digits}f}"
 
 
-def results_table(report: Report) -> Table:
-    m = report.machine
-    table = Table(
-        title=f"fd passing on {m.get('cpu_model')} ({m.get('nproc')} CPUs, "
-        f"kernel {m.get('kernel')}, Python {m.get('python')})"
-    )
-    for col in ("transport", "clients", "placement", "ops/s", "min-max", "noise %"):
-        table.add_column(col, justify="left" if col in ("transport", "placement") else "right")
-    for col in ("p50 us", "p95 us", "p99 us", "broker CPU us/op"):
-        table.add_column(col, justify="right")
-    for r in report.results:
-        if r.skipped is not None:
-            table.add_row(r.transport, str(r.clients), r.placement, f"skipped: {r.skipped}")
+def _cell(s: Spread, digits: int) -> str:
+    return f"{_num(s.median, digits)} [{_num(s.low, digits)}-{_num(s.high, digits)}]"
+
+
+def experiment_table(name: str, rows: list[Row]) -> Table:
+    figures = [k for k in COLUMNS if any(k in r.figures for r in rows)]
+    table = Table(title=f"{name}: median [min-max] over repetitions")
+    table.add_column("transport")
+    table.add_column("setting")
+    for k in figures:
+        table.add_column(COLUMNS[k][0], justify="right")
+    for r in rows:
+        if r.skipped:
+            table.add_row(r.transport, r.setting, f"skipped: {r.skipped}")
             continue
         table.add_row(
-            r.transport,
-            str(r.clients),
-            r.placement,
-            _num(r.ops_per_s),
-            f"{_num(r.ops_per_s_min)}-{_num(r.ops_per_s_max)}",
-            _num(r.noise_pct, 1),
-            _num(r.p50_us, 1),
-            _num(r.p95_us, 1),
-            _num(r.p99_us, 1),
-            _num(r.broker_cpu_us_per_op, 1),
-        )
+            r.transport, r.setting,
+            *[_cell(r.figures[k], COLUMNS[k][1]) if k in r.figures else "-" for k in figures],
+        )  # fmt: skip
     return table
 
 
-def goals_table(report: Report) -> Table:
-    table = Table(title="ratios and goals")
-    table.add_column("ratio")
-    table.add_column("value", justify="right")
-    table.add_column("goal", justify="right")
-    table.add_column("met")
-    targets = {g.name: g for g in report.goals}
-    for name, value in report.ratios.items():
-        g = targets.pop(name, None)
-        met = "" if g is None else {True: "yes", False: "NO", None: "not measured"}[g.met]
-        table.add_row(name, _num(value, 3), "" if g is None else g.target, met)
-    for g in targets.values():
-        met = {True: "yes", False: "NO", None: "not measured"}[g.met]
-        table.add_row(g.name, _num(g.value, 1), g.target, met)
+def goals_table(verdicts: list[Verdict]) -> Table:
+    table = Table(title="goals: each ratio the median of per-repetition ratios")
+    for col, justify in (("ratio", "left"), ("goal", "right"), ("value", "right"),
+                         ("min-max", "right"), ("reps", "right"), ("met", "left")):  # fmt: skip
+        table.add_column(col, justify=justify)  # type: ignore[arg-type]
+    for v in verdicts:
+        if v.value is None:
+            table.add_row(v.goal.key, v.goal.text, "-", "-", "-", f"not measured: {v.reason}")
+            continue
+        s = v.value
+        table.add_row(
+            v.goal.key, v.goal.text, f"{s.median:.3f}", f"{s.low:.3f}-{s.high:.3f}", str(s.n),
+            "yes" if v.met else "NO",
+        )  # fmt: skip
     return table
 
 
 def print_report(report: Report, console: Console | None = None) -> None:
     if console is None:
         # a pipe or a log gets the full table rather than 80 squeezed columns
-        console = Console() if Console().is_terminal else Console(width=150)
-    console.print(results_table(report))
-    console.print(goals_table(report))
-    la0 = report.machine.get("load_average_at_start")
-    la1 = report.machine.get("load_average_at_end")
+        console = Console() if Console().is_terminal else Console(width=160)
+    m = report.machine
+    console.print(
+        f"fd passing on {m.get('cpu_model')} ({m.get('nproc')} CPUs, kernel {m.get('kernel')}, "
+        f"Python {m.get('python')}), {report.plan.reps} interleaved repetitions"
+    )
+    floor = report.floor.get("syscalls")
+    if isinstance(floor, list) and floor:
+        calls = ", ".join(str(x) for x in floor)
+        console.print(f"python_floor per request (from strace of the broker): {calls}")
+    elif report.floor.get("error"):
+        console.print(f"python_floor: {report.floor['error']}")
+    by_experiment: dict[str, list[Row]] = {}
+    for r in report.outcome.rows:
+        by_experiment.setdefault(r.experiment, []).append(r)
+    for name, rows in by_experiment.items():
+        console.print(experiment_table(name, rows))
+    console.print(goals_table(report.verdicts))
+    la0, la1 = m.get("load_average_at_start"), m.get("load_average_at_end")
     console.print(f"load average at start {la0}, at end {la1}; wall {report.wall_s:.1f}s")
 
 
@@ -78,86 +96,159 @@ def write_json(report: Report, path: Path) -> None:
     path.write_text(json.dumps(report.as_json(), indent=2) + "\n", encoding="utf-8")
 
 
-def _measured(results: list[Result], transport: str) -> list[Result]:
-    rows = [r for r in results if r.transport == transport and r.skipped is None]
-    return sorted(rows, key=lambda r: r.clients)
+def _rows(report: Report, experiment: str) -> list[Row]:
+    return [r for r in report.outcome.rows if r.experiment == experiment and not r.skipped]
 
 
 def write_plots(report: Report, out_dir: Path) -> list[Path]:
-    """throughput.png (ops/s vs clients) and latency.png (percentiles vs clients)."""
+    """startup.png (time vs chain depth), throughput.png and latency.png (vs clients)."""
     import matplotlib
 
     matplotlib.use("Agg")  # files only, no display
     import matplotlib.pyplot as plt
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    sweep = report.plan.sweep_placement.value
-    broker = [r for r in _measured(report.results, "broker") if r.placement == sweep]
     written = []
 
-    fig, ax = plt.subplots(figsize=(8, 5))
-    if broker:
-        xs = [r.clients for r in broker]
-        ax.errorbar(
-            xs,
-            [r.ops_per_s or 0 for r in broker],
-            yerr=[
-                [(r.ops_per_s or 0) - (r.ops_per_s_min or 0) for r in broker],
-                [(r.ops_per_s_max or 0) - (r.ops_per_s or 0) for r in broker],
-            ],
-            marker="o",
-            capsize=3,
-            label=f"broker ({sweep}; bars: min-max of reps)",
-        )
-    # Single-client transports are drawn as levels to compare the sweep
-    # against, each with its own colour and style and named in the legend
-    # (labels written on the plot overlap where two levels are close).
-    styles = ("--", ":", "-.")
-    levels = [
-        r for r in report.results if r.skipped is None and r.transport != "broker" and r.ops_per_s
-    ]
-    cmap = plt.get_cmap("tab10")
-    for i, r in enumerate(sorted(levels, key=lambda r: -(r.ops_per_s or 0))):
-        ax.axhline(
-            r.ops_per_s or 0.0,
-            linestyle=styles[i % len(styles)],
-            linewidth=1.2,
-            color=cmap((i + 3) % 10),
-            label=f"{r.transport} ({r.placement}): {r.ops_per_s:,.0f}/s",
-        )
-    for r in _measured(report.results, "broker"):
-        if r.placement != sweep:
-            ax.plot([r.clients], [r.ops_per_s or 0.0], "s", label=f"broker x1 ({r.placement})")
-    ax.set_xscale("log", base=2)
-    ax.set_yscale("log")
-    ax.set_xlabel("concurrent clients")
-    ax.set_ylabel("ops/s (aggregate)")
-    ax.set_title("fd passing throughput vs clients")
-    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
-    path = out_dir / "throughput.png"
-    fig.savefig(path, dpi=120, bbox_inches="tight")
-    plt.close(fig)
-    written.append(path)
+    per_layer = report.outcome.extra.get("startup_ms_per_layer", {})
+    startup: dict[str, list[tuple[int, Spread]]] = {}
+    for r in _rows(report, "startup"):
+        if r.setting.startswith("depth "):
+            depth = int(r.setting.split(",")[0].split()[1])
+            startup.setdefault(r.transport, []).append((depth, r.figures["ms"]))
+    if startup:
+        fig, ax = plt.subplots(figsize=(8, 5))
+        for name, points in startup.items():
+            points.sort()
+            xs = [d for d, _ in points]
+            ys = [s.median for _, s in points]
+            err = [[s.median - s.low for _, s in points], [s.high - s.median for _, s in points]]
+            slope = per_layer.get(name, {}) if isinstance(per_layer, dict) else {}
+            label = name
+            if isinstance(slope, dict) and "median" in slope:
+                label += f" ({slope['median']:.2f} ms/layer)"
+            ax.errorbar(xs, ys, yerr=err, marker="o", capsize=3, label=label)
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("backing chain depth (qcow2 files)")
+        ax.set_ylabel("spawn to QMP greeting (ms)")
+        ax.set_title("QEMU -S start-up vs chain depth (median, bars: min-max of reps)")
+        ax.legend(fontsize=8)
+        path = out_dir / "startup.png"
+        fig.savefig(path, dpi=120, bbox_inches="tight")
+        plt.close(fig)
+        written.append(path)
 
-    fig, ax = plt.subplots(figsize=(8, 5))
-    if broker:
-        xs = [r.clients for r in broker]
-        for key in ("p50_us", "p95_us", "p99_us"):
+    sweep = sorted(_rows(report, "sweep"), key=lambda r: int(r.setting.split()[0]))
+    if sweep:
+        xs = [int(r.setting.split()[0]) for r in sweep]
+        fig, ax = plt.subplots(figsize=(8, 5))
+        ops = [r.figures["ops_per_s"] for r in sweep]
+        ax.errorbar(xs, [s.median for s in ops],
+                    yerr=[[s.median - s.low for s in ops], [s.high - s.median for s in ops]],
+                    marker="o", capsize=3, label="broker (unpinned)")  # fmt: skip
+        for r in _rows(report, "pingpong"):
+            if r.setting == "same-core":
+                ax.axhline(r.figures["ops_per_s"].median, linestyle=":", linewidth=1,
+                           label=f"{r.transport} x1 (same-core)", color=None)  # fmt: skip
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("concurrent clients")
+        ax.set_ylabel("ops/s (aggregate)")
+        ax.set_title("fd passing throughput vs clients")
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+        path = out_dir / "throughput.png"
+        fig.savefig(path, dpi=120, bbox_inches="tight")
+        plt.close(fig)
+        written.append(path)
+
+        fig, ax = plt.subplots(figsize=(8, 5))
+        for key in ("p50_us", "p99_us"):
             ax.plot(
                 xs,
-                [float(getattr(r, key) or 0) for r in broker],
+                [r.figures[key].median for r in sweep],
                 marker="o",
                 label=f"broker {key[:3]}",
             )
-    ax.axhline(2000, color="red", linestyle=":", label="2 ms goal for p99 at 64 clients")
-    ax.set_xscale("log", base=2)
-    ax.set_yscale("log")
-    ax.set_xlabel("concurrent clients")
-    ax.set_ylabel("latency per op (us)")
-    ax.set_title(f"broker latency percentiles vs clients ({sweep})")
-    ax.legend(fontsize=8)
-    path = out_dir / "latency.png"
-    fig.savefig(path, dpi=120, bbox_inches="tight")
-    plt.close(fig)
-    written.append(path)
+        little = [n / r.figures["ops_per_s"].median * 1e6 for n, r in zip(xs, sweep, strict=True)]
+        ax.plot(xs, little, linestyle="--", label="Little's mean: N / throughput")
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("concurrent clients")
+        ax.set_ylabel("latency per op (us)")
+        ax.set_title("broker latency vs clients (unpinned)")
+        ax.legend(fontsize=8)
+        path = out_dir / "latency.png"
+        fig.savefig(path, dpi=120, bbox_inches="tight")
+        plt.close(fig)
+        written.append(path)
     return written
+
+
+BEGIN = "<!-- bench results: begin (testbed bench --markdown) -->"
+END = "<!-- bench results: end -->"
+
+
+def _md_cell(s: Spread, digits: int) -> str:
+    return f"{_num(s.median, digits)} ({_num(s.low, digits)}-{_num(s.high, digits)})"
+
+
+def markdown(report: Report) -> str:
+    """The results section of docs/bench.md: the run, the goals, every experiment's table."""
+    m = report.machine
+    la0, la1 = m.get("load_average_at_start"), m.get("load_average_at_end")
+    lines = [
+        BEGIN,
+        "",
+        f"Run of {m.get('date', '')}: {m.get('cpu_model')}, {m.get('nproc')} CPUs, kernel "
+        f"{m.get('kernel')}, Python {m.get('python')}; {report.plan.reps} interleaved "
+        f"repetitions; load average {la0} at start, {la1} at end; {report.wall_s:.0f} s.",
+        "",
+        "| ratio | goal | median | min-max | reps | met |",
+        "|---|---:|---:|---:|---:|---|",
+    ]
+    for v in report.verdicts:
+        if v.value is None:
+            lines.append(
+                f"| `{v.goal.key}` | {v.goal.text} | - | - | - | not measured: {v.reason} |"
+            )
+            continue
+        s = v.value
+        met = "yes" if v.met else "**no**"
+        lines.append(
+            f"| `{v.goal.key}` | {v.goal.text} | {s.median:.3f} | {s.low:.3f}-{s.high:.3f} "
+            f"| {s.n} | {met} |"
+        )
+    floor = report.floor.get("syscalls")
+    if isinstance(floor, list):
+        lines += ["", "`python_floor` per request: " + ", ".join(f"`{x}`" for x in floor) + "."]
+    by_experiment: dict[str, list[Row]] = {}
+    for r in report.outcome.rows:
+        by_experiment.setdefault(r.experiment, []).append(r)
+    for name, rows in by_experiment.items():
+        figures = [k for k in COLUMNS if any(k in r.figures for r in rows)]
+        lines += ["", f"**{name}** (median (min-max) over repetitions)", ""]
+        lines.append("| transport | setting | " + " | ".join(COLUMNS[k][0] for k in figures) + " |")
+        lines.append("|---|---|" + "---:|" * len(figures))
+        for r in rows:
+            if r.skipped:
+                lines.append(f"| {r.transport} | {r.setting} | skipped: {r.skipped} |")
+                continue
+            cells = [_md_cell(r.figures[k], COLUMNS[k][1]) if k in r.figures else "-"
+                     for k in figures]  # fmt: skip
+            lines.append(f"| {r.transport} | {r.setting} | " + " | ".join(cells) + " |")
+    lines += ["", END]
+    return "\n".join(lines) + "\n"
+
+
+def write_markdown(report: Report, path: Path) -> None:
+    """Replace the results section of ``path`` (between the markers), or write it alone."""
+    section = markdown(report)
+    text = path.read_text(encoding="utf-8") if path.exists() else ""
+    if BEGIN in text and END in text:
+        head, _, rest = text.partition(BEGIN)
+        _, _, tail = rest.partition(END)
+        text = head + section.rstrip("\n") + tail
+    else:
+        text = section
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text, encoding="utf-8")

@@ -95,3 +95,42 @@ def summarise(runs: Sequence[RunFigures]) -> Summary:
         p99_us=statistics.median(r.p99_us for r in runs),
         broker_cpu_us_per_op=statistics.median(cpu) if cpu else None,
     )
+
+
+@dataclass(frozen=True, kw_only=True)
+class Spread:
+    """A median with the min and max it came from, over ``n`` values."""
+
+    median: float
+    low: float
+    high: float
+    n: int
+
+    def as_json(self, digits: int = 4) -> dict[str, float | int]:
+        return {
+            "median": round(self.median, digits),
+            "min": round(self.low, digits),
+            "max": round(self.high, digits),
+            "reps": self.n,
+        }
+
+
+def spread(values: Sequence[float]) -> Spread:
+    if not values:
+        raise ValueError("spread of no values")
+    return Spread(
+        median=statistics.median(values), low=min(values), high=max(values), n=len(values)
+    )
+
+
+def paired_ratios(num: Sequence[float], den: Sequence[float]) -> list[float]:
+    """``num[i] / den[i]`` for each repetition i: both sides of a ratio from one repetition.
+
+    Repetitions must pair up (same count); a zero denominator is an error,
+    not an infinite ratio.
+    """
+    if len(num) != len(den):
+        raise ValueError(f"{len(num)} numerators against {len(den)} denominators")
+    if any(d == 0 for d in den):
+        raise ValueError("a repetition with a zero denominator")
+    return [a / b for a, b in zip(num, den, strict=True)]

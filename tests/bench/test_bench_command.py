@@ -6,7 +6,7 @@ import argparse
 
 import pytest
 
-from testbed.bench.command import parse_clients
+from testbed.bench.command import parse_clients, plan_from
 from testbed.cli import build_parser
 
 
@@ -20,3 +20,33 @@ def test_parse_clients() -> None:
 def test_bench_is_a_subcommand() -> None:
     args = build_parser().parse_args(["bench", "--quick", "--json", "out.json"])
     assert args.quick and str(args.json) == "out.json" and args.plot is None
+
+
+def plan(*argv: str):  # type: ignore[no-untyped-def]
+    return plan_from(build_parser().parse_args(["bench", *argv]))
+
+
+def test_full_and_quick_plans() -> None:
+    full, quick = plan(), plan("--quick")
+    assert full.reps >= 7 and quick.reps < full.reps
+    assert quick.depths == full.depths == (1, 4, 16, 64)
+    assert 16 in quick.storm_sizes and 64 in quick.clients  # every ratio, also quick
+
+
+def test_options_narrow_the_plan() -> None:
+    p = plan("--reps", "9", "--only", "startup,storm", "--transports", "path,hook")
+    assert (p.reps, p.experiments, p.transports) == (9, ("startup", "storm"), ("path", "hook"))
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (("--only", "pingpong,nfs"), "--only: unknown nfs"),
+        (("--transports", "carrier-pigeon"), "--transports: unknown carrier-pigeon"),
+        (("--qemu-version", "1.0"), "--qemu-version 1.0: known 7.2"),
+        (("--reps", "0"), "--reps 0"),
+    ],
+)
+def test_bad_options_are_named(argv: tuple[str, ...], message: str) -> None:
+    with pytest.raises(argparse.ArgumentTypeError, match=message):
+        plan(*argv)

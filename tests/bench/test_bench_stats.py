@@ -58,3 +58,22 @@ def test_summary_reports_median_and_spread() -> None:
     assert s.reps == 3
     with pytest.raises(ValueError):
         summarise([])
+
+
+def test_spread_is_median_min_max() -> None:
+    from testbed.bench.stats import spread
+
+    s = spread([3.0, 1.0, 2.0, 10.0])
+    assert (s.median, s.low, s.high, s.n) == (2.5, 1.0, 10.0, 4)
+    with pytest.raises(ValueError):
+        spread([])
+
+
+def test_paired_ratios_pair_repetitions() -> None:
+    from testbed.bench.stats import paired_ratios
+
+    assert paired_ratios([2.0, 9.0], [1.0, 3.0]) == [2.0, 3.0]
+    with pytest.raises(ValueError, match="2 numerators against 1"):
+        paired_ratios([1.0, 2.0], [1.0])
+    with pytest.raises(ValueError, match="zero"):
+        paired_ratios([1.0], [0.0])

@@ -1,0 +1,41 @@
+"""How long and how often: the full plan of ``make bench`` and ``--quick``."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+from testbed.bench.placement import Placement
+from testbed.bench.qemus import DEFAULT_VERSION
+
+
+@dataclass(frozen=True, kw_only=True)
+class Plan:
+    reps: int  # interleaved repetitions of every comparison
+    seconds: float  # one ping-pong / sweep round
+    warmup: int  # ops before a client's rounds count
+    clients: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64)
+    qmp_ops: int = 300  # add-fd + remove-fd per repetition
+    blockdev_ops: int = 200  # blockdev-add + blockdev-del per repetition
+    depths: tuple[int, ...] = (1, 4, 16, 64)
+    starts_per_cell: int = 5  # QEMU starts per (depth, transport) per repetition
+    storm_sizes: tuple[int, ...] = (1, 4, 16)
+    storm_depth: int = 4
+    snapshot_depth: int = 4
+    qemu_version: str = DEFAULT_VERSION
+    #: where the harness, QEMU and its broker run for blockdev, startup and snapshot
+    #: (the storm and the handover are always unpinned)
+    qemu_placement: Placement = Placement.UNPINNED
+    experiments: tuple[str, ...] | None = None  # None: all
+    transports: tuple[str, ...] | None = None  # QEMU transports; None: all registered
+
+    def as_json(self) -> dict[str, object]:
+        d = asdict(self)
+        d["qemu_placement"] = self.qemu_placement.value
+        return d
+
+
+FULL = Plan(reps=7, seconds=1.0, warmup=1000, starts_per_cell=5)
+QUICK = Plan(
+    reps=3, seconds=0.2, warmup=200, clients=(1, 64), qmp_ops=60, blockdev_ops=40,
+    starts_per_cell=1,
+)  # fmt: skip

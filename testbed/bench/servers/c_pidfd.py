@@ -1,0 +1,24 @@
+"""``pidfd_getfd(2)`` of an fd a forked holder keeps open, then ``close``: the "pull" way."""
+
+from __future__ import annotations
+
+from testbed.bench.climit import CMode
+from testbed.bench.env import Env
+from testbed.bench.placement import Cpus, Placement
+from testbed.bench.servers import PingPong, Session
+from testbed.bench.servers.c_limit import CSession
+
+
+class CPidfd(PingPong):
+    name = "c_pidfd"
+    what = "c_limit.c pidfd: pidfd_getfd from a forked holder, close"
+    placements = (Placement.SAME_CORE,)
+
+    def unavailable(self, env: Env) -> str | None:
+        return None if env.c_limit is not None else f"c_limit.c not compiled: {env.c_limit_error}"
+
+    def open(self, env: Env, cpus: Cpus) -> Session:
+        return CSession(env, cpus, CMode.PIDFD)
+
+
+PART = CPidfd()

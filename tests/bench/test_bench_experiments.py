@@ -1,0 +1,34 @@
+"""Experiments when their transports cannot run: skipped rows and a reason, no crash."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+
+from testbed.bench import qemus
+from testbed.bench.env import Env
+from testbed.bench.experiments import Context, blockdev
+from testbed.bench.plan import QUICK
+from testbed.bench.runner import make_file
+from testbed.bench.transports import TRANSPORTS, Services
+
+
+def test_blockdev_without_any_qemu_skips_every_row_and_says_why(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    for build in qemus.Build:
+        gone = tmp_path / "build" / build.value / "qemu-system-x86_64"
+        monkeypatch.setitem(qemus.BINARIES, (build, "7.2"), lambda gone=gone: gone)
+    env = Env(work_dir=tmp_path, file=make_file(tmp_path / "files"), warmup=0, qemu_version="7.2")
+    services = Services(env, tmp_path / "qemu")
+    ctx = Context(plan=dataclasses.replace(QUICK, reps=1), env=env, services=services,
+                  qemu_root=tmp_path / "qemu", log=lambda m: None)  # fmt: skip
+    try:
+        out = blockdev.run(ctx)
+    finally:
+        services.close()
+    assert [r.transport for r in out.rows] == TRANSPORTS.names()
+    assert all("is not built" in r.skipped for r in out.rows)
+    assert set(out.missing) == {"qemu_hook_vs_path", "qemu_hook_c_vs_path"} and not out.ratios

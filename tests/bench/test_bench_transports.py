@@ -1,0 +1,73 @@
+"""Every QEMU transport starts a QEMU on a chain, and the chain is all there.
+
+Needs the patched QEMU (make qemu) and qemu-img.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from testbed.bench.chain import make_chain
+from testbed.bench.env import Env
+from testbed.bench.qemurun import started, storm
+from testbed.bench.runner import make_file
+from testbed.bench.transports import TRANSPORTS, Services
+from testbed.pytest_plugin import require
+
+pytestmark = [pytest.mark.qemu, pytest.mark.slow]
+
+
+@pytest.fixture
+def services(tmp_path: Path) -> Iterator[Services]:
+    require(shutil.which("qemu-img") is not None, "qemu-img (qemu-utils)")
+    env = Env(work_dir=tmp_path, file=make_file(tmp_path / "files"), warmup=0, qemu_version="7.2")
+    root = (tmp_path / "qemu").resolve()
+    root.mkdir()
+    s = Services(env, root)
+    yield s
+    s.close()
+
+
+def test_a_chain_is_made_with_relative_backing_names(services: Services) -> None:
+    chain = make_chain(services.root / "chains", 3)
+    assert [p.name for p in chain.layers] == ["l2.qcow2", "l1.qcow2", "l0.qcow2"]
+    assert b"l1.qcow2" in chain.top.read_bytes()[:4096]
+    assert make_chain(services.root / "chains", 3) == chain  # made once
+
+
+@pytest.mark.parametrize("name", TRANSPORTS.names())
+def test_each_transport_opens_the_whole_chain(services: Services, name: str) -> None:
+    transport = TRANSPORTS.get(name)
+    why = transport.unavailable(services.env)
+    require(why is None, str(why))
+    chain = make_chain(services.root / "chains", 3)
+    later = services.root / "later.img"
+    later.write_bytes(bytes(4096))
+
+    async def go() -> tuple[int, float, str]:
+        launch = transport.launch(services, chain, [later])
+        async with started(transport.binary(services.env), launch) as q:
+            nodes = await q.execute("query-named-block-nodes", {"flat": True})
+            node = {"driver": "file", "filename": launch.name(later), "node-name": "x",
+                    "read-only": True}  # fmt: skip
+            await q.execute("blockdev-add", node)
+            files = {n["file"] for n in nodes if n["drv"] == "qcow2"}
+            return len(files), q.greeting_s, launch.name(later)
+
+    count, greeting, name_later = asyncio.run(go())
+    assert count == 3 and 0 < greeting < 60
+    assert name_later.startswith("/dev/fdset/") == (name == "fdset")
+
+
+def test_a_storm_waits_for_every_greeting(services: Services) -> None:
+    path = TRANSPORTS.get("hook")
+    require(path.unavailable(services.env) is None, "the patched QEMU")
+    chains = [make_chain(services.root / f"vm{i}", 2) for i in range(3)]
+    launches = [path.launch(services, c) for c in chains]
+    seconds = asyncio.run(storm(path.binary(services.env), launches))
+    assert 0 < seconds < 60
