@@ -11,7 +11,7 @@ import pytest
 from testbed.block.layer import BlockLayer
 from testbed.block.monitor import ModelMachine
 from testbed.block.opener import Opener
-from testbed.broker import Policy, serve_socketpair
+from testbed.broker import Broker, Policy, serve_socketpair
 from testbed.errors import BlockError
 from testbed.pytest_plugin import require
 from testbed.transport import HookClient
@@ -25,7 +25,7 @@ def image(tmp_path: Path) -> Path:
     return base
 
 
-def _broker(root: Path):  # type: ignore[no-untyped-def]
+def _broker(root: Path) -> tuple[Broker, HookClient]:
     broker, theirs = serve_socketpair(Policy.from_grants(create=[root]))
     return broker, HookClient(theirs, timeout=10)
 
