@@ -59,6 +59,7 @@ def _hook_errno(err: Exception) -> tuple[int, str]:
         return errno.ETIMEDOUT, "receiving the reply for"
     cause = err.__cause__
     if isinstance(cause, OSError) and cause.errno:
+        # HookClient words a failed send "sending QEMU_OPEN ...", a failed receive otherwise
         sending = str(err).startswith("sending")
         return cause.errno, "sending the request for" if sending else "receiving the reply for"
     return errno.ECONNRESET, "the broker closed the socket before replying for"
