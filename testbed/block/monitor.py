@@ -4,7 +4,12 @@
 ``-snapshot`` options a scenario gives QEMU and the same QMP commands (by
 name, with QEMU's JSON arguments), so one scenario drives the model and
 QEMU alike.  Each QMP command is one entry of :data:`COMMANDS`; a command
-the model does not implement is an error naming it.  Jobs finish at once
+the model does not implement is an error naming it.
+
+A broker restart (extension patch 0007): :meth:`ModelMachine.pass_hook`
+is the model's ``getfd`` (a new broker connection under a name), and QMP
+``open-hook-set`` with that ``fdname`` makes it the opener's hook;
+``query-open-hook`` answers as the patch does.  Jobs finish at once
 and leave their events in :attr:`ModelMachine.events`, where :meth:`wait`
 finds them (the timeout only matters for a real QEMU).
 """
@@ -18,6 +23,7 @@ from typing import Any
 from testbed.block.jobs import JobManager
 from testbed.block.layer import BlockLayer
 from testbed.block.media import Media
+from testbed.block.opener import HookLike
 from testbed.block.options import flag, parse_blockdev_arg, parse_keyval
 from testbed.block.reopen import blockdev_reopen
 from testbed.errors import BlockError, WaitTimeout
@@ -39,6 +45,8 @@ class ModelMachine:
         self.media = Media(layer)
         self.tmpdir = tmpdir
         self._seen = 0
+        #: Broker connections passed by name (the model's ``getfd``), until used.
+        self.hook_fds: dict[str, HookLike] = {}
 
     @property
     def events(self) -> list[dict[str, Any]]:
@@ -103,6 +111,24 @@ class ModelMachine:
             raise BlockError(f"-device {driver}: the model knows no such block device")
 
     # -- the monitor -----------------------------------------------------------------
+
+    def pass_hook(self, fdname: str, hook: HookLike) -> None:
+        """``getfd``: keep ``hook`` (a new broker connection) under ``fdname``."""
+        if not fdname or fdname[0].isdigit():
+            raise BlockError(f"getfd: invalid fdname {fdname!r}")
+        old = self.hook_fds.pop(fdname, None)
+        close = getattr(old, "close", None)
+        if callable(close):
+            close()  # QEMU closes an fd passed again under the same name
+        self.hook_fds[fdname] = hook
+
+    def open_hook_set(self, fdname: str) -> None:
+        """QMP ``open-hook-set``: the connection named ``fdname`` becomes the hook."""
+        hook = self.hook_fds.get(fdname)
+        if hook is None:
+            raise BlockError(f"open-hook-set: file descriptor name {fdname!r} not found")
+        self.layer.opener.set_hook(hook)
+        del self.hook_fds[fdname]
 
     def qmp(self, command: str, **arguments: Any) -> Any:
         handler = COMMANDS.get(command)
@@ -255,4 +281,6 @@ COMMANDS: dict[str, Handler] = {
     "blockdev-remove-medium": lambda m, a: m.media.remove_medium(_tray(a)),
     "blockdev-insert-medium": lambda m, a: m.media.insert_medium(_tray(a), _str(a, "node-name")),
     "human-monitor-command": lambda m, a: m.hmp(_str(a, "command-line")),
+    "open-hook-set": lambda m, a: m.open_hook_set(_str(a, "fdname")),
+    "query-open-hook": lambda m, a: m.layer.opener.hook_stats(),
 }

@@ -17,6 +17,16 @@ Through the broker, a relative name is sent joined to the working directory
 (:func:`hook_name`), as the series' ``open_hook_absolute_name()`` does: the
 broker cannot know QEMU's working directory.  Errors keep the name as given,
 like QEMU's messages.
+
+A broker that dies (extension patch 0007) fails the hook as the patch's
+``qemu_open_hook`` does: the request that finds the peer gone fails with
+the transport's errno (``EPIPE`` when the send fails, ``ECONNRESET`` when
+the broker closed the socket before replying, ``EPROTO`` for a malformed
+reply), the hook stays failed, and every later open fails at once with
+``ENOTCONN`` until :meth:`Opener.set_hook` attaches a new broker
+(``open-hook-set``).  Those failed requests reach no broker, so they are
+not in :attr:`Opener.trace`.  :meth:`Opener.hook_stats` is
+``query-open-hook``.
 """
 
 from __future__ import annotations
@@ -27,6 +37,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from testbed.errors import BlockError, ProtocolError, TransportError, WaitTimeout
 from testbed.protocol import flag_names
 
 #: ``open``-like: (path, flags, mode) -> fd, or OSError.
@@ -37,6 +48,21 @@ class HookLike(Protocol):
     """What the opener needs of :class:`testbed.transport.HookClient`."""
 
     def open(self, path: str, flags: int, mode: int = 0) -> int: ...
+
+
+def _hook_errno(err: Exception) -> tuple[int, str]:
+    """(errno, the patch's stage words) for a request the hook failed."""
+    if isinstance(err, ProtocolError):
+        return errno.EPROTO, "malformed reply for"
+    if isinstance(err, WaitTimeout):
+        # the patch waits for ever; the model's client has a timeout
+        return errno.ETIMEDOUT, "receiving the reply for"
+    cause = err.__cause__
+    if isinstance(cause, OSError) and cause.errno:
+        # HookClient words a failed send "sending QEMU_OPEN ...", a failed receive otherwise
+        sending = str(err).startswith("sending")
+        return cause.errno, "sending the request for" if sending else "receiving the reply for"
+    return errno.ECONNRESET, "the broker closed the socket before replying for"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -89,7 +115,61 @@ class Opener:
         else:
             self._open = raw_open or _local_open
         self.via_broker = hook is not None
+        self._hook = hook
         self.trace: list[OpenEvent] = []
+        #: query-open-hook's figures (all brokers together).
+        self.hook_broken = False
+        self.hook_requests = 0
+        self.hook_failures = 0
+        self.hook_reattached = 0
+        self.hook_last_error = ""
+
+    def set_hook(self, hook: HookLike) -> None:
+        """``open-hook-set``: ``hook`` serves the next open; the old one is closed, the
+        failed state cleared (``last-error`` is kept, as in the patch)."""
+        if not self.via_broker:
+            raise BlockError("open-hook-set: QEMU was not started with -open-hook-fd")
+        old = self._hook
+        self._hook = hook
+        self._open = hook.open
+        self.hook_broken = False
+        self.hook_reattached += 1
+        close = getattr(old, "close", None)
+        if callable(close) and old is not hook:
+            close()
+
+    def hook_stats(self) -> dict[str, object]:
+        """``query-open-hook``'s answer."""
+        if not self.via_broker:
+            return {"state": "none"}
+        out: dict[str, object] = {
+            "state": "broken" if self.hook_broken else "connected",
+            "requests": self.hook_requests,
+            "failures": self.hook_failures,
+            "reattached": self.hook_reattached,
+        }
+        if self.hook_last_error:
+            out["last-error"] = self.hook_last_error
+        return out
+
+    def _hook_open(self, sent: str, flags: int, mode: int) -> int:
+        """One request to the broker, failing the hook as the patch does."""
+        if self.hook_broken:
+            self.hook_failures += 1
+            raise OSError(errno.ENOTCONN, os.strerror(errno.ENOTCONN), sent)
+        try:
+            fd = self._open(sent, flags, mode)
+        except OSError:
+            self.hook_requests += 1  # the broker answered with an errno
+            raise
+        except (TransportError, ProtocolError, WaitTimeout) as err:
+            code, stage = _hook_errno(err)
+            self.hook_failures += 1
+            self.hook_broken = True
+            self.hook_last_error = f"{stage} '{sent}': {os.strerror(code)}"
+            raise OSError(code, os.strerror(code), sent) from err
+        self.hook_requests += 1
+        return fd
 
     def _one(self, path: str, flags: int, mode: int) -> int:
         flags |= os.O_CLOEXEC
@@ -99,9 +179,15 @@ class Opener:
             code = err.errno or errno.ENOENT
             raise OSError(code, os.strerror(code), path) from err
         try:
-            fd = self._open(sent, flags, mode)
+            fd = (
+                self._hook_open(sent, flags, mode)
+                if self.via_broker
+                else self._open(sent, flags, mode)
+            )
         except OSError as err:
             code = err.errno or errno.EIO
+            if self.hook_broken:  # no broker saw it: not in the trace
+                raise OSError(code, os.strerror(code), path) from err
             self.trace.append(_event(sent, flags, mode, -code))
             # QEMU's message names the file as it was given, not as it was sent
             raise OSError(code, os.strerror(code), path) from err

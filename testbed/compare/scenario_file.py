@@ -24,6 +24,13 @@ worked examples, in ``docs/compare.md``)::
     job = "job0"
     timeout = 60
 
+    [[scenario.steps]]                    # kill | restart the hook's broker
+    broker = "kill"
+
+    [[scenario.steps]]                    # expected to fail: the broker is dead
+    qmp = "query-block"
+    broker_down = true
+
 A last ``quit`` is added when missing.  Every error names the file, the
 line and the key (``FILE:LINE: scenario[1].steps[2].wait: ...``).
 """
@@ -39,15 +46,15 @@ from typing import Any
 
 from testbed.compare.ops import Op, OpContext, get
 from testbed.compare.scenarios import Grant, Scenario
-from testbed.compare.steps import QUIT, Step, StepKind, hmp, qmp, read, wait
+from testbed.compare.steps import QUIT, Step, StepKind, broker, broker_down, hmp, qmp, read, wait
 from testbed.errors import ScenarioFileError
 
 SCENARIO_KEYS = frozenset(
     {"name", "image", "recipe", "main", "format", "machine", "args", "grant", "operation",
      "attach", "tags", "steps"}
 )  # fmt: skip
-STEP_KINDS = ("qmp", "hmp", "read", "wait", "op", "quit")
-STEP_KEYS = frozenset({*STEP_KINDS, "arguments", "job", "timeout"})
+STEP_KINDS = ("qmp", "hmp", "read", "wait", "op", "broker", "quit")
+STEP_KEYS = frozenset({*STEP_KINDS, "arguments", "job", "timeout", "broker_down"})
 
 
 class _Lines:
@@ -189,7 +196,14 @@ def _steps(path: str, where: _Lines, index: int, j: int, st: Any, attach: str) -
         )
     kind = kinds[0]
     value = st[kind]
-    allowed = {"qmp": {"arguments"}, "wait": {"job", "timeout"}}.get(kind, set())
+    allowed = {
+        "qmp": {"arguments", "broker_down"},
+        "hmp": {"broker_down"},
+        "wait": {"job", "timeout"},
+    }.get(kind, set())
+    down = st.get("broker_down", False)
+    if not isinstance(down, bool):
+        raise fail("broker_down", "write broker_down = true (or leave it out)")
     for key in st:
         if key != kind and key not in allowed:
             raise fail(key, f"does not go with {kind}")
@@ -200,11 +214,16 @@ def _steps(path: str, where: _Lines, index: int, j: int, st: Any, attach: str) -
                 raise fail("qmp", "must be a QMP command name")
             if not isinstance(arguments, dict):
                 raise fail("arguments", "must be a table")
-            return [qmp(value, **arguments)]
+            step = qmp(value, **arguments)
+            return [broker_down(step) if down else step]
         if kind == "hmp":
             if not isinstance(value, str) or not value.strip():
                 raise fail("hmp", "must be an HMP command line")
-            return [hmp(value)]
+            return [broker_down(hmp(value)) if down else hmp(value)]
+        if kind == "broker":
+            if not isinstance(value, str):
+                raise fail("broker", "must be kill or restart")
+            return [broker(value)]
         if kind == "read":
             if not isinstance(value, dict) or set(value) - {"offset", "length", "device"}:
                 raise fail("read", "must be { offset = N, length = N[, device = NAME] }")
@@ -307,8 +326,12 @@ def dump(scenarios: Iterable[Scenario]) -> str:
                 if step.job:
                     out.append(f"job = {_toml(step.job)}")
                 out.append(f"timeout = {_toml(step.timeout)}")
+            elif step.kind is StepKind.BROKER:
+                out.append(f"broker = {_toml(step.command)}")
             else:
                 out.append("quit = true")
+            if step.broker_down:
+                out.append("broker_down = true")
         out.append("")
     return "\n".join(out)
 

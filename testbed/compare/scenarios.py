@@ -300,6 +300,8 @@ def _opens_matrix() -> list[Scenario]:
     m.append(scenario("raw", "drive-device", ("snapshot-qmp",)))
     m.append(scenario("vmdk-twoGbMaxExtentFlat", "drive-device", ("snapshot-qmp",)))
     m.append(scenario("qcow2-v3", "blockdev", ("snapshot-qmp",)))
+    for image in ("raw", "qcow2-v3", "qcow2-chain1"):
+        m.append(scenario(image, "drive-device", ("broker-restart",)))
     for image in ("raw", "qcow2-chain2-subdir", "vmdk-twoGbMaxExtentSparse", "vdi-dynamic"):
         m.append(scenario(image, "hotplug"))
     m.append(scenario("qcow2-chain1", "hotplug", grant="main"))

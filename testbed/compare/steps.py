@@ -1,5 +1,14 @@
 """What a scenario does once QEMU runs: QMP commands, HMP lines, guest reads, job waits, quit.
 
+A ``broker`` step (``kill`` or ``restart``) kills the hook's broker or
+starts a new one and attaches it (QMP ``open-hook-set``, patch 0007) where
+an oracle has a broker (patched QEMU, the model); elsewhere it does
+nothing.  A QMP or HMP step marked ``broker_down`` is expected to fail
+because the broker is dead: an oracle with a broker runs it, and it is
+``ok`` if it failed (the error is kept beside the result); an oracle with
+no broker does not run it (its opens would not happen in the patched
+QEMU either: no broker heard them).
+
 A :class:`Step` is the same for every oracle: the model
 (:class:`testbed.block.monitor.ModelMachine`), patched and stock QEMU and the
 fd-set run.  In any string ``$D`` stands for the scenario's own directory
@@ -10,7 +19,7 @@ from __future__ import annotations
 
 import enum
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from testbed.errors import WaitTimeout
@@ -27,6 +36,12 @@ class StepKind(enum.StrEnum):
     READ = "read"
     WAIT = "wait"
     QUIT = "quit"
+    BROKER = "broker"
+
+
+class BrokerAction(enum.StrEnum):
+    KILL = "kill"
+    RESTART = "restart"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -44,8 +59,15 @@ class Step:
     offset: int = 0
     length: int = 0
     timeout: float = WAIT_TIMEOUT
+    #: A qmp or hmp step expected to fail because the broker is dead.
+    broker_down: bool = False
 
     def __post_init__(self) -> None:
+        if self.kind is StepKind.BROKER and self.command not in tuple(BrokerAction):
+            known = ", ".join(a.value for a in BrokerAction)
+            raise ValueError(f"broker step {self.command!r}: give one of {known}")
+        if self.broker_down and self.kind not in (StepKind.QMP, StepKind.HMP):
+            raise ValueError(f"a {self.kind} step cannot be marked broker_down (qmp or hmp only)")
         if self.kind is StepKind.QMP and not self.command:
             raise ValueError("a qmp step needs a command")
         if self.kind is StepKind.HMP and not self.line:
@@ -60,6 +82,10 @@ class Step:
     @property
     def label(self) -> str:
         """A short name for reports: ``block-commit``, ``wait BLOCK_JOB_READY job0``."""
+        if self.broker_down:
+            return replace(self, broker_down=False).label + " (broker down)"
+        if self.kind is StepKind.BROKER:
+            return f"broker {self.command}"
         if self.kind is StepKind.QMP:
             return self.command
         if self.kind is StepKind.HMP:
@@ -80,6 +106,10 @@ class Step:
             out |= {"event": self.command, "job": self.job, "timeout": self.timeout}
         elif self.kind is StepKind.READ:
             out |= {"device": self.device, "offset": self.offset, "length": self.length}
+        elif self.kind is StepKind.BROKER:
+            out["action"] = self.command
+        if self.broker_down:
+            out["broker_down"] = True
         return out
 
 
@@ -97,6 +127,15 @@ def wait(event: str, job: str = "", timeout: float = WAIT_TIMEOUT) -> Step:
 
 def read(offset: int, length: int, device: str = "drive0") -> Step:
     return Step(kind=StepKind.READ, device=device, offset=offset, length=length)
+
+
+def broker(action: str) -> Step:
+    return Step(kind=StepKind.BROKER, command=action)
+
+
+def broker_down(step: Step) -> Step:
+    """``step``, expected to fail because the broker is dead."""
+    return replace(step, broker_down=True)
 
 
 QUIT = Step(kind=StepKind.QUIT)
@@ -124,6 +163,7 @@ def substituted(step: Step, directory: str) -> Step:
         offset=step.offset,
         length=step.length,
         timeout=step.timeout,
+        broker_down=step.broker_down,
     )
 
 

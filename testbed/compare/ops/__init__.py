@@ -41,6 +41,7 @@ class Op(enum.StrEnum):
     REOPEN_DIRECT = "reopen-direct"
     CHANGE_MEDIUM = "change-medium"
     TRAY = "tray"
+    BROKER_RESTART = "broker-restart"
     QUIT = "quit"
 
 
@@ -99,7 +100,7 @@ def get(name: str) -> Operation:
 
 _MODULES = (
     "hotplug", "read", "snapshot", "commit", "stream", "mirror", "backup", "reopen", "media",
-    "quit",
+    "restart", "quit",
 )  # fmt: skip
 
 

@@ -8,13 +8,22 @@ import re
 import shutil
 import subprocess
 import time
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from testbed.broker import Policy
 from testbed.compare.scenarios import Grant, Scenario
-from testbed.compare.steps import Step, StepKind, matches, substitute, substituted, wait_timeout
+from testbed.compare.steps import (
+    BrokerAction,
+    Step,
+    StepKind,
+    matches,
+    substitute,
+    substituted,
+    wait_timeout,
+)
 from testbed.compare.trace import Open
 from testbed.errors import QEMUError, TestbedError, WaitTimeout
 from testbed.qemu import Machine, QMPCommandError
@@ -171,6 +180,7 @@ def _expand_step(setup: Setup, step: Step) -> Step:
         offset=step.offset,
         length=step.length,
         timeout=step.timeout,
+        broker_down=step.broker_down,
     )
     return substituted(expanded, d)
 
@@ -252,15 +262,66 @@ class OracleResult:
         }
 
 
+# -- the broker steps (patch 0007) -------------------------------------------------------
+
+
+class BrokerControl(Protocol):
+    """What a ``broker`` step does to an oracle that has a broker (patched QEMU, the model)."""
+
+    #: (step label, the error) of each ``broker_down`` step, as it failed.
+    down_errors: list[tuple[str, str]]
+
+    def kill(self) -> None: ...
+
+    def restart(self) -> None: ...
+
+
+def broker_step(
+    control: BrokerControl | None, step: Step, run: Callable[[Step], str]
+) -> str | None:
+    """The outcome of a ``broker`` or ``broker_down`` step (None: any other step, ``run`` it).
+
+    Without a broker both are no-ops: there is nothing to kill, and the
+    step the dead broker fails is not run (see :mod:`testbed.compare.steps`).
+    """
+    if step.kind is not StepKind.BROKER and not step.broker_down:
+        return None
+    if control is None:
+        return "ok"
+    if step.kind is StepKind.BROKER:
+        try:
+            if step.command == BrokerAction.KILL:
+                control.kill()
+            else:
+                control.restart()
+        except (TestbedError, OSError) as err:
+            return f"broker {step.command}: {err}"
+        return "ok"
+    text = run(replace(step, broker_down=False))
+    if text == "ok":
+        return "succeeded although the broker was dead"
+    control.down_errors.append((step.label, text))
+    return "ok"
+
+
 # -- QEMU ------------------------------------------------------------------------------
 
 
-def run_step(vm: Machine, step: Step, failed_jobs: dict[str, str] | None = None) -> str:
+def run_step(
+    vm: Machine,
+    step: Step,
+    failed_jobs: dict[str, str] | None = None,
+    brokers: BrokerControl | None = None,
+) -> str:
     """Do ``step`` on a running QEMU; "ok" or the error's text (QEMU's own words).
 
     ``failed_jobs`` collects the jobs whose start failed, so that a later
     ``wait`` for one of them fails at once instead of running out its timeout.
+    ``brokers`` does the ``broker`` steps (none: they are no-ops).
     """
+    special = broker_step(brokers, step, lambda s: run_step(vm, s, failed_jobs))
+    if special is not None:
+        return special
     failed = failed_jobs if failed_jobs is not None else {}
     if step.kind is StepKind.WAIT and step.job in failed:
         return f"job {step.job!r} never started: {failed[step.job]}"
@@ -336,7 +397,11 @@ def _wait_job_gone(vm: Machine, job: str, deadline: float) -> None:
 
 
 def run_qemu_scenario(
-    vm: Machine, setup: Setup, result: OracleResult, steps: list[Step] | None = None
+    vm: Machine,
+    setup: Setup,
+    result: OracleResult,
+    steps: list[Step] | None = None,
+    brokers: BrokerControl | None = None,
 ) -> None:
     """Launch ``vm``, do every step, shut down; outcomes go into ``result``."""
     start = time.monotonic()
@@ -351,7 +416,7 @@ def run_qemu_scenario(
     failed: dict[str, str] = {}
     try:
         for step in steps if steps is not None else setup.steps():
-            result.operations.append((step.label, run_step(vm, step, failed)))
+            result.operations.append((step.label, run_step(vm, step, failed, brokers)))
     finally:
         vm.shutdown()
         result.seconds = time.monotonic() - start

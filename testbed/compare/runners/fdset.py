@@ -436,6 +436,7 @@ def _with(step: Step, **changes: Any) -> Step:
         "offset": step.offset,
         "length": step.length,
         "timeout": step.timeout,
+        "broker_down": step.broker_down,
     }
     return Step(**{**fields, **changes})
 

@@ -4,49 +4,87 @@ The scenario's QEMU options and steps are replayed on
 :class:`testbed.block.monitor.ModelMachine` with a
 :class:`~testbed.transport.HookClient` to an in-process broker holding the
 scenario's policy; the broker's audit records are the trace, exactly as for
-patched QEMU.
+patched QEMU.  ``broker`` steps stop that broker and attach a new one
+(the model's ``getfd`` and QMP ``open-hook-set``); every broker's records,
+in order, are the trace.
 """
 
 from __future__ import annotations
 
 import os
 import time
+from dataclasses import dataclass, field
 
 from testbed.block.layer import BlockLayer
 from testbed.block.monitor import ModelMachine
-from testbed.broker import serve_socketpair
+from testbed.broker import Broker, serve_socketpair
 from testbed.compare.normalise import from_audit, normalise
-from testbed.compare.runners.common import OracleResult, Setup
+from testbed.compare.runners.common import BrokerControl, OracleResult, Setup, broker_step
 from testbed.compare.steps import Step, StepKind
 from testbed.errors import TestbedError
 from testbed.transport import HookClient
+
+
+@dataclass(kw_only=True)
+class _Brokers:
+    """The model's brokers (``broker`` steps), in the order they served."""
+
+    setup: Setup
+    all: list[Broker]
+    clients: list[HookClient]
+    machine: ModelMachine | None = None
+    down_errors: list[tuple[str, str]] = field(default_factory=list)
+
+    def kill(self) -> None:
+        self.all[-1].stop()
+
+    def restart(self) -> None:
+        assert self.machine is not None
+        broker, theirs = serve_socketpair(self.setup.policy())
+        self.all.append(broker)
+        client = HookClient(theirs)
+        self.clients.append(client)
+        name = f"broker{len(self.all)}"
+        self.machine.pass_hook(name, client)
+        self.machine.qmp("open-hook-set", fdname=name)
 
 
 def run(setup: Setup) -> OracleResult:
     result = OracleResult()
     broker, theirs = serve_socketpair(setup.policy())
     client = HookClient(theirs)
+    brokers = _Brokers(setup=setup, all=[broker], clients=[client])
     start = time.monotonic()
     try:
         machine = ModelMachine(BlockLayer(client), tmpdir=setup.tmpdir)
+        brokers.machine = machine
         launched = _error_text(lambda: machine.launch(setup.args()))
         result.operations.append(("launch", launched))
         # A -drive or -blockdev that fails at startup ends QEMU; so it ends the model.
         if launched == "ok":
             for step in setup.steps():
-                result.operations.append((step.label, _do(machine, step)))
+                result.operations.append((step.label, _do(machine, step, brokers)))
         else:
             machine.quit()
     finally:
-        client.close()
-        broker.stop()
+        for c in brokers.clients:
+            c.close()
+        for b in brokers.all:
+            b.stop()
         result.seconds = time.monotonic() - start
+    records = [r for b in brokers.all for r in b.records]
     # the model joins relative names to our working directory, as the hook does
-    result.trace = normalise(from_audit(broker.records), setup.root, qemu_cwd=os.getcwd())
+    result.trace = normalise(from_audit(records), setup.root, qemu_cwd=os.getcwd())
+    if brokers.down_errors:
+        result.extra["broker_down_errors"] = [list(e) for e in brokers.down_errors]
     return result
 
 
-def _do(machine: ModelMachine, step: Step) -> str:
+def _do(machine: ModelMachine, step: Step, brokers: BrokerControl | None = None) -> str:
+    special = broker_step(brokers, step, lambda s: _do(machine, s))
+    if special is not None:
+        return special
+
     def go() -> None:
         if step.kind is StepKind.QMP:
             machine.qmp(step.command, **step.arguments)

@@ -1,13 +1,21 @@
-"""Oracle 1: the patched QEMU with ``-open-hook-fd``; the broker's audit log is the trace."""
+"""Oracle 1: the patched QEMU with ``-open-hook-fd``; the broker's audit log is the trace.
+
+A ``broker kill`` step stops the in-process broker (its socket closed, as
+the kernel closes a SIGKILLed broker's); ``broker restart`` serves the
+running QEMU with a new broker writing a second audit log (QMP ``getfd`` +
+``open-hook-set``, patch 0007).  The audit logs of every broker, in order,
+are the trace.
+"""
 
 from __future__ import annotations
 
 import functools
 import os
 import subprocess
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from testbed.broker import read_audit
+from testbed.broker import Broker, read_audit
 from testbed.compare.normalise import from_audit, normalise
 from testbed.compare.runners.common import OracleResult, Setup, run_qemu_scenario
 from testbed.qemu import Machine, MachineConfig
@@ -22,6 +30,26 @@ def block_formats(binary: Path) -> frozenset[str]:
     )
     first = done.stdout.splitlines()[0] if done.stdout else ""
     return frozenset(first.partition(":")[2].split())
+
+
+@dataclass(kw_only=True)
+class _Brokers:
+    """The patched QEMU's brokers, one audit log each (``broker`` steps)."""
+
+    vm: Machine
+    setup: Setup
+    current: Broker
+    audits: list[Path]
+    down_errors: list[tuple[str, str]] = field(default_factory=list)
+
+    def kill(self) -> None:
+        self.current.stop()
+
+    def restart(self) -> None:
+        audit = self.setup.logs / f"patched-audit-{len(self.audits) + 1}.jsonl"
+        audit.unlink(missing_ok=True)
+        self.current = self.vm.reattach_broker(self.setup.policy(), audit_path=audit)
+        self.audits.append(audit)
 
 
 def run(setup: Setup) -> OracleResult:
@@ -50,10 +78,16 @@ def run(setup: Setup) -> OracleResult:
         log_path=log,
     )
     vm = Machine(config)
-    vm.start_broker(setup.policy(), audit_path=audit)
-    run_qemu_scenario(vm, setup, result)
+    first = vm.start_broker(setup.policy(), audit_path=audit)
+    brokers = _Brokers(vm=vm, setup=setup, current=first, audits=[audit])
+    run_qemu_scenario(vm, setup, result, brokers=brokers)
+    records = [r for path in brokers.audits for r in read_audit(path)]
     # QEMU runs in our working directory and the hook joins relative names to it
-    result.trace = normalise(from_audit(read_audit(audit)), setup.root, qemu_cwd=os.getcwd())
+    result.trace = normalise(from_audit(records), setup.root, qemu_cwd=os.getcwd())
     result.log = str(log)
     result.extra["audit"] = str(audit)
+    if len(brokers.audits) > 1:
+        result.extra["audits"] = [str(a) for a in brokers.audits]
+    if brokers.down_errors:
+        result.extra["broker_down_errors"] = [list(e) for e in brokers.down_errors]
     return result
