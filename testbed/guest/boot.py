@@ -31,6 +31,7 @@ from testbed.guest.jobrun import (
 from testbed.guest.jobs import JobKind, JobRun, MirrorVia
 from testbed.guest.records import DiskLayout
 from testbed.guest.session import Session, SessionConfig
+from testbed.qemu.versions import DEFAULT_VERSION
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +53,7 @@ class BootOptions:
     keep: bool = False
     guest_dir: Path | None = None
     qemu: Path | None = None
+    qemu_version: str | None = None
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -61,6 +63,7 @@ class BootResult:
     format: str
     accel: str
     booted: bool
+    qemu_version: str
     steps: tuple[StepResult, ...]
     records_written: int
     records_verified: int
@@ -84,6 +87,7 @@ class BootResult:
     def as_dict(self) -> dict[str, object]:
         return {
             "format": self.format,
+            "qemu_version": self.qemu_version,
             "accel": self.accel,
             "booted": self.booted,
             "steps": [s.as_dict() for s in self.steps],
@@ -138,6 +142,7 @@ def run_boot(
         hook=opts.hook,
         sandbox=opts.sandbox,
         qemu=opts.qemu,
+        qemu_version=opts.qemu_version,
         guest_dir=opts.guest_dir,
         layout=DiskLayout(),
     )
@@ -175,6 +180,7 @@ def run_boot(
     audit = session.audit_records()
     result = BootResult(
         format=opts.fmt,
+        qemu_version=opts.qemu_version or DEFAULT_VERSION,
         accel=session.accel_used or opts.accel,
         booted=session.booted,
         steps=tuple(session.console.steps) if session.console else (),

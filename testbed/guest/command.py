@@ -14,6 +14,7 @@ from testbed.guest.console import StepResult
 from testbed.guest.disk import FORMATS
 from testbed.guest.jobrun import DEFAULT_SPEED
 from testbed.guest.jobs import JobKind, MirrorVia
+from testbed.qemu.versions import DEFAULT_VERSION, VERSIONS
 
 #: Records --job writes by default: enough to write on through every step.
 JOB_RECORDS = 200
@@ -103,7 +104,7 @@ def register(sub: Any) -> None:
         "--no-hook",
         dest="hook",
         action="store_false",
-        help="Debian's QEMU opening files itself (no broker), for comparison",
+        help="the version's stock QEMU opening files itself (no broker), for comparison",
     )
     p.add_argument(
         "--workdir",
@@ -111,7 +112,16 @@ def register(sub: Any) -> None:
         metavar="DIR",
         help="where images and logs go (default build/boot/FORMAT[-JOB])",
     )
-    p.add_argument("--qemu", type=Path, metavar="BINARY", help="QEMU binary to run")
+    p.add_argument(
+        "--qemu-version",
+        choices=list(VERSIONS),
+        default=DEFAULT_VERSION,
+        help=f"the QEMU version to boot (default {DEFAULT_VERSION}): its patched build, "
+        "or with --no-hook its stock binary",
+    )
+    p.add_argument(
+        "--qemu", type=Path, metavar="BINARY", help="QEMU binary to run (overrides --qemu-version)"
+    )
     p.set_defaults(func=run)
 
 
@@ -142,12 +152,16 @@ def run(args: argparse.Namespace) -> int:
             speed=args.speed,
             keep=args.keep,
             qemu=args.qemu,
+            qemu_version=args.qemu_version,
         )
         result = run_boot(opts, on_step=show)
     except ValueError as err:
         print(f"testbed boot: {err}", file=sys.stderr)
         return 2
-    print(f"accelerator: {result.accel}; console log: {result.console_log}")
+    print(
+        f"QEMU {result.qemu_version}; accelerator: {result.accel}; "
+        f"console log: {result.console_log}"
+    )
     if result.records_written:
         print(
             f"records: {result.records_written} synced, {result.records_verified} verified, "

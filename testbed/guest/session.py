@@ -59,8 +59,10 @@ class SessionConfig:
     allow_create: bool = True
     #: hide the image directory from QEMU in a private mount namespace
     sandbox: bool = False
-    #: QEMU binary; default: the patched build with the hook, Debian's without
+    #: QEMU binary; default: ``qemu_version``'s patched build with the hook, its stock one without
     qemu: Path | None = None
+    #: a version of testbed.qemu.versions ("7.2", "10.0"); None: the default (7.2)
+    qemu_version: str | None = None
     guest_dir: Path | None = None
     layout: DiskLayout = field(default_factory=DiskLayout)
     boot_timeout: float = 120.0
@@ -102,7 +104,7 @@ class Session:
         cfg.workdir.mkdir(parents=True, exist_ok=True)
         self.disk = make_disk(self.image_dir, cfg.fmt, run=self.run, layout=cfg.layout)
         guest = find_guest(cfg.guest_dir)
-        binary = guest_qemu(hook=cfg.hook, qemu=cfg.qemu)
+        binary = guest_qemu(hook=cfg.hook, qemu=cfg.qemu, version=cfg.qemu_version)
         args = (
             "-m", "256", "-no-reboot",
             "-kernel", str(guest.kernel), "-initrd", str(guest.initrd),

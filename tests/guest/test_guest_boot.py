@@ -18,8 +18,8 @@ from testbed.guest.artifacts import guest_available
 from testbed.guest.disk import FORMATS
 from testbed.guest.session import Session, SessionConfig
 from testbed.pytest_plugin import require
-from testbed.qemu import patched_qemu_path
-from testbed.qemu.binaries import STOCK_QEMU, is_runnable
+from testbed.qemu import Kind
+from testbed.qemu.fixtures import require_binary
 
 pytestmark = [pytest.mark.guest, pytest.mark.slow]
 
@@ -33,14 +33,19 @@ def guest() -> None:
 
 
 @pytest.fixture
-def patched(guest: None) -> Path:
-    binary = patched_qemu_path()
-    require(is_runnable(binary), f"patched QEMU {binary} (run `make qemu`)")
-    return binary
+def patched(guest: None, qemu_version: str) -> Path:
+    """The patched build of the test's QEMU version (every built one: in the test id)."""
+    return require_binary(qemu_version, Kind.PATCHED)
 
 
-def config(tmp_path: Path, fmt: str, **kw: object) -> SessionConfig:
-    return SessionConfig(fmt=fmt, workdir=tmp_path / fmt, **kw)  # type: ignore[arg-type]
+@pytest.fixture
+def stock(guest: None, qemu_version: str) -> Path:
+    """The version's stock binary: Debian's for 7.2, the unpatched build for 10.0."""
+    return require_binary(qemu_version, Kind.STOCK)
+
+
+def config(tmp_path: Path, fmt: str, version: str, **kw: object) -> SessionConfig:
+    return SessionConfig(fmt=fmt, workdir=tmp_path / fmt, qemu_version=version, **kw)  # type: ignore[arg-type]
 
 
 def audited_paths(session: Session) -> list[str]:
@@ -50,8 +55,10 @@ def audited_paths(session: Session) -> list[str]:
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
-def test_every_format_boots_through_the_hook(patched: Path, tmp_path: Path, fmt: str) -> None:
-    with Session(config(tmp_path, fmt)) as s:
+def test_every_format_boots_through_the_hook(
+    patched: Path, tmp_path: Path, fmt: str, qemu_version: str
+) -> None:
+    with Session(config(tmp_path, fmt, qemu_version)) as s:
         assert s.disk is not None
         if fmt == "vvfat":
             s.check_fat()
@@ -69,8 +76,10 @@ def test_every_format_boots_through_the_hook(patched: Path, tmp_path: Path, fmt:
     assert want in paths, paths
 
 
-def test_live_snapshots_hmp_then_qmp_lose_nothing(patched: Path, tmp_path: Path) -> None:
-    with Session(config(tmp_path, "raw")) as s:
+def test_live_snapshots_hmp_then_qmp_lose_nothing(
+    patched: Path, tmp_path: Path, qemu_version: str
+) -> None:
+    with Session(config(tmp_path, "raw", qemu_version)) as s:
         s.check_pattern()
         s.start_writer(40)
         s.wait_synced(8)
@@ -88,8 +97,10 @@ def test_live_snapshots_hmp_then_qmp_lose_nothing(patched: Path, tmp_path: Path)
     assert str(second.overlay) in paths
 
 
-def test_sandboxed_qemu_works_only_through_the_hook(patched: Path, tmp_path: Path) -> None:
-    with Session(config(tmp_path, "qcow2", sandbox=True)) as s:
+def test_sandboxed_qemu_works_only_through_the_hook(
+    patched: Path, tmp_path: Path, qemu_version: str
+) -> None:
+    with Session(config(tmp_path, "qcow2", qemu_version, sandbox=True)) as s:
         s.check_pattern()
         s.start_writer(10)
         s.wait_synced(3)
@@ -98,7 +109,9 @@ def test_sandboxed_qemu_works_only_through_the_hook(patched: Path, tmp_path: Pat
         s.shutdown()
         assert s.verify().verified == 10
     # the same QEMU without the hook, in the same namespace, cannot see the image
-    blind = Session(config(tmp_path / "blind", "qcow2", sandbox=True, hook=False, qemu=patched))
+    blind = Session(
+        config(tmp_path / "blind", "qcow2", qemu_version, sandbox=True, hook=False, qemu=patched)
+    )
     with pytest.raises(LaunchError) as info:
         blind.start()
     blind.close()
@@ -107,8 +120,10 @@ def test_sandboxed_qemu_works_only_through_the_hook(patched: Path, tmp_path: Pat
     assert "No such file or directory" in info.value.log
 
 
-def test_killed_broker_fails_the_next_snapshot_only(patched: Path, tmp_path: Path) -> None:
-    with Session(config(tmp_path, "qcow2", broker_process=True)) as s:
+def test_killed_broker_fails_the_next_snapshot_only(
+    patched: Path, tmp_path: Path, qemu_version: str
+) -> None:
+    with Session(config(tmp_path, "qcow2", qemu_version, broker_process=True)) as s:
         s.check_pattern()
         s.start_writer(40)
         s.wait_synced(5)
@@ -127,8 +142,10 @@ def test_killed_broker_fails_the_next_snapshot_only(patched: Path, tmp_path: Pat
     assert not (tmp_path / "qcow2" / "images" / "snap1.qcow2").exists()
 
 
-def test_refused_snapshot_file_is_a_qmp_error(patched: Path, tmp_path: Path) -> None:
-    with Session(config(tmp_path, "qcow2", allow_create=False)) as s:
+def test_refused_snapshot_file_is_a_qmp_error(
+    patched: Path, tmp_path: Path, qemu_version: str
+) -> None:
+    with Session(config(tmp_path, "qcow2", qemu_version, allow_create=False)) as s:
         s.check_pattern()
         s.start_writer(20)
         s.wait_synced(4)
@@ -148,10 +165,9 @@ def test_refused_snapshot_file_is_a_qmp_error(patched: Path, tmp_path: Path) -> 
 
 
 @pytest.mark.stock_qemu
-def test_stock_qemu_baseline_without_hook(guest: None, tmp_path: Path) -> None:
-    """The same scenario on Debian's QEMU: tells guest bugs from hook bugs."""
-    require(is_runnable(STOCK_QEMU), f"Debian's QEMU {STOCK_QEMU}")
-    with Session(config(tmp_path, "raw", hook=False)) as s:
+def test_stock_qemu_baseline_without_hook(stock: Path, tmp_path: Path, qemu_version: str) -> None:
+    """The same scenario on the version's stock QEMU: tells guest bugs from hook bugs."""
+    with Session(config(tmp_path, "raw", qemu_version, hook=False)) as s:
         s.check_pattern()
         s.start_writer(10)
         s.wait_synced(3)
@@ -162,10 +178,10 @@ def test_stock_qemu_baseline_without_hook(guest: None, tmp_path: Path) -> None:
 
 
 def test_sandboxed_vvfat_scans_its_directory_through_the_hook(
-    patched: Path, tmp_path: Path
+    patched: Path, tmp_path: Path, qemu_version: str
 ) -> None:
     """Patch 0008: with the tree hidden, vvfat still lists it (through the broker)."""
-    s = Session(config(tmp_path, "vvfat", sandbox=True))
+    s = Session(config(tmp_path, "vvfat", qemu_version, sandbox=True))
     try:
         s.start()
         s.check_fat()  # the guest mounts the FAT disk and checksums the host files
