@@ -75,6 +75,14 @@ def register(sub: Any) -> None:
         help="the QMP command --job mirror uses (default drive-mirror)",
     )
     p.add_argument(
+        "--kill-broker-at",
+        type=int,
+        metavar="N",
+        help="run the broker as a process, SIGKILL it after record N while the guest writes, "
+        "show a snapshot failing, attach a new broker over QMP (open-hook-set) and "
+        "snapshot again (patch 0007)",
+    )
+    p.add_argument(
         "--sandbox",
         action="store_true",
         help="hide the image directory from QEMU in a mount namespace",
@@ -153,6 +161,7 @@ def run(args: argparse.Namespace) -> int:
             keep=args.keep,
             qemu=args.qemu,
             qemu_version=args.qemu_version,
+            kill_broker_at=args.kill_broker_at,
         )
         result = run_boot(opts, on_step=show)
     except ValueError as err:
@@ -177,6 +186,17 @@ def run(args: argparse.Namespace) -> int:
             print("  opens: not seen (no hook)")
         for o in job.opens or ():
             print(f"  open {o}")
+    if result.restart:
+        r = result.restart
+        print(
+            f"broker killed after record {r.killed_after}; the snapshot meanwhile failed: "
+            f"{r.failed_snapshot}"
+        )
+        print(
+            f"reattached: kill to first successful snapshot {r.kill_to_snapshot * 1000:.0f} ms "
+            f"(new broker to snapshot {r.reattach_to_snapshot * 1000:.0f} ms); QEMU counts "
+            f"{r.hook_requests} requests answered, audit logs {list(r.audit_per_broker)}"
+        )
     if result.final_image:
         print(f"final image: {result.final_image}")
     if result.broker_requests:

@@ -80,6 +80,10 @@ class Session:
         self.image_dir = config.workdir / "images"
         self.console_log = config.workdir / "console.log"
         self.audit_path = config.workdir / "audit.jsonl"
+        #: every broker process's audit log, in start order (restart_broker adds one)
+        self.audit_paths: list[Path] = [self.audit_path]
+        #: monotonic time of the last kill_broker()
+        self.killed_at: float | None = None
         self._on_step = on_step
         self.disk: Disk | None = None
         self.broker: Broker | None = None
@@ -160,19 +164,24 @@ class Session:
             return [], [], [d]
         return [], [str(self.disk.path)], []
 
-    def _start_broker(self, vm: EventMachine) -> None:
+    def _broker_args(self, audit_path: Path) -> list[str]:
+        """``testbed broker`` arguments granting what the boot needs, auditing to ``audit_path``."""
         ro, rw, create = self._policy_args()
+        args = ["--audit", str(audit_path)]
+        if self.config.fmt == "vvfat":
+            args.append("--allow-directories")
+        for flag, paths in (("--allow-ro", ro), ("--allow-rw", rw), ("--allow-create", create)):
+            for p in paths:
+                args += [flag, p]
+        return args
+
+    def _start_broker(self, vm: EventMachine) -> None:
         if self.config.broker_process:
-            args = ["--audit", str(self.audit_path)]
-            if self.config.fmt == "vvfat":
-                args.append("--allow-directories")
-            for flag, paths in (("--allow-ro", ro), ("--allow-rw", rw), ("--allow-create", create)):
-                for p in paths:
-                    args += [flag, p]
             self.broker_pid = vm.start_broker_process(
-                args, log_path=self.config.workdir / "broker.log"
+                self._broker_args(self.audit_path), log_path=self.config.workdir / "broker.log"
             )
         else:
+            ro, rw, create = self._policy_args()
             # vvfat scans its tree through the hook (patch 0008): directory fds
             policy = Policy.from_grants(
                 ro=ro, rw=rw, create=create, directories=self.config.fmt == "vvfat"
@@ -342,12 +351,10 @@ class Session:
             self._on_step(result)
 
     def audit_records(self) -> list[AuditRecord]:
-        """What the broker answered, from its audit log (in-process or not)."""
+        """What the brokers answered, from their audit logs (in-process or not), in order."""
         if self.broker is not None:
             return self.broker.records
-        if self.audit_path.exists():
-            return read_audit(self.audit_path)
-        return []
+        return [r for path in self.audit_paths if path.exists() for r in read_audit(path)]
 
     def kill_broker(self) -> None:
         """Kill the broker process (only with ``broker_process``)."""
@@ -355,8 +362,36 @@ class Session:
             raise ValueError("kill_broker needs SessionConfig(broker_process=True)")
         for proc in self.vm.helpers:
             if proc.pid == self.broker_pid:
+                self.killed_at = time.monotonic()
                 proc.send_signal(signal.SIGKILL)
                 proc.wait(10)
+
+    def restart_broker(self) -> int:
+        """A new broker process (own audit log) attached to the running QEMU; its pid.
+
+        Patch 0007: the socket goes to QEMU with QMP ``getfd``, ``open-hook-set``
+        swaps it in and clears the broken state.
+        """
+        if not self.config.broker_process:
+            raise ValueError("restart_broker needs SessionConfig(broker_process=True)")
+        n = len(self.audit_paths) + 1
+        audit = self.config.workdir / f"audit-{n}.jsonl"
+        t0 = time.monotonic()
+        self.broker_pid = self.vm.reattach_broker_process(
+            self._broker_args(audit), log_path=self.config.workdir / f"broker-{n}.log"
+        )
+        self.audit_paths.append(audit)
+        self.note(
+            "reattach broker", True, time.monotonic() - t0, f"broker {n}, pid {self.broker_pid}"
+        )
+        return self.broker_pid
+
+    def open_hook_state(self) -> dict[str, object]:
+        """QMP ``query-open-hook`` (patch 0007): state, requests, failures, last-error."""
+        state = self.vm.qmp("query-open-hook")
+        if not isinstance(state, dict):
+            raise QEMUError(f"query-open-hook returned {state!r}, not an object")
+        return state
 
     def shutdown(self) -> str:
         """Power the guest off from inside, wait for QEMU to exit; how it ended."""
