@@ -15,6 +15,7 @@ import pytest
 
 from testbed.errors import LaunchError, QEMUError
 from testbed.guest.artifacts import guest_available
+from testbed.guest.boot import BootOptions, run_boot
 from testbed.guest.disk import FORMATS
 from testbed.guest.session import Session, SessionConfig
 from testbed.pytest_plugin import require
@@ -188,3 +189,26 @@ def test_sandboxed_vvfat_scans_its_directory_through_the_hook(
         assert any(r.flags & os.O_DIRECTORY and r.result == 0 for r in s.audit_records())
     finally:
         s.close()
+
+
+def test_killed_broker_is_replaced_and_nothing_is_lost(
+    patched: Path, tmp_path: Path, qemu_version: str
+) -> None:
+    """Patch 0007 with a guest writing: kill, a failing snapshot, reattach, a good snapshot."""
+    opts = BootOptions(
+        fmt="qcow2", workdir=tmp_path / "kill", kill_broker_at=8, qemu_version=qemu_version
+    )
+    result = run_boot(opts)
+    assert result.ok, result.error
+    restart = result.restart
+    assert restart is not None
+    assert "snap-dead-broker.qcow2" in restart.failed_snapshot
+    assert "the open hook (-open-hook-fd) failed" in restart.failed_snapshot
+    assert not (tmp_path / "kill" / "images" / "snap-dead-broker.qcow2").exists()
+    # the first broker served the boot, the second the snapshot after the reattach
+    assert len(restart.audit_per_broker) == 2 and all(restart.audit_per_broker)
+    assert restart.accounted, restart.as_dict()
+    assert restart.hook_failures >= 1
+    assert result.snapshot_files == (str(tmp_path / "kill" / "images" / "snap1.qcow2"),)
+    assert result.records_written == 40 and result.records_verified == 40 and result.lost == 0
+    assert restart.kill_to_snapshot > restart.reattach_to_snapshot > 0
