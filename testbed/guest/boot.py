@@ -32,6 +32,7 @@ from testbed.guest.jobrun import (
 )
 from testbed.guest.jobs import JobKind, JobRun, MirrorVia
 from testbed.guest.records import DiskLayout
+from testbed.guest.sandbox import Sandbox
 from testbed.guest.session import Session, SessionConfig
 from testbed.qemu.versions import DEFAULT_VERSION
 
@@ -49,7 +50,10 @@ class BootOptions:
     mirror_via: MirrorVia = MirrorVia.DRIVE
     #: the jobs' rate limit in bytes/s (0: none)
     speed: int = DEFAULT_SPEED
-    sandbox: bool = False
+    #: confine QEMU: a mount namespace or Landlock (testbed.guest.sandbox)
+    sandbox: Sandbox | None = None
+    #: a stock QEMU whose opens the seccomp supervisor serves (implies no hook)
+    supervise: bool = False
     hook: bool = True
     records: int = 40
     keep: bool = False
@@ -181,18 +185,21 @@ def run_boot(
                 "--kill-broker-at takes its own snapshots on a writable image: "
                 "no vvfat, --job or --snapshot"
             )
-        if not opts.hook:
-            raise ValueError("--kill-broker-at needs the hook (drop --no-hook)")
+        if not opts.hook or opts.supervise:
+            raise ValueError("--kill-broker-at needs the hook (drop --no-hook, --supervise)")
         if not 0 <= opts.kill_broker_at <= opts.records - 4:
             raise ValueError(
                 f"--kill-broker-at {opts.kill_broker_at}: must be between 0 and "
                 f"{opts.records - 4} (--records {opts.records} minus 4, to write on after it)"
             )
+    if opts.supervise and opts.sandbox is Sandbox.NAMESPACE:
+        raise ValueError("--supervise confines with --sandbox landlock, not namespace")
     config = SessionConfig(
         fmt=opts.fmt,
         workdir=opts.workdir,
         accel=opts.accel,
-        hook=opts.hook,
+        hook=opts.hook and not opts.supervise,
+        supervise=opts.supervise,
         broker_process=opts.kill_broker_at is not None,
         sandbox=opts.sandbox,
         qemu=opts.qemu,

@@ -14,6 +14,7 @@ from testbed.guest.console import StepResult
 from testbed.guest.disk import FORMATS
 from testbed.guest.jobrun import DEFAULT_SPEED
 from testbed.guest.jobs import JobKind, MirrorVia
+from testbed.guest.sandbox import Sandbox
 from testbed.qemu.versions import DEFAULT_VERSION, VERSIONS
 
 #: Records --job writes by default: enough to write on through every step.
@@ -84,8 +85,19 @@ def register(sub: Any) -> None:
     )
     p.add_argument(
         "--sandbox",
+        nargs="?",
+        const=str(Sandbox.NAMESPACE),
+        choices=[str(s) for s in Sandbox],
+        help="keep QEMU off the image directory: namespace (the default when given alone) "
+        "hides it under an empty tmpfs in a mount namespace; landlock confines QEMU with a "
+        "Landlock ruleset granting nothing on it (testbed supervise --landlock-only, or "
+        "--landlock with --supervise); only the hook (or the supervisor) reaches the images",
+    )
+    p.add_argument(
+        "--supervise",
         action="store_true",
-        help="hide the image directory from QEMU in a mount namespace",
+        help="run the version's stock QEMU (no patch, no hook) under the seccomp supervisor, "
+        "which serves every open under the image grants (testbed supervise)",
     )
     p.add_argument(
         "--accel",
@@ -154,7 +166,8 @@ def run(args: argparse.Namespace) -> int:
             snapshot=args.snapshot,
             job=JobKind(args.job) if args.job else None,
             mirror_via=MirrorVia(args.mirror_via),
-            sandbox=args.sandbox,
+            sandbox=Sandbox(args.sandbox) if args.sandbox else None,
+            supervise=args.supervise,
             hook=args.hook,
             records=args.records or (JOB_RECORDS if args.job else 40),
             speed=args.speed,

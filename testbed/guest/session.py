@@ -35,7 +35,9 @@ from testbed.guest.records import (
     check_chain,
     pattern_digest,
 )
+from testbed.guest.sandbox import Sandbox, landlock_only, qemu_prefix
 from testbed.qemu import MachineConfig
+from testbed.supervise.machine import supervised_config
 
 log = logging.getLogger(__name__)
 
@@ -57,8 +59,10 @@ class SessionConfig:
     broker_process: bool = False
     #: grant O_CREAT in the image directory (snapshots need it)
     allow_create: bool = True
-    #: hide the image directory from QEMU in a private mount namespace
-    sandbox: bool = False
+    #: keep QEMU off the image directory: a mount namespace, or Landlock (testbed.guest.sandbox)
+    sandbox: Sandbox | None = None
+    #: run a stock QEMU under the seccomp supervisor (testbed supervise), which serves its opens
+    supervise: bool = False
     #: QEMU binary; default: ``qemu_version``'s patched build with the hook, its stock one without
     qemu: Path | None = None
     #: a version of testbed.qemu.versions ("7.2", "10.0"); None: the default (7.2)
@@ -108,10 +112,16 @@ class Session:
         cfg.workdir.mkdir(parents=True, exist_ok=True)
         self.disk = make_disk(self.image_dir, cfg.fmt, run=self.run, layout=cfg.layout)
         guest = find_guest(cfg.guest_dir)
+        if cfg.supervise and cfg.hook:
+            raise ValueError("supervise serves a stock QEMU's opens itself: use hook=False")
+        if cfg.supervise and cfg.sandbox is Sandbox.NAMESPACE:
+            raise ValueError("supervise confines with Landlock, not the mount namespace")
         binary = guest_qemu(hook=cfg.hook, qemu=cfg.qemu, version=cfg.qemu_version)
+        # resolved: the supervisor's grants do not follow symlinks (build/guest is one)
+        kernel, initrd = guest.kernel.resolve(), guest.initrd.resolve()
         args = (
             "-m", "256", "-no-reboot",
-            "-kernel", str(guest.kernel), "-initrd", str(guest.initrd),
+            "-kernel", str(kernel), "-initrd", str(initrd),
             "-append", KERNEL_ARGS,
             "-drive", f"{self._drive()},if=none,id={DRIVE_ID}",
             "-device", f"virtio-blk-pci,drive={DRIVE_ID}",
@@ -123,20 +133,34 @@ class Session:
             accel=cfg.accel,
             hook=cfg.hook,
             serial=True,
-            hide_dirs=(self.image_dir.resolve(),) if cfg.sandbox else (),
+            hide_dirs=(self.image_dir.resolve(),) if cfg.sandbox is Sandbox.NAMESPACE else (),
             log_path=cfg.workdir / "qemu.log",
             launch_timeout=cfg.step_timeout,
             command_timeout=cfg.step_timeout,
         )
+        # what QEMU reads with plain open(): the guest files, a /usr-less build's prefix
+        prefix = qemu_prefix(binary)
+        read_only = (kernel.parent, initrd.parent, *((prefix,) if prefix else ()))
+        if cfg.supervise:
+            machine = supervised_config(
+                machine,
+                self._policy(read_only),
+                workdir=cfg.workdir,
+                landlock=cfg.sandbox is Sandbox.LANDLOCK,
+                audit=self.audit_path,
+            )
+        elif cfg.sandbox is Sandbox.LANDLOCK:
+            machine = landlock_only(machine, workdir=cfg.workdir, read_only=read_only)
         self.qemu = EventMachine(machine)
         if cfg.hook:
             self._start_broker(self.qemu)
         log.info(
-            "booting %s guest with accel=%s (hook=%s, sandbox=%s)",
+            "booting %s guest with accel=%s (hook=%s, sandbox=%s, supervise=%s)",
             cfg.fmt,
             cfg.accel,
             cfg.hook,
             cfg.sandbox,
+            cfg.supervise,
         )
         self.qemu.launch()
         self.accel_used = self.qemu.accel_used
@@ -181,12 +205,18 @@ class Session:
                 self._broker_args(self.audit_path), log_path=self.config.workdir / "broker.log"
             )
         else:
-            ro, rw, create = self._policy_args()
-            # vvfat scans its tree through the hook (patch 0008): directory fds
-            policy = Policy.from_grants(
-                ro=ro, rw=rw, create=create, directories=self.config.fmt == "vvfat"
-            )
-            self.broker = vm.start_broker(policy, audit_path=self.audit_path)
+            self.broker = vm.start_broker(self._policy(), audit_path=self.audit_path)
+
+    def _policy(self, read_only: tuple[Path, ...] = ()) -> Policy:
+        """The broker's (or supervisor's) policy: the image grants, plus ``read_only``."""
+        ro, rw, create = self._policy_args()
+        # vvfat scans its tree through the hook (patch 0008) or openat: directory fds
+        return Policy.from_grants(
+            ro=[*ro, *map(str, read_only)],
+            rw=rw,
+            create=create,
+            directories=self.config.fmt == "vvfat",
+        )
 
     # -- steps --------------------------------------------------------------
 

@@ -17,6 +17,7 @@ from testbed.errors import LaunchError, QEMUError
 from testbed.guest.artifacts import guest_available
 from testbed.guest.boot import BootOptions, run_boot
 from testbed.guest.disk import FORMATS
+from testbed.guest.sandbox import Sandbox
 from testbed.guest.session import Session, SessionConfig
 from testbed.pytest_plugin import require
 from testbed.qemu import Kind
@@ -101,7 +102,7 @@ def test_live_snapshots_hmp_then_qmp_lose_nothing(
 def test_sandboxed_qemu_works_only_through_the_hook(
     patched: Path, tmp_path: Path, qemu_version: str
 ) -> None:
-    with Session(config(tmp_path, "qcow2", qemu_version, sandbox=True)) as s:
+    with Session(config(tmp_path, "qcow2", qemu_version, sandbox=Sandbox.NAMESPACE)) as s:
         s.check_pattern()
         s.start_writer(10)
         s.wait_synced(3)
@@ -111,7 +112,14 @@ def test_sandboxed_qemu_works_only_through_the_hook(
         assert s.verify().verified == 10
     # the same QEMU without the hook, in the same namespace, cannot see the image
     blind = Session(
-        config(tmp_path / "blind", "qcow2", qemu_version, sandbox=True, hook=False, qemu=patched)
+        config(
+            tmp_path / "blind",
+            "qcow2",
+            qemu_version,
+            sandbox=Sandbox.NAMESPACE,
+            hook=False,
+            qemu=patched,
+        )
     )
     with pytest.raises(LaunchError) as info:
         blind.start()
@@ -182,7 +190,7 @@ def test_sandboxed_vvfat_scans_its_directory_through_the_hook(
     patched: Path, tmp_path: Path, qemu_version: str
 ) -> None:
     """Patch 0008: with the tree hidden, vvfat still lists it (through the broker)."""
-    s = Session(config(tmp_path, "vvfat", qemu_version, sandbox=True))
+    s = Session(config(tmp_path, "vvfat", qemu_version, sandbox=Sandbox.NAMESPACE))
     try:
         s.start()
         s.check_fat()  # the guest mounts the FAT disk and checksums the host files

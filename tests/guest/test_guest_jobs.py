@@ -36,6 +36,7 @@ from testbed.guest.jobs import (
     wait_completed,
 )
 from testbed.guest.records import SECTOR
+from testbed.guest.sandbox import Sandbox
 from testbed.guest.session import Session, SessionConfig
 from testbed.pytest_plugin import require
 from testbed.qemu import Kind
@@ -241,7 +242,7 @@ def test_sandboxed_jobs_work_only_through_the_hook(
         fmt="qcow2",
         workdir=tmp_path / "sb",
         job=kind,
-        sandbox=True,
+        sandbox=Sandbox.NAMESPACE,
         records=RECORDS,
         qemu_version=qemu_version,
     )
