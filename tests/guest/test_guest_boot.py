@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from testbed.errors import LaunchError, QEMUError
+from testbed.errors import KernelFeatureError, LaunchError, QEMUError
 from testbed.guest.artifacts import guest_available
 from testbed.guest.boot import BootOptions, run_boot
 from testbed.guest.disk import FORMATS
@@ -22,6 +22,8 @@ from testbed.guest.session import Session, SessionConfig
 from testbed.pytest_plugin import require
 from testbed.qemu import Kind
 from testbed.qemu.fixtures import require_binary
+from testbed.supervise.landlock import abi_version
+from testbed.supervise.seccomp import check_user_notification
 
 pytestmark = [pytest.mark.guest, pytest.mark.slow]
 
@@ -220,3 +222,88 @@ def test_killed_broker_is_replaced_and_nothing_is_lost(
     assert result.snapshot_files == (str(tmp_path / "kill" / "images" / "snap1.qcow2"),)
     assert result.records_written == 40 and result.records_verified == 40 and result.lost == 0
     assert restart.kill_to_snapshot > restart.reattach_to_snapshot > 0
+
+
+# -- Landlock, and the seccomp supervisor (no patch) -----------------------------------
+
+
+@pytest.fixture
+def landlock() -> None:
+    """Seccomp user notification and Landlock in the running kernel."""
+    try:
+        check_user_notification()
+        abi_version()
+    except KernelFeatureError as err:
+        require(False, str(err))
+
+
+@pytest.mark.stock_qemu
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_supervised_stock_qemu_under_landlock_boots_every_format(
+    stock: Path, landlock: None, tmp_path: Path, fmt: str, qemu_version: str
+) -> None:
+    """No patch: the supervisor serves every open, and Landlock keeps QEMU off the images."""
+    cfg = config(tmp_path, fmt, qemu_version, hook=False, supervise=True, sandbox=Sandbox.LANDLOCK)
+    with Session(cfg) as s:
+        assert s.disk is not None
+        if fmt == "vvfat":
+            s.check_fat()
+        else:
+            s.check_pattern()
+            s.start_writer(16)
+            s.wait_synced(5)
+            mark = s.snapshot("qmp")
+            s.finish_writer()
+        assert s.shutdown() == "exited"
+        audit = s.audit_records()
+        if fmt != "vvfat":
+            report = s.verify()
+            assert report.verified == 16 and not report.lost
+            assert [n for n, _ in report.per_layer] == [s.disk.path.name, "snap1.qcow2"]
+    served = {r.path for r in audit if r.result >= 0 and r.via == "seccomp"}
+    if fmt == "vvfat":
+        # its tree scan is openat(O_DIRECTORY), served as any open
+        assert str(s.disk.path) in served and str(s.disk.path / "large.bin") in served
+    else:
+        assert {str(s.disk.path), str(mark.overlay)} <= served, sorted(served)
+    # the guest files: QEMU reads -kernel/-initrd with plain open(), served here too
+    assert any(p.endswith("vmlinuz") for p in served), sorted(served)
+
+
+@pytest.mark.parametrize("fmt", ["qcow2", "vvfat"])
+def test_patched_qemu_under_landlock_works_through_the_hook(
+    patched: Path, landlock: None, tmp_path: Path, fmt: str, qemu_version: str
+) -> None:
+    """Landlock instead of the mount namespace: the images reach QEMU only through the hook."""
+    with Session(config(tmp_path, fmt, qemu_version, sandbox=Sandbox.LANDLOCK)) as s:
+        assert s.disk is not None
+        if fmt == "vvfat":
+            s.check_fat()
+        else:
+            s.check_pattern()
+            s.start_writer(10)
+            s.wait_synced(3)
+            s.snapshot("qmp")
+            s.finish_writer()
+        s.shutdown()
+        if fmt != "vvfat":
+            assert s.verify().verified == 10
+        paths = audited_paths(s)
+    want = str(s.disk.path) if fmt != "vvfat" else str(s.disk.path / "large.bin")
+    assert want in paths, paths
+
+
+def test_same_qemu_under_landlock_only_cannot_open_the_disk(
+    patched: Path, landlock: None, tmp_path: Path, qemu_version: str
+) -> None:
+    """The negative control: Landlock, no hook, nothing served: QEMU gets EACCES on its disk."""
+    cfg = config(
+        tmp_path, "qcow2", qemu_version, sandbox=Sandbox.LANDLOCK, hook=False, qemu=patched
+    )
+    blind = Session(cfg)
+    with pytest.raises(LaunchError) as info:
+        blind.start()
+    blind.close()
+    assert blind.disk is not None
+    assert str(blind.disk.path) in info.value.log
+    assert "Permission denied" in info.value.log
