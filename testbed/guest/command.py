@@ -213,8 +213,9 @@ def run(args: argparse.Namespace) -> int:
     if result.final_image:
         print(f"final image: {result.final_image}")
     if result.broker_requests:
+        server = "supervisor" if args.supervise else "broker"
         print(
-            f"broker: {result.broker_requests} opens answered, "
+            f"{server}: {result.broker_requests} opens answered, "
             f"{result.broker_errors} with -errno (refused, or probes of absent files)"
         )
     if args.json:
