@@ -7,8 +7,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from testbed.errors import BuildError
-from testbed.qemu import patched_qemu_path
-from testbed.qemu.binaries import STOCK_QEMU, is_runnable
+from testbed.qemu import DEFAULT_VERSION, Kind, qemu_binary
+from testbed.qemu.binaries import is_runnable
 
 REPO = Path(__file__).resolve().parents[2]
 #: ``make guest`` links this to the cached build.
@@ -44,15 +44,18 @@ def guest_available(directory: Path | None = None) -> bool:
     return True
 
 
-def guest_qemu(*, hook: bool, qemu: Path | None = None) -> Path:
+def guest_qemu(*, hook: bool, qemu: Path | None = None, version: str | None = None) -> Path:
     """The QEMU binary a guest boot runs: the one place the guest chooses it.
 
-    ``qemu`` wins when given; otherwise the patched build for the hook and
-    Debian's binary without it.  (A ``--qemu-version`` belongs here.)
-    Raises :class:`BuildError` naming the binary when it cannot be run.
+    ``qemu`` wins when given; otherwise ``version``'s (default 7.2) patched
+    build for the hook and its stock binary without it (Debian's for 7.2,
+    the unpatched build of the same source for 10.0).  Raises
+    :class:`BuildError` naming the binary when it cannot be run, and
+    :class:`~testbed.errors.QemuVersionError` for an unknown version.
     """
-    binary = qemu or (patched_qemu_path() if hook else STOCK_QEMU)
+    name = version or DEFAULT_VERSION
+    binary = qemu or qemu_binary(name, Kind.PATCHED if hook else Kind.STOCK)
     if not is_runnable(binary):
-        hint = " (run `make qemu`)" if hook and qemu is None else ""
+        hint = f" (QEMU {name}: run `make qemu`)" if qemu is None else ""
         raise BuildError(f"QEMU binary {binary} is missing{hint}")
     return binary

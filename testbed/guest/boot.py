@@ -13,11 +13,13 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from testbed.errors import TestbedError
+from testbed.broker import read_audit
+from testbed.errors import GuestError, QEMUError, TestbedError
 from testbed.guest.console import StepResult
 from testbed.guest.disk import IMAGE_FORMATS
 from testbed.guest.jobrun import (
@@ -30,7 +32,9 @@ from testbed.guest.jobrun import (
 )
 from testbed.guest.jobs import JobKind, JobRun, MirrorVia
 from testbed.guest.records import DiskLayout
+from testbed.guest.sandbox import Sandbox
 from testbed.guest.session import Session, SessionConfig
+from testbed.qemu.versions import DEFAULT_VERSION
 
 log = logging.getLogger(__name__)
 
@@ -46,12 +50,52 @@ class BootOptions:
     mirror_via: MirrorVia = MirrorVia.DRIVE
     #: the jobs' rate limit in bytes/s (0: none)
     speed: int = DEFAULT_SPEED
-    sandbox: bool = False
+    #: confine QEMU: a mount namespace or Landlock (testbed.guest.sandbox)
+    sandbox: Sandbox | None = None
+    #: a stock QEMU whose opens the seccomp supervisor serves (implies no hook)
+    supervise: bool = False
     hook: bool = True
     records: int = 40
     keep: bool = False
     guest_dir: Path | None = None
     qemu: Path | None = None
+    qemu_version: str | None = None
+    #: SIGKILL the broker process after record N, then restart it (patch 0007)
+    kill_broker_at: int | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class BrokerRestart:
+    """What ``--kill-broker-at`` saw: the failure, the reattach, and the accounting."""
+
+    killed_after: int
+    #: QEMU's error for the snapshot taken while no broker served the hook
+    failed_snapshot: str
+    #: seconds from SIGKILL to the first successful snapshot (the failing one included)
+    kill_to_snapshot: float
+    #: seconds from starting the new broker to that snapshot done
+    reattach_to_snapshot: float
+    #: query-open-hook before power-off, and the audit records of each broker
+    hook_requests: int
+    hook_failures: int
+    audit_per_broker: tuple[int, ...]
+
+    @property
+    def accounted(self) -> bool:
+        """Every request QEMU says a broker answered is in one of the audit logs."""
+        return sum(self.audit_per_broker) == self.hook_requests
+
+    def as_dict(self) -> dict[str, object]:
+        return {
+            "killed_after": self.killed_after,
+            "failed_snapshot": self.failed_snapshot,
+            "kill_to_snapshot": round(self.kill_to_snapshot, 3),
+            "reattach_to_snapshot": round(self.reattach_to_snapshot, 3),
+            "hook_requests": self.hook_requests,
+            "hook_failures": self.hook_failures,
+            "audit_per_broker": list(self.audit_per_broker),
+            "accounted": self.accounted,
+        }
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -61,6 +105,7 @@ class BootResult:
     format: str
     accel: str
     booted: bool
+    qemu_version: str
     steps: tuple[StepResult, ...]
     records_written: int
     records_verified: int
@@ -76,6 +121,7 @@ class BootResult:
     #: the image that holds the disk after the job (power-off), and the mirror comparison
     final_image: str | None = None
     mirror: MirrorCheck | None = None
+    restart: BrokerRestart | None = None
 
     @property
     def ok(self) -> bool:
@@ -84,6 +130,7 @@ class BootResult:
     def as_dict(self) -> dict[str, object]:
         return {
             "format": self.format,
+            "qemu_version": self.qemu_version,
             "accel": self.accel,
             "booted": self.booted,
             "steps": [s.as_dict() for s in self.steps],
@@ -104,6 +151,7 @@ class BootResult:
             ),
             "final_image": self.final_image,
             "mirror_compare": self.mirror.as_dict() if self.mirror else None,
+            "broker_restart": self.restart.as_dict() if self.restart else None,
         }
 
     def write_json(self, path: Path) -> None:
@@ -131,19 +179,38 @@ def run_boot(
                 f"--records {opts.records}: --job needs at least {MIN_JOB_RECORDS} "
                 "to spread its steps over"
             )
+    if opts.kill_broker_at is not None:
+        if opts.fmt not in IMAGE_FORMATS or opts.job is not None or opts.snapshot:
+            raise ValueError(
+                "--kill-broker-at takes its own snapshots on a writable image: "
+                "no vvfat, --job or --snapshot"
+            )
+        if not opts.hook or opts.supervise:
+            raise ValueError("--kill-broker-at needs the hook (drop --no-hook, --supervise)")
+        if not 0 <= opts.kill_broker_at <= opts.records - 4:
+            raise ValueError(
+                f"--kill-broker-at {opts.kill_broker_at}: must be between 0 and "
+                f"{opts.records - 4} (--records {opts.records} minus 4, to write on after it)"
+            )
+    if opts.supervise and opts.sandbox is Sandbox.NAMESPACE:
+        raise ValueError("--supervise confines with --sandbox landlock, not namespace")
     config = SessionConfig(
         fmt=opts.fmt,
         workdir=opts.workdir,
         accel=opts.accel,
-        hook=opts.hook,
+        hook=opts.hook and not opts.supervise,
+        supervise=opts.supervise,
+        broker_process=opts.kill_broker_at is not None,
         sandbox=opts.sandbox,
         qemu=opts.qemu,
+        qemu_version=opts.qemu_version,
         guest_dir=opts.guest_dir,
         layout=DiskLayout(),
     )
     session = Session(config, on_step=on_step)
     error: str | None = None
     verdict: JobVerdict | None = None
+    restart: BrokerRestart | None = None
     try:
         session.start()
         if opts.fmt == "vvfat":
@@ -151,6 +218,11 @@ def run_boot(
         elif opts.job is not None:
             session.check_pattern()
             run_program(session, opts.job, opts.records, opts.mirror_via, opts.speed)
+        elif opts.kill_broker_at is not None:
+            session.check_pattern()
+            session.start_writer(opts.records)
+            restart = kill_and_reattach(session, opts.kill_broker_at, opts.records)
+            session.finish_writer()
         else:
             session.check_pattern()
             session.start_writer(opts.records)
@@ -175,6 +247,7 @@ def run_boot(
     audit = session.audit_records()
     result = BootResult(
         format=opts.fmt,
+        qemu_version=opts.qemu_version or DEFAULT_VERSION,
         accel=session.accel_used or opts.accel,
         booted=session.booted,
         steps=tuple(session.console.steps) if session.console else (),
@@ -190,7 +263,62 @@ def run_boot(
         jobs=tuple(session.jobs),
         final_image=str(verdict.final_image) if verdict else None,
         mirror=verdict.mirror if verdict else None,
+        restart=restart,
     )
     if not opts.keep and error is None:
         shutil.rmtree(session.image_dir, ignore_errors=True)
+    return result
+
+
+def kill_and_reattach(session: Session, at: int, records: int) -> BrokerRestart:
+    """SIGKILL the broker after record ``at``; a snapshot fails; a new broker; one succeeds.
+
+    The guest writes on throughout, through the descriptors QEMU holds.
+    Raises :class:`TestbedError` when a step does not behave so.
+    """
+    session.wait_synced(at)
+    session.kill_broker()
+    killed = session.killed_at
+    assert killed is not None
+    # the guest does not notice: it syncs on through the descriptors QEMU holds
+    session.wait_synced(min(at + 2, records - 2))
+    try:
+        session.snapshot("qmp", name="snap-dead-broker.qcow2")
+    except QEMUError as err:
+        failed = str(err)
+    else:
+        raise GuestError("broker restart", "a snapshot succeeded with the broker killed")
+    if "open hook" not in failed:
+        raise GuestError(
+            "broker restart", f"the snapshot failed, but not with the hook's error: {failed}"
+        )
+    t_reattach = time.monotonic()
+    session.restart_broker()
+    session.snapshot("qmp")
+    done = time.monotonic()
+    state = session.open_hook_state()
+    if state.get("state") != "connected":
+        raise GuestError("broker restart", f"query-open-hook after the reattach: {state}")
+    per_broker = tuple(len(read_audit(p)) if p.exists() else 0 for p in session.audit_paths)
+    result = BrokerRestart(
+        killed_after=at,
+        failed_snapshot=failed,
+        kill_to_snapshot=done - killed,
+        reattach_to_snapshot=done - t_reattach,
+        hook_requests=int(str(state.get("requests", -1))),
+        hook_failures=int(str(state.get("failures", -1))),
+        audit_per_broker=per_broker,
+    )
+    session.note(
+        "broker accounting",
+        result.accounted,
+        0.0,
+        f"QEMU: {result.hook_requests} requests answered; audit logs: {list(per_broker)}",
+    )
+    if not result.accounted:
+        raise GuestError(
+            "broker restart",
+            f"QEMU says {result.hook_requests} requests were answered, the audit logs "
+            f"hold {sum(per_broker)} ({list(per_broker)})",
+        )
     return result

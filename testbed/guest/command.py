@@ -14,6 +14,8 @@ from testbed.guest.console import StepResult
 from testbed.guest.disk import FORMATS
 from testbed.guest.jobrun import DEFAULT_SPEED
 from testbed.guest.jobs import JobKind, MirrorVia
+from testbed.guest.sandbox import Sandbox
+from testbed.qemu.versions import DEFAULT_VERSION, VERSIONS
 
 #: Records --job writes by default: enough to write on through every step.
 JOB_RECORDS = 200
@@ -74,9 +76,28 @@ def register(sub: Any) -> None:
         help="the QMP command --job mirror uses (default drive-mirror)",
     )
     p.add_argument(
+        "--kill-broker-at",
+        type=int,
+        metavar="N",
+        help="run the broker as a process, SIGKILL it after record N while the guest writes, "
+        "show a snapshot failing, attach a new broker over QMP (open-hook-set) and "
+        "snapshot again (patch 0007)",
+    )
+    p.add_argument(
         "--sandbox",
+        nargs="?",
+        const=str(Sandbox.NAMESPACE),
+        choices=[str(s) for s in Sandbox],
+        help="keep QEMU off the image directory: namespace (the default when given alone) "
+        "hides it under an empty tmpfs in a mount namespace; landlock confines QEMU with a "
+        "Landlock ruleset granting nothing on it (testbed supervise --landlock-only, or "
+        "--landlock with --supervise); only the hook (or the supervisor) reaches the images",
+    )
+    p.add_argument(
+        "--supervise",
         action="store_true",
-        help="hide the image directory from QEMU in a mount namespace",
+        help="run the version's stock QEMU (no patch, no hook) under the seccomp supervisor, "
+        "which serves every open under the image grants (testbed supervise)",
     )
     p.add_argument(
         "--accel",
@@ -103,7 +124,7 @@ def register(sub: Any) -> None:
         "--no-hook",
         dest="hook",
         action="store_false",
-        help="Debian's QEMU opening files itself (no broker), for comparison",
+        help="the version's stock QEMU opening files itself (no broker), for comparison",
     )
     p.add_argument(
         "--workdir",
@@ -111,7 +132,16 @@ def register(sub: Any) -> None:
         metavar="DIR",
         help="where images and logs go (default build/boot/FORMAT[-JOB])",
     )
-    p.add_argument("--qemu", type=Path, metavar="BINARY", help="QEMU binary to run")
+    p.add_argument(
+        "--qemu-version",
+        choices=list(VERSIONS),
+        default=DEFAULT_VERSION,
+        help=f"the QEMU version to boot (default {DEFAULT_VERSION}): its patched build, "
+        "or with --no-hook its stock binary",
+    )
+    p.add_argument(
+        "--qemu", type=Path, metavar="BINARY", help="QEMU binary to run (overrides --qemu-version)"
+    )
     p.set_defaults(func=run)
 
 
@@ -136,18 +166,24 @@ def run(args: argparse.Namespace) -> int:
             snapshot=args.snapshot,
             job=JobKind(args.job) if args.job else None,
             mirror_via=MirrorVia(args.mirror_via),
-            sandbox=args.sandbox,
+            sandbox=Sandbox(args.sandbox) if args.sandbox else None,
+            supervise=args.supervise,
             hook=args.hook,
             records=args.records or (JOB_RECORDS if args.job else 40),
             speed=args.speed,
             keep=args.keep,
             qemu=args.qemu,
+            qemu_version=args.qemu_version,
+            kill_broker_at=args.kill_broker_at,
         )
         result = run_boot(opts, on_step=show)
     except ValueError as err:
         print(f"testbed boot: {err}", file=sys.stderr)
         return 2
-    print(f"accelerator: {result.accel}; console log: {result.console_log}")
+    print(
+        f"QEMU {result.qemu_version}; accelerator: {result.accel}; "
+        f"console log: {result.console_log}"
+    )
     if result.records_written:
         print(
             f"records: {result.records_written} synced, {result.records_verified} verified, "
@@ -163,11 +199,23 @@ def run(args: argparse.Namespace) -> int:
             print("  opens: not seen (no hook)")
         for o in job.opens or ():
             print(f"  open {o}")
+    if result.restart:
+        r = result.restart
+        print(
+            f"broker killed after record {r.killed_after}; the snapshot meanwhile failed: "
+            f"{r.failed_snapshot}"
+        )
+        print(
+            f"reattached: kill to first successful snapshot {r.kill_to_snapshot * 1000:.0f} ms "
+            f"(new broker to snapshot {r.reattach_to_snapshot * 1000:.0f} ms); QEMU counts "
+            f"{r.hook_requests} requests answered, audit logs {list(r.audit_per_broker)}"
+        )
     if result.final_image:
         print(f"final image: {result.final_image}")
     if result.broker_requests:
+        server = "supervisor" if args.supervise else "broker"
         print(
-            f"broker: {result.broker_requests} opens answered, "
+            f"{server}: {result.broker_requests} opens answered, "
             f"{result.broker_errors} with -errno (refused, or probes of absent files)"
         )
     if args.json:

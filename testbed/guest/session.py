@@ -35,7 +35,9 @@ from testbed.guest.records import (
     check_chain,
     pattern_digest,
 )
+from testbed.guest.sandbox import Sandbox, landlock_only, qemu_prefix
 from testbed.qemu import MachineConfig
+from testbed.supervise.machine import supervised_config
 
 log = logging.getLogger(__name__)
 
@@ -57,10 +59,14 @@ class SessionConfig:
     broker_process: bool = False
     #: grant O_CREAT in the image directory (snapshots need it)
     allow_create: bool = True
-    #: hide the image directory from QEMU in a private mount namespace
-    sandbox: bool = False
-    #: QEMU binary; default: the patched build with the hook, Debian's without
+    #: keep QEMU off the image directory: a mount namespace, or Landlock (testbed.guest.sandbox)
+    sandbox: Sandbox | None = None
+    #: run a stock QEMU under the seccomp supervisor (testbed supervise), which serves its opens
+    supervise: bool = False
+    #: QEMU binary; default: ``qemu_version``'s patched build with the hook, its stock one without
     qemu: Path | None = None
+    #: a version of testbed.qemu.versions ("7.2", "10.0"); None: the default (7.2)
+    qemu_version: str | None = None
     guest_dir: Path | None = None
     layout: DiskLayout = field(default_factory=DiskLayout)
     boot_timeout: float = 120.0
@@ -78,6 +84,10 @@ class Session:
         self.image_dir = config.workdir / "images"
         self.console_log = config.workdir / "console.log"
         self.audit_path = config.workdir / "audit.jsonl"
+        #: every broker process's audit log, in start order (restart_broker adds one)
+        self.audit_paths: list[Path] = [self.audit_path]
+        #: monotonic time of the last kill_broker()
+        self.killed_at: float | None = None
         self._on_step = on_step
         self.disk: Disk | None = None
         self.broker: Broker | None = None
@@ -102,10 +112,16 @@ class Session:
         cfg.workdir.mkdir(parents=True, exist_ok=True)
         self.disk = make_disk(self.image_dir, cfg.fmt, run=self.run, layout=cfg.layout)
         guest = find_guest(cfg.guest_dir)
-        binary = guest_qemu(hook=cfg.hook, qemu=cfg.qemu)
+        if cfg.supervise and cfg.hook:
+            raise ValueError("supervise serves a stock QEMU's opens itself: use hook=False")
+        if cfg.supervise and cfg.sandbox is Sandbox.NAMESPACE:
+            raise ValueError("supervise confines with Landlock, not the mount namespace")
+        binary = guest_qemu(hook=cfg.hook, qemu=cfg.qemu, version=cfg.qemu_version)
+        # resolved: the supervisor's grants do not follow symlinks (build/guest is one)
+        kernel, initrd = guest.kernel.resolve(), guest.initrd.resolve()
         args = (
             "-m", "256", "-no-reboot",
-            "-kernel", str(guest.kernel), "-initrd", str(guest.initrd),
+            "-kernel", str(kernel), "-initrd", str(initrd),
             "-append", KERNEL_ARGS,
             "-drive", f"{self._drive()},if=none,id={DRIVE_ID}",
             "-device", f"virtio-blk-pci,drive={DRIVE_ID}",
@@ -117,20 +133,34 @@ class Session:
             accel=cfg.accel,
             hook=cfg.hook,
             serial=True,
-            hide_dirs=(self.image_dir.resolve(),) if cfg.sandbox else (),
+            hide_dirs=(self.image_dir.resolve(),) if cfg.sandbox is Sandbox.NAMESPACE else (),
             log_path=cfg.workdir / "qemu.log",
             launch_timeout=cfg.step_timeout,
             command_timeout=cfg.step_timeout,
         )
+        # what QEMU reads with plain open(): the guest files, a /usr-less build's prefix
+        prefix = qemu_prefix(binary)
+        read_only = (kernel.parent, initrd.parent, *((prefix,) if prefix else ()))
+        if cfg.supervise:
+            machine = supervised_config(
+                machine,
+                self._policy(read_only),
+                workdir=cfg.workdir,
+                landlock=cfg.sandbox is Sandbox.LANDLOCK,
+                audit=self.audit_path,
+            )
+        elif cfg.sandbox is Sandbox.LANDLOCK:
+            machine = landlock_only(machine, workdir=cfg.workdir, read_only=read_only)
         self.qemu = EventMachine(machine)
         if cfg.hook:
             self._start_broker(self.qemu)
         log.info(
-            "booting %s guest with accel=%s (hook=%s, sandbox=%s)",
+            "booting %s guest with accel=%s (hook=%s, sandbox=%s, supervise=%s)",
             cfg.fmt,
             cfg.accel,
             cfg.hook,
             cfg.sandbox,
+            cfg.supervise,
         )
         self.qemu.launch()
         self.accel_used = self.qemu.accel_used
@@ -158,24 +188,35 @@ class Session:
             return [], [], [d]
         return [], [str(self.disk.path)], []
 
-    def _start_broker(self, vm: EventMachine) -> None:
+    def _broker_args(self, audit_path: Path) -> list[str]:
+        """``testbed broker`` arguments granting what the boot needs, auditing to ``audit_path``."""
         ro, rw, create = self._policy_args()
+        args = ["--audit", str(audit_path)]
+        if self.config.fmt == "vvfat":
+            args.append("--allow-directories")
+        for flag, paths in (("--allow-ro", ro), ("--allow-rw", rw), ("--allow-create", create)):
+            for p in paths:
+                args += [flag, p]
+        return args
+
+    def _start_broker(self, vm: EventMachine) -> None:
         if self.config.broker_process:
-            args = ["--audit", str(self.audit_path)]
-            if self.config.fmt == "vvfat":
-                args.append("--allow-directories")
-            for flag, paths in (("--allow-ro", ro), ("--allow-rw", rw), ("--allow-create", create)):
-                for p in paths:
-                    args += [flag, p]
             self.broker_pid = vm.start_broker_process(
-                args, log_path=self.config.workdir / "broker.log"
+                self._broker_args(self.audit_path), log_path=self.config.workdir / "broker.log"
             )
         else:
-            # vvfat scans its tree through the hook (patch 0008): directory fds
-            policy = Policy.from_grants(
-                ro=ro, rw=rw, create=create, directories=self.config.fmt == "vvfat"
-            )
-            self.broker = vm.start_broker(policy, audit_path=self.audit_path)
+            self.broker = vm.start_broker(self._policy(), audit_path=self.audit_path)
+
+    def _policy(self, read_only: tuple[Path, ...] = ()) -> Policy:
+        """The broker's (or supervisor's) policy: the image grants, plus ``read_only``."""
+        ro, rw, create = self._policy_args()
+        # vvfat scans its tree through the hook (patch 0008) or openat: directory fds
+        return Policy.from_grants(
+            ro=[*ro, *map(str, read_only)],
+            rw=rw,
+            create=create,
+            directories=self.config.fmt == "vvfat",
+        )
 
     # -- steps --------------------------------------------------------------
 
@@ -340,12 +381,10 @@ class Session:
             self._on_step(result)
 
     def audit_records(self) -> list[AuditRecord]:
-        """What the broker answered, from its audit log (in-process or not)."""
+        """What the brokers answered, from their audit logs (in-process or not), in order."""
         if self.broker is not None:
             return self.broker.records
-        if self.audit_path.exists():
-            return read_audit(self.audit_path)
-        return []
+        return [r for path in self.audit_paths if path.exists() for r in read_audit(path)]
 
     def kill_broker(self) -> None:
         """Kill the broker process (only with ``broker_process``)."""
@@ -353,8 +392,36 @@ class Session:
             raise ValueError("kill_broker needs SessionConfig(broker_process=True)")
         for proc in self.vm.helpers:
             if proc.pid == self.broker_pid:
+                self.killed_at = time.monotonic()
                 proc.send_signal(signal.SIGKILL)
                 proc.wait(10)
+
+    def restart_broker(self) -> int:
+        """A new broker process (own audit log) attached to the running QEMU; its pid.
+
+        Patch 0007: the socket goes to QEMU with QMP ``getfd``, ``open-hook-set``
+        swaps it in and clears the broken state.
+        """
+        if not self.config.broker_process:
+            raise ValueError("restart_broker needs SessionConfig(broker_process=True)")
+        n = len(self.audit_paths) + 1
+        audit = self.config.workdir / f"audit-{n}.jsonl"
+        t0 = time.monotonic()
+        self.broker_pid = self.vm.reattach_broker_process(
+            self._broker_args(audit), log_path=self.config.workdir / f"broker-{n}.log"
+        )
+        self.audit_paths.append(audit)
+        self.note(
+            "reattach broker", True, time.monotonic() - t0, f"broker {n}, pid {self.broker_pid}"
+        )
+        return self.broker_pid
+
+    def open_hook_state(self) -> dict[str, object]:
+        """QMP ``query-open-hook`` (patch 0007): state, requests, failures, last-error."""
+        state = self.vm.qmp("query-open-hook")
+        if not isinstance(state, dict):
+            raise QEMUError(f"query-open-hook returned {state!r}, not an object")
+        return state
 
     def shutdown(self) -> str:
         """Power the guest off from inside, wait for QEMU to exit; how it ended."""

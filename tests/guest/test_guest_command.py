@@ -36,3 +36,40 @@ def test_guest_build_loads_modules_after_their_dependencies() -> None:
     ):
         assert order.index(before) < order.index(after), order
     assert (GUEST_DIR / "modules.load").read_text().split() == order
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        # --sandbox alone is the mount namespace, which the supervisor does not combine with
+        (["--format", "raw", "--supervise", "--sandbox"], "not namespace"),
+        (["--format", "raw", "--supervise", "--sandbox", "namespace"], "not namespace"),
+        (["--format", "raw", "--kill-broker-at", "37"], "between 0 and 36"),
+        (["--format", "raw", "--kill-broker-at", "-1"], "--kill-broker-at -1"),
+        (["--format", "vvfat", "--kill-broker-at", "3"], "no vvfat"),
+        (["--format", "raw", "--kill-broker-at", "3", "--snapshot"], "--snapshot"),
+        (["--format", "raw", "--kill-broker-at", "3", "--no-hook"], "needs the hook"),
+        (["--format", "raw", "--kill-broker-at", "3", "--supervise"], "needs the hook"),
+    ],
+)
+def test_boot_rejects_bad_combinations(
+    argv: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["boot", *argv]) == 2
+    assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--qemu-version", "9.9"], "invalid choice: '9.9'"),
+        (["--sandbox", "chroot"], "invalid choice: 'chroot'"),
+    ],
+)
+def test_boot_rejects_unknown_choices(
+    argv: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as info:
+        main(["boot", "--format", "raw", *argv])
+    assert info.value.code == 2
+    assert message in capsys.readouterr().err

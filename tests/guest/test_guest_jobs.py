@@ -36,20 +36,20 @@ from testbed.guest.jobs import (
     wait_completed,
 )
 from testbed.guest.records import SECTOR
+from testbed.guest.sandbox import Sandbox
 from testbed.guest.session import Session, SessionConfig
 from testbed.pytest_plugin import require
-from testbed.qemu import patched_qemu_path
-from testbed.qemu.binaries import STOCK_QEMU, is_runnable
+from testbed.qemu import Kind
+from testbed.qemu.fixtures import require_binary
 
 RECORDS = 120
 
 
 @pytest.fixture
-def patched() -> Path:
+def patched(qemu_version: str) -> Path:
+    """The patched build of the test's QEMU version (every built one: in the test id)."""
     require(guest_available(), "the guest kernel and initramfs (run `make guest`)")
-    binary = patched_qemu_path()
-    require(is_runnable(binary), f"patched QEMU {binary} (run `make qemu`)")
-    return binary
+    return require_binary(qemu_version, Kind.PATCHED)
 
 
 def opens_of(job: JobRun, name: str) -> list[BrokerOpen]:
@@ -132,17 +132,18 @@ def test_boot_rejects_unknown_job(capsys: pytest.CaptureFixture[str]) -> None:
 # -- through the hook ----------------------------------------------------------
 
 
-def session(tmp_path: Path, fmt: str, **kw: object) -> Session:
-    return Session(SessionConfig(fmt=fmt, workdir=tmp_path / fmt, **kw))  # type: ignore[arg-type]
+def session(tmp_path: Path, fmt: str, version: str, **kw: object) -> Session:
+    config = SessionConfig(fmt=fmt, workdir=tmp_path / fmt, qemu_version=version, **kw)  # type: ignore[arg-type]
+    return Session(config)
 
 
 @pytest.mark.guest
 @pytest.mark.slow
 @pytest.mark.parametrize("fmt", ["raw", "qcow2"])
 def test_commit_reopens_the_base_read_write_through_the_hook(
-    patched: Path, tmp_path: Path, fmt: str
+    patched: Path, tmp_path: Path, fmt: str, qemu_version: str
 ) -> None:
-    with session(tmp_path, fmt) as s:
+    with session(tmp_path, fmt, qemu_version) as s:
         assert s.disk is not None
         base = s.disk.path.name
         s.check_pattern()
@@ -173,9 +174,9 @@ def test_commit_reopens_the_base_read_write_through_the_hook(
 @pytest.mark.slow
 @pytest.mark.parametrize("fmt", ["raw", "qcow2"])
 def test_stream_with_then_without_base_leaves_a_standalone_top(
-    patched: Path, tmp_path: Path, fmt: str
+    patched: Path, tmp_path: Path, fmt: str, qemu_version: str
 ) -> None:
-    with session(tmp_path, fmt) as s:
+    with session(tmp_path, fmt, qemu_version) as s:
         assert s.disk is not None
         base = s.disk.path.name
         s.check_pattern()
@@ -195,9 +196,9 @@ def test_stream_with_then_without_base_leaves_a_standalone_top(
 @pytest.mark.slow
 @pytest.mark.parametrize("via", list(MirrorVia))
 def test_mirror_target_is_created_through_the_hook_and_equals_the_source(
-    patched: Path, tmp_path: Path, via: MirrorVia
+    patched: Path, tmp_path: Path, via: MirrorVia, qemu_version: str
 ) -> None:
-    with session(tmp_path, "qcow2") as s:
+    with session(tmp_path, "qcow2", qemu_version) as s:
         s.check_pattern()
         (job,) = run_program(s, JobKind.MIRROR, RECORDS, via)
         s.shutdown()
@@ -231,14 +232,19 @@ def test_mirror_target_is_created_through_the_hook_and_equals_the_source(
 @pytest.mark.slow
 @pytest.mark.parametrize("kind", list(JobKind))
 def test_sandboxed_jobs_work_only_through_the_hook(
-    patched: Path, tmp_path: Path, kind: JobKind
+    patched: Path, tmp_path: Path, kind: JobKind, qemu_version: str
 ) -> None:
     """The image directory is an empty tmpfs for QEMU: every open a job needs is the broker's.
 
     (Naming layers by file name failed here: QEMU looks them up with realpath().)
     """
     opts = BootOptions(
-        fmt="qcow2", workdir=tmp_path / "sb", job=kind, sandbox=True, records=RECORDS
+        fmt="qcow2",
+        workdir=tmp_path / "sb",
+        job=kind,
+        sandbox=Sandbox.NAMESPACE,
+        records=RECORDS,
+        qemu_version=qemu_version,
     )
     result = run_boot(opts)
     assert result.ok, result.error
@@ -253,12 +259,17 @@ def test_sandboxed_jobs_work_only_through_the_hook(
 @pytest.mark.slow
 @pytest.mark.stock_qemu
 @pytest.mark.parametrize("kind", list(JobKind))
-def test_jobs_on_stock_qemu_without_hook(tmp_path: Path, kind: JobKind) -> None:
-    """The same programs on Debian's QEMU: tells guest bugs from hook bugs."""
+def test_jobs_on_stock_qemu_without_hook(tmp_path: Path, kind: JobKind, qemu_version: str) -> None:
+    """The same programs on the version's stock QEMU: tells guest bugs from hook bugs."""
     require(guest_available(), "the guest kernel and initramfs (run `make guest`)")
-    require(is_runnable(STOCK_QEMU), f"Debian's QEMU {STOCK_QEMU}")
+    require_binary(qemu_version, Kind.STOCK)
     opts = BootOptions(
-        fmt="qcow2", workdir=tmp_path / str(kind), job=kind, hook=False, records=RECORDS
+        fmt="qcow2",
+        workdir=tmp_path / str(kind),
+        job=kind,
+        hook=False,
+        records=RECORDS,
+        qemu_version=qemu_version,
     )
     result = run_boot(opts)
     assert result.ok, result.error
