@@ -1,17 +1,17 @@
 """Where the benchmark finds its QEMU binaries: one function, keyed by build and version.
 
 Every experiment asks :func:`find_qemu` (and :func:`find_open_hook_server`)
-instead of naming paths, so a second QEMU version is one entry in
-:data:`BINARIES` plus ``--qemu-version``.
+instead of naming paths; both go to ``testbed.qemu.qemu_binary``, so every
+version in the QEMU registry can be benchmarked with ``--qemu-version``.
 """
 
 from __future__ import annotations
 
 import enum
-from collections.abc import Callable
 from pathlib import Path
 
-from testbed.qemu import binaries
+from testbed.qemu import Kind, binaries, qemu_binary
+from testbed.qemu.versions import VERSIONS
 
 
 class Build(enum.StrEnum):
@@ -21,37 +21,23 @@ class Build(enum.StrEnum):
 
 DEFAULT_VERSION = "7.2"
 
-#: (build, version) -> where that binary is; a function so nothing is looked up at import.
-BINARIES: dict[tuple[Build, str], Callable[[], Path]] = {
-    (Build.STOCK, "7.2"): lambda: binaries.STOCK_QEMU,
-    (Build.PATCHED, "7.2"): binaries.patched_qemu_path,
-}
-#: version -> the series' C example server built with that patched QEMU.
-OPEN_HOOK_SERVERS: dict[str, Callable[[], Path]] = {
-    "7.2": binaries.open_hook_server_path,
-}
-
 
 def versions() -> list[str]:
-    return sorted({v for _, v in BINARIES})
+    """Every QEMU version the testbed knows (testbed.qemu.versions.VERSIONS)."""
+    return list(VERSIONS)
 
 
 def find_qemu(build: Build, version: str = DEFAULT_VERSION) -> Path:
     """The ``qemu-system-x86_64`` of ``build`` at ``version`` (it may not be built yet)."""
-    try:
-        return BINARIES[(build, version)]()
-    except KeyError:
-        raise KeyError(
-            f"no {build.value} QEMU {version} known to the benchmark "
-            f"(known versions: {', '.join(versions())}; add it in testbed/bench/qemus.py)"
-        ) from None
+    if version not in VERSIONS:
+        raise KeyError(f"no QEMU {version} known to the benchmark (known: {', '.join(VERSIONS)})")
+    return qemu_binary(version, build.value)
 
 
 def find_open_hook_server(version: str = DEFAULT_VERSION) -> Path:
-    try:
-        return OPEN_HOOK_SERVERS[version]()
-    except KeyError:
-        raise KeyError(f"no open-hook-server for QEMU {version} known to the benchmark") from None
+    if version not in VERSIONS:
+        raise KeyError(f"no open-hook-server for QEMU {version} known to the benchmark")
+    return qemu_binary(version, Kind.OPEN_HOOK_SERVER)
 
 
 def missing(path: Path, what: str) -> str | None:

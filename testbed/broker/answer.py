@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import errno
 import functools
+import logging
 import os
 import time
 from dataclasses import replace
@@ -21,6 +22,8 @@ from testbed.protocol.flags import flag_names
 
 #: What a request whose record could not be written is answered.
 UNAUDITED_ERRNO = errno.EIO
+
+log = logging.getLogger(__name__)
 
 
 @functools.lru_cache(maxsize=256)
@@ -50,6 +53,9 @@ def answer(
         outcome = gate.handle(request)
     except OSError as err:  # anything the gate did not foresee is still an errno
         outcome = Outcome(result=-(err.errno or errno.EIO), reason=f"unexpected: {err}")
+    except Exception as err:  # a bug in the gate refuses; it never ends the broker
+        log.exception("deciding %r failed", request)
+        outcome = Outcome(result=-errno.EIO, reason=f"internal error: {err!r}")
     if not auditing:
         return outcome
     record = AuditRecord(

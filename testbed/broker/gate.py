@@ -90,6 +90,19 @@ _DEVICE_KINDS = {
 _CREATE_TRIES = 3
 
 
+#: How many forks this process is from the one that imported this module:
+#: compared instead of os.getpid(), which is a system call per request.
+_forks = [0]
+_watching_forks: list[bool] = []
+
+
+def _watch_forks() -> None:
+    # Registered on the first Gate, not at import (no import-time effects).
+    if not _watching_forks:
+        _watching_forks.append(True)
+        os.register_at_fork(after_in_child=lambda: _forks.__setitem__(0, _forks[0] + 1))
+
+
 @dataclass(frozen=True, kw_only=True, slots=True)
 class Outcome:
     """What the broker answers: ``fd`` when ``result == 0``, else ``-errno``."""
@@ -140,8 +153,10 @@ class Gate:
         self.policy = policy
         self._roots: dict[Grant, int | None] = {}
         self._resolve = {g: resolve_flags(g) for g in policy.grants}
-        #: /proc/self/fd of the process that opened it (a fork must not reuse it).
+        #: (fork generation, dirfd of /proc/self/fd): a forked child must not
+        #: reuse its parent's, which names the parent's descriptors.
         self._proc_fd: tuple[int, int] | None = None
+        _watch_forks()
 
     def close(self) -> None:
         for fd in self._roots.values():
@@ -154,11 +169,11 @@ class Gate:
 
     def _proc_fds(self) -> int:
         """A dirfd of this process's /proc/self/fd, to reopen checked inodes through."""
-        pid = os.getpid()
-        if self._proc_fd is None or self._proc_fd[0] != pid:
+        generation = _forks[0]
+        if self._proc_fd is None or self._proc_fd[0] != generation:
             if self._proc_fd is not None:
                 os.close(self._proc_fd[1])
-            self._proc_fd = (pid, os.open("/proc/self/fd", _PATH_FLAGS | os.O_DIRECTORY))
+            self._proc_fd = (generation, os.open("/proc/self/fd", _PATH_FLAGS | os.O_DIRECTORY))
         return self._proc_fd[1]
 
     def _root(self, grant: Grant) -> int | None:
@@ -352,9 +367,10 @@ class Gate:
             else:
                 extra |= os.O_NONBLOCK  # an allowed FIFO or tty must not block the broker
             proc = self._proc_fd
-            if proc is None or proc[0] != os.getpid():
+            if proc is None or proc[0] != _forks[0]:
                 proc = (0, self._proc_fds())
-            fd = os.open(str(opath), (flags & ~_REOPEN_DROP) | extra, dir_fd=proc[1])
+            # unknown bits (any u32 a peer sends) are dropped, as open(2) ignores them
+            fd = os.open(str(opath), (flags & _KNOWN_FLAGS & ~_REOPEN_DROP) | extra, dir_fd=proc[1])
         except OSError as err:
             return Outcome(result=-(err.errno or errno.EIO), reason=err.strerror or "")
         finally:

@@ -461,6 +461,9 @@ class Broker:
                 outcome = self.gate.handle(request)
             except OSError as err:  # anything the gate did not foresee is still an errno
                 outcome = Outcome(result=-(err.errno or errno.EIO), reason=f"unexpected: {err}")
+            except Exception as err:  # a bug in the gate refuses; it never ends the broker
+                log.exception("deciding %r failed", request)
+                outcome = Outcome(result=-errno.EIO, reason=f"internal error: {err!r}")
         conn.requests += 1
         result = outcome.result
         self._send(conn, _REPLY_OK if result == 0 else encode_reply(result), outcome.fd)

@@ -18,9 +18,11 @@ from testbed.bench.transports import TRANSPORTS, Services
 def test_blockdev_without_any_qemu_skips_every_row_and_says_why(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
-    for build in qemus.Build:
-        gone = tmp_path / "build" / build.value / "qemu-system-x86_64"
-        monkeypatch.setitem(qemus.BINARIES, (build, "7.2"), lambda gone=gone: gone)
+    monkeypatch.setattr(
+        qemus,
+        "qemu_binary",
+        lambda version, kind: tmp_path / "build" / str(kind) / "qemu-system-x86_64",
+    )
     env = Env(work_dir=tmp_path, file=make_file(tmp_path / "files"), warmup=0, qemu_version="7.2")
     services = Services(env, tmp_path / "qemu")
     ctx = Context(plan=dataclasses.replace(QUICK, reps=1), env=env, services=services,

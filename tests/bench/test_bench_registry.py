@@ -61,10 +61,11 @@ def test_a_part_registered_under_another_name_is_refused(monkeypatch: pytest.Mon
 def test_qemu_binaries_come_from_one_function_keyed_by_version() -> None:
     assert qemus.find_qemu(qemus.Build.STOCK).name == "qemu-system-x86_64"
     assert "build" in qemus.find_qemu(qemus.Build.PATCHED, "7.2").parts
-    with pytest.raises(
-        KeyError, match=r"no patched QEMU 10\.0 .*add it in testbed/bench/qemus\.py"
-    ):
-        qemus.find_qemu(qemus.Build.PATCHED, "10.0")
+    # every registered version, through testbed.qemu.qemu_binary
+    assert qemus.find_qemu(qemus.Build.PATCHED, "10.0").parts[-4:-2] == ("10.0", "patched")
+    assert qemus.versions() == ["7.2", "10.0"]
+    with pytest.raises(KeyError, match=r"no QEMU 9\.9 known to the benchmark"):
+        qemus.find_qemu(qemus.Build.PATCHED, "9.9")
 
 
 def test_a_transport_whose_binary_is_missing_says_so(
@@ -73,7 +74,12 @@ def test_a_transport_whose_binary_is_missing_says_so(
     from testbed.bench.env import Env
 
     missing_qemu = tmp_path / "build" / "qemu" / "bin" / "qemu-system-x86_64"
-    monkeypatch.setitem(qemus.BINARIES, (qemus.Build.PATCHED, "7.2"), lambda: missing_qemu)
+    real = qemus.qemu_binary
+    monkeypatch.setattr(
+        qemus,
+        "qemu_binary",
+        lambda version, kind: missing_qemu if kind == "patched" else real(version, kind),
+    )
     env = Env(work_dir=tmp_path, file=tmp_path / "f", warmup=0, qemu_version="7.2")
     why = TRANSPORTS.get("hook").unavailable(env)
     assert why == f"patched QEMU 7.2 {missing_qemu} is not built (make qemu)"
