@@ -106,9 +106,11 @@ def _closure(
 
         return open2
     if k is Kind.REOPEN:
+        # relative to a dirfd of /proc/self/fd, held for the run, as the broker does
+        proc_fd = os.open("/proc/self/fd", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
 
         def reopen() -> None:
-            fds[role] = os.open(f"/proc/self/fd/{fds[target]}", flags)
+            fds[role] = os.open(str(fds[target]), flags, dir_fd=proc_fd)
 
         return reopen
     if k is Kind.FSTAT:
