@@ -23,6 +23,8 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable
 from typing import ClassVar, Protocol
 
+from testbed.errors import BlockUsageError
+
 #: Reads guest data from the backing chain below an image: (offset, length)
 #: -> exactly ``length`` bytes.  Zeros when there is no backing file.
 BackingReader = Callable[[int, int], bytes]
@@ -164,13 +166,13 @@ class MemFile:
 
     def pread(self, offset: int, length: int) -> bytes:
         if offset < 0 or length < 0:
-            raise ValueError(f"pread of {length} bytes at offset {offset}")
+            raise BlockUsageError(f"pread of {length} bytes at offset {offset}")
         chunk = bytes(self.data[offset : offset + length])
         return chunk + bytes(length - len(chunk))
 
     def pwrite(self, offset: int, data: bytes) -> None:
         if offset < 0:
-            raise ValueError(f"pwrite at offset {offset}")
+            raise BlockUsageError(f"pwrite at offset {offset}")
         if offset > len(self.data):
             self.data += bytes(offset - len(self.data))
         self.data[offset : offset + len(data)] = data

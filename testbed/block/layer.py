@@ -78,7 +78,7 @@ from testbed.block.driver import BlockFile, FdFile, FormatDriver, FormatImage
 from testbed.block.nodes import Child, FileNode, FormatNode, ProtocolNode, VVFatNode
 from testbed.block.opener import HookLike, Opener, OpenEvent
 from testbed.block.paths import path_combine
-from testbed.errors import BlockError
+from testbed.errors import BlockError, BlockUsageError
 
 #: How much of an image ``find_image_format`` reads for probing.
 PROBE_BYTES = 2048
@@ -137,7 +137,7 @@ class BlockLayer:
 
     def __init__(self, hook: HookLike | None = None, *, opener: Opener | None = None) -> None:
         if hook is not None and opener is not None:
-            raise ValueError("give BlockLayer a hook client or an Opener, not both")
+            raise BlockUsageError("give BlockLayer a hook client or an Opener, not both")
         self.opener = opener if opener is not None else Opener(hook)
         self.drives: dict[str, Drive] = {}
         self._open_files: list[ProtocolNode] = []

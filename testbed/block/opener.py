@@ -22,6 +22,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from testbed.errors import BlockUsageError
 from testbed.protocol import flag_names
 
 #: ``open``-like: (path, flags, mode) -> fd, or OSError.
@@ -64,7 +65,7 @@ class Opener:
 
     def __init__(self, hook: HookLike | None = None, *, raw_open: RawOpen | None = None) -> None:
         if hook is not None and raw_open is not None:
-            raise ValueError("give the Opener a hook client or a raw open function, not both")
+            raise BlockUsageError("give the Opener a hook client or a raw open function, not both")
         if hook is not None:
             self._open: RawOpen = hook.open
         else:

@@ -99,8 +99,12 @@ class Outcome:
     reason: str = ""
 
 
-class _Refused(Exception):
-    """A refusal (or, with ``code``, an errno) found deep in a path walk."""
+class _Refused(Exception):  # not in errors.py: it never escapes this module
+    """A refusal (or, with ``code``, an errno) found deep in a path walk.
+
+    Control flow only: every raise is caught in this module and turned into an
+    :class:`Outcome`, so it is not part of ``testbed.errors``' tree.
+    """
 
     def __init__(self, reason: str, code: int | None = None) -> None:
         super().__init__(reason)

@@ -55,7 +55,7 @@ from testbed.broker.answer import answer, names
 from testbed.broker.audit import AuditLog, AuditRecord
 from testbed.broker.gate import Gate, Outcome
 from testbed.broker.policy import Policy
-from testbed.errors import ProtocolError, TransportError, WaitTimeout
+from testbed.errors import BrokerStateError, ProtocolError, TransportError, WaitTimeout
 from testbed.protocol import (
     NEED_DATA,
     PATH_MAX,
@@ -206,7 +206,7 @@ class Broker:
     def start(self) -> Broker:
         """Serve in a daemon thread until :meth:`stop`."""
         if self._thread is not None:
-            raise RuntimeError("broker already started")
+            raise BrokerStateError("broker already started", state="started")
         self._thread = threading.Thread(target=self.serve, name="testbed-broker", daemon=True)
         self._thread.start()
         return self
