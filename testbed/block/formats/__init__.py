@@ -64,9 +64,9 @@ def read_checked(
     size = file.size() if file_size is None else file_size
     if offset < 0 or length < 0 or offset + length > size:
         raise CorruptImageError(
-            fmt,
-            field,
-            offset,
-            f"{length} bytes at {offset:#x} lie past the end of the file ({size} bytes)",
+            fmt=fmt,
+            field=field,
+            offset=offset,
+            message=f"{length} bytes at {offset:#x} lie past the end of the file ({size} bytes)",
         )
     return file.pread(offset, length)
