@@ -762,6 +762,7 @@ class Qcow2Driver(FormatDriver):
     """QEMU's ``qcow2`` format driver."""
 
     name: ClassVar[str] = "qcow2"
+    creates_overlays: ClassVar[bool] = True
 
     @classmethod
     def probe(cls, buf: bytes, filename: str) -> int:
@@ -773,6 +774,10 @@ class Qcow2Driver(FormatDriver):
         ):
             return 100
         return 0
+
+    @classmethod
+    def create(cls, file: BlockFile, *, size: int, backing_file: str, backing_format: str) -> None:
+        create_image(file, size=size, backing_file=backing_file, backing_format=backing_format)
 
     @classmethod
     def open(cls, file: BlockFile, ctx: OpenContext) -> Qcow2Image:
