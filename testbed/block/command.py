@@ -171,7 +171,8 @@ def open_image(
                 driver = layer.top(DRIVE).chain()[1].driver
         finally:
             layer.quit()
-    # After stop: the broker may record a request just after answering it.
+    # Every answer is recorded before it is sent (an unaudited open is not
+    # allowed), so once the layer has quit the records are the whole trace.
     records = broker.records
     trace = [
         {

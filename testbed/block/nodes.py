@@ -26,7 +26,7 @@ import os
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from testbed.block.driver import BackingReader, ChildRole, FormatImage
+from testbed.block.driver import BackingReader, ChildRole, FormatImage, zeros_backing
 from testbed.errors import BlockError
 
 if TYPE_CHECKING:
@@ -228,7 +228,7 @@ class FormatNode:
     def backing_reader(self) -> BackingReader:
         backing = self.backing
         if backing is None:
-            return _zeros
+            return zeros_backing
         return backing.read_clamped
 
     def read(self, offset: int, length: int) -> bytes:
@@ -255,10 +255,6 @@ class FormatNode:
             nodes.append(node)
             node = node.backing
         return nodes
-
-
-def _zeros(offset: int, length: int) -> bytes:
-    return bytes(length)
 
 
 #: O_DIRECT wants buffers, offsets and lengths aligned; a page satisfies

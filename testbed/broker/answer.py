@@ -49,7 +49,7 @@ def answer(
     try:
         outcome = gate.handle(request)
     except OSError as err:  # anything the gate did not foresee is still an errno
-        outcome = Outcome(result=-(err.errno or errno.EIO), reason=f"unexpected: {err}")
+        outcome = Outcome.failed(err, f"unexpected: {err}")
     if not auditing:
         return outcome
     record = AuditRecord(

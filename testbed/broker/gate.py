@@ -98,6 +98,15 @@ class Outcome:
     fd: int | None = None
     reason: str = ""
 
+    @classmethod
+    def failed(cls, err: OSError, reason: str | None = None) -> Outcome:
+        """The answer for a failed call: its errno (EIO if it has none) and ``reason``,
+        by default the errno's text."""
+        return cls(
+            result=-(err.errno or errno.EIO),
+            reason=(err.strerror or "") if reason is None else reason,
+        )
+
 
 class _Refused(Exception):  # not in errors.py: it never escapes this module
     """A refusal (or, with ``code``, an errno) found deep in a path walk.
@@ -264,7 +273,7 @@ class Gate:
         except _Refused as refused:
             return self.refuse(refused.reason)
         except OSError as err:
-            return Outcome(result=-(err.errno or errno.EIO), reason=f"grant root: {err.strerror}")
+            return Outcome.failed(err, f"grant root: {err.strerror}")
         try:
             return self._open_beneath(base, target, request, need)
         except _Refused as refused:
@@ -272,7 +281,7 @@ class Gate:
                 return Outcome(result=-refused.code, reason=refused.reason)
             return self.refuse(refused.reason)
         except OSError as err:  # a grant root or file grant's parent met on a walk
-            return Outcome(result=-(err.errno or errno.EIO), reason=f"grant: {err.strerror}")
+            return Outcome.failed(err, f"grant: {err.strerror}")
         finally:
             if base.owned:
                 os.close(base.fd)
@@ -360,7 +369,7 @@ class Gate:
                 proc = (0, self._proc_fds())
             fd = os.open(str(opath), (flags & ~_REOPEN_DROP) | extra, dir_fd=proc[1])
         except OSError as err:
-            return Outcome(result=-(err.errno or errno.EIO), reason=err.strerror or "")
+            return Outcome.failed(err)
         finally:
             os.close(opath)
         try:
@@ -374,7 +383,7 @@ class Gate:
                 fcntl.fcntl(fd, fcntl.F_SETFL, flags & _SETFL_BITS)
         except OSError as err:
             os.close(fd)
-            return Outcome(result=-(err.errno or errno.EIO), reason=err.strerror or "")
+            return Outcome.failed(err)
         return Outcome(result=0, fd=fd)
 
     def _created(self, fd: int) -> Outcome:
@@ -383,7 +392,7 @@ class Gate:
             st = os.fstat(fd)
         except OSError as err:
             os.close(fd)
-            return Outcome(result=-(err.errno or errno.EIO), reason=err.strerror or "")
+            return Outcome.failed(err)
         if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1:
             os.close(fd)
             return self.refuse("a create did not make a new regular file")

@@ -490,7 +490,7 @@ class Broker:
             try:
                 outcome = self.gate.handle(request)
             except OSError as err:  # anything the gate did not foresee is still an errno
-                outcome = Outcome(result=-(err.errno or errno.EIO), reason=f"unexpected: {err}")
+                outcome = Outcome.failed(err, f"unexpected: {err}")
         conn.requests += 1
         result = outcome.result
         self._send(conn, _REPLY_OK if result == 0 else encode_reply(result), outcome.fd)

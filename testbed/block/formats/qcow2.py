@@ -10,10 +10,10 @@ come from the backing chain, which the core opens from
 the file and keep refcounts exact, so ``qemu-img check`` stays clean; that is
 enough for the overlays the model creates with :func:`create_image`.
 
-The external data file name is handed to ``ctx.open_file`` relative to
-the image, as the model's contract says.  QEMU 7.2 itself opens that name
-as given, i.e. relative to its working directory (a known quirk), so the two
-agree when QEMU runs in the image's directory.
+The external data file name is handed to ``ctx.open_file`` as stored: QEMU
+7.2's qcow2 passes it to ``bdrv_open_child`` unresolved, so a relative name
+is relative to QEMU's working directory, not to the image (a known quirk;
+the open context's contract says the same).
 
 Limits, checked the way QEMU 7.2's ``qcow2_do_open`` checks them, are what
 keep a hostile header from making us allocate or read gigabytes: the L1
