@@ -177,21 +177,9 @@ class Qcow2Header:
                 offset=0,
                 message=f"file of {len(buf)} bytes is too short for a qcow2 header",
             )
-        (
-            magic,
-            version,
-            backing_file_offset,
-            backing_file_size,
-            cluster_bits,
-            size,
-            crypt_method,
-            l1_size,
-            l1_table_offset,
-            refcount_table_offset,
-            refcount_table_clusters,
-            nb_snapshots,
-            snapshots_offset,
-        ) = _HEADER_V2.unpack(buf)
+        fields = _HEADER_V2.unpack_dict(buf)
+        magic = fields.pop("magic")
+        version, cluster_bits = fields["version"], fields["cluster_bits"]
         if magic != MAGIC:
             raise _corrupt("magic", f"bad magic {magic!r}, expected {MAGIC!r}")
         if version not in (2, 3):
@@ -203,7 +191,6 @@ class Qcow2Header:
                 f"2**{MIN_CLUSTER_BITS} to 2**{MAX_CLUSTER_BITS})",
             )
         cluster_size = 1 << cluster_bits
-        extra: dict[str, int] = {}
         if version == 3:
             if len(buf) < V3_HEADER_LENGTH:
                 raise CorruptImageError(
@@ -212,7 +199,8 @@ class Qcow2Header:
                     offset=0,
                     message=f"file of {len(buf)} bytes is too short for a v3 header",
                 )
-            incompat, compat, autoclear, refcount_order, header_length = _HEADER_V3.unpack(buf)
+            v3 = _HEADER_V3.unpack_dict(buf)
+            refcount_order, header_length = v3["refcount_order"], v3["header_length"]
             if header_length < V3_HEADER_LENGTH:
                 raise _corrupt("header_length", f"header_length {header_length} is below 104")
             if header_length > cluster_size:
@@ -227,29 +215,8 @@ class Qcow2Header:
                 if len(buf) <= V3_HEADER_LENGTH:
                     raise _corrupt("header_length", "header_length runs past the end of the file")
                 compression_type = buf[V3_HEADER_LENGTH]
-            extra = {
-                "incompatible_features": incompat,
-                "compatible_features": compat,
-                "autoclear_features": autoclear,
-                "refcount_order": refcount_order,
-                "header_length": header_length,
-                "compression_type": compression_type,
-            }
-        header = cls(
-            version=version,
-            backing_file_offset=backing_file_offset,
-            backing_file_size=backing_file_size,
-            cluster_bits=cluster_bits,
-            size=size,
-            crypt_method=crypt_method,
-            l1_size=l1_size,
-            l1_table_offset=l1_table_offset,
-            refcount_table_offset=refcount_table_offset,
-            refcount_table_clusters=refcount_table_clusters,
-            nb_snapshots=nb_snapshots,
-            snapshots_offset=snapshots_offset,
-            **extra,
-        )
+            fields.update(v3, compression_type=compression_type)
+        header = cls(**fields)
         header._validate()
         return header
 
@@ -272,22 +239,7 @@ class Qcow2Header:
                 "incompatible_features",
                 "extended L2 entries (subclusters) are not supported by the model",
             )
-        has_ct_bit = bool(self.incompatible_features & INCOMPAT_COMPRESSION)
-        if self.compression_type != 0 and not has_ct_bit:
-            raise _corrupt(
-                "compression_type",
-                f"compression_type {self.compression_type} without the compression type "
-                "incompatible feature bit",
-            )
-        if has_ct_bit and self.compression_type == 0:
-            raise _corrupt(
-                "compression_type",
-                "compression type feature bit set with the default (zlib) compression type",
-            )
-        if self.compression_type not in (0, 1):
-            raise _corrupt("compression_type", f"unknown compression_type {self.compression_type}")
-        if self.compression_type == 1:
-            raise _corrupt("compression_type", "zstd compression is not supported by the model")
+        self._validate_compression()
         if self.crypt_method != 0:
             raise _corrupt(
                 "crypt_method",
@@ -322,6 +274,25 @@ class Qcow2Header:
                 f"l1_size {self.l1_size} is too small for a virtual size of {self.size} "
                 f"(needs {needed})",
             )
+
+    def _validate_compression(self) -> None:
+        """The compression type and its incompatible feature bit must agree (QEMU 7.2)."""
+        has_ct_bit = bool(self.incompatible_features & INCOMPAT_COMPRESSION)
+        if self.compression_type != 0 and not has_ct_bit:
+            raise _corrupt(
+                "compression_type",
+                f"compression_type {self.compression_type} without the compression type "
+                "incompatible feature bit",
+            )
+        if has_ct_bit and self.compression_type == 0:
+            raise _corrupt(
+                "compression_type",
+                "compression type feature bit set with the default (zlib) compression type",
+            )
+        if self.compression_type not in (0, 1):
+            raise _corrupt("compression_type", f"unknown compression_type {self.compression_type}")
+        if self.compression_type == 1:
+            raise _corrupt("compression_type", "zstd compression is not supported by the model")
 
 
 def _corrupt(name: str, message: str, *, field: str | None = None) -> CorruptImageError:

@@ -91,32 +91,12 @@ class VdiHeader:
                 offset=0,
                 message=f"file of {len(buf)} bytes is too short for a VDI header",
             )
-        (
-            _text,
-            signature,
-            version,
-            _header_size,
-            image_type,
-            _image_flags,
-            _description,
-            offset_bmap,
-            offset_data,
-            _cylinders,
-            _heads,
-            _sectors,
-            sector_size,
-            _unused1,
-            disk_size,
-            block_size,
-            _block_extra,
-            blocks_in_image,
-            blocks_allocated,
-            _uuid_image,
-            _uuid_last_snap,
-            uuid_link,
-            uuid_parent,
-            _unused2,
-        ) = _HEADER.unpack(buf)
+        h = _HEADER.unpack_dict(buf)
+        signature, version, image_type = h["signature"], h["version"], h["image_type"]
+        offset_bmap, offset_data = h["offset_bmap"], h["offset_data"]
+        sector_size, disk_size, block_size = h["sector_size"], h["disk_size"], h["block_size"]
+        blocks_in_image, blocks_allocated = h["blocks_in_image"], h["blocks_allocated"]
+        uuid_link, uuid_parent = h["uuid_link"], h["uuid_parent"]
         if disk_size > MAX_BLOCKS * BLOCK_SIZE:
             raise _HEADER.corrupt("disk_size", f"disk_size {disk_size:#x} is above the VDI maximum")
         # 'VBoxManage convertfromraw' makes odd sizes; QEMU rounds them up.
