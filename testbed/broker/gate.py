@@ -450,6 +450,10 @@ class Gate:
         an absolute one starts over beneath the grant that covers it.  The
         result is resolved again by the caller with ``RESOLVE_NO_SYMLINKS``:
         a symlink swapped in meanwhile fails there.
+
+        Longer than 60 lines on purpose: one loop over the path's components whose invariants
+        (the base it stands on, the bases walked, the links followed) are checked on every
+        turn; split, a piece could resolve a component outside those checks.
         """
         creating = bool(flags & os.O_CREAT)
         # O_CREAT | O_EXCL never follows a last symlink (open(2) says EEXIST).

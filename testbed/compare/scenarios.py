@@ -204,7 +204,11 @@ def scenario(
     tags: tuple[str, ...] = (),
     label: str = "",
 ) -> Scenario:
-    """A built-in scenario, its name made from its parts; add/del and quit around ``ops``."""
+    """A built-in scenario, its name made from its parts; add/del and quit around ``ops``.
+
+    Longer than 60 lines on purpose: one builder for every kind of built-in scenario, so that
+    each name is made in one place from the same parts.
+    """
     layers = CHAINS.get(image, Layers())
     ctx = OpContext(
         attach=attach,

@@ -267,6 +267,11 @@ class VpcDriver(FormatDriver):
 
     @classmethod
     def open(cls, file: BlockFile, ctx: OpenContext) -> VpcImage:
+        """``vpc_open``: footer, size rules, dynamic header, BAT.
+
+        Longer than 60 lines on purpose: the checks come in QEMU's order, kept in one piece to
+        read beside the C.
+        """
         size = file.size()
         head = file.pread(0, min(size, FOOTER_SIZE))
         if head[:8] == FOOTER_MAGIC:
