@@ -142,7 +142,13 @@ class BrokerStateError(TestbedError, RuntimeError):
 
 
 class CorruptImageError(TestbedError):
-    """An image's metadata contradicts itself or the file it lives in."""
+    """An image's metadata contradicts itself or the file it lives in.
+
+    Pass the arguments by keyword (a format's ``HeaderLayout.corrupt`` does,
+    looking the offset up by field name).  They are not keyword-only yet
+    because ``testbed/guest/records.py``, on another branch, still passes
+    them by position.
+    """
 
     def __init__(self, fmt: str, field: str, offset: int | None, message: str) -> None:
         where = f" at offset {offset:#x}" if offset is not None else ""
