@@ -198,11 +198,6 @@ def _add_named_entry(layout: Layout, directory_start: int, filename: str) -> byt
 
 
 def _read_directory(layout: Layout, mapping_index: int) -> None:
-    """``read_directory`` of QEMU's block/vvfat.c: one host directory into FAT entries.
-
-    Longer than 60 lines on purpose: a port kept in one piece to read side by side with the C
-    (the same variables, the same order of opens).
-    """
     mapping = layout.mappings[mapping_index]
     dirname = mapping.path
     first_cluster = mapping.begin
@@ -349,11 +344,7 @@ def _init_bootsector(layout: Layout, sector_count: int) -> None:
 
 
 def build_layout(dirname: str, geo: Geometry, label: bytes = DEFAULT_LABEL) -> Layout:
-    """``init_directories`` (+ ``init_mbr``): scan ``dirname`` and lay out the disk.
-
-    Longer than 60 lines on purpose: a port of ``init_directories`` kept in one piece to read
-    side by side with the C.
-    """
+    """``init_directories`` (+ ``init_mbr``): scan ``dirname`` and lay out the disk."""
     if len(label) > 11:
         raise BlockError(f"vvfat label cannot be longer than 11 bytes: {label!r}")
     layout = Layout(geometry=geo, label=label.ljust(11, b" "))
