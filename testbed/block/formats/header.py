@@ -89,8 +89,11 @@ class HeaderLayout:
 
 
 def find(layouts: Sequence[HeaderLayout], name: str) -> HeaderLayout:
-    """The one of ``layouts`` declaring field ``name`` (for a header in several parts)."""
+    """The one of ``layouts`` declaring field ``name`` (for a header in several parts).
+
+    A name none declares is a bug in the caller: :class:`BlockUsageError`.
+    """
     for layout in layouts:
         if name in layout.offsets:
             return layout
-    raise KeyError(f"no header field {name!r}")
+    raise BlockUsageError(f"no header field {name!r} declared")
