@@ -6,11 +6,16 @@
      +-- ProtocolError                 the -open-hook-fd wire protocol
      |    +-- LocalProtocolError       we misused the codec (our fault)
      |    +-- RemoteProtocolError      the peer sent an illegal frame (its fault)
+     |    |    +-- FrameDecodeError    ... and ``kind`` says which framing rule it broke
+     |    +-- OpenFlagsError (also ValueError)  a spelled-out open flag is unknown
      +-- TransportError                sendmsg/recvmsg, fd passing, a dead peer
      +-- PolicyError                   a broker policy file or flag is invalid
      +-- AuditWriteError               the broker's audit log could not be written
+     +-- BrokerStateError (also RuntimeError)  a broker asked to do what its state forbids
      +-- CorruptImageError             an image's metadata is inconsistent
      +-- BlockError                    the block-layer model refused an operation
+     |    +-- BlockUsageError (also ValueError)  the model was called with impossible arguments
+     |    +-- UnknownFormatError (also KeyError)  no format driver by that name
      +-- WaitTimeout (also TimeoutError)  a wait ran out; names what it waited for
      +-- BuildError                    building QEMU, images or the guest failed
      |    +-- MissingBuildError        a QEMU build that was asked for is not there
@@ -20,9 +25,27 @@
      +-- GuestError                    the guest did not do what a step expected
      +-- LibvirtError                  libvirt, virsh or a domain's broker failed
      +-- ScenarioFileError             a user's scenario file is malformed: file, line, key
+     +-- ScenarioError (also ValueError)  a scenario or step is inconsistent, or none matches
+     +-- ScenarioSetupError            a scenario cannot be prepared (image, copy, ...)
+     +-- UnknownOperationError (also KeyError)  no comparison operation by that name
+     +-- RegistryError (also RuntimeError)  a registry of parts is inconsistent (a bug)
+     +-- StraceParseError (also ValueError)  a line of strace output could not be read
+     +-- TraceRecordError (also ValueError)  an open record is impossible (no flags, bad result)
      +-- IotestsError                  QEMU's iotests cannot be set up or run here
      +-- SuperviseError                the seccomp supervisor could not start or serve
           +-- KernelFeatureError       the kernel lacks seccomp notification or Landlock
+          +-- TargetError              reading the trapped thread failed; ``errno`` is the answer
+          +-- BPFProgramError (also ValueError)  a seccomp filter cannot be assembled or run
+          +-- SuperviseArgumentError (also ValueError)  the supervisor was built with bad arguments
+          +-- MeasureError (also RuntimeError)  a measurement helper printed no figure
+
+The "(also X)" classes keep the built-in class the code raised before they
+joined the tree, so a caller that caught ``ValueError`` still catches them.
+
+Two exceptions stay outside on purpose: ``broker/gate.py``'s ``_Refused``
+never leaves its module (control flow inside a path walk), and
+``libvirt/emulator.py``'s ``EmulatorRefusal`` is in a file that must import
+only the standard library (it runs as libvirt's emulator, without the venv).
 
 Exceptions carry the data a caller needs to act on them, as attributes, and
 chain their cause with ``raise ... from err``.  ``OSError`` is kept for what
@@ -33,6 +56,10 @@ handles ``open(2)`` failures handles the hook's too.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from testbed.protocol.codec import FrameError
 
 
 class TestbedError(Exception):
@@ -60,6 +87,26 @@ class RemoteProtocolError(ProtocolError):
         self.frame = frame[:64]
 
 
+class FrameDecodeError(RemoteProtocolError):
+    """A malformed frame from the peer. ``kind`` says which rule it broke."""
+
+    def __init__(self, kind: FrameError, detail: str, *, frame: bytes = b"") -> None:
+        super().__init__(f"{kind.value}: {detail}", frame=frame)
+        self.kind = kind
+
+
+class OpenFlagsError(ProtocolError, ValueError):
+    """A textual open-flags spelling (``O_RDWR|O_CREAT``) names a flag we do not know.
+
+    ``flag`` is the unknown part, ``text`` the whole spelling.
+    """
+
+    def __init__(self, flag: str, text: str) -> None:
+        super().__init__(f"unknown open flag {flag!r} in {text!r}")
+        self.flag = flag
+        self.text = text
+
+
 class TransportError(TestbedError):
     """The socket under the protocol failed: peer gone, fds lost, truncation."""
 
@@ -85,10 +132,25 @@ class AuditWriteError(TestbedError):
         self.errno = errno
 
 
-class CorruptImageError(TestbedError):
-    """An image's metadata contradicts itself or the file it lives in."""
+class BrokerStateError(TestbedError, RuntimeError):
+    """A broker was asked to do something its lifecycle state forbids (start twice).
 
-    def __init__(self, fmt: str, field: str, offset: int | None, message: str) -> None:
+    ``state`` is the state it was in.
+    """
+
+    def __init__(self, message: str, *, state: str) -> None:
+        super().__init__(f"{message} (broker is {state})")
+        self.state = state
+
+
+class CorruptImageError(TestbedError):
+    """An image's metadata contradicts itself or the file it lives in.
+
+    The arguments are keyword-only; a format's ``HeaderLayout.corrupt``
+    looks the offset up by field name.
+    """
+
+    def __init__(self, *, fmt: str, field: str, offset: int | None, message: str) -> None:
         where = f" at offset {offset:#x}" if offset is not None else ""
         super().__init__(f"{fmt}: corrupt {field}{where}: {message}")
         self.format = fmt
@@ -98,6 +160,19 @@ class CorruptImageError(TestbedError):
 
 class BlockError(TestbedError):
     """The block-layer model cannot do what was asked (not an errno, not corruption)."""
+
+
+class BlockUsageError(BlockError, ValueError):
+    """The block-layer model was called with arguments it cannot take."""
+
+
+class UnknownFormatError(BlockError, KeyError):
+    """No format driver by that name. ``name`` is what was asked, ``known`` what exists."""
+
+    def __init__(self, name: str, known: Sequence[str]) -> None:
+        super().__init__(f"no format driver {name!r} in the model (known: {', '.join(known)})")
+        self.name = name
+        self.known = tuple(known)
 
 
 class WaitTimeout(TestbedError, TimeoutError):
@@ -183,6 +258,27 @@ class KernelFeatureError(SuperviseError):
         self.feature = feature
 
 
+class TargetError(SuperviseError):
+    """Reading the caller failed in a way the open itself would: ``errno`` is its answer."""
+
+    def __init__(self, code: int, reason: str) -> None:
+        super().__init__(reason)
+        self.errno = code
+        self.reason = reason
+
+
+class BPFProgramError(SuperviseError, ValueError):
+    """A seccomp BPF program cannot be assembled (labels, jumps, size) or interpreted."""
+
+
+class SuperviseArgumentError(SuperviseError, ValueError):
+    """The supervisor was built with arguments it cannot work with."""
+
+
+class MeasureError(SuperviseError, RuntimeError):
+    """A measurement helper did not print the figure it was run for."""
+
+
 class ScenarioFileError(TestbedError):
     """A scenario file (``testbed compare --scenario-file``) is malformed.
 
@@ -196,6 +292,35 @@ class ScenarioFileError(TestbedError):
         self.path = path
         self.line = line
         self.key = key
+
+
+class ScenarioError(TestbedError, ValueError):
+    """A comparison scenario or step is inconsistent, or no scenario matches a pattern."""
+
+
+class ScenarioSetupError(TestbedError):
+    """A scenario cannot be prepared: image missing from the index, copy failed, ..."""
+
+
+class UnknownOperationError(TestbedError, KeyError):
+    """No comparison operation by that name. ``name`` is what was asked."""
+
+    def __init__(self, name: str, known: Sequence[str]) -> None:
+        super().__init__(f"unknown operation {name!r} (known: {', '.join(known)})")
+        self.name = name
+        self.known = tuple(known)
+
+
+class RegistryError(TestbedError, RuntimeError):
+    """A registry of parts is inconsistent (registered twice, missing a module): a bug."""
+
+
+class StraceParseError(TestbedError, ValueError):
+    """An open line of the strace output could not be read (the message names the line)."""
+
+
+class TraceRecordError(TestbedError, ValueError):
+    """An open record is impossible: no flags at all, or a result that is no errno."""
 
 
 class IotestsError(TestbedError):

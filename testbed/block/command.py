@@ -126,7 +126,11 @@ def open_image(
     policy_file: str | None = None,
     progress: bool = False,
 ) -> OpenResult:
-    """Open ``image`` with the model through a fresh in-process broker; hash the disk."""
+    """Open ``image`` with the model through a fresh in-process broker; hash the disk.
+
+    Longer than 60 lines on purpose: the broker, the layer and the hash share one ``with``
+    block, whose end is when the trace is complete.
+    """
     from testbed.broker import Policy, serve_socketpair
     from testbed.transport import HookClient
 
@@ -171,7 +175,8 @@ def open_image(
                 driver = layer.top(DRIVE).chain()[1].driver
         finally:
             layer.quit()
-    # After stop: the broker may record a request just after answering it.
+    # Every answer is recorded before it is sent (an unaudited open is not
+    # allowed), so once the layer has quit the records are the whole trace.
     records = broker.records
     trace = [
         {

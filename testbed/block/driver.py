@@ -21,7 +21,10 @@ from __future__ import annotations
 import os
 from abc import ABC, abstractmethod
 from collections.abc import Callable
+from enum import StrEnum
 from typing import ClassVar, Protocol
+
+from testbed.errors import BlockError, BlockUsageError
 
 #: Reads guest data from the backing chain below an image: (offset, length)
 #: -> exactly ``length`` bytes.  Zeros when there is no backing file.
@@ -31,6 +34,18 @@ BackingReader = Callable[[int, int], bytes]
 def zeros_backing(offset: int, length: int) -> bytes:
     """The backing reader of an image without a backing file."""
     return bytes(length)
+
+
+class ChildRole(StrEnum):
+    """QEMU's roles of a protocol child, which decide its write permission
+    (``bdrv_default_perms``)."""
+
+    #: Written whenever the parent is writable (qcow2's or vmdk's ``file``,
+    #: vmdk sparse extents): the format keeps its metadata there.
+    METADATA = "metadata"
+    #: Written only when the parent's own users write (raw's ``file``, flat
+    #: extents, a qcow2 data file): guest data only.
+    DATA = "data"
 
 
 class BlockFile(Protocol):
@@ -91,8 +106,6 @@ class FormatImage(ABC):
 
     def write(self, offset: int, data: bytes, backing: BackingReader) -> None:
         """Guest write.  Formats the model does not write to refuse it."""
-        from testbed.errors import BlockError
-
         raise BlockError(f"the model does not write to {type(self).__name__} images")
 
     def close(self) -> None:  # noqa: B027 - most formats hold nothing but their BlockFile
@@ -104,6 +117,10 @@ class FormatDriver(ABC):
 
     #: QEMU's driver name (``"qcow2"``, ``"vmdk"``, ``"vpc"``, ``"vdi"``, ``"raw"``).
     name: ClassVar[str]
+    #: The role of the node's ``file`` child: what the core opens it for.
+    file_role: ClassVar[ChildRole] = ChildRole.METADATA
+    #: Whether :meth:`create` can format an overlay (external snapshots).
+    creates_overlays: ClassVar[bool] = False
 
     @classmethod
     @abstractmethod
@@ -114,6 +131,14 @@ class FormatDriver(ABC):
     @abstractmethod
     def open(cls, file: BlockFile, ctx: OpenContext) -> FormatImage:
         """Parse the image behind ``file``; open extra files through ``ctx``."""
+
+    @classmethod
+    def create(cls, file: BlockFile, *, size: int, backing_file: str, backing_format: str) -> None:
+        """Format the empty ``file`` as an overlay of ``backing_file`` (``bdrv_img_create``).
+
+        Only drivers with :attr:`creates_overlays` implement it.
+        """
+        raise BlockError(f"the model does not create {cls.name} images")
 
 
 class FdFile:
@@ -164,13 +189,13 @@ class MemFile:
 
     def pread(self, offset: int, length: int) -> bytes:
         if offset < 0 or length < 0:
-            raise ValueError(f"pread of {length} bytes at offset {offset}")
+            raise BlockUsageError(f"pread of {length} bytes at offset {offset}")
         chunk = bytes(self.data[offset : offset + length])
         return chunk + bytes(length - len(chunk))
 
     def pwrite(self, offset: int, data: bytes) -> None:
         if offset < 0:
-            raise ValueError(f"pwrite at offset {offset}")
+            raise BlockUsageError(f"pwrite at offset {offset}")
         if offset > len(self.data):
             self.data += bytes(offset - len(self.data))
         self.data[offset : offset + len(data)] = data

@@ -74,11 +74,11 @@ from dataclasses import dataclass
 from typing import Any
 
 from testbed.block import formats
-from testbed.block.driver import BlockFile, FdFile, FormatDriver, FormatImage
+from testbed.block.driver import BlockFile, ChildRole, FdFile, FormatDriver, FormatImage
 from testbed.block.nodes import Child, FileNode, FormatNode, ProtocolNode, VVFatNode
 from testbed.block.opener import HookLike, Opener, OpenEvent
 from testbed.block.paths import path_combine
-from testbed.errors import BlockError
+from testbed.errors import BlockError, BlockUsageError
 
 #: How much of an image ``find_image_format`` reads for probing.
 PROBE_BYTES = 2048
@@ -137,7 +137,7 @@ class BlockLayer:
 
     def __init__(self, hook: HookLike | None = None, *, opener: Opener | None = None) -> None:
         if hook is not None and opener is not None:
-            raise ValueError("give BlockLayer a hook client or an Opener, not both")
+            raise BlockUsageError("give BlockLayer a hook client or an Opener, not both")
         self.opener = opener if opener is not None else Opener(hook)
         self.drives: dict[str, Drive] = {}
         self._open_files: list[ProtocolNode] = []
@@ -468,9 +468,9 @@ class BlockLayer:
             elif fmt == "file":
                 fmt = "raw"  # a bare protocol node: the same bytes, no format
             driver = _driver(fmt)
-            role = "data" if fmt == "raw" else "metadata"
+            role = driver.file_role
             if owned:
-                file.set_write(role == "metadata" and not opts.read_only)
+                file.set_write(role == ChildRole.METADATA and not opts.read_only)
             ctx = _ChildOpener(self, opts)
             try:
                 image: FormatImage = driver.open(file, ctx)
@@ -557,9 +557,10 @@ class BlockLayer:
 
     def _create_overlay(self, path: str, fmt: str, old: FormatNode) -> None:
         """``bdrv_img_create`` as ``external_snapshot_prepare`` calls it."""
-        if fmt != "qcow2":
-            raise BlockError(f"the model creates qcow2 overlays only, not {fmt!r}")
-        from testbed.block.formats.qcow2 import create_image
+        creators = [name for name, d in formats.all_drivers().items() if d.creates_overlays]
+        if fmt not in creators:
+            raise BlockError(f"the model creates {', '.join(creators)} overlays only, not {fmt!r}")
+        driver = _driver(fmt)
 
         # bdrv_img_create and bdrv_create_file each call bdrv_find_protocol.
         self.opener.probe(path)
@@ -572,7 +573,7 @@ class BlockLayer:
         self.opener.probe(path)  # qcow2_co_create_opts: bdrv_open of the protocol
         fd = self.opener.qemu_open(path, os.O_RDWR)
         try:
-            create_image(
+            driver.create(
                 FdFile(fd, path),
                 size=old.virtual_size,
                 backing_file=old.filename,
@@ -589,7 +590,7 @@ class BlockLayer:
             yield
         except BaseException:
             if owned:
-                self._close_children([Child(node=file, role="data", name="file")])
+                self._close_children([Child(node=file, role=ChildRole.DATA, name="file")])
             raise
 
     @contextlib.contextmanager

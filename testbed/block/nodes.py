@@ -26,7 +26,7 @@ import os
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from testbed.block.driver import BackingReader, FormatImage
+from testbed.block.driver import BackingReader, ChildRole, FormatImage, zeros_backing
 from testbed.errors import BlockError
 
 if TYPE_CHECKING:
@@ -179,8 +179,8 @@ class Child:
     """An edge from a format node to a protocol node, with QEMU's role."""
 
     node: ProtocolNode
-    #: "metadata" (written whenever the parent is writable) or "data"
-    #: (written only when the parent's users write).
+    #: A :class:`~testbed.block.driver.ChildRole` (a ``str``: ``_ChildOpener``
+    #: still sets it from strings).
     role: str
     name: str
     #: False for a node reference (``"file": "node-name"``): the child belongs
@@ -216,7 +216,7 @@ class FormatNode:
         return [*self.others, self.file]
 
     def wants_write(self, child: Child) -> bool:
-        if child.role == "metadata":
+        if child.role == ChildRole.METADATA:
             return not self.read_only
         return not self.read_only and self.writers > 0
 
@@ -228,7 +228,7 @@ class FormatNode:
     def backing_reader(self) -> BackingReader:
         backing = self.backing
         if backing is None:
-            return _zeros
+            return zeros_backing
         return backing.read_clamped
 
     def read(self, offset: int, length: int) -> bytes:
@@ -255,10 +255,6 @@ class FormatNode:
             nodes.append(node)
             node = node.backing
         return nodes
-
-
-def _zeros(offset: int, length: int) -> bytes:
-    return bytes(length)
 
 
 #: O_DIRECT wants buffers, offsets and lengths aligned; a page satisfies

@@ -37,7 +37,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from testbed.errors import BlockError, ProtocolError, TransportError, WaitTimeout
+from testbed.errors import BlockError, BlockUsageError, ProtocolError, TransportError, WaitTimeout
 from testbed.protocol import flag_names
 
 #: ``open``-like: (path, flags, mode) -> fd, or OSError.
@@ -109,7 +109,7 @@ class Opener:
 
     def __init__(self, hook: HookLike | None = None, *, raw_open: RawOpen | None = None) -> None:
         if hook is not None and raw_open is not None:
-            raise ValueError("give the Opener a hook client or a raw open function, not both")
+            raise BlockUsageError("give the Opener a hook client or a raw open function, not both")
         if hook is not None:
             self._open: RawOpen = hook.open
         else:

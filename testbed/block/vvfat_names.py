@@ -22,6 +22,8 @@ from __future__ import annotations
 import struct
 import time
 
+from testbed.errors import BlockUsageError
+
 ENTRY_SIZE = 32
 ATTR_LONG_NAME = 0x0F
 ATTR_DIRECTORY = 0x10
@@ -144,7 +146,7 @@ def short_name(filename: str, existing: list[bytes]) -> bytes:
             name[start : start + len(tail)] = tail
         if bytes(name) not in taken:
             return bytes(name)
-    raise ValueError(f"vvfat: no free short name for {filename!r}")
+    raise BlockUsageError(f"vvfat: no free short name for {filename!r}")
 
 
 def short_entry(name: bytes) -> bytearray:

@@ -35,7 +35,7 @@ from testbed.broker.answer import answer
 from testbed.broker.audit import VIA_HOOK, VIA_SECCOMP, AuditLog, AuditRecord, read_audit
 from testbed.broker.gate import Gate, Outcome
 from testbed.broker.policy import Access, Grant, Policy
-from testbed.broker.server import Broker, listen_unix, serve_socketpair
+from testbed.broker.server import Broker, Runstate, listen_unix, serve_socketpair
 
 __all__ = [
     "VIA_HOOK",
@@ -48,6 +48,7 @@ __all__ = [
     "Grant",
     "Outcome",
     "Policy",
+    "Runstate",
     "answer",
     "listen_unix",
     "read_audit",

@@ -52,7 +52,7 @@ def answer(
     try:
         outcome = gate.handle(request)
     except OSError as err:  # anything the gate did not foresee is still an errno
-        outcome = Outcome(result=-(err.errno or errno.EIO), reason=f"unexpected: {err}")
+        outcome = Outcome.failed(err, f"unexpected: {err}")
     except Exception as err:  # a bug in the gate refuses; it never ends the broker
         log.exception("deciding %r failed", request)
         outcome = Outcome(result=-errno.EIO, reason=f"internal error: {err!r}")

@@ -111,9 +111,22 @@ class Outcome:
     fd: int | None = None
     reason: str = ""
 
+    @classmethod
+    def failed(cls, err: OSError, reason: str | None = None) -> Outcome:
+        """The answer for a failed call: its errno (EIO if it has none) and ``reason``,
+        by default the errno's text."""
+        return cls(
+            result=-(err.errno or errno.EIO),
+            reason=(err.strerror or "") if reason is None else reason,
+        )
 
-class _Refused(Exception):
-    """A refusal (or, with ``code``, an errno) found deep in a path walk."""
+
+class _Refused(Exception):  # not in errors.py: it never escapes this module
+    """A refusal (or, with ``code``, an errno) found deep in a path walk.
+
+    Control flow only: every raise is caught in this module and turned into an
+    :class:`Outcome`, so it is not part of ``testbed.errors``' tree.
+    """
 
     def __init__(self, reason: str, code: int | None = None) -> None:
         super().__init__(reason)
@@ -275,7 +288,7 @@ class Gate:
         except _Refused as refused:
             return self.refuse(refused.reason)
         except OSError as err:
-            return Outcome(result=-(err.errno or errno.EIO), reason=f"grant root: {err.strerror}")
+            return Outcome.failed(err, f"grant root: {err.strerror}")
         try:
             return self._open_beneath(base, target, request, need)
         except _Refused as refused:
@@ -283,7 +296,7 @@ class Gate:
                 return Outcome(result=-refused.code, reason=refused.reason)
             return self.refuse(refused.reason)
         except OSError as err:  # a grant root or file grant's parent met on a walk
-            return Outcome(result=-(err.errno or errno.EIO), reason=f"grant: {err.strerror}")
+            return Outcome.failed(err, f"grant: {err.strerror}")
         finally:
             if base.owned:
                 os.close(base.fd)
@@ -372,7 +385,7 @@ class Gate:
             # unknown bits (any u32 a peer sends) are dropped, as open(2) ignores them
             fd = os.open(str(opath), (flags & _KNOWN_FLAGS & ~_REOPEN_DROP) | extra, dir_fd=proc[1])
         except OSError as err:
-            return Outcome(result=-(err.errno or errno.EIO), reason=err.strerror or "")
+            return Outcome.failed(err)
         finally:
             os.close(opath)
         try:
@@ -386,7 +399,7 @@ class Gate:
                 fcntl.fcntl(fd, fcntl.F_SETFL, flags & _SETFL_BITS)
         except OSError as err:
             os.close(fd)
-            return Outcome(result=-(err.errno or errno.EIO), reason=err.strerror or "")
+            return Outcome.failed(err)
         return Outcome(result=0, fd=fd)
 
     def _created(self, fd: int) -> Outcome:
@@ -395,7 +408,7 @@ class Gate:
             st = os.fstat(fd)
         except OSError as err:
             os.close(fd)
-            return Outcome(result=-(err.errno or errno.EIO), reason=err.strerror or "")
+            return Outcome.failed(err)
         if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1:
             os.close(fd)
             return self.refuse("a create did not make a new regular file")
@@ -453,6 +466,10 @@ class Gate:
         an absolute one starts over beneath the grant that covers it.  The
         result is resolved again by the caller with ``RESOLVE_NO_SYMLINKS``:
         a symlink swapped in meanwhile fails there.
+
+        Longer than 60 lines on purpose: one loop over the path's components whose invariants
+        (the base it stands on, the bases walked, the links followed) are checked on every
+        turn; split, a piece could resolve a component outside those checks.
         """
         creating = bool(flags & os.O_CREAT)
         # O_CREAT | O_EXCL never follows a last symlink (open(2) says EEXIST).

@@ -49,13 +49,14 @@ import struct
 import threading
 import time
 from dataclasses import dataclass, field
+from enum import Enum
 from pathlib import Path
 
 from testbed.broker.answer import answer, names
 from testbed.broker.audit import AuditLog, AuditRecord
 from testbed.broker.gate import Gate, Outcome
 from testbed.broker.policy import Policy
-from testbed.errors import ProtocolError, TransportError, WaitTimeout
+from testbed.errors import BrokerStateError, ProtocolError, TransportError, WaitTimeout
 from testbed.protocol import (
     NEED_DATA,
     PATH_MAX,
@@ -124,6 +125,17 @@ class Connection:
     held: str = ""
 
 
+class Runstate(Enum):
+    """Where a :class:`Broker` is in its life; it only moves forward."""
+
+    #: Built; nothing is served yet (connections and listeners may be added).
+    IDLE = "idle"
+    #: :meth:`Broker.start` or :meth:`Broker.serve` has the loop running.
+    RUNNING = "running"
+    #: Shut down: connections, listeners, epoll, gate and audit log closed.
+    CLOSED = "closed"
+
+
 class Broker:
     """Serves -open-hook-fd peers under a policy.
 
@@ -162,11 +174,14 @@ class Broker:
         self._ready: set[Connection] = set()
         self._held: set[Connection] = set()
         self._next_id = 1
+        self._state = Runstate.IDLE
+        # Asking to stop is apart from the state: a stop may come before the
+        # loop runs, and from a signal handler, which must not take a lock.
         self._stop = threading.Event()
         #: set by :meth:`stop_soon` (a signal handler), which must take no lock
         self._stop_requested = False
+        #: the thread :meth:`start` made (None when :meth:`serve` runs in the caller's)
         self._thread: threading.Thread | None = None
-        self._closed = False
         self.served_connections = 0
         # Accept pauses (EMFILE/ENFILE) and ETOOMANYREFS episodes.
         self._accept_paused = False
@@ -189,6 +204,15 @@ class Broker:
     # -- public API ---------------------------------------------------------
 
     @property
+    def runstate(self) -> Runstate:
+        return self._state
+
+    def _require(self, action: str, *states: Runstate) -> None:
+        """Refuse ``action`` unless the broker is in one of ``states``."""
+        if self._state not in states:
+            raise BrokerStateError(f"cannot {action}", state=self._state.value)
+
+    @property
     def records(self) -> list[AuditRecord]:
         """Every answered request so far, in arrival order (a copy)."""
         return self.audit.snapshot()
@@ -205,9 +229,10 @@ class Broker:
 
     def start(self) -> Broker:
         """Serve in a daemon thread until :meth:`stop`."""
-        if self._thread is not None:
-            raise RuntimeError("broker already started")
-        self._thread = threading.Thread(target=self.serve, name="testbed-broker", daemon=True)
+        self._require("start the broker", Runstate.IDLE)
+        # RUNNING before the thread runs: __enter__ and a second start() see it at once.
+        self._state = Runstate.RUNNING
+        self._thread = threading.Thread(target=self._serve, name="testbed-broker", daemon=True)
         self._thread.start()
         return self
 
@@ -242,6 +267,11 @@ class Broker:
 
     def serve(self) -> None:
         """Run the loop in the calling thread until stopped (or idle, see above)."""
+        self._require("serve", Runstate.IDLE)
+        self._state = Runstate.RUNNING
+        self._serve()
+
+    def _serve(self) -> None:
         try:
             while not (self._stop_requested or self._stop.is_set()):
                 self._take_pending()
@@ -460,7 +490,7 @@ class Broker:
             try:
                 outcome = self.gate.handle(request)
             except OSError as err:  # anything the gate did not foresee is still an errno
-                outcome = Outcome(result=-(err.errno or errno.EIO), reason=f"unexpected: {err}")
+                outcome = Outcome.failed(err, f"unexpected: {err}")
             except Exception as err:  # a bug in the gate refuses; it never ends the broker
                 log.exception("deciding %r failed", request)
                 outcome = Outcome(result=-errno.EIO, reason=f"internal error: {err!r}")
@@ -604,9 +634,9 @@ class Broker:
             self._resume_accepting()  # a descriptor is free now
 
     def _shutdown(self) -> None:
-        if self._closed:
+        if self._state is Runstate.CLOSED:
             return
-        self._closed = True
+        self._state = Runstate.CLOSED
         for conn in list(self._conns.values()):
             self._drop(conn, "")
         for sock in self._listeners.values():

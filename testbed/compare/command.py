@@ -18,6 +18,11 @@ _DEFAULT_WORK = REPO_ROOT / "build" / "compare"
 
 
 def register(sub: Any) -> None:
+    """The ``compare`` sub-command and its options.
+
+    Longer than 60 lines on purpose: one flat list of options, in the order ``--help`` shows
+    them.
+    """
     p = sub.add_parser(
         "compare",
         help="model vs patched QEMU vs stock QEMU vs fd sets, scenario by scenario",
@@ -89,6 +94,11 @@ def register(sub: Any) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
+    """``testbed compare``: choose the scenarios and oracles, run them, write the reports.
+
+    Longer than 60 lines on purpose: the stages share the parsed arguments, and each refusal
+    returns its exit code here, in the order they are checked.
+    """
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 

@@ -33,6 +33,7 @@ from dataclasses import dataclass
 
 from testbed.broker import AuditRecord
 from testbed.compare.trace import Open
+from testbed.errors import StraceParseError as StraceParseError  # re-exported
 from testbed.protocol.flags import NOISE_FLAGS, flag_names, parse_flags, wants_create
 
 #: Marks a path QEMU gave relative to its working directory (not the scenario's).
@@ -176,10 +177,6 @@ _RESUMED = re.compile(r"^(?:(?P<pid>\d+)\s+)?<\.\.\. (?P<call>openat|open) resum
 _RESULT = re.compile(r"\)\s+=\s+(?P<value>-?\d+)(?:<[^>]*>)?(?:\s+(?P<err>E[A-Z0-9]+))?")
 _ESCAPE = re.compile(r"\\(x[0-9a-fA-F]{2}|[0-7]{1,3}|.)")
 _SIMPLE_ESCAPES = {"n": "\n", "t": "\t", "r": "\r", "v": "\v", "f": "\f", '"': '"', "\\": "\\"}
-
-
-class StraceParseError(ValueError):
-    """An open line of the strace output could not be read (names the line)."""
 
 
 def _unescape(text: str) -> str:

@@ -176,6 +176,12 @@ def _scenario(path: str, where: _Lines, index: int, table: dict[str, Any]) -> Sc
 
 
 def _steps(path: str, where: _Lines, index: int, j: int, st: Any, attach: str) -> list[Step]:
+    """The steps of one scenario table, each checked key by key.
+
+    Longer than 60 lines on purpose: one pass over the step keys, each error naming its key;
+    the checks share the key path and the line.
+    """
+
     def fail(key: str, message: str) -> ScenarioFileError:
         return ScenarioFileError(
             path,

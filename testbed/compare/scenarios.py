@@ -41,6 +41,7 @@ from dataclasses import dataclass, field
 from testbed.compare.ops import Op, OpContext, all_operations, get
 from testbed.compare.ops.hotplug import add_args
 from testbed.compare.steps import QUIT, Step, StepKind, qmp
+from testbed.errors import ScenarioError
 
 #: Node name (``-blockdev``, hotplug) or BlockBackend id (``-drive``) of the image.
 DRIVE = "drive0"
@@ -82,20 +83,20 @@ class Scenario:
 
     def __post_init__(self) -> None:
         if not _NAME.match(self.name) or "/" in self.name or ":" in self.name:
-            raise ValueError(
+            raise ScenarioError(
                 f"scenario name {self.name!r}: letters, digits and _.+=- only "
                 "(it becomes a directory inside QEMU file names)"
             )
         if not self.image and not self.recipe:
-            raise ValueError(f"scenario {self.name}: give an image, a recipe, or both")
+            raise ScenarioError(f"scenario {self.name}: give an image, a recipe, or both")
         if not self.image and not self.main:
-            raise ValueError(
+            raise ScenarioError(
                 f"scenario {self.name}: a recipe-only scenario must name its main file"
             )
         if not self.steps or self.steps[-1].kind is not StepKind.QUIT:
-            raise ValueError(f"scenario {self.name}: the last step must be quit")
+            raise ScenarioError(f"scenario {self.name}: the last step must be quit")
         if any(s.kind is StepKind.QUIT for s in self.steps[:-1]):
-            raise ValueError(f"scenario {self.name}: quit may only be the last step")
+            raise ScenarioError(f"scenario {self.name}: quit may only be the last step")
 
     @property
     def operations(self) -> tuple[str, ...]:
@@ -176,7 +177,7 @@ def attach_args(
         )
     if attach in ("hotplug", "node-refs"):
         return "none", ()
-    raise ValueError(f"unknown attachment {attach!r}")
+    raise ScenarioError(f"unknown attachment {attach!r}")
 
 
 def _node_ref_steps(ctx: OpContext) -> tuple[tuple[Step, ...], tuple[Step, ...]]:
@@ -203,7 +204,11 @@ def scenario(
     tags: tuple[str, ...] = (),
     label: str = "",
 ) -> Scenario:
-    """A built-in scenario, its name made from its parts; add/del and quit around ``ops``."""
+    """A built-in scenario, its name made from its parts; add/del and quit around ``ops``.
+
+    Longer than 60 lines on purpose: one builder for every kind of built-in scenario, so that
+    each name is made in one place from the same parts.
+    """
     layers = CHAINS.get(image, Layers())
     ctx = OpContext(
         attach=attach,
@@ -226,7 +231,7 @@ def scenario(
     for name in ops:
         op = get(name)
         if op.attaches and attach not in op.attaches:
-            raise ValueError(f"operation {name} does not go with attach {attach}")
+            raise ScenarioError(f"operation {name} does not go with attach {attach}")
         steps += op.steps(ctx)
         recipe += op.recipe
     steps += [*after, QUIT]
@@ -364,7 +369,7 @@ def check_unique(scenarios: list[Scenario]) -> None:
     seen: dict[str, str] = {}
     for s in scenarios:
         if s.name in seen:
-            raise ValueError(
+            raise ScenarioError(
                 f"scenario name {s.name!r} is defined twice ({seen[s.name]} and {s.source})"
             )
         seen[s.name] = s.source
@@ -376,7 +381,7 @@ def select(matrix: list[Scenario], patterns: list[str]) -> list[Scenario]:
         return list(matrix)
     chosen = [s for s in matrix if any(fnmatch.fnmatchcase(s.name, p) for p in patterns)]
     if not chosen:
-        raise ValueError(f"no scenario matches {' or '.join(patterns)} (see --list)")
+        raise ScenarioError(f"no scenario matches {' or '.join(patterns)} (see --list)")
     return chosen
 
 

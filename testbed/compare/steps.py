@@ -22,7 +22,7 @@ import json
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from testbed.errors import WaitTimeout
+from testbed.errors import ScenarioError, WaitTimeout
 
 #: The scenario directory inside step arguments and QEMU options.
 DIR_MARK = "$D"
@@ -69,15 +69,15 @@ class Step:
         if self.broker_down and self.kind not in (StepKind.QMP, StepKind.HMP):
             raise ValueError(f"a {self.kind} step cannot be marked broker_down (qmp or hmp only)")
         if self.kind is StepKind.QMP and not self.command:
-            raise ValueError("a qmp step needs a command")
+            raise ScenarioError("a qmp step needs a command")
         if self.kind is StepKind.HMP and not self.line:
-            raise ValueError("an hmp step needs a command line")
+            raise ScenarioError("an hmp step needs a command line")
         if self.kind is StepKind.WAIT and not self.command:
-            raise ValueError("a wait step needs an event name")
+            raise ScenarioError("a wait step needs an event name")
         if self.kind is StepKind.READ and (self.offset < 0 or self.length <= 0):
-            raise ValueError(f"read of {self.length} bytes at {self.offset}")
+            raise ScenarioError(f"read of {self.length} bytes at {self.offset}")
         if self.timeout <= 0:
-            raise ValueError(f"wait timeout {self.timeout} is not positive")
+            raise ScenarioError(f"wait timeout {self.timeout} is not positive")
 
     @property
     def label(self) -> str:

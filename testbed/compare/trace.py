@@ -14,6 +14,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from testbed.errors import TraceRecordError
+
 
 @dataclass(frozen=True, kw_only=True)
 class Open:
@@ -25,9 +27,9 @@ class Open:
 
     def __post_init__(self) -> None:
         if not self.flags:
-            raise ValueError(f"open of {self.path!r} has no flags (not even an access mode)")
+            raise TraceRecordError(f"open of {self.path!r} has no flags (not even an access mode)")
         if self.result != "ok" and not self.result.startswith("E"):
-            raise ValueError(f"open result {self.result!r} is neither 'ok' nor an errno name")
+            raise TraceRecordError(f"open result {self.result!r} is neither 'ok' nor an errno name")
 
     def line(self) -> str:
         """One line for diffs and reports: ``probe top.qcow2 O_RDONLY|O_NONBLOCK -> ok``."""

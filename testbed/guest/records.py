@@ -126,12 +126,17 @@ def parse_record(block: bytes, *, sector: int) -> Record | None:
     offset = sector * SECTOR
     m = _RECORD_RE.fullmatch(block)
     if m is None:
-        raise CorruptImageError("guest-record", "record", offset, "malformed record")
+        raise CorruptImageError(
+            fmt="guest-record", field="record", offset=offset, message="malformed record"
+        )
     body = block[: m.start(4) - 1]
     want = hashlib.sha256(body).hexdigest().encode()
     if m.group(4) != want:
         raise CorruptImageError(
-            "guest-record", "checksum", offset, f"checksum {m.group(4).decode()} != {want.decode()}"
+            fmt="guest-record",
+            field="checksum",
+            offset=offset,
+            message=f"checksum {m.group(4).decode()} != {want.decode()}",
         )
     return Record(seq=int(m.group(1)), run=m.group(2).decode(), sector=sector)
 

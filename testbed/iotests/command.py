@@ -54,6 +54,11 @@ def _csv(value: str) -> list[str]:
 
 
 def register(sub: Any) -> None:
+    """The ``iotests`` sub-command and its options.
+
+    Longer than 60 lines on purpose: one flat list of options, in the order ``--help`` shows
+    them.
+    """
     from testbed.iotests.modes import MODE_HELP
     from testbed.iotests.selection import DEFAULT_FORMATS
 
@@ -211,6 +216,11 @@ class _Progress:
 
 
 def run(args: argparse.Namespace) -> int:
+    """``testbed iotests``: check the arguments, pick the builds, run each, write the report.
+
+    Longer than 60 lines on purpose: the stages share the parsed arguments and the progress
+    lines, and each refusal returns its exit code here, in the order ``--help`` describes.
+    """
     from testbed.iotests.builds import block_formats, find_builds, stock_emulator, suite_tools
     from testbed.iotests.exclusions import excluded_for
     from testbed.iotests.modes import Mode, supervise_available

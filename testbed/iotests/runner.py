@@ -218,6 +218,11 @@ def _end_group(proc: subprocess.Popen[bytes]) -> None:
 
 
 def run_one(cfg: RunConfig, mode: Mode, wrapper: Path | None, planned: Planned) -> TestRun:
+    """One iotest in one mode, from its environment to its verdict.
+
+    Longer than 60 lines on purpose: the steps share the run directory, the ``check`` process
+    and its audit, and their order is the point (environment, run, result, audit).
+    """
     test, fmt = planned.test.name, planned.format
     base = TestRun(
         version=cfg.build.version,

@@ -49,6 +49,8 @@ class Mode(StrEnum):
     SUPERVISE = "supervise"
 
 
+# Not in testbed/errors.py on purpose: this file runs as libvirt's emulator, as an
+# unprivileged user without the venv, so it imports the standard library only.
 class EmulatorRefusal(Exception):
     """The wrapper will not start QEMU; the message says why (it goes to libvirt)."""
 

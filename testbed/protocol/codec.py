@@ -37,7 +37,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Generic, NoReturn, TypeVar
 
-from testbed.errors import LocalProtocolError, RemoteProtocolError
+from testbed.errors import FrameDecodeError as FrameDecodeError  # re-exported
+from testbed.errors import LocalProtocolError
 
 QEMU_OPEN = 1
 PATH_MAX = 4096
@@ -83,14 +84,6 @@ class FrameError(enum.Enum):
     TOO_MANY_FDS = "more than one descriptor with a reply"
     FD_WITHOUT_REPLY = "a descriptor arrived with no reply"
     UNEXPECTED_FD = "the client sent a descriptor"
-
-
-class FrameDecodeError(RemoteProtocolError):
-    """A malformed frame from the peer. ``kind`` says which rule it broke."""
-
-    def __init__(self, kind: FrameError, detail: str, *, frame: bytes = b"") -> None:
-        super().__init__(f"{kind.value}: {detail}", frame=frame)
-        self.kind = kind
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import os
 
+from testbed.errors import OpenFlagsError
+
 O_LARGEFILE_KERNEL = 0o100000
 
 #: Access modes: the low two bits, exactly one of these.
@@ -83,7 +85,7 @@ def parse_flags(text: str) -> int:
         elif part.startswith("0"):
             value |= int(part, 8)
         else:
-            raise ValueError(f"unknown open flag {part!r} in {text!r}")
+            raise OpenFlagsError(part, text)
     return value
 
 

@@ -30,6 +30,8 @@ import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from testbed.errors import BPFProgramError
+
 # -- classic BPF opcodes (linux/bpf_common.h) ------------------------------------------
 BPF_LD = 0x00
 BPF_JMP = 0x05
@@ -112,7 +114,7 @@ def assemble(program: Sequence[Insn | str]) -> bytes:
     for item in program:
         if isinstance(item, str):
             if item in labels:
-                raise ValueError(f"label {item!r} defined twice")
+                raise BPFProgramError(f"label {item!r} defined twice")
             labels[item] = len(insns)
         else:
             insns.append(item)
@@ -123,15 +125,15 @@ def assemble(program: Sequence[Insn | str]) -> bytes:
             if label is None:
                 return 0
             if label not in labels:
-                raise ValueError(f"jump to undefined label {label!r}")
+                raise BPFProgramError(f"jump to undefined label {label!r}")
             delta = labels[label] - pc - 1
             if not 0 <= delta <= 255:
-                raise ValueError(f"jump to {label!r} is {delta} instructions (0..255 allowed)")
+                raise BPFProgramError(f"jump to {label!r} is {delta} instructions (0..255 allowed)")
             return delta
 
         out += _SOCK_FILTER.pack(insn.code, offset(insn.jt), offset(insn.jf), insn.k)
     if len(insns) > 4096:
-        raise ValueError(f"{len(insns)} instructions: seccomp allows 4096")
+        raise BPFProgramError(f"{len(insns)} instructions: seccomp allows 4096")
     return bytes(out)
 
 
@@ -171,6 +173,6 @@ def run(program: bytes, *, nr: int, arch: int = AUDIT_ARCH_X86_64) -> int:
         elif code == BPF_JMP | BPF_JGE | BPF_K:
             pc += jt if acc >= k else jf
         else:
-            raise ValueError(f"instruction {pc}: opcode {code:#x} not interpreted")
+            raise BPFProgramError(f"instruction {pc}: opcode {code:#x} not interpreted")
         pc += 1
-    raise ValueError("program fell off its end")
+    raise BPFProgramError("program fell off its end")

@@ -85,8 +85,7 @@ class Decider:
                 return self._refuse("not under any grant or the system profile")
             if level < needed_access(request.flags):
                 return self._refuse(f"the system profile gives {level.label} access only")
-            code = err.errno or errno.EIO
-            return Outcome(result=-code, reason=err.strerror or ""), "system"
+            return Outcome.failed(err), "system"
         try:
             real = os.readlink(f"/proc/self/fd/{probe}")
         finally:

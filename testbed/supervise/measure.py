@@ -20,7 +20,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from testbed.broker import Policy
-from testbed.errors import WaitTimeout
+from testbed.errors import MeasureError, WaitTimeout
 from testbed.qemu import STOCK_QEMU
 from testbed.supervise.supervisor import Supervisor
 
@@ -73,7 +73,7 @@ def open_ns(helper: Path, path: str, n: int, *, supervised: bool) -> int:
     for line in out.decode().splitlines():
         if line.startswith("median_ns="):
             return int(line.split("=", 1)[1])
-    raise RuntimeError(f"{helper} loop printed no median: {out!r}")
+    raise MeasureError(f"{helper} loop printed no median: {out!r}")
 
 
 def main(argv: list[str] | None = None) -> int:

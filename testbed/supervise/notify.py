@@ -54,6 +54,7 @@ from dataclasses import dataclass
 
 from testbed.broker import AuditLog
 from testbed.broker.gate import Outcome
+from testbed.errors import SuperviseArgumentError
 from testbed.protocol.flags import flag_names
 from testbed.supervise import bpf, target
 from testbed.supervise.audit import SeccompAuditRecord
@@ -215,7 +216,7 @@ class NotificationServer:
         conn: int = 1,
     ) -> None:
         if max_workers < 1:
-            raise ValueError(f"max_workers must be at least 1, not {max_workers}")
+            raise SuperviseArgumentError(f"max_workers must be at least 1, not {max_workers}")
         self.listener = listener
         self.decider = decider
         self.audit = audit

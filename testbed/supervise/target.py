@@ -17,21 +17,13 @@ import struct
 from dataclasses import dataclass
 from typing import Any
 
+from testbed.errors import TargetError as TargetError  # re-exported: callers import it here
 from testbed.supervise.seccomp import libc
 
 PATH_MAX = 4096
 AT_FDCWD = -100
 OPEN_HOW_SIZE_VER0 = 24
 _PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
-
-
-class TargetError(Exception):
-    """Reading the caller failed in a way the open itself would: ``errno`` is its answer."""
-
-    def __init__(self, code: int, reason: str) -> None:
-        super().__init__(reason)
-        self.errno = code
-        self.reason = reason
 
 
 class _IoVec(ctypes.Structure):

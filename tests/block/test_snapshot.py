@@ -13,6 +13,7 @@ import pytest
 
 from testbed.block.layer import BlockLayer
 from testbed.broker import Broker, Policy
+from testbed.errors import BlockError
 from testbed.pytest_plugin import require
 from testbed.transport import HookClient
 
@@ -108,3 +109,13 @@ def test_snapshot_of_unknown_drive_is_a_block_error(layer: BlockLayer, tmp_path:
 
     with pytest.raises(BlockError, match="no drive or node named 'nope'"):
         layer.blockdev_snapshot_sync("nope", str(tmp_path / "s.qcow2"))
+
+
+def test_an_overlay_in_a_format_the_model_cannot_create_is_refused_before_any_open(
+    tmp_path: Path, layer: BlockLayer
+) -> None:
+    _run("qemu-img", "create", "-q", "-f", "raw", "base.raw", "1M", cwd=tmp_path)
+    layer.drive_add(file=str(tmp_path / "base.raw"), format="raw", id="drive0")
+    with pytest.raises(BlockError, match="creates qcow2 overlays only, not 'vmdk'"):
+        layer.blockdev_snapshot_sync("drive0", str(tmp_path / "s.vmdk"), "vmdk")
+    assert not (tmp_path / "s.vmdk").exists()

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from testbed.broker import Broker, Policy, read_audit, serve_socketpair
-from testbed.errors import TransportError
+from testbed.broker import Broker, Policy, Runstate, read_audit, serve_socketpair
+from testbed.errors import BrokerStateError, TransportError
 from testbed.protocol import encode_request
 from testbed.pytest_plugin import missing
 from testbed.transport import HookClient
@@ -277,3 +277,27 @@ def test_stop_soon_needs_no_lock_the_interrupted_code_may_hold(grant_dir: Path) 
     t.join(5)
     assert done.is_set(), "stop_soon() waited on a lock its caller holds"
     broker.stop()
+
+
+def test_lifecycle_moves_forward_only(grant_dir: Path) -> None:
+    broker = Broker(Policy.from_grants(ro=[grant_dir]))
+    assert broker.runstate is Runstate.IDLE
+    broker.start()
+    assert broker.runstate is Runstate.RUNNING
+    with pytest.raises(BrokerStateError, match="cannot start the broker") as err:
+        broker.start()
+    assert err.value.state == "running"
+    broker.stop()
+    assert broker.runstate is Runstate.CLOSED
+    # a closed broker has no epoll, pipe or audit log left to serve with
+    with pytest.raises(BrokerStateError, match=r"cannot serve \(broker is closed\)"):
+        broker.serve()
+
+
+def test_serve_in_the_caller_closes_when_stopped_first(grant_dir: Path) -> None:
+    broker = Broker(Policy.from_grants(ro=[grant_dir]))
+    broker.stop_soon()  # as a signal handler would, before the loop ran
+    broker.serve()
+    assert broker.runstate is Runstate.CLOSED
+    with pytest.raises(BrokerStateError):
+        broker.start()

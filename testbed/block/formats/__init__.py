@@ -12,7 +12,7 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING
 
-from testbed.errors import CorruptImageError
+from testbed.errors import CorruptImageError, UnknownFormatError
 
 if TYPE_CHECKING:
     from testbed.block.driver import BlockFile, FormatDriver
@@ -40,11 +40,11 @@ def _load(name: str) -> type[FormatDriver]:
 def get_driver(name: str) -> type[FormatDriver]:
     """The driver class for QEMU's format name ``name`` (``"qcow2"``, ...).
 
-    Raises ``KeyError`` naming the format when there is no such driver.
+    Raises :class:`~testbed.errors.UnknownFormatError` (a ``KeyError``) naming
+    the format when there is no such driver.
     """
     if name not in _MODULES:
-        known = ", ".join(sorted(_MODULES))
-        raise KeyError(f"no format driver {name!r} in the model (known: {known})")
+        raise UnknownFormatError(name, sorted(_MODULES))
     return _load(name)
 
 
@@ -64,9 +64,9 @@ def read_checked(
     size = file.size() if file_size is None else file_size
     if offset < 0 or length < 0 or offset + length > size:
         raise CorruptImageError(
-            fmt,
-            field,
-            offset,
-            f"{length} bytes at {offset:#x} lie past the end of the file ({size} bytes)",
+            fmt=fmt,
+            field=field,
+            offset=offset,
+            message=f"{length} bytes at {offset:#x} lie past the end of the file ({size} bytes)",
         )
     return file.pread(offset, length)

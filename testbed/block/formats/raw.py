@@ -4,7 +4,14 @@ from __future__ import annotations
 
 from typing import ClassVar
 
-from testbed.block.driver import BackingReader, BlockFile, FormatDriver, FormatImage, OpenContext
+from testbed.block.driver import (
+    BackingReader,
+    BlockFile,
+    ChildRole,
+    FormatDriver,
+    FormatImage,
+    OpenContext,
+)
 from testbed.errors import BlockError
 
 
@@ -37,6 +44,8 @@ class RawDriver(FormatDriver):
     """QEMU's ``raw`` format driver."""
 
     name: ClassVar[str] = "raw"
+    #: raw_open attaches its file as a data child (BDRV_CHILD_DATA): no metadata.
+    file_role: ClassVar[ChildRole] = ChildRole.DATA
 
     @classmethod
     def probe(cls, buf: bytes, filename: str) -> int:

@@ -20,6 +20,7 @@ from typing import ClassVar
 
 from testbed.block.driver import BackingReader, BlockFile, FormatDriver, FormatImage, OpenContext
 from testbed.block.formats import read_checked
+from testbed.block.formats.header import HeaderLayout
 from testbed.errors import BlockError, CorruptImageError
 
 FMT = "vdi"
@@ -34,15 +35,39 @@ DISCARDED = 0xFFFFFFFE
 #: QEMU's VDI_BLOCKS_IN_IMAGE_MAX: the block map stays below INT_MAX bytes.
 MAX_BLOCKS = (0x7FFFFFFF + 1 - SECTOR) // 4
 
-# struct VdiHeader, little-endian, 512 bytes:
-#   0 text[64]  64 signature  68 version  72 header_size  76 image_type
-#  80 image_flags  84 description[256]  340 offset_bmap  344 offset_data
-# 348 cylinders  352 heads  356 sectors  360 sector_size  364 unused1
-# 368 disk_size(u64)  376 block_size  380 block_extra  384 blocks_in_image
-# 388 blocks_allocated  392 uuid_image[16]  408 uuid_last_snap[16]
-# 424 uuid_link[16]  440 uuid_parent[16]  456 unused2[56]
-_HEADER = struct.Struct("<64sIIIII256sIIIIIIIQIIII16s16s16s16s56x")
+# struct VdiHeader, little-endian, 512 bytes (QEMU block/vdi.c).
+_HEADER = HeaderLayout(
+    FMT,
+    "<",
+    (
+        ("text", "64s"),
+        ("signature", "I"),
+        ("version", "I"),
+        ("header_size", "I"),
+        ("image_type", "I"),
+        ("image_flags", "I"),
+        ("description", "256s"),
+        ("offset_bmap", "I"),
+        ("offset_data", "I"),
+        ("cylinders", "I"),
+        ("heads", "I"),
+        ("sectors", "I"),
+        ("sector_size", "I"),
+        ("unused1", "I"),
+        ("disk_size", "Q"),
+        ("block_size", "I"),
+        ("block_extra", "I"),
+        ("blocks_in_image", "I"),
+        ("blocks_allocated", "I"),
+        ("uuid_image", "16s"),
+        ("uuid_last_snap", "16s"),
+        ("uuid_link", "16s"),
+        ("uuid_parent", "16s"),
+        ("unused2", "56s"),
+    ),
+)
 HEADER_SIZE = _HEADER.size  # 512
+_SIGNATURE_AT = _HEADER.offset("signature")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -61,78 +86,52 @@ class VdiHeader:
     def parse(cls, buf: bytes) -> VdiHeader:
         if len(buf) < HEADER_SIZE:
             raise CorruptImageError(
-                FMT, "header", 0, f"file of {len(buf)} bytes is too short for a VDI header"
+                fmt=FMT,
+                field="header",
+                offset=0,
+                message=f"file of {len(buf)} bytes is too short for a VDI header",
             )
-        (
-            _text,
-            signature,
-            version,
-            _header_size,
-            image_type,
-            _image_flags,
-            _description,
-            offset_bmap,
-            offset_data,
-            _cylinders,
-            _heads,
-            _sectors,
-            sector_size,
-            _unused1,
-            disk_size,
-            block_size,
-            _block_extra,
-            blocks_in_image,
-            blocks_allocated,
-            _uuid_image,
-            _uuid_last_snap,
-            uuid_link,
-            uuid_parent,
-        ) = _HEADER.unpack_from(buf)
+        h = _HEADER.unpack_dict(buf)
+        signature, version, image_type = h["signature"], h["version"], h["image_type"]
+        offset_bmap, offset_data = h["offset_bmap"], h["offset_data"]
+        sector_size, disk_size, block_size = h["sector_size"], h["disk_size"], h["block_size"]
+        blocks_in_image, blocks_allocated = h["blocks_in_image"], h["blocks_allocated"]
+        uuid_link, uuid_parent = h["uuid_link"], h["uuid_parent"]
         if disk_size > MAX_BLOCKS * BLOCK_SIZE:
-            raise CorruptImageError(
-                FMT, "disk_size", 368, f"disk_size {disk_size:#x} is above the VDI maximum"
-            )
+            raise _HEADER.corrupt("disk_size", f"disk_size {disk_size:#x} is above the VDI maximum")
         # 'VBoxManage convertfromraw' makes odd sizes; QEMU rounds them up.
         disk_size = -(-disk_size // SECTOR) * SECTOR
         if signature != SIGNATURE:
-            raise CorruptImageError(FMT, "signature", 64, f"bad signature {signature:#010x}")
+            raise _HEADER.corrupt("signature", f"bad signature {signature:#010x}")
         if version != VERSION_1_1:
-            raise CorruptImageError(
-                FMT, "version", 68, f"unsupported version {version >> 16}.{version & 0xFFFF}"
+            raise _HEADER.corrupt(
+                "version", f"unsupported version {version >> 16}.{version & 0xFFFF}"
             )
         if offset_bmap % SECTOR:
-            raise CorruptImageError(
-                FMT, "offset_bmap", 340, f"block map offset {offset_bmap:#x} is not sector aligned"
+            raise _HEADER.corrupt(
+                "offset_bmap", f"block map offset {offset_bmap:#x} is not sector aligned"
             )
         if offset_data % SECTOR:
-            raise CorruptImageError(
-                FMT, "offset_data", 344, f"data offset {offset_data:#x} is not sector aligned"
+            raise _HEADER.corrupt(
+                "offset_data", f"data offset {offset_data:#x} is not sector aligned"
             )
         if sector_size != SECTOR:
-            raise CorruptImageError(
-                FMT, "sector_size", 360, f"unsupported sector size {sector_size}"
-            )
+            raise _HEADER.corrupt("sector_size", f"unsupported sector size {sector_size}")
         if block_size != BLOCK_SIZE:
-            raise CorruptImageError(FMT, "block_size", 376, f"unsupported block size {block_size}")
+            raise _HEADER.corrupt("block_size", f"unsupported block size {block_size}")
         if disk_size > blocks_in_image * BLOCK_SIZE:
-            raise CorruptImageError(
-                FMT,
-                "blocks_in_image",
-                384,
-                f"disk size {disk_size} does not fit in {blocks_in_image} blocks",
+            raise _HEADER.corrupt(
+                "blocks_in_image", f"disk size {disk_size} does not fit in {blocks_in_image} blocks"
             )
         if any(uuid_link):
-            raise CorruptImageError(FMT, "uuid_link", 424, "non-null link UUID is not supported")
+            raise _HEADER.corrupt("uuid_link", "non-null link UUID is not supported")
         if any(uuid_parent):
-            raise CorruptImageError(
-                FMT,
-                "uuid_parent",
-                440,
-                "non-null parent UUID (differencing image) is not supported",
+            raise _HEADER.corrupt(
+                "uuid_parent", "non-null parent UUID (differencing image) is not supported"
             )
         if blocks_in_image > MAX_BLOCKS:
-            raise CorruptImageError(
-                FMT, "blocks_in_image", 384, f"{blocks_in_image} blocks, above {MAX_BLOCKS}"
+            raise _HEADER.corrupt(
+                "blocks_in_image", f"{blocks_in_image} blocks, above {MAX_BLOCKS}"
             )
         return cls(
             version=version,
@@ -182,7 +181,10 @@ class VdiDriver(FormatDriver):
     @classmethod
     def probe(cls, buf: bytes, filename: str) -> int:
         # vdi_probe: a whole header's worth of bytes and the signature.
-        if len(buf) >= HEADER_SIZE and int.from_bytes(buf[64:68], "little") == SIGNATURE:
+        if (
+            len(buf) >= HEADER_SIZE
+            and int.from_bytes(buf[_SIGNATURE_AT : _SIGNATURE_AT + 4], "little") == SIGNATURE
+        ):
             return 100
         return 0
 
@@ -200,16 +202,16 @@ class VdiDriver(FormatDriver):
         for index, entry in enumerate(bmap[:needed_blocks]):
             if entry < DISCARDED and entry >= header.blocks_in_image:
                 raise CorruptImageError(
-                    FMT,
-                    f"block map entry {index}",
-                    header.offset_bmap + 4 * index,
-                    f"block {entry} is beyond the image's {header.blocks_in_image} blocks",
+                    fmt=FMT,
+                    field=f"block map entry {index}",
+                    offset=header.offset_bmap + 4 * index,
+                    message=f"block {entry} is beyond the image's {header.blocks_in_image} blocks",
                 )
             if entry < DISCARDED and header.offset_data + (entry + 1) * BLOCK_SIZE > size:
                 raise CorruptImageError(
-                    FMT,
-                    f"block map entry {index}",
-                    header.offset_bmap + 4 * index,
-                    f"block {entry} lies past the end of the file ({size} bytes)",
+                    fmt=FMT,
+                    field=f"block map entry {index}",
+                    offset=header.offset_bmap + 4 * index,
+                    message=f"block {entry} lies past the end of the file ({size} bytes)",
                 )
         return VdiImage(file, header, bmap)

@@ -63,8 +63,10 @@ from testbed.block.formats.vmdk_layout import (
     MAX_GRAIN_SECTORS,
     MAX_GTES_PER_GT,
     SECTOR,
+    VMDK3,
     VMDK3_GTES_PER_GT,
     VMDK3_HEADER_SIZE,
+    VMDK4,
     VMDK4_HEADER_SIZE,
     Vmdk4Header,
     parse_cowd_header,
@@ -182,10 +184,10 @@ class VmdkImage(FormatImage):
         gd_index = sector // (extent.gtes_per_gt * extent.grain_sectors & _U32)
         if gd_index >= len(extent.grain_directory):
             raise CorruptImageError(
-                FORMAT,
-                "grain directory",
-                None,
-                f"{extent.file.filename}: sector {sector} needs directory entry {gd_index} "
+                fmt=FORMAT,
+                field="grain directory",
+                offset=None,
+                message=f"{extent.file.filename}: sector {sector} needs directory entry {gd_index} "
                 f"of {len(extent.grain_directory)}",
             )
         gt_sector = extent.grain_directory[gd_index]
@@ -202,10 +204,11 @@ class VmdkImage(FormatImage):
         where = entry * SECTOR + in_grain
         if where + n > extent.file.size():
             raise CorruptImageError(
-                FORMAT,
-                "grain table entry",
-                gt_sector * SECTOR,
-                f"{extent.file.filename}: grain at sector {entry} lies past the end of the file",
+                fmt=FORMAT,
+                field="grain table entry",
+                offset=gt_sector * SECTOR,
+                message=f"{extent.file.filename}: grain at sector {entry} lies past the end of "
+                "the file",
             )
         return extent.file.pread(where, n)
 
@@ -218,10 +221,10 @@ class VmdkImage(FormatImage):
         start, size = gt_sector * SECTOR, extent.gtes_per_gt * 4
         if start + size > extent.file.size():
             raise CorruptImageError(
-                FORMAT,
-                "grain directory entry",
-                None,
-                f"{extent.file.filename}: grain table at sector {gt_sector} lies past "
+                fmt=FORMAT,
+                field="grain directory entry",
+                offset=None,
+                message=f"{extent.file.filename}: grain table at sector {gt_sector} lies past "
                 f"the end of the file ({extent.file.size()} bytes)",
             )
         table = parse_table(extent.file.pread(start, size), extent.gtes_per_gt)
@@ -235,9 +238,12 @@ class VmdkImage(FormatImage):
         file_size = extent.file.size()
         if where >= file_size:
             raise CorruptImageError(
-                FORMAT, "grain table entry", None,
-                f"{extent.file.filename}: compressed grain at {where} is past the end of the file",
-            )  # fmt: skip
+                fmt=FORMAT,
+                field="grain table entry",
+                offset=None,
+                message=f"{extent.file.filename}: compressed grain at {where} is past the end of "
+                "the file",
+            )
         # vmdk_read_extent reads two grains in case marker + data exceed one;
         # the part past the end of the file would read as zeros and is not
         # read here (the marker's size field decides what is used).
@@ -249,15 +255,18 @@ class VmdkImage(FormatImage):
             data_len, data = grain_bytes, buf[:grain_bytes]
         if data_len == 0 or data_len > 2 * grain_bytes:
             raise CorruptImageError(
-                FORMAT,
-                "grain marker",
-                where,
-                f"compressed size {data_len} (grain is {grain_bytes})",
+                fmt=FORMAT,
+                field="grain marker",
+                offset=where,
+                message=f"compressed size {data_len} (grain is {grain_bytes})",
             )
         grain = _inflate(data, grain_bytes, where)
         if in_grain + n > len(grain):
             raise CorruptImageError(
-                FORMAT, "grain", where, f"inflates to {len(grain)} bytes, read needs {in_grain + n}"
+                fmt=FORMAT,
+                field="grain",
+                offset=where,
+                message=f"inflates to {len(grain)} bytes, read needs {in_grain + n}",
             )
         return grain[in_grain : in_grain + n]
 
@@ -272,12 +281,19 @@ def _inflate(data: bytes, limit: int, where: int) -> bytes:
         while not inflater.eof and inflater.unconsumed_tail:
             if inflater.decompress(inflater.unconsumed_tail, 1):
                 raise CorruptImageError(
-                    FORMAT, "grain", where, f"inflates to more than the {limit}-byte grain"
+                    fmt=FORMAT,
+                    field="grain",
+                    offset=where,
+                    message=f"inflates to more than the {limit}-byte grain",
                 )
     except zlib.error as err:
-        raise CorruptImageError(FORMAT, "grain", where, f"bad deflate data: {err}") from err
+        raise CorruptImageError(
+            fmt=FORMAT, field="grain", offset=where, message=f"bad deflate data: {err}"
+        ) from err
     if not inflater.eof:
-        raise CorruptImageError(FORMAT, "grain", where, "deflate stream ends early")
+        raise CorruptImageError(
+            fmt=FORMAT, field="grain", offset=where, message="deflate stream ends early"
+        )
     return out
 
 
@@ -286,7 +302,10 @@ def _read_desc(file: BlockFile, offset: int) -> bytes:
     size = file.size()
     if size < 4:
         raise CorruptImageError(
-            FORMAT, "file size", 0, f"{file.filename}: {size} bytes is too small for an image"
+            fmt=FORMAT,
+            field="file size",
+            offset=0,
+            message=f"{file.filename}: {size} bytes is too small for an image",
         )
     n = min(size, MAX_DESC_READ)
     return file.pread(offset, n) if offset < size else bytes(n)
@@ -309,9 +328,12 @@ class _Opener:
     def add(self, extent: Extent) -> None:
         if extent.end > _INT64_MAX:
             raise CorruptImageError(
-                FORMAT, "extent size", None,
-                f"{extent.file.filename}: the disk would end at byte {extent.end}, past 2**63",
-            )  # fmt: skip
+                fmt=FORMAT,
+                field="extent size",
+                offset=None,
+                message=f"{extent.file.filename}: the disk would end at byte {extent.end}, past "
+                "2**63",
+            )
         self.extents.append(extent)
 
     def open_sparse(self, file: BlockFile, buf: bytes) -> None:
@@ -323,7 +345,10 @@ class _Opener:
             self.open_vmdk4(file)
         else:
             raise CorruptImageError(
-                FORMAT, "magic", 0, f"{file.filename}: {magic!r} is not a VMDK sparse extent"
+                fmt=FORMAT,
+                field="magic",
+                offset=0,
+                message=f"{file.filename}: {magic!r} is not a VMDK sparse extent",
             )
 
     def open_desc_file(self, text: bytes) -> None:
@@ -336,9 +361,12 @@ class _Opener:
                 offset = spec.flat_offset * SECTOR
                 if offset + spec.sectors * SECTOR > _INT64_MAX:
                     raise CorruptImageError(
-                        FORMAT, "extent line", spec.line_offset,
-                        f"flat extent {name!r} at sector {spec.flat_offset} ends past 2**63",
-                    )  # fmt: skip
+                        fmt=FORMAT,
+                        field="extent line",
+                        offset=spec.line_offset,
+                        message=f"flat extent {name!r} at sector {spec.flat_offset} ends past "
+                        "2**63",
+                    )
                 self.add(
                     Extent(
                         file=child,
@@ -358,9 +386,7 @@ class _Opener:
         header = parse_cowd_header(file.pread(0, VMDK3_HEADER_SIZE))
         if (VMDK3_GTES_PER_GT * header.granularity) & _U32 == 0:
             # QEMU would divide by zero on the first read.
-            raise CorruptImageError(
-                FORMAT, "granularity", 16, f"{file.filename}: {header.granularity} sectors"
-            )
+            raise VMDK3.corrupt("granularity", f"{file.filename}: {header.granularity} sectors")
         self.add_sparse(
             file,
             type="VMFSSPARSE",
@@ -383,34 +409,37 @@ class _Opener:
             where = -(-file.size() // SECTOR) * SECTOR - FOOTER_SIZE
             if where < 0:
                 raise CorruptImageError(
-                    FORMAT, "footer", None, f"{file.filename}: too small for a footer"
+                    fmt=FORMAT,
+                    field="footer",
+                    offset=None,
+                    message=f"{file.filename}: too small for a footer",
                 )
             header = parse_footer(file.pread(where, FOOTER_SIZE), base=where)
         if header.version > 3:
-            raise CorruptImageError(
-                FORMAT, "version", 4, f"{file.filename}: unsupported VMDK version {header.version}"
+            raise VMDK4.corrupt(
+                "version", f"{file.filename}: unsupported VMDK version {header.version}"
             )
         if header.version == 3 and not self.ctx.read_only and not header.compressed:
             raise BlockError(f"vmdk: {file.filename}: VMDK version 3 must be read only")
         if header.num_gtes_per_gt > MAX_GTES_PER_GT:
-            raise CorruptImageError(
-                FORMAT, "num_gtes_per_gt", 44,
+            raise VMDK4.corrupt(
+                "num_gtes_per_gt",
                 f"{file.filename}: {header.num_gtes_per_gt} entries, at most {MAX_GTES_PER_GT}",
-            )  # fmt: skip
+            )
         gd_span = (header.num_gtes_per_gt * header.granularity) & _U32
         if gd_span == 0:
-            raise CorruptImageError(
-                FORMAT, "granularity", 20,
+            raise VMDK4.corrupt(
+                "granularity",
                 f"{file.filename}: {header.num_gtes_per_gt} entries of "
                 f"{header.granularity} sectors per grain table",
-            )  # fmt: skip
+            )
         gd_entries = (((header.capacity + gd_span - 1) & _U64) // gd_span) & _U32
         if -(-file.size() // SECTOR) < header.grain_offset:
-            raise CorruptImageError(
-                FORMAT, "grain_offset", 64,
+            raise VMDK4.corrupt(
+                "grain_offset",
                 f"{file.filename}: file truncated, expecting at least "
                 f"{header.grain_offset * SECTOR} bytes, found {file.size()}",
-            )  # fmt: skip
+            )
         if header.compressed:
             self.create_type = "streamOptimized"
         self.add_sparse(
@@ -432,9 +461,7 @@ class _Opener:
         name = os.path.normpath(file.filename)
         if name in self.nesting or len(self.nesting) >= _MAX_NESTING:
             chain = " -> ".join([*self.nesting, name])
-            raise CorruptImageError(
-                FORMAT, "desc_offset", 28, f"extent loop through embedded descriptors: {chain}"
-            )
+            raise VMDK4.corrupt("desc_offset", f"extent loop through embedded descriptors: {chain}")
         self.nesting.append(name)
         text = _read_desc(file, header.desc_offset * SECTOR)
         self.open_desc_file(text)
@@ -457,21 +484,28 @@ class _Opener:
         """vmdk_add_extent's limits, then vmdk_init_tables' directory read."""
         if grain_sectors > MAX_GRAIN_SECTORS:
             raise CorruptImageError(
-                FORMAT, "granularity", None,
-                f"{file.filename}: grains of {grain_sectors} sectors, at most {MAX_GRAIN_SECTORS}",
-            )  # fmt: skip
+                fmt=FORMAT,
+                field="granularity",
+                offset=None,
+                message=f"{file.filename}: grains of {grain_sectors} sectors, at most "
+                f"{MAX_GRAIN_SECTORS}",
+            )
         if gd_entries > MAX_GD_ENTRIES:
             raise CorruptImageError(
-                FORMAT, "grain directory size", None,
-                f"{file.filename}: {gd_entries} entries, at most {MAX_GD_ENTRIES}",
-            )  # fmt: skip
+                fmt=FORMAT,
+                field="grain directory size",
+                offset=None,
+                message=f"{file.filename}: {gd_entries} entries, at most {MAX_GD_ENTRIES}",
+            )
         start, size = gd_sector * SECTOR, gd_entries * 4
         if start + size > file.size():
             raise CorruptImageError(
-                FORMAT, "gd_offset", None,
-                f"{file.filename}: grain directory of {gd_entries} entries at sector "
+                fmt=FORMAT,
+                field="gd_offset",
+                offset=None,
+                message=f"{file.filename}: grain directory of {gd_entries} entries at sector "
                 f"{gd_sector} ends past the end of the file ({file.size()} bytes)",
-            )  # fmt: skip
+            )
         directory = parse_table(file.pread(start, size), gd_entries)
         self.add(
             Extent(

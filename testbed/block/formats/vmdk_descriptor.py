@@ -214,7 +214,10 @@ def iter_extent_lines(text: bytes) -> Iterator[ExtentSpec]:
                 flat_offset = 0
             if not valid:
                 raise CorruptImageError(
-                    FORMAT, "extent line", pos, f"invalid extent line: {_line_text(text, pos)!r}"
+                    fmt=FORMAT,
+                    field="extent line",
+                    offset=pos,
+                    message=f"invalid extent line: {_line_text(text, pos)!r}",
                 )
             kind = line.type.decode("ascii", "replace")
             if line.sectors > 0 and kind in EXTENT_TYPES:
@@ -255,10 +258,17 @@ def parse_create_type(text: bytes) -> str:
     """The createType of a text descriptor, checked like vmdk_open_desc_file."""
     value = find_value(text, b"createType")
     if value is None:
-        raise CorruptImageError(FORMAT, "createType", 0, "invalid VMDK image descriptor")
+        raise CorruptImageError(
+            fmt=FORMAT, field="createType", offset=0, message="invalid VMDK image descriptor"
+        )
     create_type = value.decode("utf-8", "replace")
     if create_type not in TEXT_CREATE_TYPES:
-        raise CorruptImageError(FORMAT, "createType", 0, f"unsupported image type {create_type!r}")
+        raise CorruptImageError(
+            fmt=FORMAT,
+            field="createType",
+            offset=0,
+            message=f"unsupported image type {create_type!r}",
+        )
     return create_type
 
 
@@ -278,11 +288,17 @@ def parse_parent_hint(desc: bytes, *, base: int) -> str | None:
     end = value.find(b'"')
     if end < 0:
         raise CorruptImageError(
-            FORMAT, "parentFileNameHint", base + at, "no closing quote after the name"
+            fmt=FORMAT,
+            field="parentFileNameHint",
+            offset=base + at,
+            message="no closing quote after the name",
         )
     if end > MAX_BACKING_NAME:
         raise CorruptImageError(
-            FORMAT, "parentFileNameHint", base + at, f"name of {end} bytes is over PATH_MAX"
+            fmt=FORMAT,
+            field="parentFileNameHint",
+            offset=base + at,
+            message=f"name of {end} bytes is over PATH_MAX",
         )
     return os.fsdecode(value[:end]) or None
 
@@ -292,13 +308,21 @@ def parse_cid(desc: bytes, key: bytes, *, base: int) -> int:
     buf = desc[:DESC_SIZE].ljust(DESC_SIZE, b"\0")[: DESC_SIZE - 1] + b"\0"
     at = cstring(buf).find(key)
     if at < 0:
-        raise CorruptImageError(FORMAT, key.decode(), base, f"no {key.decode()} in the descriptor")
+        raise CorruptImageError(
+            fmt=FORMAT,
+            field=key.decode(),
+            offset=base,
+            message=f"no {key.decode()} in the descriptor",
+        )
     # p_name += sizeof(key): the key and one character ('=').
     start = min(at + len(key) + 1, len(buf) - 1)
     value = _Scanner(cstring(buf, start)).integer(16)
     if value is None:
         raise CorruptImageError(
-            FORMAT, key.decode(), base + at, f"no hex number after {key.decode()}"
+            fmt=FORMAT,
+            field=key.decode(),
+            offset=base + at,
+            message=f"no hex number after {key.decode()}",
         )
     return value & 0xFFFF_FFFF
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass
 
+from testbed.block.formats.header import HeaderLayout
 from testbed.errors import CorruptImageError
 
 FORMAT = "vmdk"
@@ -51,24 +52,32 @@ MAX_GRAIN_SECTORS = 0x200000
 MAX_GD_ENTRIES = 32 * 1024 * 1024
 
 
-# VMDK4Header (QEMU_PACKED), following the 4-byte magic at offset 0:
-#
-#   off  size  field
-#     4     4  version
-#     8     4  flags
-#    12     8  capacity            sectors
-#    20     8  granularity         sectors per grain
-#    28     8  desc_offset         sectors (embedded descriptor)
-#    36     8  desc_size           sectors
-#    44     4  num_gtes_per_gt
-#    48     8  rgd_offset          sectors (redundant grain directory)
-#    56     8  gd_offset           sectors, or GD_AT_END (stream-optimized)
-#    64     8  grain_offset        sectors (first grain; metadata ends here)
-#    72     1  filler
-#    73     4  check_bytes         "\n \r\n" (NL detection)
-#    77     2  compress_algorithm
-_VMDK4 = struct.Struct("<IIQQQQIQQQc4sH")
-VMDK4_HEADER_SIZE = 4 + _VMDK4.size
+# The magic and VMDK4Header (QEMU_PACKED); sizes and offsets in sectors where
+# the field is a position: desc_* is the embedded descriptor, rgd_offset the
+# redundant grain directory, gd_offset may be GD_AT_END (stream-optimized),
+# grain_offset is the first grain (metadata ends there), check_bytes is
+# "\n \r\n" (newline detection).
+VMDK4 = HeaderLayout(
+    FORMAT,
+    "<",
+    (
+        ("magic", "4s"),
+        ("version", "I"),
+        ("flags", "I"),
+        ("capacity", "Q"),
+        ("granularity", "Q"),
+        ("desc_offset", "Q"),
+        ("desc_size", "Q"),
+        ("num_gtes_per_gt", "I"),
+        ("rgd_offset", "Q"),
+        ("gd_offset", "Q"),
+        ("grain_offset", "Q"),
+        ("filler", "c"),
+        ("check_bytes", "4s"),
+        ("compress_algorithm", "H"),
+    ),
+)
+VMDK4_HEADER_SIZE = VMDK4.size
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -100,12 +109,17 @@ def parse_vmdk4_header(buf: bytes, *, base: int = 0) -> Vmdk4Header:
     """
     if len(buf) < VMDK4_HEADER_SIZE:
         raise CorruptImageError(
-            FORMAT, "header", base, f"{len(buf)} bytes, a VMDK4 header needs {VMDK4_HEADER_SIZE}"
+            fmt=FORMAT,
+            field="header",
+            offset=base,
+            message=f"{len(buf)} bytes, a VMDK4 header needs {VMDK4_HEADER_SIZE}",
         )
     if buf[:4] != MAGIC_VMDK4:
-        raise CorruptImageError(FORMAT, "magic", base, f"{buf[:4]!r} is not {MAGIC_VMDK4!r}")
-    (version, flags, capacity, granularity, desc_offset, desc_size, gtes, rgd, gd, grain, _f, _c,
-     compress) = _VMDK4.unpack_from(buf, 4)  # fmt: skip
+        raise CorruptImageError(
+            fmt=FORMAT, field="magic", offset=base, message=f"{buf[:4]!r} is not {MAGIC_VMDK4!r}"
+        )
+    (_m, version, flags, capacity, granularity, desc_offset, desc_size, gtes, rgd, gd, grain, _f,
+     _c, compress) = VMDK4.unpack(buf)  # fmt: skip
     return Vmdk4Header(
         version=version,
         flags=flags,
@@ -121,23 +135,27 @@ def parse_vmdk4_header(buf: bytes, *, base: int = 0) -> Vmdk4Header:
     )
 
 
-# VMDK3Header ("COWD", ESX vmfsSparse), following the 4-byte magic:
-#
-#   off  size  field
-#     4     4  version
-#     8     4  flags
-#    12     4  disk_sectors        capacity in sectors
-#    16     4  granularity         sectors per grain
-#    20     4  l1dir_offset        sectors (grain directory)
-#    24     4  l1dir_size          grain directory entries
-#    28     4  file_sectors
-#    32     4  cylinders
-#    36     4  heads
-#    40     4  sectors_per_track
-#
+# The magic and VMDK3Header ("COWD", ESX vmfsSparse): disk_sectors is the
+# capacity, l1dir_offset (sectors) and l1dir_size (entries) the grain directory.
 # QEMU uses a fixed 4096 entries per grain table for these extents.
-_VMDK3 = struct.Struct("<10I")
-VMDK3_HEADER_SIZE = 4 + _VMDK3.size
+VMDK3 = HeaderLayout(
+    FORMAT,
+    "<",
+    (
+        ("magic", "4s"),
+        ("version", "I"),
+        ("flags", "I"),
+        ("disk_sectors", "I"),
+        ("granularity", "I"),
+        ("l1dir_offset", "I"),
+        ("l1dir_size", "I"),
+        ("file_sectors", "I"),
+        ("cylinders", "I"),
+        ("heads", "I"),
+        ("sectors_per_track", "I"),
+    ),
+)
+VMDK3_HEADER_SIZE = VMDK3.size
 VMDK3_GTES_PER_GT = 4096
 
 
@@ -158,12 +176,17 @@ def parse_cowd_header(buf: bytes, *, base: int = 0) -> CowdHeader:
     """Parse the magic and header of a ``COWD`` extent at the start of ``buf``."""
     if len(buf) < VMDK3_HEADER_SIZE:
         raise CorruptImageError(
-            FORMAT, "header", base, f"{len(buf)} bytes, a COWD header needs {VMDK3_HEADER_SIZE}"
+            fmt=FORMAT,
+            field="header",
+            offset=base,
+            message=f"{len(buf)} bytes, a COWD header needs {VMDK3_HEADER_SIZE}",
         )
     if buf[:4] != MAGIC_VMDK3:
-        raise CorruptImageError(FORMAT, "magic", base, f"{buf[:4]!r} is not {MAGIC_VMDK3!r}")
-    version, flags, sectors, granularity, gd, gd_size, file_sectors, _c, _h, _s = (
-        _VMDK3.unpack_from(buf, 4)
+        raise CorruptImageError(
+            fmt=FORMAT, field="magic", offset=base, message=f"{buf[:4]!r} is not {MAGIC_VMDK3!r}"
+        )
+    _m, version, flags, sectors, granularity, gd, gd_size, file_sectors, _c, _h, _s = VMDK3.unpack(
+        buf
     )
     return CowdHeader(
         version=version,
@@ -189,7 +212,12 @@ _MARKER = struct.Struct("<QII")
 def parse_footer(buf: bytes, *, base: int) -> Vmdk4Header:
     """The header held in a stream-optimized footer (``buf`` is its 1536 bytes)."""
     if len(buf) != FOOTER_SIZE:
-        raise CorruptImageError(FORMAT, "footer", base, f"{len(buf)} bytes, expected {FOOTER_SIZE}")
+        raise CorruptImageError(
+            fmt=FORMAT,
+            field="footer",
+            offset=base,
+            message=f"{len(buf)} bytes, expected {FOOTER_SIZE}",
+        )
     _val, size, kind = _MARKER.unpack_from(buf, 0)
     eos_val, eos_size, eos_kind = _MARKER.unpack_from(buf, 2 * SECTOR)
     problems = []
@@ -200,7 +228,12 @@ def parse_footer(buf: bytes, *, base: int) -> Vmdk4Header:
     if (eos_val, eos_size, eos_kind) != (0, 0, MARKER_END_OF_STREAM):
         problems.append(f"end-of-stream marker {eos_val}/{eos_size}/{eos_kind}")
     if problems:
-        raise CorruptImageError(FORMAT, "footer", base, "invalid footer: " + ", ".join(problems))
+        raise CorruptImageError(
+            fmt=FORMAT,
+            field="footer",
+            offset=base,
+            message="invalid footer: " + ", ".join(problems),
+        )
     return parse_vmdk4_header(buf[SECTOR : 2 * SECTOR], base=base + SECTOR)
 
 
@@ -218,7 +251,9 @@ class GrainMarker:
 
 def parse_grain_marker(buf: bytes, *, base: int) -> GrainMarker:
     if len(buf) < GRAIN_MARKER_SIZE:
-        raise CorruptImageError(FORMAT, "grain marker", base, f"only {len(buf)} bytes")
+        raise CorruptImageError(
+            fmt=FORMAT, field="grain marker", offset=base, message=f"only {len(buf)} bytes"
+        )
     lba, size = _GRAIN_MARKER.unpack_from(buf, 0)
     return GrainMarker(lba=lba, size=size)
 

@@ -20,6 +20,7 @@ from typing import ClassVar
 
 from testbed.block.driver import BackingReader, BlockFile, FormatDriver, FormatImage, OpenContext
 from testbed.block.formats import read_checked
+from testbed.block.formats.header import HeaderLayout
 from testbed.errors import BlockError, CorruptImageError
 
 FMT = "vpc"
@@ -27,22 +28,50 @@ FOOTER_MAGIC = b"conectix"
 DYNAMIC_MAGIC = b"cxsparse"
 SECTOR = 512
 
-# Hard disk footer, big-endian (spec "Hard Disk Footer Format"), 512 bytes:
-#   0 cookie "conectix"  8 features  12 file_format_version  16 data_offset
-#  24 timestamp  28 creator_app  32 creator_version  36 creator_host_os
-#  40 original_size  48 current_size  56 cylinders(u16) 58 heads(u8)
-#  59 sectors_per_track(u8)  60 disk_type  64 checksum  68 uuid[16]
-#  84 saved_state  85 reserved[427]
-_FOOTER = struct.Struct(">8sIIQI4sI4sQQHBBII16sB")
+# Hard disk footer, big-endian (spec "Hard Disk Footer Format"), 512 bytes: these
+# fields, then 427 reserved bytes.
+_FOOTER = HeaderLayout(
+    FMT,
+    ">",
+    (
+        ("cookie", "8s"),
+        ("features", "I"),
+        ("file_format_version", "I"),
+        ("data_offset", "Q"),
+        ("timestamp", "I"),
+        ("creator_app", "4s"),
+        ("creator_version", "I"),
+        ("creator_host_os", "4s"),
+        ("original_size", "Q"),
+        ("current_size", "Q"),
+        ("cylinders", "H"),
+        ("heads", "B"),
+        ("sectors_per_track", "B"),
+        ("disk_type", "I"),
+        ("checksum", "I"),
+        ("uuid", "16s"),
+        ("saved_state", "B"),
+    ),
+)
 FOOTER_SIZE = 512
-CHECKSUM_OFFSET = 64
+CHECKSUM_OFFSET = _FOOTER.offset("checksum")
 
 # Dynamic disk header, big-endian (spec "Dynamic Disk Header Format"), 1024 bytes:
-#   0 cookie "cxsparse"  8 data_offset  16 table_offset  24 header_version
-#  28 max_table_entries  32 block_size  36 checksum  40 parent_uuid[16]
-#  56 parent_timestamp  60 reserved  64 parent_unicode_name[512]
-# 576 parent_locators[8 * 24]  768 reserved[256]
-_DYNAMIC = struct.Struct(">8sQQIIII")
+# these fields, then parent_uuid[16] (40), parent_timestamp, reserved,
+# parent_unicode_name[512] (64), parent_locators[8 * 24] (576), reserved[256] (768).
+_DYNAMIC = HeaderLayout(
+    FMT,
+    ">",
+    (
+        ("cookie", "8s"),
+        ("data_offset", "Q"),
+        ("table_offset", "Q"),
+        ("header_version", "I"),
+        ("max_table_entries", "I"),
+        ("block_size", "I"),
+        ("checksum", "I"),
+    ),
+)
 DYNAMIC_SIZE = 1024
 
 DISK_FIXED = 2
@@ -83,7 +112,10 @@ class VhdFooter:
         """Parse and check the 512-byte footer ``buf`` found at file ``offset``."""
         if len(buf) < FOOTER_SIZE:
             raise CorruptImageError(
-                FMT, "footer", offset, f"only {len(buf)} bytes where a 512-byte footer should be"
+                fmt=FMT,
+                field="footer",
+                offset=offset,
+                message=f"only {len(buf)} bytes where a 512-byte footer should be",
             )
         (
             cookie,
@@ -103,17 +135,16 @@ class VhdFooter:
             checksum,
             _uuid,
             _saved_state,
-        ) = _FOOTER.unpack_from(buf)
+        ) = _FOOTER.unpack(buf)
         if cookie != FOOTER_MAGIC:
-            raise CorruptImageError(FMT, "cookie", offset, f"bad footer cookie {cookie!r}")
+            raise _FOOTER.corrupt("cookie", f"bad footer cookie {cookie!r}", at=offset)
         zeroed = buf[:CHECKSUM_OFFSET] + bytes(4) + buf[CHECKSUM_OFFSET + 4 : FOOTER_SIZE]
         expected = vpc_checksum(zeroed)
         if checksum != expected:
-            raise CorruptImageError(
-                FMT,
+            raise _FOOTER.corrupt(
                 "checksum",
-                offset + CHECKSUM_OFFSET,
                 f"footer checksum {checksum:#010x} does not match the computed {expected:#010x}",
+                at=offset,
             )
         return cls(
             features=features,
@@ -148,27 +179,33 @@ class VhdDynamicHeader:
     @classmethod
     def parse(cls, buf: bytes, offset: int) -> VhdDynamicHeader:
         if len(buf) < _DYNAMIC.size:
-            raise CorruptImageError(FMT, "dynamic header", offset, "dynamic header is truncated")
+            raise CorruptImageError(
+                fmt=FMT,
+                field="dynamic header",
+                offset=offset,
+                message="dynamic header is truncated",
+            )
         cookie, _data_offset, table_offset, _version, entries, block_size, _checksum = (
-            _DYNAMIC.unpack_from(buf)
+            _DYNAMIC.unpack(buf)
         )
         if cookie != DYNAMIC_MAGIC:
-            raise CorruptImageError(
-                FMT, "dynamic header cookie", offset, f"bad dynamic header cookie {cookie!r}"
+            raise _DYNAMIC.corrupt(
+                "cookie",
+                f"bad dynamic header cookie {cookie!r}",
+                field="dynamic header cookie",
+                at=offset,
             )
         if block_size < SECTOR or block_size & (block_size - 1):
-            raise CorruptImageError(
-                FMT,
+            raise _DYNAMIC.corrupt(
                 "block_size",
-                offset + 32,
                 f"block size {block_size} is not a power of two of at least 512",
+                at=offset,
             )
         if entries > MAX_TABLE_ENTRIES:
-            raise CorruptImageError(
-                FMT,
+            raise _DYNAMIC.corrupt(
                 "max_table_entries",
-                offset + 28,
                 f"max_table_entries {entries} is above {MAX_TABLE_ENTRIES}",
+                at=offset,
             )
         return cls(table_offset=table_offset, max_table_entries=entries, block_size=block_size)
 
@@ -230,6 +267,11 @@ class VpcDriver(FormatDriver):
 
     @classmethod
     def open(cls, file: BlockFile, ctx: OpenContext) -> VpcImage:
+        """``vpc_open``: footer, size rules, dynamic header, BAT.
+
+        Longer than 60 lines on purpose: the checks come in QEMU's order, kept in one piece to
+        read beside the C.
+        """
         size = file.size()
         head = file.pread(0, min(size, FOOTER_SIZE))
         if head[:8] == FOOTER_MAGIC:
@@ -238,23 +280,27 @@ class VpcDriver(FormatDriver):
         else:
             if size < FOOTER_SIZE:
                 raise CorruptImageError(
-                    FMT, "footer", 0, f"file of {size} bytes is too small for a VHD footer"
+                    fmt=FMT,
+                    field="footer",
+                    offset=0,
+                    message=f"file of {size} bytes is too small for a VHD footer",
                 )
             tail = file.pread(size - FOOTER_SIZE, FOOTER_SIZE)
             footer_type = int.from_bytes(tail[60:64], "big")
             if tail[:8] != FOOTER_MAGIC or footer_type != DISK_FIXED:
                 raise CorruptImageError(
-                    FMT,
-                    "footer",
-                    size - FOOTER_SIZE,
-                    "no 'conectix' footer at the start (dynamic) or a fixed-disk one at the end",
+                    fmt=FMT,
+                    field="footer",
+                    offset=size - FOOTER_SIZE,
+                    message="no 'conectix' footer at the start (dynamic) or a fixed-disk one at "
+                    "the end",
                 )
             footer = VhdFooter.parse(tail, size - FOOTER_SIZE)
             located_dynamic = False
         total_sectors = footer.total_sectors()
         if total_sectors > MAX_SECTORS:
-            raise CorruptImageError(
-                FMT, "current_size", 48, f"disk of {total_sectors} sectors is above 2040 GiB"
+            raise _FOOTER.corrupt(
+                "current_size", f"disk of {total_sectors} sectors is above 2040 GiB"
             )
         if not located_dynamic:
             return VpcImage(file, footer, None, (), total_sectors)
@@ -265,14 +311,13 @@ class VpcDriver(FormatDriver):
         )
         dynamic = VhdDynamicHeader.parse(raw, field_offset)
         if total_sectors * SECTOR // dynamic.block_size > 0xFFFFFFFF:
-            raise CorruptImageError(FMT, "block_size", field_offset + 32, "too many blocks")
+            raise _DYNAMIC.corrupt("block_size", "too many blocks", at=field_offset)
         if dynamic.max_table_entries * dynamic.block_size < total_sectors * SECTOR:
-            raise CorruptImageError(
-                FMT,
+            raise _DYNAMIC.corrupt(
                 "max_table_entries",
-                field_offset + 28,
                 f"{dynamic.max_table_entries} BAT entries of {dynamic.block_size} bytes "
                 f"do not cover a disk of {total_sectors * SECTOR} bytes",
+                at=field_offset,
             )
         bat_bytes = read_checked(
             file,
@@ -289,10 +334,10 @@ class VpcDriver(FormatDriver):
         for index, entry in enumerate(bat):
             if entry != BAT_UNUSED and SECTOR * entry + block_span > size:
                 raise CorruptImageError(
-                    FMT,
-                    f"BAT[{index}]",
-                    dynamic.table_offset + 4 * index,
-                    f"block at sector {entry} ends past the end of the file ({size} bytes); "
-                    "the image has been truncated",
+                    fmt=FMT,
+                    field=f"BAT[{index}]",
+                    offset=dynamic.table_offset + 4 * index,
+                    message=f"block at sector {entry} ends past the end of the file "
+                    f"({size} bytes); the image has been truncated",
                 )
         return VpcImage(file, footer, dynamic, bat, total_sectors)

@@ -15,6 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from testbed.compare.steps import Step
+from testbed.errors import RegistryError, UnknownOperationError
 
 
 class Op(enum.StrEnum):
@@ -84,7 +85,7 @@ REGISTRY: dict[Op, Operation] = {}
 
 def register(op: Operation) -> Operation:
     if op.name in REGISTRY:
-        raise ValueError(f"operation {op.name} registered twice")
+        raise RegistryError(f"operation {op.name} registered twice")
     REGISTRY[op.name] = op
     return op
 
@@ -94,8 +95,7 @@ def get(name: str) -> Operation:
     try:
         return REGISTRY[Op(name)]
     except ValueError:
-        known = ", ".join(o.value for o in Op)
-        raise KeyError(f"unknown operation {name!r} (known: {known})") from None
+        raise UnknownOperationError(name, [o.value for o in Op]) from None
 
 
 _MODULES = (
@@ -116,7 +116,7 @@ def _load() -> None:
         importlib.import_module(f"testbed.compare.ops.{name}")
     missing = [o.value for o in Op if o not in REGISTRY]
     if missing:
-        raise RuntimeError(f"operations without a module: {', '.join(missing)}")
+        raise RegistryError(f"operations without a module: {', '.join(missing)}")
 
 
 def all_operations() -> dict[Op, Operation]:

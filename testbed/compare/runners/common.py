@@ -26,6 +26,7 @@ from testbed.compare.steps import (
 )
 from testbed.compare.trace import Open
 from testbed.errors import QEMUError, TestbedError, WaitTimeout
+from testbed.errors import ScenarioSetupError as ScenarioSetupError  # re-exported
 from testbed.qemu import Machine, QMPCommandError
 
 #: Node name (``-blockdev``, hotplug) or BlockBackend id (``-drive``) of the image.
@@ -34,10 +35,6 @@ DRIVE = "drive0"
 TEMP_DIR = "/var/tmp"
 #: Inside the scenario directory: ``TMPDIR`` for scenarios tagged ``tmpdir`` (-snapshot).
 SCENARIO_TMP = "tmp"
-
-
-class ScenarioSetupError(TestbedError):
-    """A scenario cannot be prepared: image missing from the index, copy failed, ..."""
 
 
 @dataclass(frozen=True, kw_only=True)
