@@ -83,6 +83,11 @@ def register(sub: Any) -> None:
         action="store_true",
         help="follow symlinks that stay beneath the grant (for the flag grants)",
     )
+    p.add_argument(
+        "--allow-directories",
+        action="store_true",
+        help="serve opens of directories beneath the flag grants (as for 'testbed broker')",
+    )
     p.add_argument("--policy", metavar="FILE", help="TOML policy file, as for 'testbed broker'")
     p.add_argument("--refuse-errno", metavar="ERRNO", help="errno for refusals (default EACCES)")
     p.add_argument(
