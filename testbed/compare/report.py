@@ -68,7 +68,7 @@ def _reasons(entries: list[str]) -> list[str]:
     out = []
     for e in entries:
         if "(" in e and "O_RDWR" in e:
-            out += [w.strip() for w in e.split("(", 1)[1].rstrip(")").split(";")]
+            out += [w.strip() for w in e.split("(", 1)[1].split(")", 1)[0].split(";")]
     return out
 
 
