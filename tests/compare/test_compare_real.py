@@ -132,3 +132,20 @@ def test_command_writes_json_and_reports(images: dict[str, ImageInfo], tmp_path:
     assert sc["patched"]["trace"] == sc["stock"]["trace"] != []
     assert "raw_drive_read" in (out / "report.md").read_text()
     assert "<table" in (out / "report.html").read_text()
+
+
+@pytest.mark.parametrize("version", ["7.2", "10.0"])
+@pytest.mark.parametrize("name", ["raw_blockdev+direct_read", "raw_file-node_reopen-direct"])
+def test_fd_sets_work_with_o_direct_on_every_version(
+    images: dict[str, ImageInfo], tmp_path: Path, name: str, version: str
+) -> None:
+    # 10.0 matches O_DIRECT when it picks a member (7.2 does not): the
+    # testbed as libvirt must pass O_DIRECT fds there, and only there
+    binaries = Binaries.of(version)
+    require(is_runnable(binaries.stock), f"stock QEMU {version} {binaries.stock}")
+    sc = MATRIX[name]
+    r = run_scenario(sc, images[sc.image], tmp_path, ("fdset",), binaries=binaries)
+    fd = r.oracles["fdset"]
+    assert fd.ok, fd.operations
+    assert r.qemu_version == version
+    assert ("O_DIRECT" in " ".join(fd.extra["preopened"])) is (version != "7.2")
