@@ -12,7 +12,7 @@ from testbed.compare.run import ScenarioResult, run_scenario
 from testbed.compare.runners.common import Binaries, ImageInfo, load_index
 from testbed.compare.scenarios import build_matrix
 from testbed.pytest_plugin import require
-from testbed.qemu import STOCK_QEMU
+from testbed.qemu import STOCK_QEMU, built_versions
 from testbed.qemu.binaries import REPO_ROOT, is_runnable, patched_qemu_path
 
 pytestmark = [pytest.mark.qemu, pytest.mark.stock_qemu, pytest.mark.images]
@@ -127,9 +127,11 @@ def test_command_writes_json_and_reports(images: dict[str, ImageInfo], tmp_path:
     )
     assert status == 0
     data = json.loads((out / "c.json").read_text())
-    (sc,) = data["scenarios"]
-    assert sc["name"] == "raw_drive_read" and sc["status"] == MATCH
-    assert sc["patched"]["trace"] == sc["stock"]["trace"] != []
+    # once per built version (the default), each with its version
+    assert [sc["qemu_version"] for sc in data["scenarios"]] == list(built_versions())
+    for sc in data["scenarios"]:
+        assert sc["name"] == "raw_drive_read" and sc["status"] == MATCH
+        assert sc["patched"]["trace"] == sc["stock"]["trace"] != []
     assert "raw_drive_read" in (out / "report.md").read_text()
     assert "<table" in (out / "report.html").read_text()
 
