@@ -49,7 +49,7 @@ test: venv qemu images guest lint
 	$(PY) -m pytest -q
 
 demo: venv qemu images
-	$(VENV)/bin/testbed compare --json build/report/compare.json --report build/report
+	$(VENV)/bin/testbed compare --qemu-version "$(QEMU_VERSIONS)" --json build/report/compare.json --report build/report
 
 bench: venv qemu
 	$(VENV)/bin/testbed bench --json build/bench/bench.json --plot build/bench

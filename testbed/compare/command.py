@@ -10,7 +10,6 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from testbed.qemu import STOCK_QEMU, patched_qemu_path
 from testbed.qemu.binaries import REPO_ROOT
 
 _DEFAULT_INDEX = REPO_ROOT / "build" / "images" / "index.json"
@@ -86,6 +85,15 @@ def register(sub: Any) -> None:
         help="scenarios run at once (default 1; the machine has 2 cores)",
     )
     p.add_argument(
+        "--qemu-version",
+        default="",
+        metavar="V[,V...]",
+        help=(
+            "run the matrix once per QEMU version, each with its own patched and stock "
+            "binaries (default: every version `make qemu` has built, e.g. 7.2,10.0)"
+        ),
+    )
+    p.add_argument(
         "--oracles",
         default="model,patched,stock,fdset,seccomp",
         help="comma-separated subset of the oracles (default: all of them)",
@@ -107,6 +115,8 @@ def main(args: argparse.Namespace) -> int:
     from testbed.compare.runners.common import Binaries, load_index
     from testbed.compare.scenarios import build_matrix, check_unique, select
     from testbed.errors import TestbedError
+    from testbed.qemu import built_versions
+    from testbed.qemu.versions import parse_versions
 
     console = Console(stderr=False)
     err = Console(stderr=True, soft_wrap=True)
@@ -142,6 +152,14 @@ def main(args: argparse.Namespace) -> int:
         err.print(f"testbed compare: --jobs must be at least 1, not {args.jobs}")
         return 2
     try:
+        if args.qemu_version:
+            versions = [v.name for v in parse_versions(args.qemu_version)]
+        else:
+            versions = list(built_versions()) or [v.name for v in parse_versions("")]
+    except TestbedError as e:
+        err.print(f"testbed compare: {e}")
+        return 2
+    try:
         images = load_index(args.images)
     except TestbedError as e:
         err.print(f"testbed compare: {e}")
@@ -153,16 +171,18 @@ def main(args: argparse.Namespace) -> int:
             "(run `make images`)"
         )
         return 2
-    # chosen here, once, and handed to every runner (a --qemu-version picks other ones)
-    binaries = Binaries(patched=patched_qemu_path(), stock=STOCK_QEMU)
+    # chosen here, once per version, and handed to every runner of that version
+    binaries = {v: Binaries.of(v) for v in versions}
     meta: dict[str, Any] = {
         "started": datetime.datetime.now().isoformat(timespec="seconds"),
-        "patched": str(binaries.patched),
-        "stock": str(binaries.stock),
+        "qemu_versions": versions,
+        "binaries": {
+            v: {"patched": str(b.patched), "stock": str(b.stock)} for v, b in binaries.items()
+        },
         "oracles": list(oracles),
         "argv": sys.argv,
     }
-    results: dict[str, ScenarioResult] = {}
+    results: dict[tuple[str, str], ScenarioResult] = {}
     started = time.monotonic()
     columns = (
         TextColumn("{task.description}"),
@@ -170,18 +190,26 @@ def main(args: argparse.Namespace) -> int:
         MofNCompleteColumn(),
         TimeElapsedColumn(),
     )
+    runs = [(v, sc) for v in versions for sc in chosen]
     with Progress(*columns, console=err, transient=True) as progress:
-        task = progress.add_task("comparing", total=len(chosen))
+        task = progress.add_task("comparing", total=len(runs))
 
-        def one(sc: Any) -> None:
-            res = run_scenario(sc, images.get(sc.image), args.workdir, oracles, binaries=binaries)
-            results[sc.name] = res
-            progress.update(task, advance=1, description=f"{sc.name}: {res.status}")
+        def one(version: str, sc: Any) -> None:
+            # one work directory per version: a scenario's copies and logs stay apart
+            res = run_scenario(
+                sc,
+                images.get(sc.image),
+                args.workdir / version,
+                oracles,
+                binaries=binaries[version],
+            )
+            results[version, sc.name] = res
+            progress.update(task, advance=1, description=f"{version} {sc.name}: {res.status}")
 
         with ThreadPoolExecutor(args.jobs) as pool:
-            for f in [pool.submit(one, sc) for sc in chosen]:
+            for f in [pool.submit(one, v, sc) for v, sc in runs]:
                 f.result()
-    ordered = [results[sc.name] for sc in chosen]
+    ordered = [results[v, sc.name] for v, sc in runs]
     meta["wall_seconds"] = round(time.monotonic() - started, 1)
     report.print_summary(console, ordered, meta["wall_seconds"])
     if args.json:

@@ -14,6 +14,7 @@ from testbed.compare.runners import fdset, model, patched, seccomp, stock
 from testbed.compare.runners.common import Binaries, ImageInfo, OracleResult, Setup, prepare
 from testbed.compare.scenarios import Scenario
 from testbed.errors import TestbedError
+from testbed.qemu import DEFAULT_VERSION
 
 #: Every oracle, by name: a runner takes a Setup (which carries the binaries to use).
 ORACLES: dict[str, Callable[[Setup], OracleResult]] = {
@@ -34,6 +35,8 @@ class ScenarioResult:
     oracles: dict[str, OracleResult] = field(default_factory=dict)
     pairs: list[PairResult] = field(default_factory=list)
     seconds: float = 0.0
+    #: The QEMU version whose binaries ran it (the same scenario runs once per version).
+    qemu_version: str = DEFAULT_VERSION
 
     @property
     def status(self) -> str:
@@ -50,6 +53,7 @@ class ScenarioResult:
         fd = self.oracles.get("fdset")
         return {
             "name": sc.name,
+            "qemu_version": self.qemu_version,
             "image": sc.image,
             "format": self.image.format if self.image else "",
             "subformat": self.image.subformat if self.image else None,
@@ -113,7 +117,7 @@ def run_scenario(
     binaries: Binaries,
 ) -> ScenarioResult:
     start = time.monotonic()
-    out = ScenarioResult(scenario=scenario, image=image)
+    out = ScenarioResult(scenario=scenario, image=image, qemu_version=binaries.version)
     for name in oracles:
         try:
             setup = prepare(scenario, image, workdir, name, binaries)

@@ -69,6 +69,8 @@ def domain_xml(cfg: DomainConfig) -> str:
     ET.SubElement(os_, "kernel").text = str(cfg.kernel)
     ET.SubElement(os_, "initrd").text = str(cfg.initrd)
     ET.SubElement(os_, "cmdline").text = KERNEL_ARGS
+    # Without <acpi/> libvirt 9.0 passes -no-acpi, which QEMU 10.0 no longer accepts.
+    ET.SubElement(ET.SubElement(dom, "features"), "acpi")
     ET.SubElement(dom, "on_poweroff").text = "destroy"
     ET.SubElement(dom, "on_reboot").text = "destroy"
     ET.SubElement(dom, "on_crash").text = "destroy"

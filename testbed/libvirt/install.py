@@ -29,32 +29,30 @@ from pathlib import Path
 
 from testbed.errors import BuildError
 from testbed.libvirt.emulator import Mode
-from testbed.qemu.binaries import is_runnable, patched_qemu_path
+from testbed.qemu import VERSIONS
+from testbed.qemu import built_versions as _built_versions
+from testbed.qemu import qemu_binary as _qemu_binary
+from testbed.qemu.binaries import is_runnable
 
 PREFIX = Path("/opt/testbed")
 PACKAGE = Path(__file__).resolve().parents[1]
 
-#: Versions of the patched QEMU this tree knows how to build.
-KNOWN_VERSIONS = ("7.2",)
+#: Versions of the patched QEMU this tree knows how to build (the version registry's).
+KNOWN_VERSIONS = tuple(VERSIONS)
 
 
 def qemu_binary(version: str, kind: str = "patched") -> Path:
-    """The build of QEMU ``version`` of ``kind`` ("patched" or "stock"): the one lookup.
-
-    When the version registry lands, this becomes a call into it.
-    """
+    """The build of QEMU ``version`` of ``kind`` ("patched" or "stock"): the registry's."""
     if version not in KNOWN_VERSIONS:
         raise BuildError(f"QEMU {version} is not a known version ({', '.join(KNOWN_VERSIONS)})")
-    if kind == "patched":
-        return patched_qemu_path()
-    if kind == "stock":
-        return Path("/usr/bin/qemu-system-x86_64")
-    raise BuildError(f"unknown QEMU kind {kind!r} (patched or stock)")
+    if kind not in ("patched", "stock"):
+        raise BuildError(f"unknown QEMU kind {kind!r} (patched or stock)")
+    return _qemu_binary(version, kind)
 
 
 def built_versions() -> tuple[str, ...]:
     """The known versions whose patched build exists here."""
-    return tuple(v for v in KNOWN_VERSIONS if is_runnable(qemu_binary(v)))
+    return _built_versions()
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -12,7 +12,7 @@ from testbed.compare.run import ScenarioResult, run_scenario
 from testbed.compare.runners.common import Binaries, ImageInfo, load_index
 from testbed.compare.scenarios import build_matrix
 from testbed.pytest_plugin import require
-from testbed.qemu import STOCK_QEMU
+from testbed.qemu import STOCK_QEMU, built_versions
 from testbed.qemu.binaries import REPO_ROOT, is_runnable, patched_qemu_path
 
 pytestmark = [pytest.mark.qemu, pytest.mark.stock_qemu, pytest.mark.images]
@@ -127,8 +127,27 @@ def test_command_writes_json_and_reports(images: dict[str, ImageInfo], tmp_path:
     )
     assert status == 0
     data = json.loads((out / "c.json").read_text())
-    (sc,) = data["scenarios"]
-    assert sc["name"] == "raw_drive_read" and sc["status"] == MATCH
-    assert sc["patched"]["trace"] == sc["stock"]["trace"] != []
+    # once per built version (the default), each with its version
+    assert [sc["qemu_version"] for sc in data["scenarios"]] == list(built_versions())
+    for sc in data["scenarios"]:
+        assert sc["name"] == "raw_drive_read" and sc["status"] == MATCH
+        assert sc["patched"]["trace"] == sc["stock"]["trace"] != []
     assert "raw_drive_read" in (out / "report.md").read_text()
     assert "<table" in (out / "report.html").read_text()
+
+
+@pytest.mark.parametrize("version", ["7.2", "10.0"])
+@pytest.mark.parametrize("name", ["raw_blockdev+direct_read", "raw_file-node_reopen-direct"])
+def test_fd_sets_work_with_o_direct_on_every_version(
+    images: dict[str, ImageInfo], tmp_path: Path, name: str, version: str
+) -> None:
+    # 10.0 matches O_DIRECT when it picks a member (7.2 does not): the
+    # testbed as libvirt must pass O_DIRECT fds there, and only there
+    binaries = Binaries.of(version)
+    require(is_runnable(binaries.stock), f"stock QEMU {version} {binaries.stock}")
+    sc = MATRIX[name]
+    r = run_scenario(sc, images[sc.image], tmp_path, ("fdset",), binaries=binaries)
+    fd = r.oracles["fdset"]
+    assert fd.ok, fd.operations
+    assert r.qemu_version == version
+    assert ("O_DIRECT" in " ".join(fd.extra["preopened"])) is (version != "7.2")

@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import dataclasses
+import fcntl
 import json
+import os
 import shutil
 import subprocess
 from pathlib import Path
 
 import pytest
 
-from testbed.compare.runners.common import Binaries, Setup
+from testbed.compare.runners.common import Binaries, ScenarioSetupError, Setup
 from testbed.compare.runners.fdset import Libvirt, rewrite_args
 from testbed.compare.scenarios import scenario
 from testbed.pytest_plugin import require
@@ -127,3 +129,62 @@ def test_a_medium_change_becomes_blockdev_add_and_insert(chain: Path) -> None:
     assert node["backing"]["file"]["filename"].startswith("/dev/fdset/")
     assert out[3].arguments == {"id": "cdrom0", "node-name": "medium1"}
     assert lib.report()["headers"] == ["top.qcow2 (qcow2)", "mid.qcow2 (qcow2)", "base.raw (raw)"]
+
+
+def _direct_setup(root: Path, version: str, ops: tuple[str, ...] = ("read",)) -> Setup:
+    sc = scenario("raw", "blockdev", ops, cache_direct=True)
+    sc = dataclasses.replace(sc, main="disk.raw", format="raw")
+    binaries = Binaries(patched=Path("/x"), stock=Path("/x"), version=version)
+    return Setup(scenario=sc, image=None, root=root, logs=root, binaries=binaries)
+
+
+def test_fdsets_match_o_direct_from_9_1() -> None:
+    from testbed.compare.runners.fdset import matches_o_direct
+
+    assert not matches_o_direct("7.2")
+    assert not matches_o_direct("9.0")
+    assert matches_o_direct("9.1")
+    assert matches_o_direct("10.0")
+    with pytest.raises(ScenarioSetupError, match="not numbers"):
+        matches_o_direct("ten")
+
+
+def test_cache_direct_members_are_opened_with_o_direct_on_10_only(tmp_path: Path) -> None:
+    from testbed.compare.runners.fdset import _open_member
+
+    (tmp_path / "disk.raw").write_bytes(b"\0" * 4096)
+    for version, direct in (("7.2", False), ("10.0", True)):
+        setup = _direct_setup(tmp_path, version)
+        lib = Libvirt(setup)
+        rewrite_args(lib, setup.args())
+        (m,) = lib.members.values()
+        assert m.direct == ("only" if direct else "")
+        fds = _open_member(m, inheritable=False)
+        try:
+            flags = [fcntl.fcntl(fd, fcntl.F_GETFL) for fd in fds]
+        finally:
+            for fd in fds:
+                os.close(fd)
+        assert [bool(f & os.O_DIRECT) for f in flags] == [direct] * len(flags)
+        assert ("O_DIRECT" in " ".join(lib.report()["preopened"])) is direct
+
+
+def test_a_reopen_turning_direct_on_gets_both_kinds(tmp_path: Path) -> None:
+    from testbed.compare.runners.fdset import _open_member, asks_direct
+
+    sc = scenario("raw", "file-node", ("reopen-direct",))
+    assert asks_direct(sc) == "also"
+    assert asks_direct(scenario("raw", "blockdev")) == ""
+    (tmp_path / "disk.raw").write_bytes(b"\0" * 4096)
+    setup = _direct_setup(tmp_path, "10.0")
+    setup = dataclasses.replace(setup, scenario=dataclasses.replace(sc, main="disk.raw"))
+    lib = Libvirt(setup)
+    (m,) = [lib.member(str(tmp_path / "disk.raw"), late=False)]
+    assert m.direct == "also"
+    fds = _open_member(m, inheritable=False)
+    try:
+        flags = sorted(bool(fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT) for fd in fds)
+    finally:
+        for fd in fds:
+            os.close(fd)
+    assert flags == [False, True]

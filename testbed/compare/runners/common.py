@@ -27,7 +27,7 @@ from testbed.compare.steps import (
 from testbed.compare.trace import Open
 from testbed.errors import QEMUError, TestbedError, WaitTimeout
 from testbed.errors import ScenarioSetupError as ScenarioSetupError  # re-exported
-from testbed.qemu import Machine, QMPCommandError
+from testbed.qemu import DEFAULT_VERSION, Kind, Machine, QMPCommandError, qemu_binary
 
 #: Node name (``-blockdev``, hotplug) or BlockBackend id (``-drive``) of the image.
 DRIVE = "drive0"
@@ -39,10 +39,22 @@ SCENARIO_TMP = "tmp"
 
 @dataclass(frozen=True, kw_only=True)
 class Binaries:
-    """The QEMU binaries a run uses (chosen once, by the caller, for every runner)."""
+    """The QEMU binaries a run uses (chosen by the caller, once per version, for every runner)."""
 
     patched: Path
     stock: Path
+    #: The QEMU version both are (a name of ``testbed.qemu.VERSIONS``): the
+    #: fd-set side and the model do what that version needs.
+    version: str = DEFAULT_VERSION
+
+    @classmethod
+    def of(cls, version: str) -> Binaries:
+        """``version``'s patched and stock ``qemu-system-x86_64``."""
+        return cls(
+            patched=qemu_binary(version, Kind.PATCHED),
+            stock=qemu_binary(version, Kind.STOCK),
+            version=version,
+        )
 
 
 @dataclass(frozen=True, kw_only=True)

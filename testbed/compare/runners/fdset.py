@@ -18,7 +18,10 @@ scenario the way libvirt would have to:
   ``blockdev-reopen`` makes read-write.  A file a command will create
   (overlay, target) is created empty beforehand, as libvirt does;
 * ``-add-fd`` passes the fds of files in the command line (opened before QMP
-  exists), QMP ``add-fd`` those first named by a step, before the steps run.
+  exists), QMP ``add-fd`` those first named by a step, before the steps run;
+* from QEMU 9.1 (10.0 here) the fd-set code also matches O_DIRECT, so a
+  scenario with ``cache.direct=on`` gets its members opened with O_DIRECT
+  (7.2 takes the plain fd and sets O_DIRECT on its dup itself).
 
 A ``blockdev-change-medium`` becomes what libvirt sends with -blockdev:
 ``blockdev-add`` of the new medium with its chain spelled out, then
@@ -48,7 +51,7 @@ from testbed.compare.runners.common import (
     Setup,
     run_step,
 )
-from testbed.compare.scenarios import Grant
+from testbed.compare.scenarios import Grant, Scenario
 from testbed.compare.steps import Step, StepKind
 from testbed.errors import TestbedError
 from testbed.qemu import Machine, MachineConfig
@@ -73,6 +76,9 @@ class Member:
     fdset: int
     rdwr: bool = False
     directory: bool = False
+    #: O_DIRECT members (QEMU >= 9.1 matches that bit too: see matches_o_direct):
+    #: "" none, "only" each access mode with O_DIRECT instead, "also" with and without.
+    direct: str = ""
     #: Named only by a step: passed with QMP add-fd after launch.
     late: bool = True
     why: list[str] = field(default_factory=list)
@@ -102,6 +108,7 @@ class Libvirt:
         sc = setup.scenario
         self.writable = sc.grant is not Grant.RO
         self.commit = any(s.kind is StepKind.QMP and s.command == "block-commit" for s in sc.steps)
+        self.direct = asks_direct(sc) if matches_o_direct(setup.binaries.version) else ""
 
     # -- files ------------------------------------------------------------------------
 
@@ -123,6 +130,7 @@ class Libvirt:
         if m is None:
             m = Member(path=key, fdset=FIRST_SET + len(self.members), late=late)
             m.directory = os.path.isdir(key)
+            m.direct = "" if m.directory else self.direct
             self.members[key] = m
         m.late = m.late and late
         if rdwr and self.writable and not m.directory:
@@ -405,11 +413,58 @@ class Libvirt:
             "preopened": [
                 f"{self.rel(m.path)} {'O_RDONLY|O_DIRECTORY' if m.directory else 'O_RDONLY'}"
                 + (f" + O_RDWR ({'; '.join(m.why)})" if m.rdwr else "")
+                + (f" {_DIRECT_TEXT[m.direct]}" if m.direct else "")
                 for m in self.members.values()
             ],
             "headers": list(dict.fromkeys(self.headers)),
             "created": self.created,
         }
+
+
+#: QEMU 9.1's "monitor: fdset: Match against O_DIRECT" (monitor/fds.c): a
+#: member is chosen only if its O_DIRECT bit equals the open's as well as its
+#: access mode.  Before (7.2) only the access mode counted and QEMU set
+#: O_DIRECT on the dup with fcntl.
+O_DIRECT_MATCHED_FROM = (9, 1)
+_DIRECT_TEXT = {
+    "only": "[each with O_DIRECT: cache.direct=on, QEMU >= 9.1 matches it]",
+    "also": "[each also with O_DIRECT: a reopen turns cache.direct on, QEMU >= 9.1 matches it]",
+}
+
+
+def matches_o_direct(version: str) -> bool:
+    """Whether ``version``'s fd sets pick a member by its O_DIRECT bit too."""
+    try:
+        parts = tuple(int(x) for x in version.split("."))
+    except ValueError:
+        raise ScenarioSetupError(f"QEMU version {version!r} is not numbers and dots") from None
+    return parts >= O_DIRECT_MATCHED_FROM
+
+
+def asks_direct(scenario: Scenario) -> str:
+    """Which O_DIRECT members the scenario needs: "only", "also" or "" (none).
+
+    An image attached or added with ``cache.direct=on`` is only ever opened
+    with O_DIRECT ("only"); a ``blockdev-reopen`` that turns it on (and off
+    again) reopens the file both ways ("also").
+    """
+    reopens = any(
+        s.kind is StepKind.QMP
+        and s.command == "blockdev-reopen"
+        and "'direct': True" in repr(s.arguments)
+        for s in scenario.steps
+    )
+    if reopens:
+        return "also"
+    if any("cache.direct=on" in a for a in scenario.args):
+        return "only"
+    added = any(
+        s.kind is StepKind.QMP
+        and s.command in _TREE_COMMANDS
+        and _on((s.arguments.get("cache") or {}).get("direct"))
+        for s in scenario.steps
+    )
+    return "only" if added else ""
 
 
 def _booleans(value: Any) -> Any:
@@ -477,6 +532,8 @@ def _open_member(m: Member, *, inheritable: bool) -> list[int]:
         modes = [os.O_RDONLY | os.O_DIRECTORY]
     else:
         modes = [os.O_RDONLY, os.O_RDWR] if m.rdwr else [os.O_RDONLY]
+        direct = [mode | os.O_DIRECT for mode in modes]
+        modes = {"": modes, "only": direct, "also": [*modes, *direct]}[m.direct]
     fds = []
     for flags in modes:
         fd = os.open(m.path, flags | (0 if inheritable else os.O_CLOEXEC))
