@@ -357,8 +357,14 @@ class JobManager:
         if job.sync is Sync.NONE:
             target.backing = old
             old.read_only = True
-            for child in old.children():
-                child.node.make_read_only()
+            # QEMU 7.2 reopens the old top read-only at the pivot; 10.0 leaves
+            # its read-write fd until quit drops the chain, top down (strace
+            # of stock 10.0: mirror.qcow2 O_RDONLY comes before top.qcow2's).
+            if self.layer.qemu_at_least("10.0"):
+                self.layer.read_write_until_quit.append(old)
+            else:
+                for child in old.children():
+                    child.node.make_read_only()
         else:
             if job.sync is Sync.TOP:
                 target.backing = old.backing

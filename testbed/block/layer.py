@@ -135,10 +135,20 @@ class _ChildOpener:
 class BlockLayer:
     """QEMU's block layer for the open path: drives, nodes, snapshots, quit."""
 
-    def __init__(self, hook: HookLike | None = None, *, opener: Opener | None = None) -> None:
+    def __init__(
+        self,
+        hook: HookLike | None = None,
+        *,
+        opener: Opener | None = None,
+        qemu_version: str = "7.2",
+    ) -> None:
         if hook is not None and opener is not None:
             raise BlockUsageError("give BlockLayer a hook client or an Opener, not both")
         self.opener = opener if opener is not None else Opener(hook)
+        #: The QEMU line modelled, where behaviour differs (a sync=none mirror's pivot).
+        self.qemu_version = qemu_version
+        #: Nodes a pivot left with a read-write fd that only quit drops (10.0).
+        self.read_write_until_quit: list[FormatNode] = []
         self.drives: dict[str, Drive] = {}
         self._open_files: list[ProtocolNode] = []
         self._closed = False
@@ -390,6 +400,22 @@ class BlockLayer:
             raise BlockError("snapshot_blkdev: a snapshot file name is required")
         return self.blockdev_snapshot_sync(device, snapshot_file, fmt or format, "absolute-paths")
 
+    def _drop_left_read_write(self, top: FormatNode) -> None:
+        """Quit on QEMU 10.0 after a sync=none mirror: the chain drops to read-only
+        top down, the old top (left read-write by the pivot) after the new one."""
+        below = [n for n in top.chain()[1:] if n in self.read_write_until_quit]
+        if not below:
+            return
+        for node in (top, *below):
+            for child in node.children():
+                child.node.make_read_only()
+
+    def qemu_at_least(self, version: str) -> bool:
+        def key(v: str) -> tuple[int, ...]:
+            return tuple(int(x) for x in v.split("."))
+
+        return key(self.qemu_version) >= key(version)
+
     def quit(self) -> None:
         """QMP ``quit``: devices let go, then every node closes."""
         if self._closed:
@@ -401,6 +427,7 @@ class BlockLayer:
             drive.top.writers = 0
             if not drive.top.closed:
                 drive.top.refresh_perms()
+                self._drop_left_read_write(drive.top)
         for name in list(self.drives):
             self._close_tree(self.drives.pop(name).top)
 

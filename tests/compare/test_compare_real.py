@@ -151,3 +151,26 @@ def test_fd_sets_work_with_o_direct_on_every_version(
     assert fd.ok, fd.operations
     assert r.qemu_version == version
     assert ("O_DIRECT" in " ".join(fd.extra["preopened"])) is (version != "7.2")
+
+
+@pytest.mark.parametrize("version", ["7.2", "10.0"])
+def test_a_sync_none_mirror_pivot_follows_each_version(
+    images: dict[str, ImageInfo], tmp_path: Path, version: str
+) -> None:
+    # 7.2 reopens the old top read-only at the pivot; 10.0 keeps its
+    # read-write fd until quit, which drops the new top first.  The model
+    # takes the version (testbed/block/jobs.py) and must match both.
+    from testbed.qemu import Kind, qemu_binary
+    from testbed.qemu.binaries import is_runnable
+
+    binaries = Binaries.of(version)
+    require(is_runnable(binaries.patched), f"patched QEMU {version} (make qemu)")
+    require(is_runnable(qemu_binary(version, Kind.STOCK)), f"stock QEMU {version} (make qemu)")
+    sc = MATRIX["qcow2-chain1_drive-device_mirror-none"]
+    r = run_scenario(sc, images[sc.image], tmp_path, ("model", "patched"), binaries=binaries)
+    assert r.pair("model", "patched").status == MATCH
+    tail = [(o.path, o.flags) for o in r.oracles["patched"].trace[-2:]]
+    first, second = (
+        ("top.qcow2", "mirror.qcow2") if version == "7.2" else ("mirror.qcow2", "top.qcow2")
+    )
+    assert [p for p, _ in tail] == [first, second]
