@@ -123,7 +123,7 @@ def _need_namespaces() -> None:
 
 @pytest.mark.usefixtures("_need_namespaces")
 def test_hidden_tree_is_scanned_through_the_hook(patched_qemu: MachineFactory, tree: Tree) -> None:
-    broker = Broker(Policy.from_grants(ro=[tree.root])).start()
+    broker = Broker(Policy.from_grants(ro=[tree.root], directories=True)).start()
     try:
         vm = patched_qemu(*drive(tree), broker=broker, hide_dirs=(tree.root,))
         check_guest_view(vm)
@@ -175,7 +175,7 @@ def test_directory_opens_are_those_of_stock(
     assert stock == expected_opens(tree)
     traced(patched_qemu, tree, tmp_path / "patched.trace", hook=False)
     assert strace(tmp_path / "patched.trace", base) == stock
-    broker = Broker(Policy.from_grants(ro=[tree.root])).start()
+    broker = Broker(Policy.from_grants(ro=[tree.root], directories=True)).start()
     try:
         vm = patched_qemu(*drive(tree), broker=broker)
         check_guest_view(vm)
