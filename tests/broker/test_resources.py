@@ -30,6 +30,7 @@ import pytest
 from testbed.broker import Broker, Policy, read_audit
 from testbed.broker.server import FD_REPLY_CAP
 from testbed.protocol import encode_request
+from testbed.pytest_plugin import missing
 from testbed.transport import CMSG_SPACE, parse_rights
 from tests.broker.brokerproc import UNPRIVILEGED, BrokerProc, need_root, wait_for
 
@@ -181,7 +182,7 @@ sys.stdin.read()
 def test_etoomanyrefs_holds_the_reply_and_closes_nobody(grant: Path, broker_proc: Any) -> None:
     """The broker's user has its quota of fds in flight used up by another process."""
     if shutil.which("setpriv") is None:
-        pytest.skip("setpriv")
+        missing("setpriv (util-linux) to run the broker as an unprivileged user")
     b: BrokerProc = broker_proc(
         [{"path": str(grant), "access": "ro"}], user="nobody", nofile=64, audit=False
     )
@@ -227,7 +228,7 @@ def tiny_fs(tmp_path: Path) -> Any:
     mnt = tmp_path / "fs"
     mnt.mkdir()
     if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mnt)]).returncode:
-        pytest.skip("cannot mount a tmpfs here")
+        missing("mount -t tmpfs (root in a mount-capable environment) for a full audit file system")
     yield mnt
     subprocess.run(["umount", "-l", str(mnt)], check=False)
 
