@@ -27,7 +27,7 @@ from testbed.compare.steps import (
 from testbed.compare.trace import Open
 from testbed.errors import QEMUError, TestbedError, WaitTimeout
 from testbed.errors import ScenarioSetupError as ScenarioSetupError  # re-exported
-from testbed.qemu import DEFAULT_VERSION, Kind, Machine, QMPCommandError, qemu_binary
+from testbed.qemu import DEFAULT_VERSION, Kind, Machine, MachineConfig, QMPCommandError, qemu_binary
 
 #: Node name (``-blockdev``, hotplug) or BlockBackend id (``-drive``) of the image.
 DRIVE = "drive0"
@@ -150,6 +150,19 @@ class Setup:
     def env(self) -> tuple[tuple[str, str], ...]:
         tmp = self.tmpdir
         return (("TMPDIR", tmp),) if tmp else ()
+
+    def machine_config(self, binary: Path, oracle: str, **extra: Any) -> MachineConfig:
+        """The scenario's QEMU as ``oracle`` runs it, logging to a fresh ``<oracle>-qemu.log``."""
+        log = self.logs / f"{oracle}-qemu.log"
+        log.unlink(missing_ok=True)
+        return MachineConfig(
+            binary=binary,
+            machine=self.scenario.machine,
+            args=self.args(),
+            env=self.env(),
+            log_path=log,
+            **extra,
+        )
 
     def policy(self) -> Policy:
         grant = self.scenario.grant

@@ -18,7 +18,7 @@ from pathlib import Path
 from testbed.broker import Broker, read_audit
 from testbed.compare.normalise import from_audit, normalise
 from testbed.compare.runners.common import OracleResult, Setup, run_qemu_scenario
-from testbed.qemu import Machine, MachineConfig
+from testbed.qemu import Machine
 from testbed.qemu.binaries import is_runnable
 
 
@@ -67,16 +67,7 @@ def run(setup: Setup) -> OracleResult:
         return result
     audit = setup.logs / "patched-audit.jsonl"
     audit.unlink(missing_ok=True)
-    log = setup.logs / "patched-qemu.log"
-    log.unlink(missing_ok=True)
-    config = MachineConfig(
-        binary=binary,
-        hook=True,
-        machine=setup.scenario.machine,
-        args=setup.args(),
-        env=setup.env(),
-        log_path=log,
-    )
+    config = setup.machine_config(binary, "patched", hook=True)
     vm = Machine(config)
     first = vm.start_broker(setup.policy(), audit_path=audit)
     brokers = _Brokers(vm=vm, setup=setup, current=first, audits=[audit])
@@ -84,7 +75,7 @@ def run(setup: Setup) -> OracleResult:
     records = [r for path in brokers.audits for r in read_audit(path)]
     # QEMU runs in our working directory and the hook joins relative names to it
     result.trace = normalise(from_audit(records), setup.root, qemu_cwd=os.getcwd())
-    result.log = str(log)
+    result.log = str(config.log_path)
     result.extra["audit"] = str(audit)
     if len(brokers.audits) > 1:
         result.extra["audits"] = [str(a) for a in brokers.audits]

@@ -21,7 +21,7 @@ from testbed.compare.compare import KNOWN_DIVERGENCES as ALL_DIVERGENCES
 from testbed.compare.normalise import RawOpen, normalise
 from testbed.compare.runners.common import OracleResult, Setup, run_qemu_scenario
 from testbed.errors import KernelFeatureError
-from testbed.qemu import Machine, MachineConfig
+from testbed.qemu import Machine
 from testbed.qemu.binaries import is_runnable
 from testbed.supervise.landlock import abi_version
 from testbed.supervise.machine import supervise_wrapper
@@ -68,15 +68,7 @@ def run(setup: Setup) -> OracleResult:
         return result
     audit = setup.logs / "seccomp-audit.jsonl"
     audit.unlink(missing_ok=True)
-    log = setup.logs / "seccomp-qemu.log"
-    log.unlink(missing_ok=True)
-    config = MachineConfig(
-        binary=binary,
-        machine=setup.scenario.machine,
-        args=setup.args(),
-        env=setup.env(),
-        log_path=log,
-    )
+    config = setup.machine_config(binary, "seccomp")
     workdir = setup.logs / "seccomp"
     wrapper = supervise_wrapper(
         setup.policy(),
@@ -90,7 +82,7 @@ def run(setup: Setup) -> OracleResult:
     config = dataclasses.replace(config, wrapper=wrapper + config.wrapper)
     run_qemu_scenario(Machine(config), setup, result)
     result.trace = normalise(raw_opens(audit), setup.root)
-    result.log = str(log)
+    result.log = str(config.log_path)
     result.extra["audit"] = str(audit)
     return result
 

@@ -6,7 +6,7 @@ import shutil
 
 from testbed.compare.normalise import normalise, parse_strace
 from testbed.compare.runners.common import OracleResult, Setup, run_qemu_scenario
-from testbed.qemu import Machine, MachineConfig
+from testbed.qemu import Machine
 from testbed.qemu.binaries import is_runnable
 
 
@@ -38,19 +38,10 @@ def run(setup: Setup) -> OracleResult:
         return result
     out = setup.logs / "stock-strace.txt"
     out.unlink(missing_ok=True)
-    log = setup.logs / "stock-qemu.log"
-    log.unlink(missing_ok=True)
-    config = MachineConfig(
-        binary=binary,
-        machine=setup.scenario.machine,
-        args=setup.args(),
-        env=setup.env(),
-        log_path=log,
-        wrapper=strace_prefix(str(out)),
-    )
+    config = setup.machine_config(binary, "stock", wrapper=strace_prefix(str(out)))
     run_qemu_scenario(Machine(config), setup, result)
     text = out.read_text(errors="replace") if out.exists() else ""
     result.trace = normalise(parse_strace(text), setup.root)
-    result.log = str(log)
+    result.log = str(config.log_path)
     result.extra["strace"] = str(out)
     return result
