@@ -11,6 +11,8 @@ a ``[profile]`` table for what only the supervisor needs::
     proc_self = true          # the caller's own /proc/PID (and its tasks), read-only
     exec = ["/usr/bin/stdbuf"] # executables Landlock lets it run (the command's own
                               # binary and ELF interpreter are always added)
+    command_prefix = true     # also the command's install prefix (the directory
+                              # above its bin/), read-only, when that is not /usr
 
     [[grant]]                 # exactly as in a broker policy file
     path = "/usr/lib"
@@ -50,10 +52,31 @@ class SystemProfile:
     policy: Policy
     proc_self: bool = False
     exec: tuple[str, ...] = ()
+    #: Grant the command's install prefix read-only (see :meth:`for_command`).
+    command_prefix: bool = False
     source: str = ""
 
     def covers(self, path: str) -> bool:
         return any(g.covers(path) is not None for g in self.grants)
+
+    def for_command(self, binary: str | Path) -> SystemProfile:
+        """This profile, plus ``binary``'s install prefix read-only if it asks for that.
+
+        A QEMU built with a prefix (10.0's stock oracle) finds its firmware,
+        keymaps and ``etc/qemu/qemu.conf`` relative to its binary; a refusal
+        there is EACCES, which QEMU takes as fatal for qemu.conf.  The prefix
+        is ``bin/..`` of the resolved binary; ``/usr`` (a distribution's QEMU)
+        is already described by the grants.
+        """
+        prefix = Path(os.path.realpath(binary)).parent.parent
+        if not self.command_prefix or prefix == Path("/usr") or self.covers(str(prefix)):
+            return self
+        extra = Grant(path=str(prefix), access=Access.RO, hardlinks=True)
+        return dataclasses.replace(
+            self,
+            grants=(*self.grants, extra),
+            policy=dataclasses.replace(self.policy, grants=(*self.policy.grants, extra)),
+        )
 
     def landlock_rules(self) -> list[tuple[str, FS]]:
         """(path, rights) for each grant: read for ``ro``, also write (and device
@@ -109,16 +132,19 @@ def profile_from_mapping(data: dict[str, Any], *, name: str, source: str = "") -
     head = data.pop("profile", {})
     if not isinstance(head, dict):
         raise PolicyError("'profile' must be a table", source=source)
-    unknown = set(head) - {"description", "proc_self", "exec"}
+    unknown = set(head) - {"description", "proc_self", "exec", "command_prefix"}
     if unknown:
         raise PolicyError(f"unknown keys in [profile]: {sorted(unknown)}", source=source)
     description = head.get("description", "")
     proc_self = head.get("proc_self", False)
     exec_paths = head.get("exec", [])
+    command_prefix = head.get("command_prefix", False)
     if not isinstance(description, str):
         raise PolicyError("[profile] description must be a string", source=source)
     if not isinstance(proc_self, bool):
         raise PolicyError("[profile] proc_self must be true or false", source=source)
+    if not isinstance(command_prefix, bool):
+        raise PolicyError("[profile] command_prefix must be true or false", source=source)
     if not isinstance(exec_paths, list) or not all(
         isinstance(p, str) and os.path.isabs(p) for p in exec_paths
     ):
@@ -141,5 +167,6 @@ def profile_from_mapping(data: dict[str, Any], *, name: str, source: str = "") -
         policy=policy,
         proc_self=proc_self,
         exec=tuple(exec_paths),
+        command_prefix=command_prefix,
         source=source,
     )

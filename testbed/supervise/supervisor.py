@@ -93,6 +93,10 @@ class Supervisor:
         words = [str(w) for w in argv]
         if not words:
             raise SuperviseError("popen: empty command")
+        if self.profile is not None and self.profile.command_prefix:
+            binary = self._which(words[0], kwargs.get("env"))
+            self.profile = self.profile.for_command(binary)
+            self.decider = Decider(self.policy, self.profile)
         ruleset = self._ruleset(words, kwargs.get("env")) if self.landlock else None
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         plan = ChildPlan(
@@ -160,12 +164,17 @@ class Supervisor:
         self.landlock_rules = list(ruleset.rules)
         return ruleset
 
+    @staticmethod
+    def _which(program: str, env: Any) -> str:
+        search = (env or os.environ).get("PATH", os.defpath)
+        found = shutil.which(program, path=search)
+        if found is None:
+            raise SuperviseError(f"cannot run {program}: not found in PATH")
+        return found
+
     def _executables(self, argv: list[str], env: Any) -> list[str]:
         """The command's binary, the extra executables, and each one's ELF interpreter."""
-        search = (env or os.environ).get("PATH", os.defpath)
-        found = shutil.which(argv[0], path=search)
-        if found is None:
-            raise SuperviseError(f"cannot run {argv[0]}: not found in PATH")
+        found = self._which(argv[0], env)
         paths = [found, *(self.profile.exec if self.profile else ()), *self.exec_paths]
         out: list[str] = []
         for p in paths:

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import errno
 import os
 from pathlib import Path
 
 import pytest
 
+from testbed.broker import Access
 from testbed.errors import KernelFeatureError, PolicyError
 from testbed.supervise import bpf, landlock, load_profile, seccomp
 from testbed.supervise.command import register
@@ -192,3 +194,31 @@ def test_policy_toml_round_trips(tmp_path: Path) -> None:
     f = tmp_path / "p.toml"
     f.write_text(policy_toml(policy))
     assert Policy.from_toml(f) == policy
+
+
+def test_profile_grants_a_builds_own_prefix_and_not_usr(tmp_path: Path) -> None:
+    """A QEMU built with a prefix reads bin/../etc/qemu/qemu.conf: EACCES there is fatal."""
+    prof = load_profile("qemu")
+    assert prof.command_prefix
+    build = tmp_path / "build"
+    (build / "bin").mkdir(parents=True)
+    (build / "bin" / "qemu-system-x86_64").touch()
+    conf = build / "etc" / "qemu" / "qemu.conf"
+    assert not prof.covers(str(conf))
+    ours = prof.for_command(build / "bin" / "qemu-system-x86_64")
+    assert ours.covers(str(conf))
+    assert ours.policy.grants[-1].path == str(build)
+    assert not ours.policy.grants[-1].access > Access.RO
+    assert (str(build), landlock.FS.READ_FILE | landlock.FS.READ_DIR) in ours.landlock_rules()
+    # Debian's QEMU is under /usr, which the grants already describe.
+    assert prof.for_command("/usr/bin/qemu-system-x86_64") is prof
+    # A profile that does not ask for it never grows.
+    off = dataclasses.replace(prof, command_prefix=False)
+    assert off.for_command(build / "bin" / "qemu-system-x86_64") is off
+
+
+def test_profile_command_prefix_must_be_a_bool(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[profile]\ncommand_prefix = "yes"\n')
+    with pytest.raises(PolicyError, match="command_prefix"):
+        load_profile(bad)
