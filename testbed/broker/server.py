@@ -52,9 +52,9 @@ from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
 
-from testbed.broker.answer import answer, names
+from testbed.broker.answer import answer, audited, names
 from testbed.broker.audit import AuditLog, AuditRecord
-from testbed.broker.gate import Gate, Outcome
+from testbed.broker.gate import Decision, Gate, Outcome
 from testbed.broker.policy import Policy
 from testbed.errors import BrokerStateError, ProtocolError, TransportError, WaitTimeout
 from testbed.protocol import (
@@ -66,12 +66,23 @@ from testbed.protocol import (
     RequestDecoder,
     encode_reply,
 )
-from testbed.transport import MSG_DONTWAIT, MSG_NOSIGNAL, close_fds, recv_with_fds, rights
+from testbed.transport import (
+    CMSG_SPACE,
+    MSG_CMSG_CLOEXEC,
+    MSG_CTRUNC,
+    MSG_DONTWAIT,
+    MSG_NOSIGNAL,
+    SCM_RIGHTS,
+    SOL_SOCKET,
+    close_fds,
+    parse_rights,
+)
 
 log = logging.getLogger("testbed.broker")
 
 _UCRED = struct.Struct("3i")
 _OUTQ = struct.Struct("i")
+_FD = struct.Struct("i")
 _SIOCOUTQ = 0x5411  # bytes a peer has not read yet (TIOCOUTQ)
 
 _REPLY_OK = encode_reply(0)
@@ -157,6 +168,8 @@ class Broker:
     ) -> None:
         self.policy = policy
         self.gate = Gate(policy)
+        #: the gate's decisions, looked up by each frame received whole (the fast path)
+        self._decisions = self.gate.decisions
         self.audit = AuditLog(audit_path, keep=keep_records)
         self._auditing = self.audit.active
         self.batch = batch
@@ -286,8 +299,14 @@ class Broker:
                     timeout: float = 0
                 else:
                     timeout = self._timeout() if self._held or self._accept_paused else -1
+                watch = self._watch
                 for fd, mask in self._epoll.poll(timeout):
-                    self._dispatch(fd, mask)
+                    conn = watch.get(fd)
+                    # The common event (a peer's request) without _dispatch's sorting.
+                    if mask == _IN and isinstance(conn, Connection) and conn.events & _IN:
+                        self._read(conn)
+                    else:
+                        self._dispatch(fd, mask)
                 if self._held or self._accept_paused:
                     self._retry_timers()
                 for conn in list(self._ready):
@@ -439,18 +458,23 @@ class Broker:
 
     def _read(self, conn: Connection) -> None:
         try:
-            data, fds = recv_with_fds(conn.sock, RECV_SIZE)
+            data, ancdata, msg_flags, _ = conn.sock.recvmsg(RECV_SIZE, CMSG_SPACE, MSG_CMSG_CLOEXEC)
         except (BlockingIOError, InterruptedError):
-            return
-        except TransportError as err:  # MSG_CTRUNC: the peer sent descriptors
-            self._drop(conn, f"peer sent descriptors; requests carry none ({err})")
             return
         except OSError as err:
             self._drop(conn, f"receive failed: {err}")
             return
-        if fds:
-            close_fds(fds)
-            self._drop(conn, f"peer sent {len(fds)} descriptor(s); requests carry none")
+        if ancdata or msg_flags & MSG_CTRUNC:
+            self._sent_fds(conn, ancdata, msg_flags)
+            return
+        # The fast path: one whole request frame whose decision the gate
+        # remembers, on a connection with nothing else pending.
+        decision = self._decisions.get(data)
+        if (
+            decision is not None
+            and not (conn.outq or conn.decoder.mid_frame)
+            and self._answer_decided(conn, decision)
+        ):
             return
         if not data:
             if conn.decoder.mid_frame:
@@ -460,6 +484,43 @@ class Broker:
             return
         conn.decoder.feed(data)
         self._process(conn)
+
+    def _sent_fds(
+        self, conn: Connection, ancdata: list[tuple[int, int, bytes]], flags: int
+    ) -> None:
+        """The peer sent descriptors, which requests never carry: close them and it."""
+        fds = parse_rights(ancdata)
+        close_fds(fds)
+        if flags & MSG_CTRUNC:
+            self._drop(
+                conn,
+                "peer sent descriptors; requests carry none (ancillary data truncated "
+                f"(MSG_CTRUNC): descriptors were lost, closed {len(fds)})",
+            )
+        else:
+            self._drop(conn, f"peer sent {len(fds)} descriptor(s); requests carry none")
+
+    def _answer_decided(self, conn: Connection, decision: Decision) -> bool:
+        """Answer a request the gate has a decision for; False if it must go the general way."""
+        start = time.perf_counter_ns() if self._auditing else 0
+        try:
+            fd = self.gate.open_decided(decision)
+        except Exception:  # a bug here must not end the broker: the general way answers
+            log.exception("the fast path failed for %r", decision.request)
+            fd = -1
+        if fd < 0:
+            return False
+        outcome = Outcome(result=0, fd=fd)
+        if self._auditing:
+            outcome = audited(
+                self.audit, decision.request, outcome, start=start, conn=conn.id,
+                peer_pid=conn.peer.pid,
+            )  # fmt: skip
+        self._deliver(conn, decision.request, outcome)
+        if conn.outq and conn.id in self._conns:
+            # Not read until the peer takes its reply, as _process does.
+            self._want(conn, 0 if conn.held else _OUT)
+        return True
 
     def _process(self, conn: Connection) -> None:
         for _ in range(self.batch):
@@ -494,6 +555,14 @@ class Broker:
             except Exception as err:  # a bug in the gate refuses; it never ends the broker
                 log.exception("deciding %r failed", request)
                 outcome = Outcome(result=-errno.EIO, reason=f"internal error: {err!r}")
+        if outcome.fd is not None and isinstance(request, OpenRequest):
+            self.gate.remember(request, outcome)  # only ever an open that was granted
+        self._deliver(conn, request, outcome)
+
+    def _deliver(
+        self, conn: Connection, request: OpenRequest | InvalidRequest, outcome: Outcome
+    ) -> None:
+        """Send ``outcome`` as the reply to ``request`` (either path's)."""
         conn.requests += 1
         result = outcome.result
         self._send(conn, _REPLY_OK if result == 0 else encode_reply(result), outcome.fd)
@@ -539,7 +608,9 @@ class Broker:
 
     def _send_now(self, conn: Connection, data: bytes, fd: int | None) -> None:
         """Send one reply; on a partial send queue the rest (the fd has gone)."""
-        sent = conn.sock.sendmsg([data], rights(() if fd is None else (fd,)), _SEND_FLAGS)
+        sent = conn.sock.sendmsg(
+            [data], [] if fd is None else [(SOL_SOCKET, SCM_RIGHTS, _FD.pack(fd))], _SEND_FLAGS
+        )
         if fd is not None:
             os.close(fd)  # the peer has its own copy now
             conn.unread_fds += 1
