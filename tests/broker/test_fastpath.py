@@ -12,11 +12,13 @@ the tree changed, or a cache that grows with what a peer sends.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import fcntl
 import os
 import socket
 import struct
+import time
 import tracemalloc
 from collections.abc import Iterator
 from pathlib import Path
@@ -462,3 +464,25 @@ def test_an_unwritable_audit_log_fails_closed_on_the_fast_path(
         assert pair.fast.audit.records[-1].result == -5
     finally:
         pair.close()
+
+
+def test_a_remembered_frame_inside_a_partial_one_is_not_a_request(
+    world: tuple[Path, Policy], pair: Pair
+) -> None:
+    """Bytes equal to a remembered frame, arriving mid-frame, are the rest of that frame."""
+    request = frame(os.fsencode(f"{world[0]}/ro/a.img"), 0)
+    assert pair.same_twice(request)[0] == "fd"
+    for peer in (pair.fast_peer, pair.general_peer):
+        peer.sock.sendall(request[:5])
+        time.sleep(0.05)  # separate reads: the broker holds 5 bytes of a frame
+        peer.sock.sendall(request)
+        time.sleep(0.05)
+        with contextlib.suppress(BrokenPipeError):  # closed already, see below
+            peer.sock.sendall(request[5:])
+        # The stream is request[:5] + request + ...: a broken frame (its command
+        # is made of the size's bytes), so the connection is closed unanswered.
+        try:
+            reply, anc, _flags, _ = peer.sock.recvmsg(REPLY.size, CMSG_SPACE)
+        except ConnectionResetError:
+            reply, anc = b"", []
+        assert (reply, parse_rights(anc)) == (b"", [])
