@@ -285,9 +285,11 @@ class Broker:
         self._serve()
 
     def _serve(self) -> None:
+        watch, ready, pending, poll = self._watch, self._ready, self._pending_add, self._epoll.poll
         try:
             while not (self._stop_requested or self._stop.is_set()):
-                self._take_pending()
+                if pending:
+                    self._take_pending()
                 if (
                     self.exit_when_idle
                     and self.served_connections
@@ -295,12 +297,11 @@ class Broker:
                 ):
                     log.info("last connection closed; exiting")
                     break
-                if self._ready:
+                if ready:
                     timeout: float = 0
                 else:
                     timeout = self._timeout() if self._held or self._accept_paused else -1
-                watch = self._watch
-                for fd, mask in self._epoll.poll(timeout):
+                for fd, mask in poll(timeout):
                     conn = watch.get(fd)
                     # The common event (a peer's request) without _dispatch's sorting.
                     if mask == _IN and isinstance(conn, Connection) and conn.events & _IN:
@@ -309,10 +310,11 @@ class Broker:
                         self._dispatch(fd, mask)
                 if self._held or self._accept_paused:
                     self._retry_timers()
-                for conn in list(self._ready):
-                    self._ready.discard(conn)
-                    if conn.id in self._conns:
-                        self._process(conn)
+                if ready:
+                    for conn in list(ready):
+                        ready.discard(conn)
+                        if conn.id in self._conns:
+                            self._process(conn)
         finally:
             if self._thread is None or self._thread is threading.current_thread():
                 self._shutdown()
@@ -510,13 +512,15 @@ class Broker:
             fd = -1
         if fd < 0:
             return False
-        outcome = Outcome(result=0, fd=fd)
         if self._auditing:
             outcome = audited(
-                self.audit, decision.request, outcome, start=start, conn=conn.id,
-                peer_pid=conn.peer.pid,
+                self.audit, decision.request, Outcome(result=0, fd=fd), start=start,
+                conn=conn.id, peer_pid=conn.peer.pid,
             )  # fmt: skip
-        self._deliver(conn, decision.request, outcome)
+            self._deliver(conn, decision.request, outcome)
+        else:
+            conn.requests += 1  # what _deliver does for a granted open
+            self._send(conn, _REPLY_OK, fd)
         if conn.outq and conn.id in self._conns:
             # Not read until the peer takes its reply, as _process does.
             self._want(conn, 0 if conn.held else _OUT)
