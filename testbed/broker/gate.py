@@ -118,6 +118,7 @@ FAST_NAME_MAX = 256
 #: hand out what the fast path does not (O_PATH, O_TMPFILE).
 _NOT_FAST = os.O_CREAT | os.O_TRUNC | os.O_PATH | _O_TMPFILE_BIT
 _S_IFMT = 0o170000
+_S_IFREG = stat.S_IFREG
 
 
 #: How many forks this process is from the one that imported this module:
@@ -537,7 +538,7 @@ class Gate:
             return -1
         try:
             st = os.fstat(opath)
-            if st.st_mode & _S_IFMT != stat.S_IFREG or st.st_nlink != 1:
+            if st.st_mode & _S_IFMT != _S_IFREG or st.st_nlink != 1:
                 return -1
             proc = self._proc_fd
             if proc is None or proc[0] != _forks[0]:
@@ -610,7 +611,7 @@ class Gate:
         result is resolved again by the caller with ``RESOLVE_NO_SYMLINKS``:
         a symlink swapped in meanwhile fails there.
 
-        Longer than 60 lines on purpose: one loop over the path's components whose invariants
+        Long because it is one loop over the path's components whose invariants
         (the base it stands on, the bases walked, the links followed) are checked on every
         turn; split, a piece could resolve a component outside those checks.
         """

@@ -50,7 +50,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from enum import Enum
-from pathlib import Path
+from typing import TYPE_CHECKING
 
 from testbed.broker.answer import answer, audited, names
 from testbed.broker.audit import AuditLog, AuditRecord
@@ -77,6 +77,9 @@ from testbed.transport import (
     close_fds,
     parse_rights,
 )
+
+if TYPE_CHECKING:
+    from pathlib import Path
 
 log = logging.getLogger("testbed.broker")
 
@@ -520,7 +523,15 @@ class Broker:
             self._deliver(conn, decision.request, outcome)
         else:
             conn.requests += 1  # what _deliver does for a granted open
-            self._send(conn, _REPLY_OK, fd)
+            if conn.unread_fds < FD_REPLY_CAP:
+                # What _send does when nothing is queued (the fast path's
+                # condition) and the peer may have this many replies unread.
+                try:
+                    self._send_now(conn, _REPLY_OK, fd)
+                except OSError as err:
+                    self._send_failed(conn, _REPLY_OK, fd, err)
+            else:
+                self._send(conn, _REPLY_OK, fd)
         if conn.outq and conn.id in self._conns:
             # Not read until the peer takes its reply, as _process does.
             self._want(conn, 0 if conn.held else _OUT)
@@ -590,13 +601,17 @@ class Broker:
             return
         try:
             self._send_now(conn, data, fd)
-        except BlockingIOError:
-            conn.outq.append((data, fd))
         except OSError as err:
-            if err.errno == errno.ETOOMANYREFS:
-                conn.outq.append((data, fd))
-                self._too_many_refs(conn)
-                return
+            self._send_failed(conn, data, fd, err)
+
+    def _send_failed(self, conn: Connection, data: bytes, fd: int | None, err: OSError) -> None:
+        """A first try at sending a reply failed (nothing was sent): queue it, or drop ``conn``."""
+        if isinstance(err, BlockingIOError):
+            conn.outq.append((data, fd))
+        elif err.errno == errno.ETOOMANYREFS:
+            conn.outq.append((data, fd))
+            self._too_many_refs(conn)
+        else:
             if fd is not None:
                 os.close(fd)
             self._drop(conn, f"send failed: {err}")
