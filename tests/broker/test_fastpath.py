@@ -488,3 +488,27 @@ def test_a_remembered_frame_inside_a_partial_one_is_not_a_request(
         except ConnectionResetError:
             reply, anc = b"", []
         assert (reply, parse_rights(anc)) == (b"", [])
+
+
+def test_a_forked_child_replays_through_its_own_proc_fd(world: tuple[Path, Policy]) -> None:
+    """The reopen of a replayed decision goes through the child's /proc/self/fd, not the parent's."""
+    gate = Gate(world[1])
+    target = world[0] / "ro" / "b.img"
+    request = OpenRequest(path=os.fsencode(str(target)), flags=0, mode=0)
+    outcome = gate.handle(request)  # the parent's /proc/self/fd dirfd exists now
+    assert outcome.fd is not None
+    gate.remember(request, outcome)
+    os.close(outcome.fd)
+    (decision,) = gate.decisions.values()
+    want = os.stat(target)
+    pid = os.fork()
+    if pid == 0:
+        try:
+            fd = gate.open_decided(decision)
+            st_ = os.fstat(fd)
+            os._exit(0 if (st_.st_dev, st_.st_ino) == (want.st_dev, want.st_ino) else 1)
+        except BaseException:
+            os._exit(2)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    gate.close()
