@@ -491,7 +491,7 @@ def test_a_remembered_frame_inside_a_partial_one_is_not_a_request(
 
 
 def test_a_forked_child_replays_through_its_own_proc_fd(world: tuple[Path, Policy]) -> None:
-    """The reopen of a replayed decision goes through the child's /proc/self/fd, not the parent's."""
+    """A replayed decision reopens through the child's /proc/self/fd, not the parent's."""
     gate = Gate(world[1])
     target = world[0] / "ro" / "b.img"
     request = OpenRequest(path=os.fsencode(str(target)), flags=0, mode=0)
