@@ -28,6 +28,12 @@ something else), the listener is not watched until a connection closes (or,
 for EMFILE, a back-off expires): logged once per episode, with the count of
 refused accepts at its end; open connections keep being served.
 
+Broker-wide: the gate's remembered decisions (the fast path: a request
+frame received whole that the gate has a decision for is answered by
+:meth:`Gate.open_decided`, everything else by the decoder and
+:meth:`Gate.handle`), at most ``FAST_ENTRIES`` of them, whatever the peers
+send (testbed/broker/gate.py).
+
 A malformed frame, descriptors sent *to* the broker, or a peer the policy
 does not accept close that connection (logged with the reason); everyone
 else is unaffected.
