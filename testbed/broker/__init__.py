@@ -13,6 +13,10 @@ seccomp supervisor reuses the first four unchanged):
     (``testbed.protocol``).  ``Outcome.result`` is 0 with ``Outcome.fd`` (the
     caller owns it) or ``-errno`` with ``Outcome.reason``.  Never raises for
     anything a peer can send.  ``Gate.close()`` releases its root fds.
+    The fast path: ``Gate.remember(request, outcome)`` keeps a granted
+    open's decision under the request frame's bytes (``Gate.decisions``,
+    bounded), ``Gate.open_decided(decision)`` replays it (an fd, or -1: ask
+    ``handle``); the hook's loop uses both, another front end need not.
 ``AuditLog(path, keep=...)``, ``AuditRecord``
     One strict-JSON line per request.  ``AuditLog.write`` raises
     ``testbed.errors.AuditWriteError`` when the record cannot be written;

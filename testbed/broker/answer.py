@@ -58,6 +58,28 @@ def answer(
         outcome = Outcome(result=-errno.EIO, reason=f"internal error: {err!r}")
     if not auditing:
         return outcome
+    return audited(
+        audit, request, outcome, start=start, conn=conn, peer_pid=peer_pid, via=via, tid=tid
+    )
+
+
+def audited(
+    audit: AuditLog,
+    request: OpenRequest | InvalidRequest,
+    outcome: Outcome,
+    *,
+    start: int,
+    conn: int,
+    peer_pid: int,
+    via: str = VIA_HOOK,
+    tid: int | None = None,
+) -> Outcome:
+    """Record ``outcome`` for ``request`` in ``audit``: ``outcome``, or ``-EIO`` if that failed.
+
+    ``start`` is the ``perf_counter_ns`` at which deciding began.  The one
+    place a record is made, for :func:`answer` and the broker's fast path
+    alike, so both write the same line for the same request.
+    """
     record = AuditRecord(
         time=time.time(),
         conn=conn,

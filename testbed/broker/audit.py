@@ -14,15 +14,16 @@ succeed again.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import threading
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from testbed.errors import AuditWriteError
+
+if TYPE_CHECKING:
+    from pathlib import Path
 
 log = logging.getLogger("testbed.broker")
 
@@ -68,6 +69,11 @@ class AuditRecord:
         return self.path.encode("utf-8", "surrogateescape")
 
     def to_json(self) -> str:
+        # json (and pathlib below) are imported where used: a broker that
+        # keeps no audit file does not pay for them at start-up, which a
+        # hooked QEMU waits for.
+        import json
+
         data: dict[str, Any] = {
             "time": self.time,
             "conn": self.conn,
@@ -112,7 +118,11 @@ class AuditLog:
     """
 
     def __init__(self, path: str | Path | None = None, *, keep: bool = True) -> None:
-        self.path = Path(path) if path is not None else None
+        self.path: Path | None = None
+        if path is not None:
+            from pathlib import Path
+
+            self.path = Path(path)
         self._fd: int | None = None
         if self.path is not None:
             self._fd = os.open(
@@ -195,6 +205,8 @@ class AuditLog:
 
 def read_audit(path: str | Path) -> list[AuditRecord]:
     """The records of a JSON-lines audit file, in order."""
+    import json
+
     records = []
     with open(path, encoding="utf-8") as f:
         for line in f:

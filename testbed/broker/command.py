@@ -80,6 +80,13 @@ def register(sub: Any) -> None:
     where.add_argument(
         "--fd", type=int, metavar="N", help="serve the connected UNIX socket inherited as fd N"
     )
+    _policy_arguments(p)
+    p.add_argument("--audit", metavar="FILE", help="append one JSON line per request to FILE")
+    p.set_defaults(func=run)
+
+
+def _policy_arguments(p: argparse.ArgumentParser) -> None:
+    """The options that make the policy: grants, rules, refusals, peers."""
     p.add_argument(
         "--allow-ro",
         action="append",
@@ -116,7 +123,6 @@ def register(sub: Any) -> None:
         ),
     )
     p.add_argument("--policy", metavar="FILE", help="TOML policy file (see below)")
-    p.add_argument("--audit", metavar="FILE", help="append one JSON line per request to FILE")
     p.add_argument(
         "--refuse-errno",
         metavar="ERRNO",
@@ -128,7 +134,6 @@ def register(sub: Any) -> None:
     p.add_argument(
         "--peer-pid", type=int, metavar="PID", help="accept only peers with this pid (SO_PEERCRED)"
     )
-    p.set_defaults(func=run)
 
 
 def build_policy(args: argparse.Namespace) -> Policy:

@@ -33,6 +33,22 @@ grant; an absolute one (which ``RESOLVE_BENEATH`` rejects) sends the path
 through :meth:`Gate._walk`, which resolves it hop by hop: at most 40 hops
 (the kernel's limit), every hop beneath a grant that allows the access, no
 ``..`` above a grant's root, magic links read as plain text.
+
+**The fast path.**  Steps 1-2 (string checks, the grant, the flags to use)
+are a pure function of the policy and the request's bytes, so once a request
+was answered with a descriptor, :meth:`Gate.remember` keeps its
+:class:`Decision` under the request frame's bytes, and :meth:`Gate.open_decided`
+replays it: the kernel still resolves the name beneath the grant's root
+(step 2's ``openat2``), the inode is still checked (3) and reopened and
+compared (4), on every request.  Only a regular file with one link is
+answered there (what every grant allows); anything else, any failure, and
+every request not remembered go the general way, which decides from
+scratch.  Never remembered: refusals and failures, ``O_CREAT``, ``O_TRUNC``,
+``O_PATH``, ``O_TMPFILE``, relative names, file grants, grants allowing
+devices or hard links, names over ``FAST_NAME_MAX`` bytes.  At most
+``FAST_ENTRIES`` decisions are kept (the oldest is forgotten first); they
+belong to the gate, whose policy cannot change, and are dropped with its
+root descriptors on :meth:`Gate.close`.
 """
 
 from __future__ import annotations
@@ -42,16 +58,21 @@ import fcntl
 import os
 import stat
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from testbed.broker.openat2 import (
+    HOW_SIZE,
     RESOLVE_BENEATH,
     RESOLVE_NO_MAGICLINKS,
     RESOLVE_NO_SYMLINKS,
     RESOLVE_NO_XDEV,
+    SYS_OPENAT2,
+    OpenHow,
     openat2,
+    syscall,
 )
 from testbed.broker.policy import Access, Grant, Policy, needed_access
-from testbed.protocol import InvalidRequest, OpenRequest
+from testbed.protocol import InvalidRequest, OpenRequest, encode_request
 
 MAXSYMLINKS = 40  # the kernel's limit on symlinks followed in one lookup
 _O_TMPFILE_BIT = os.O_TMPFILE & ~os.O_DIRECTORY
@@ -88,6 +109,16 @@ _DEVICE_KINDS = {
 }
 #: How often a create retries when the name appears and vanishes under it.
 _CREATE_TRIES = 3
+#: The most decisions a gate remembers for its fast path.
+FAST_ENTRIES = 256
+#: The longest name (bytes) a decision is remembered for: QEMU's image paths
+#: are far shorter, and it bounds the memory a peer can make the cache hold.
+FAST_NAME_MAX = 256
+#: Flags whose requests are never remembered: they create, truncate or
+#: hand out what the fast path does not (O_PATH, O_TMPFILE).
+_NOT_FAST = os.O_CREAT | os.O_TRUNC | os.O_PATH | _O_TMPFILE_BIT
+_S_IFMT = 0o170000
+_S_IFREG = stat.S_IFREG
 
 
 #: How many forks this process is from the one that imported this module:
@@ -134,6 +165,27 @@ class _Refused(Exception):  # not in errors.py: it never escapes this module
         self.code = code
 
 
+class Decision(NamedTuple):
+    """What the fast path replays for one request frame.
+
+    A pure function of the policy and the request's bytes: nothing in it
+    depends on the file system (the root dirfd is the gate's own, held from
+    first use to :meth:`Gate.close`).  A tuple, because the fast path
+    unpacks it on every request.
+    """
+
+    #: The grant root's ``O_PATH`` dirfd.
+    root: int
+    #: The name resolved beneath it.
+    name: bytes
+    #: The ``O_PATH`` open's ``open_how`` (with the grant's resolve bits).
+    how: OpenHow
+    #: The flags of the reopen through ``/proc/self/fd``.
+    reopen: int
+    #: The request decided (the audit record is made from it).
+    request: OpenRequest
+
+
 @dataclass(slots=True)
 class _Base:
     """Where a path is resolved from: a grant's root, or a file grant's parent."""
@@ -163,15 +215,25 @@ class Gate:
     """
 
     def __init__(self, policy: Policy) -> None:
-        self.policy = policy
+        self._policy = policy
         self._roots: dict[Grant, int | None] = {}
         self._resolve = {g: resolve_flags(g) for g in policy.grants}
         #: (fork generation, dirfd of /proc/self/fd): a forked child must not
         #: reuse its parent's, which names the parent's descriptors.
         self._proc_fd: tuple[int, int] | None = None
+        #: request frame -> its decision (the fast path); see the module's docstring
+        self.decisions: dict[bytes, Decision] = {}
+        self._call = syscall()
         _watch_forks()
 
+    @property
+    def policy(self) -> Policy:
+        """The policy, fixed for the gate's life (its decisions depend on it)."""
+        return self._policy
+
     def close(self) -> None:
+        # The decisions name root fds about to be closed (and maybe reused).
+        self.decisions.clear()
         for fd in self._roots.values():
             if fd is not None:
                 os.close(fd)
@@ -414,6 +476,88 @@ class Gate:
             return self.refuse("a create did not make a new regular file")
         return Outcome(result=0, fd=fd)
 
+    # -- the fast path -----------------------------------------------------
+
+    def decide(self, request: OpenRequest) -> Decision | None:
+        """What the fast path may replay for ``request``, or None: the general way.
+
+        Depends on the policy and the request alone (and on which grant
+        roots are open, which only ever grows): the same checks, in the same
+        order, as :meth:`handle` and :meth:`_open` make before the kernel is asked.
+        """
+        flags = request.flags
+        if flags & _NOT_FAST or len(request.path) > FAST_NAME_MAX:
+            return None
+        path = request.path_str
+        if not path.startswith("/"):
+            return None
+        try:
+            grant, rest = self._select(path, needed_access(flags))
+        except _Refused:
+            return None
+        root = self._roots.get(grant)
+        if root is None or grant.devices or grant.hardlinks:
+            return None
+        how = OpenHow(
+            _PATH_FLAGS | (flags & (os.O_DIRECTORY | os.O_NOFOLLOW)), 0, self._resolve[grant]
+        )
+        reopen = (flags & _KNOWN_FLAGS & ~_REOPEN_DROP) | os.O_NOCTTY
+        return Decision(root, os.fsencode(rest or "."), how, reopen, request)
+
+    def remember(self, request: OpenRequest, outcome: Outcome) -> None:
+        """Keep ``request``'s decision for the fast path, if it may have one.
+
+        Only when ``outcome`` (:meth:`handle`'s answer to ``request``) is a
+        descriptor: refusals and failures are never remembered.  At most
+        ``FAST_ENTRIES`` are kept: the oldest is forgotten first.
+        """
+        if outcome.fd is None:
+            return
+        decision = self.decide(request)
+        if decision is None:
+            return
+        decisions = self.decisions
+        # Keyed by the request's exact bytes on the wire: a frame that
+        # differs in any byte (flags, mode, name) is a different key.
+        frame = encode_request(request.path, request.flags, request.mode)
+        if frame not in decisions and len(decisions) >= FAST_ENTRIES:
+            del decisions[next(iter(decisions))]
+        decisions[frame] = decision
+
+    def open_decided(self, decision: Decision) -> int:
+        """Replay ``decision``: the descriptor :meth:`handle` would answer, or -1.
+
+        -1 means nothing was answered (the name did not resolve, the inode is
+        not a regular file with one link, a call failed): the caller sends
+        the request the general way, which decides it from scratch.  Nothing
+        was opened for I/O unless the inode was a regular file.
+        """
+        root, name, how, reopen, _ = decision
+        opath: int = self._call(SYS_OPENAT2, root, name, how, HOW_SIZE)
+        if opath < 0:
+            return -1
+        try:
+            st = os.fstat(opath)
+            if st.st_mode & _S_IFMT != _S_IFREG or st.st_nlink != 1:
+                return -1
+            proc = self._proc_fd
+            if proc is None or proc[0] != _forks[0]:
+                proc = (0, self._proc_fds())
+            fd = os.open(str(opath), reopen, dir_fd=proc[1])
+        except OSError:
+            return -1
+        finally:
+            os.close(opath)
+        try:
+            now = os.fstat(fd)
+        except OSError:
+            os.close(fd)
+            return -1
+        if now.st_ino != st.st_ino or now.st_dev != st.st_dev:
+            os.close(fd)  # the general way refuses it, with its reason
+            return -1
+        return fd
+
     # -- refusals and the slow paths ---------------------------------------
 
     def _resolve_error(self, err: OSError, base: _Base, target: str, path_flags: int) -> Outcome:
@@ -467,7 +611,7 @@ class Gate:
         result is resolved again by the caller with ``RESOLVE_NO_SYMLINKS``:
         a symlink swapped in meanwhile fails there.
 
-        Longer than 60 lines on purpose: one loop over the path's components whose invariants
+        Long because it is one loop over the path's components whose invariants
         (the base it stands on, the bases walked, the links followed) are checked on every
         turn; split, a piece could resolve a component outside those checks.
         """

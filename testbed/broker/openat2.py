@@ -28,7 +28,8 @@ class OpenHow(ctypes.Structure):
 
 
 @functools.cache
-def _syscall() -> Any:
+def syscall() -> Any:
+    """The ``syscall`` function with openat2's prototype (returns -1 on failure, errno kept)."""
     # Loaded on first use, not at import: no import-time side effects.  A
     # typed prototype keeps ctypes from guessing conversions on every call,
     # which is most of the cost of a call on the broker's hot path.
@@ -45,7 +46,7 @@ def _syscall() -> Any:
     return proto(("syscall", libc))
 
 
-_HOW_SIZE = ctypes.sizeof(OpenHow)
+HOW_SIZE = ctypes.sizeof(OpenHow)
 #: ``open_how`` structs by (flags, mode, resolve): the broker reuses a handful.
 _HOWS: dict[tuple[int, int, int], OpenHow] = {}
 
@@ -59,7 +60,7 @@ def openat2(dirfd: int, path: str | bytes, flags: int, mode: int = 0, resolve: i
         how = OpenHow(*key)
         if len(_HOWS) < 1024:
             _HOWS[key] = how
-    fd: int = _syscall()(SYS_OPENAT2, dirfd, raw, how, _HOW_SIZE)
+    fd: int = syscall()(SYS_OPENAT2, dirfd, raw, how, HOW_SIZE)
     if fd < 0:
         err = ctypes.get_errno()
         raise OSError(err, os.strerror(err), os.fsdecode(raw))

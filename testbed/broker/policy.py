@@ -45,11 +45,13 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 from enum import IntEnum
 from functools import cached_property
-from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from testbed.errors import PolicyError
 from testbed.protocol.flags import wants_create, wants_write
+
+if TYPE_CHECKING:
+    from pathlib import Path
 
 
 class Access(IntEnum):

@@ -28,6 +28,12 @@ something else), the listener is not watched until a connection closes (or,
 for EMFILE, a back-off expires): logged once per episode, with the count of
 refused accepts at its end; open connections keep being served.
 
+Broker-wide: the gate's remembered decisions (the fast path: a request
+frame received whole that the gate has a decision for is answered by
+:meth:`Gate.open_decided`, everything else by the decoder and
+:meth:`Gate.handle`), at most ``FAST_ENTRIES`` of them, whatever the peers
+send (testbed/broker/gate.py).
+
 A malformed frame, descriptors sent *to* the broker, or a peer the policy
 does not accept close that connection (logged with the reason); everyone
 else is unaffected.
@@ -50,11 +56,11 @@ import threading
 import time
 from dataclasses import dataclass, field
 from enum import Enum
-from pathlib import Path
+from typing import TYPE_CHECKING
 
-from testbed.broker.answer import answer, names
+from testbed.broker.answer import answer, audited, names
 from testbed.broker.audit import AuditLog, AuditRecord
-from testbed.broker.gate import Gate, Outcome
+from testbed.broker.gate import Decision, Gate, Outcome
 from testbed.broker.policy import Policy
 from testbed.errors import BrokerStateError, ProtocolError, TransportError, WaitTimeout
 from testbed.protocol import (
@@ -66,12 +72,26 @@ from testbed.protocol import (
     RequestDecoder,
     encode_reply,
 )
-from testbed.transport import MSG_DONTWAIT, MSG_NOSIGNAL, close_fds, recv_with_fds, rights
+from testbed.transport import (
+    CMSG_SPACE,
+    MSG_CMSG_CLOEXEC,
+    MSG_CTRUNC,
+    MSG_DONTWAIT,
+    MSG_NOSIGNAL,
+    SCM_RIGHTS,
+    SOL_SOCKET,
+    close_fds,
+    parse_rights,
+)
+
+if TYPE_CHECKING:
+    from pathlib import Path
 
 log = logging.getLogger("testbed.broker")
 
 _UCRED = struct.Struct("3i")
 _OUTQ = struct.Struct("i")
+_FD = struct.Struct("i")
 _SIOCOUTQ = 0x5411  # bytes a peer has not read yet (TIOCOUTQ)
 
 _REPLY_OK = encode_reply(0)
@@ -157,6 +177,8 @@ class Broker:
     ) -> None:
         self.policy = policy
         self.gate = Gate(policy)
+        #: the gate's decisions, looked up by each frame received whole (the fast path)
+        self._decisions = self.gate.decisions
         self.audit = AuditLog(audit_path, keep=keep_records)
         self._auditing = self.audit.active
         self.batch = batch
@@ -272,9 +294,11 @@ class Broker:
         self._serve()
 
     def _serve(self) -> None:
+        watch, ready, pending, poll = self._watch, self._ready, self._pending_add, self._epoll.poll
         try:
             while not (self._stop_requested or self._stop.is_set()):
-                self._take_pending()
+                if pending:
+                    self._take_pending()
                 if (
                     self.exit_when_idle
                     and self.served_connections
@@ -282,18 +306,24 @@ class Broker:
                 ):
                     log.info("last connection closed; exiting")
                     break
-                if self._ready:
+                if ready:
                     timeout: float = 0
                 else:
                     timeout = self._timeout() if self._held or self._accept_paused else -1
-                for fd, mask in self._epoll.poll(timeout):
-                    self._dispatch(fd, mask)
+                for fd, mask in poll(timeout):
+                    conn = watch.get(fd)
+                    # The common event (a peer's request) without _dispatch's sorting.
+                    if mask == _IN and isinstance(conn, Connection) and conn.events & _IN:
+                        self._read(conn)
+                    else:
+                        self._dispatch(fd, mask)
                 if self._held or self._accept_paused:
                     self._retry_timers()
-                for conn in list(self._ready):
-                    self._ready.discard(conn)
-                    if conn.id in self._conns:
-                        self._process(conn)
+                if ready:
+                    for conn in list(ready):
+                        ready.discard(conn)
+                        if conn.id in self._conns:
+                            self._process(conn)
         finally:
             if self._thread is None or self._thread is threading.current_thread():
                 self._shutdown()
@@ -439,18 +469,23 @@ class Broker:
 
     def _read(self, conn: Connection) -> None:
         try:
-            data, fds = recv_with_fds(conn.sock, RECV_SIZE)
+            data, ancdata, msg_flags, _ = conn.sock.recvmsg(RECV_SIZE, CMSG_SPACE, MSG_CMSG_CLOEXEC)
         except (BlockingIOError, InterruptedError):
-            return
-        except TransportError as err:  # MSG_CTRUNC: the peer sent descriptors
-            self._drop(conn, f"peer sent descriptors; requests carry none ({err})")
             return
         except OSError as err:
             self._drop(conn, f"receive failed: {err}")
             return
-        if fds:
-            close_fds(fds)
-            self._drop(conn, f"peer sent {len(fds)} descriptor(s); requests carry none")
+        if ancdata or msg_flags & MSG_CTRUNC:
+            self._sent_fds(conn, ancdata, msg_flags)
+            return
+        # The fast path: one whole request frame whose decision the gate
+        # remembers, on a connection with nothing else pending.
+        decision = self._decisions.get(data)
+        if (
+            decision is not None
+            and not (conn.outq or conn.decoder.mid_frame)
+            and self._answer_decided(conn, decision)
+        ):
             return
         if not data:
             if conn.decoder.mid_frame:
@@ -460,6 +495,53 @@ class Broker:
             return
         conn.decoder.feed(data)
         self._process(conn)
+
+    def _sent_fds(
+        self, conn: Connection, ancdata: list[tuple[int, int, bytes]], flags: int
+    ) -> None:
+        """The peer sent descriptors, which requests never carry: close them and it."""
+        fds = parse_rights(ancdata)
+        close_fds(fds)
+        if flags & MSG_CTRUNC:
+            self._drop(
+                conn,
+                "peer sent descriptors; requests carry none (ancillary data truncated "
+                f"(MSG_CTRUNC): descriptors were lost, closed {len(fds)})",
+            )
+        else:
+            self._drop(conn, f"peer sent {len(fds)} descriptor(s); requests carry none")
+
+    def _answer_decided(self, conn: Connection, decision: Decision) -> bool:
+        """Answer a request the gate has a decision for; False if it must go the general way."""
+        start = time.perf_counter_ns() if self._auditing else 0
+        try:
+            fd = self.gate.open_decided(decision)
+        except Exception:  # a bug here must not end the broker: the general way answers
+            log.exception("the fast path failed for %r", decision.request)
+            fd = -1
+        if fd < 0:
+            return False
+        if self._auditing:
+            outcome = audited(
+                self.audit, decision.request, Outcome(result=0, fd=fd), start=start,
+                conn=conn.id, peer_pid=conn.peer.pid,
+            )  # fmt: skip
+            self._deliver(conn, decision.request, outcome)
+        else:
+            conn.requests += 1  # what _deliver does for a granted open
+            if conn.unread_fds < FD_REPLY_CAP:
+                # What _send does when nothing is queued (the fast path's
+                # condition) and the peer may have this many replies unread.
+                try:
+                    self._send_now(conn, _REPLY_OK, fd)
+                except OSError as err:
+                    self._send_failed(conn, _REPLY_OK, fd, err)
+            else:
+                self._send(conn, _REPLY_OK, fd)
+        if conn.outq and conn.id in self._conns:
+            # Not read until the peer takes its reply, as _process does.
+            self._want(conn, 0 if conn.held else _OUT)
+        return True
 
     def _process(self, conn: Connection) -> None:
         for _ in range(self.batch):
@@ -494,6 +576,14 @@ class Broker:
             except Exception as err:  # a bug in the gate refuses; it never ends the broker
                 log.exception("deciding %r failed", request)
                 outcome = Outcome(result=-errno.EIO, reason=f"internal error: {err!r}")
+        if outcome.fd is not None and isinstance(request, OpenRequest):
+            self.gate.remember(request, outcome)  # only ever an open that was granted
+        self._deliver(conn, request, outcome)
+
+    def _deliver(
+        self, conn: Connection, request: OpenRequest | InvalidRequest, outcome: Outcome
+    ) -> None:
+        """Send ``outcome`` as the reply to ``request`` (either path's)."""
         conn.requests += 1
         result = outcome.result
         self._send(conn, _REPLY_OK if result == 0 else encode_reply(result), outcome.fd)
@@ -517,13 +607,17 @@ class Broker:
             return
         try:
             self._send_now(conn, data, fd)
-        except BlockingIOError:
-            conn.outq.append((data, fd))
         except OSError as err:
-            if err.errno == errno.ETOOMANYREFS:
-                conn.outq.append((data, fd))
-                self._too_many_refs(conn)
-                return
+            self._send_failed(conn, data, fd, err)
+
+    def _send_failed(self, conn: Connection, data: bytes, fd: int | None, err: OSError) -> None:
+        """A first try at sending a reply failed (nothing was sent): queue it, or drop ``conn``."""
+        if isinstance(err, BlockingIOError):
+            conn.outq.append((data, fd))
+        elif err.errno == errno.ETOOMANYREFS:
+            conn.outq.append((data, fd))
+            self._too_many_refs(conn)
+        else:
             if fd is not None:
                 os.close(fd)
             self._drop(conn, f"send failed: {err}")
@@ -539,7 +633,9 @@ class Broker:
 
     def _send_now(self, conn: Connection, data: bytes, fd: int | None) -> None:
         """Send one reply; on a partial send queue the rest (the fd has gone)."""
-        sent = conn.sock.sendmsg([data], rights(() if fd is None else (fd,)), _SEND_FLAGS)
+        sent = conn.sock.sendmsg(
+            [data], [] if fd is None else [(SOL_SOCKET, SCM_RIGHTS, _FD.pack(fd))], _SEND_FLAGS
+        )
         if fd is not None:
             os.close(fd)  # the peer has its own copy now
             conn.unread_fds += 1

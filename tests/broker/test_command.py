@@ -143,3 +143,26 @@ def test_policy_file_and_flags_add_up(tmp_path: Path) -> None:
     _, err = proc.communicate(timeout=10)
     assert proc.returncode == 0, err
     assert f"ro     {a}" in err and f"rw     {b}" in err  # the grants it serves, on startup
+
+
+def test_serving_imports_only_what_serving_needs(tmp_path: Path) -> None:
+    """A hooked QEMU's first open waits for the broker's imports (issue 17): none to spare."""
+    (tmp_path / "disk.img").write_bytes(b"x")
+    ours, theirs = socket.socketpair()
+    proc = subprocess.Popen(
+        [sys.executable, "-X", "importtime", *BROKER[1:], "--fd", str(theirs.fileno()),
+         "--allow-ro", str(tmp_path)],
+        pass_fds=[theirs.fileno()], stderr=subprocess.PIPE, text=True, cwd=tmp_path,
+    )  # fmt: skip
+    theirs.close()
+    with HookClient(ours, timeout=10) as client:
+        os.close(client.open(str(tmp_path / "disk.img"), os.O_RDONLY))
+    _, err = proc.communicate(timeout=30)
+    imported = {
+        line.split("|")[-1].strip() for line in err.splitlines() if line.startswith("import time:")
+    }
+    assert "testbed.broker.server" in imported  # the measurement saw the broker's imports
+    # json only for an audit file, tomllib only for --policy, no other part of the testbed
+    unneeded = {"json", "tomllib", "testbed.qemu", "testbed.block", "testbed.bench",
+                "testbed.compare", "testbed.guest", "testbed.supervise"}  # fmt: skip
+    assert imported & unneeded == set()
