@@ -25,12 +25,18 @@ def test_blockdev_without_any_qemu_skips_every_row_and_says_why(
     )
     env = Env(work_dir=tmp_path, file=make_file(tmp_path / "files"), warmup=0, qemu_version="7.2")
     services = Services(env, tmp_path / "qemu")
-    ctx = Context(plan=dataclasses.replace(QUICK, reps=1), env=env, services=services,
+    plan = dataclasses.replace(QUICK, reps=1, qemu_versions=("7.2", "10.0"))
+    ctx = Context(plan=plan, env=env, services=services,
                   qemu_root=tmp_path / "qemu", log=lambda m: None)  # fmt: skip
     try:
         out = blockdev.run(ctx)
     finally:
         services.close()
-    assert [r.transport for r in out.rows] == TRANSPORTS.names()
+    # every transport on every version, the version in the row
+    assert [(r.transport, r.qemu_version) for r in out.rows] == [
+        (t, v) for v in ("7.2", "10.0") for t in TRANSPORTS.names()
+    ]
     assert all("is not built" in r.skipped for r in out.rows)
-    assert set(out.missing) == {"qemu_hook_vs_path", "qemu_hook_c_vs_path"} and not out.ratios
+    keys = {"qemu_hook_vs_path", "qemu_hook_c_vs_path", "blockdev_add_supervised_vs_path"}
+    assert set(out.missing) == keys | {f"{k}@10.0" for k in keys} and not out.ratios
+    assert out.missing["qemu_hook_vs_path@10.0"] == "hook or path did not run on QEMU 10.0"

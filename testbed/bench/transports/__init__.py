@@ -25,6 +25,8 @@ from testbed.bench.env import Env
 from testbed.bench.qemurun import Launch
 from testbed.bench.qemus import Build, find_qemu, missing
 from testbed.bench.registry import Registry
+from testbed.broker import Policy
+from testbed.errors import UnknownPartError
 
 
 class Services:
@@ -39,6 +41,13 @@ class Services:
         self.env = env
         self.root = root
         self._broker: BrokerProcess | None = None
+        self._policy: Policy | None = None
+
+    def policy(self) -> Policy:
+        """What the seccomp supervisor grants: ``root`` (create), as the broker daemon's."""
+        if self._policy is None:
+            self._policy = Policy.from_grants(create=[str(self.root)])
+        return self._policy
 
     def broker(self) -> BrokerProcess:
         if self._broker is None:
@@ -68,19 +77,23 @@ class Transport(abc.ABC):
     what: ClassVar[str]
     build: ClassVar[Build] = Build.PATCHED
 
-    def binary(self, env: Env) -> Path:
-        return find_qemu(self.build, env.qemu_version)
+    def binary(self, version: str) -> Path:
+        """The QEMU it runs at ``version`` ("7.2", "10.0")."""
+        return find_qemu(self.build, version)
 
-    def unavailable(self, env: Env) -> str | None:
-        """Why this transport cannot run here (None: it can)."""
+    def unavailable(self, version: str) -> str | None:
+        """Why this transport cannot run here on QEMU ``version`` (None: it can)."""
         try:
-            return missing(self.binary(env), f"{self.build.value} QEMU {env.qemu_version}")
-        except KeyError as err:
+            return missing(self.binary(version), f"{self.build.value} QEMU {version}")
+        except UnknownPartError as err:
             return str(err)
 
     @abc.abstractmethod
-    def launch(self, services: Services, chain: Chain | None, later: Sequence[Path] = ()) -> Launch:
-        """``chain`` attached as node ``top`` at start; ``later`` files handed over at run time."""
+    def launch(
+        self, services: Services, chain: Chain | None, later: Sequence[Path] = (), *, version: str
+    ) -> Launch:
+        """``chain`` attached as node ``top`` at start; ``later`` files handed over at run time;
+        ``version`` is the QEMU's (for what the transport starts beside it)."""
 
 
 def chain_node(chain: Chain, filename: Sequence[str] | None = None) -> dict[str, Any]:
@@ -137,6 +150,8 @@ TRANSPORTS: Registry[Transport] = Registry(
         "fdset": "fdset",
         "path_flat": "path_flat",
         "path_debian": "path_debian",
+        "seccomp": "seccomp",
+        "seccomp_landlock": "seccomp_landlock",
     },
     Transport,
 )
