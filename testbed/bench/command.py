@@ -89,9 +89,11 @@ def _add_output_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--markdown",
         type=Path,
+        action="append",
         metavar="FILE",
-        help="write the results as markdown; in a FILE with the results markers "
-        "(docs/bench.md) only that section is replaced",
+        help="write the results as markdown (repeatable); in a FILE with the results markers "
+        "(docs/bench.md) only that section is replaced, in one with the ratios markers "
+        "(README.md) only the ratios table",
     )
     parser.add_argument(
         "--work-dir",
@@ -207,7 +209,7 @@ def run_command(args: argparse.Namespace) -> int:
     if args.plot:
         for path in report.write_plots(result, args.plot):
             log(f"wrote {path}")
-    if args.markdown:
-        report.write_markdown(result, args.markdown)
-        log(f"wrote the results section of {args.markdown}")
+    for path in args.markdown or ():
+        report.write_markdown(result, path)
+        log(f"wrote the results section of {path}")
     return 0

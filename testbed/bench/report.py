@@ -202,26 +202,29 @@ def _plot_latency(report: Report, plt: Any) -> tuple[str, Any] | None:
 
 BEGIN = "<!-- bench results: begin (testbed bench --markdown) -->"
 END = "<!-- bench results: end -->"
+#: the ratios alone (the README's table)
+RATIOS_BEGIN = "<!-- bench ratios: begin (testbed bench --markdown) -->"
+RATIOS_END = "<!-- bench ratios: end -->"
 
 
 def _md_cell(s: Spread, digits: int) -> str:
     return f"{_num(s.median, digits)} ({_num(s.low, digits)}-{_num(s.high, digits)})"
 
 
-def markdown(report: Report) -> str:
-    """The results section of docs/bench.md: the run, the goals, every experiment's table."""
+def _md_run(report: Report) -> str:
     m = report.machine
     la0, la1 = m.get("load_average_at_start"), m.get("load_average_at_end")
-    lines = [
-        BEGIN,
-        "",
+    versions = ", ".join(report.plan.qemu_versions)
+    return (
         f"Run of {m.get('date', '')}: {m.get('cpu_model')}, {m.get('nproc')} CPUs, kernel "
-        f"{m.get('kernel')}, Python {m.get('python')}; {report.plan.reps} interleaved "
-        f"repetitions; load average {la0} at start, {la1} at end; {report.wall_s:.0f} s.",
-        "",
-        "| ratio | goal | median | min-max | reps | met |",
-        "|---|---:|---:|---:|---:|---|",
-    ]
+        f"{m.get('kernel')}, Python {m.get('python')}; QEMU {versions}; {report.plan.reps} "
+        f"interleaved repetitions; load average {la0} at start, {la1} at end; "
+        f"{report.wall_s:.0f} s."
+    )
+
+
+def _md_ratios(report: Report) -> list[str]:
+    lines = ["| ratio | goal | median | min-max | reps | met |", "|---|---:|---:|---:|---:|---|"]
     for v in report.verdicts:
         if v.value is None:
             lines.append(f"| `{v.key}` | {v.text} | - | - | - | not measured: {v.reason} |")
@@ -231,6 +234,12 @@ def markdown(report: Report) -> str:
         lines.append(
             f"| `{v.key}` | {v.text} | {s.median:.3f} | {s.low:.3f}-{s.high:.3f} | {s.n} | {met} |"
         )
+    return lines
+
+
+def markdown(report: Report) -> str:
+    """The results section of docs/bench.md: the run, the ratios, every experiment's table."""
+    lines = [BEGIN, "", _md_run(report), "", *_md_ratios(report)]
     floor = report.floor.get("syscalls")
     if isinstance(floor, list):
         lines += ["", "`python_floor` per request: " + ", ".join(f"`{x}`" for x in floor) + "."]
@@ -241,6 +250,12 @@ def markdown(report: Report) -> str:
         lines += ["", f"**{name}** (median (min-max) over repetitions)", ""]
         lines += _md_rows(rows)
     lines += ["", END]
+    return "\n".join(lines) + "\n"
+
+
+def ratios_markdown(report: Report) -> str:
+    """The README's section: the run and the ratios table only."""
+    lines = [RATIOS_BEGIN, "", _md_run(report), "", *_md_ratios(report), "", RATIOS_END]
     return "\n".join(lines) + "\n"
 
 
@@ -263,14 +278,19 @@ def _md_rows(rows: list[Row]) -> list[str]:
 
 
 def write_markdown(report: Report, path: Path) -> None:
-    """Replace the results section of ``path`` (between the markers), or write it alone."""
-    section = markdown(report)
+    """Replace the section of ``path`` between the results markers (docs/bench.md: every
+    table) or the ratios markers (the README: the ratios), or write the results alone."""
     text = path.read_text(encoding="utf-8") if path.exists() else ""
-    if BEGIN in text and END in text:
-        head, _, rest = text.partition(BEGIN)
-        _, _, tail = rest.partition(END)
-        text = head + section.rstrip("\n") + tail
+    for begin, end, section in (
+        (BEGIN, END, markdown),
+        (RATIOS_BEGIN, RATIOS_END, ratios_markdown),
+    ):
+        if begin in text and end in text:
+            head, _, rest = text.partition(begin)
+            _, _, tail = rest.partition(end)
+            text = head + section(report).rstrip("\n") + tail
+            break
     else:
-        text = section
+        text = markdown(report)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text, encoding="utf-8")

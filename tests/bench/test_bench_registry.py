@@ -19,8 +19,8 @@ def test_every_registered_part_loads_under_its_name_in_order() -> None:
     assert SERVERS.names()[:4] == ["broker", "python_floor", "open_hook_server", "c_limit"]
     assert [s.name for s in SERVERS] == SERVERS.names()
     assert TRANSPORTS.names()[:4] == ["path", "hook", "hook_c", "fdset"]
-    assert TRANSPORTS.names()[-2:] == ["seccomp", "seccomp_landlock"]
-    assert SERVERS.names()[-1] == "seccomp"
+    assert {"seccomp", "seccomp_landlock"} <= set(TRANSPORTS.names())
+    assert "seccomp" in SERVERS.names()
     assert [e.name for e in EXPERIMENTS] == EXPERIMENTS.names() == [
         "pingpong", "sweep", "handover", "blockdev", "startup", "snapshot", "storm",
     ]  # fmt: skip

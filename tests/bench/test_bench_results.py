@@ -176,3 +176,19 @@ def test_markdown_replaces_only_the_results_section(tmp_path: Path) -> None:
     assert "| transport | QEMU | setting | ms |" in text
     assert "| path | 10.0 | blockdev-add p50, unpinned | 11.00 (10.00-12.00) |" in text
     assert text.count(BEGIN) == 1
+
+
+def test_markdown_in_a_file_with_the_ratios_markers_replaces_only_the_ratios(
+    tmp_path: Path,
+) -> None:
+    from testbed.bench.report import RATIOS_BEGIN, RATIOS_END, write_markdown
+
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# Testbed\n{RATIOS_BEGIN}\nold\n{RATIOS_END}\nmore\n")
+    write_markdown(fake_report(), readme)
+    text = readme.read_text()
+    assert text.startswith("# Testbed\n") and text.endswith(f"{RATIOS_END}\nmore\n")
+    assert "old" not in text and "QEMU 7.2;" in text
+    assert "| `broker_64_vs_broker_1` | >= 1 | 1.500 | 1.400-1.600 | 3 | yes |" in text
+    assert "| `seccomp_open_vs_plain` | information | - | - | - | not measured" in text
+    assert "**pingpong**" not in text  # the ratios only
