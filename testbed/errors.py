@@ -32,6 +32,14 @@
      +-- StraceParseError (also ValueError)  a line of strace output could not be read
      +-- TraceRecordError (also ValueError)  an open record is impossible (no flags, bad result)
      +-- IotestsError                  QEMU's iotests cannot be set up or run here
+     +-- BenchError                    the benchmark harness failed (not a slow figure)
+     |    +-- ReplyError               a bench client's reply was no success with one fd
+     |    +-- CBenchError              the compiled C benchmark failed or printed nonsense
+     |    +-- BrokerBenchError         a benchmarked server or its client processes failed
+     |    +-- SyscallTraceError        the broker's per-request syscalls could not be derived
+     |    +-- BenchUsageError (also ValueError)  a harness function got impossible arguments
+     |    +-- UnknownPartError (also KeyError)  no experiment, transport, server or ratio so named
+     |    +-- PartKindError (also TypeError)  a registered module's PART is not what it must be
      +-- SuperviseError                the seccomp supervisor could not start or serve
           +-- KernelFeatureError       the kernel lacks seccomp notification or Landlock
           +-- TargetError              reading the trapped thread failed; ``errno`` is the answer
@@ -42,8 +50,9 @@
 The "(also X)" classes keep the built-in class the code raised before they
 joined the tree, so a caller that caught ``ValueError`` still catches them.
 
-Two exceptions stay outside on purpose: ``broker/gate.py``'s ``_Refused``
-never leaves its module (control flow inside a path walk), and
+Three exceptions stay outside on purpose: ``broker/gate.py``'s ``_Refused``
+never leaves its module (control flow inside a path walk), nor does
+``bench/pyfloor.py``'s ``_Eof`` (the floor's loop ending on a closed peer), and
 ``libvirt/emulator.py``'s ``EmulatorRefusal`` is in a file that must import
 only the standard library (it runs as libvirt's emulator, without the venv).
 
@@ -325,3 +334,39 @@ class TraceRecordError(TestbedError, ValueError):
 
 class IotestsError(TestbedError):
     """QEMU's own iotests cannot be set up or run (source tree, tools, layout)."""
+
+
+class BenchError(TestbedError):
+    """The benchmark's harness failed: a measurement could not be taken (never "too slow")."""
+
+
+class ReplyError(BenchError):
+    """A bench client's reply from the broker was not a success carrying exactly one fd."""
+
+
+class CBenchError(BenchError):
+    """The compiled C benchmark (``c_limit.c``) failed or printed something unexpected."""
+
+
+class BrokerBenchError(BenchError):
+    """A benchmarked server (broker, floor, C server, supervisor) or a client failed in a run."""
+
+
+class SyscallTraceError(BenchError):
+    """An strace could not be turned into a per-request program the Python floor can run."""
+
+
+class BenchUsageError(BenchError, ValueError):
+    """A harness function was called with arguments it cannot take (no samples, 0 reps)."""
+
+
+class UnknownPartError(BenchError, KeyError):
+    """No benchmark part (experiment, transport, server, ratio) by that name; says the known."""
+
+    def __str__(self) -> str:
+        # KeyError's str() is the repr of its argument: keep the plain message
+        return str(self.args[0]) if self.args else ""
+
+
+class PartKindError(BenchError, TypeError):
+    """A registered module's ``PART`` has the wrong type or name (a bug in the registration)."""

@@ -31,11 +31,7 @@ from typing import Protocol
 from testbed.bench.client import ClientConfig, serve_harness
 from testbed.bench.placement import pin
 from testbed.bench.stats import RunFigures, run_figures
-from testbed.errors import TestbedError, WaitTimeout
-
-
-class BrokerBenchError(TestbedError):
-    """The broker or a client failed during a run."""
+from testbed.errors import BenchUsageError, BrokerBenchError, WaitTimeout
 
 
 def broker_argv(socket_path: str, allow_ro: Path) -> list[str]:
@@ -204,9 +200,9 @@ class ClientPool:
         ready_timeout: float = 60.0,
     ) -> None:  # fmt: skip
         if n < 1:
-            raise ValueError(f"client count {n} < 1")
+            raise BenchUsageError(f"client count {n} < 1")
         if broker.socket_path is None and n != 1:
-            raise ValueError(f"a server on one inherited socket takes one client, not {n}")
+            raise BenchUsageError(f"a server on one inherited socket takes one client, not {n}")
         self.broker = broker
         ctx = multiprocessing.get_context("fork")
         config = ClientConfig(

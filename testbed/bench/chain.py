@@ -12,7 +12,7 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
-from testbed.errors import BuildError, WaitTimeout
+from testbed.errors import BenchUsageError, BuildError, WaitTimeout
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -32,7 +32,7 @@ class Chain:
 def make_chain(root: Path, depth: int, *, qemu_img: str = "qemu-img", timeout: float = 60) -> Chain:
     """The chain of ``depth`` under ``root/depth-D`` (reused when already complete)."""
     if depth < 1:
-        raise ValueError(f"chain depth {depth} < 1")
+        raise BenchUsageError(f"chain depth {depth} < 1")
     tool = shutil.which(qemu_img)
     if tool is None:
         raise BuildError(f"{qemu_img} is not installed (Debian's qemu-utils): needed for chains")

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from multiprocessing.connection import Connection
 
 from testbed.bench.placement import pin
+from testbed.errors import ReplyError
 from testbed.protocol import QEMU_OPEN, REPLY_SIZE, encode_request
 
 OK_REPLY = struct.pack("=IIi", REPLY_SIZE, QEMU_OPEN, 0)
@@ -40,10 +41,6 @@ class ClientConfig:
     warmup: int
     cpu: int | None
     timeout: float = 10.0  # per reply: a stuck broker must not hang the bench
-
-
-class ReplyError(Exception):
-    """The broker's reply was not a success carrying one fd."""
 
 
 def one_op(sock: socket.socket, frame: bytes) -> None:

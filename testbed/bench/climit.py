@@ -8,26 +8,25 @@ figures come from this machine's compiler and kernel.
 from __future__ import annotations
 
 import array
+import contextlib
 import enum
+import os
 import shutil
 import subprocess
 import tempfile
+from collections.abc import Callable, Iterator
 from importlib import resources
 from pathlib import Path
 
 from testbed.bench.placement import Cpus
 from testbed.bench.stats import RunFigures, run_figures
-from testbed.errors import BuildError, TestbedError, WaitTimeout
+from testbed.errors import BuildError, CBenchError, WaitTimeout
 
 
 class CMode(enum.Enum):
     PINGPONG = "pingpong"  # request, open in a forked broker, SCM_RIGHTS reply, close
     FLOOR = "floor"  # open + close in the client itself
     PIDFD = "pidfd"  # pidfd_getfd(2) from a forked holder, close
-
-
-class CBenchError(TestbedError):
-    """The compiled C benchmark failed or printed something unexpected."""
 
 
 def compile_c_limit(out_dir: Path, *, cc: str = "cc", timeout: float = 120) -> Path:
@@ -53,6 +52,10 @@ def compile_c_limit(out_dir: Path, *, cc: str = "cc", timeout: float = 120) -> P
     return binary
 
 
+#: The words before c_limit's own (a supervisor), given the directory its output goes to.
+Wrapper = Callable[[Path], list[str]]
+
+
 def run_c(
     binary: Path,
     mode: CMode,
@@ -61,11 +64,17 @@ def run_c(
     seconds: float,
     warmup: int,
     cpus: Cpus,
+    wrapper: Wrapper | None = None,
 ) -> RunFigures:
-    """One repetition of ``mode`` on ``path`` for ``seconds`` after ``warmup`` ops."""
+    """One repetition of ``mode`` on ``path`` for ``seconds`` after ``warmup`` ops.
+
+    With ``wrapper``, c_limit runs under the command it gives (pinned where
+    the broker side would be); c_limit pins itself.
+    """
     with tempfile.TemporaryDirectory(prefix="c_limit.") as tmp:
         out = Path(tmp) / "latencies"
         argv = [
+            *(wrapper(Path(tmp)) if wrapper else ()),
             str(binary),
             mode.value,
             str(path),
@@ -77,7 +86,8 @@ def run_c(
         ]
         timeout = seconds + 60
         try:
-            proc = subprocess.run(argv, capture_output=True, text=True, timeout=timeout)
+            with inherited_affinity(cpus.broker if wrapper else None):
+                proc = subprocess.run(argv, capture_output=True, text=True, timeout=timeout)
         except subprocess.TimeoutExpired as err:
             raise WaitTimeout(f"c_limit {mode.value} to finish", timeout) from err
         if proc.returncode != 0:
@@ -89,6 +99,19 @@ def run_c(
         raise CBenchError(f"c_limit said ops={fields['ops']} but wrote {len(latencies)} samples")
     broker_cpu = fields["broker_cpu_s"] if mode is not CMode.FLOOR else None
     return run_figures(latencies, fields["seconds"], broker_cpu_s=broker_cpu)
+
+
+@contextlib.contextmanager
+def inherited_affinity(cpu: int | None) -> Iterator[None]:
+    """This thread pinned to ``cpu`` meanwhile, so that what it spawns starts there
+    (None: unchanged); its own affinity comes back afterwards."""
+    saved = os.sched_getaffinity(0)
+    try:
+        if cpu is not None:
+            os.sched_setaffinity(0, {cpu})
+        yield
+    finally:
+        os.sched_setaffinity(0, saved)
 
 
 def parse_summary(stdout: str) -> dict[str, float]:

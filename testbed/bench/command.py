@@ -10,44 +10,49 @@ from typing import Any
 
 from testbed.bench.qemus import DEFAULT_VERSION
 
+DESCRIPTION = """\
+Measure fd passing over -open-hook-fd and what it costs QEMU, as ratios taken in
+one run with the compared transports interleaved repetition by repetition.
+
+experiments (in order):
+  pingpong  one client vs the broker, the Python floor (the broker's syscalls,
+            from strace), the C open-hook-server and a C ping-pong; per placement;
+            and the seccomp supervisor serving a C child's openat+close loop
+  sweep     the broker with N clients (unpinned)
+  handover  the broker vs QMP add-fd + remove-fd, one fd per op, on every QEMU version
+  blockdev  blockdev-add of a file node by path, fd set, hook (Python, C), seccomp,
+            on every QEMU version, interleaved
+  startup   QEMU -S start to QMP greeting vs backing chain depth (plain, hook,
+            fd sets, supervised, supervised + Landlock)
+  snapshot  blockdev-snapshot-sync latency per transport
+  storm     1, 4, 16 QEMUs started at once: one broker daemon vs by path
+
+Each ratio is the median of per-repetition ratios, with its min-max; a ratio
+measured on several QEMU versions is KEY for the first version and KEY@VERSION
+for each other one.  --check-syscalls only traces the broker and the floor and
+compares their system calls per request (rerun it whenever the broker changes)."""
+
 
 def register(subparsers: Any) -> None:
     parser = subparsers.add_parser(
         "bench",
         help="fd-passing costs: broker vs Python floor and C, QEMU start-up, blockdev-add, storms",
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        description=(
-            "Measure fd passing over -open-hook-fd and what it costs QEMU, as ratios taken in\n"
-            "one run with the compared transports interleaved repetition by repetition.\n\n"
-            "experiments (in order):\n"
-            "  pingpong  one client vs the broker, the Python floor (the broker's syscalls,\n"
-            "            from strace), the C open-hook-server and a C ping-pong; per placement\n"
-            "  sweep     the broker with N clients (unpinned)\n"
-            "  handover  the broker vs QMP add-fd + remove-fd, one fd per op\n"
-            "  blockdev  blockdev-add of a file node by path, fd set, hook (Python, C)\n"
-            "  startup   QEMU -S start to QMP greeting vs backing chain depth\n"
-            "  snapshot  blockdev-snapshot-sync latency per transport\n"
-            "  storm     1, 4, 16 QEMUs started at once: one broker daemon vs by path\n\n"
-            "Each ratio of the goals table is the median of per-repetition ratios, with its\n"
-            "min-max. --check-syscalls only traces the broker and the floor and compares\n"
-            "their system calls per request (rerun it whenever the broker changes)."
-        ),
+        description=DESCRIPTION,
     )
+    _add_what_options(parser)
+    _add_output_options(parser)
+    parser.set_defaults(func=run_command)
+
+
+def _add_what_options(parser: argparse.ArgumentParser) -> None:
+    """What to measure, how often, and where."""
     parser.add_argument(
         "--quick",
         action="store_true",
         help="3 repetitions, short rounds: every ratio in under a minute",
     )
     parser.add_argument("--reps", type=int, metavar="N", help="repetitions (default 7; quick 3)")
-    parser.add_argument("--json", type=Path, metavar="FILE", help="write the results as JSON")
-    parser.add_argument("--plot", type=Path, metavar="DIR", help="write PNG plots into DIR")
-    parser.add_argument(
-        "--markdown",
-        type=Path,
-        metavar="FILE",
-        help="write the results as markdown; in a FILE with the results markers "
-        "(docs/bench.md) only that section is replaced",
-    )
     parser.add_argument("--only", metavar="EXP,EXP", help="run only these experiments")
     parser.add_argument(
         "--transports", metavar="T,T", help="QEMU transports to run (default: every registered one)"
@@ -57,8 +62,10 @@ def register(subparsers: Any) -> None:
     )
     parser.add_argument(
         "--qemu-version",
-        default=DEFAULT_VERSION,
-        help=f"which QEMU build to measure (default {DEFAULT_VERSION})",
+        metavar="V,V",
+        help="QEMU versions to measure, the first one for the plain ratio keys "
+        f"(default: every built version, {DEFAULT_VERSION} first; blockdev and handover "
+        "run on all of them, the other experiments on the first)",
     )
     parser.add_argument(
         "--qemu-placement",
@@ -73,13 +80,27 @@ def register(subparsers: Any) -> None:
         action="store_true",
         help="compare the floor's per-request syscalls with the broker's, and exit",
     )
+
+
+def _add_output_options(parser: argparse.ArgumentParser) -> None:
+    """Where the results and the working files go."""
+    parser.add_argument("--json", type=Path, metavar="FILE", help="write the results as JSON")
+    parser.add_argument("--plot", type=Path, metavar="DIR", help="write PNG plots into DIR")
+    parser.add_argument(
+        "--markdown",
+        type=Path,
+        action="append",
+        metavar="FILE",
+        help="write the results as markdown (repeatable); in a FILE with the results markers "
+        "(docs/bench.md) only that section is replaced, in one with the ratios markers "
+        "(README.md) only the ratios table",
+    )
     parser.add_argument(
         "--work-dir",
         type=Path,
         default=Path("build/bench"),
         help="C program, chains and files go here (default build/bench)",
     )
-    parser.set_defaults(func=run_command)
 
 
 def parse_list(text: str, option: str, *, known: list[str] | None = None) -> tuple[str, ...]:
@@ -109,24 +130,22 @@ def plan_from(args: argparse.Namespace) -> Any:
     from testbed.bench.experiments import EXPERIMENTS
     from testbed.bench.placement import Placement
     from testbed.bench.plan import FULL, QUICK
-    from testbed.bench.qemus import versions
+    from testbed.bench.qemus import default_versions, versions
     from testbed.bench.transports import TRANSPORTS
 
     plan = QUICK if args.quick else FULL
-    changes: dict[str, Any] = {
-        "qemu_version": args.qemu_version,
-        "qemu_placement": Placement(args.qemu_placement),
-    }
-    if args.qemu_version not in versions():
-        raise argparse.ArgumentTypeError(
-            f"--qemu-version {args.qemu_version}: known {', '.join(versions())}"
-        )
+    changes: dict[str, Any] = {"qemu_placement": Placement(args.qemu_placement)}
+    if args.qemu_version:
+        wanted = parse_list(args.qemu_version.replace(" ", ","), "--qemu-version", known=versions())
+        changes["qemu_versions"] = tuple(dict.fromkeys(wanted))  # once each, in order
+    else:
+        changes["qemu_versions"] = default_versions()
     if args.reps is not None:
         if args.reps < 1:
             raise argparse.ArgumentTypeError(f"--reps {args.reps}: need at least 1")
         changes["reps"] = args.reps
     if args.only:
-        changes["experiments"] = parse_list(args.only, "--only", known=list(EXPERIMENTS))
+        changes["experiments"] = parse_list(args.only, "--only", known=EXPERIMENTS.names())
     if args.transports:
         changes["transports"] = parse_list(
             args.transports, "--transports", known=TRANSPORTS.names()
@@ -140,7 +159,8 @@ def check_syscalls(work_dir: Path) -> int:
     from testbed.bench.env import Env
     from testbed.bench.runner import derive_floor, make_file
     from testbed.bench.servers import floor_argv
-    from testbed.bench.syscalls import SyscallTraceError, compare, per_request, trace_server
+    from testbed.bench.syscalls import compare, per_request, trace_server
+    from testbed.errors import SyscallTraceError
 
     file = make_file(work_dir / "files")
     try:
@@ -189,7 +209,7 @@ def run_command(args: argparse.Namespace) -> int:
     if args.plot:
         for path in report.write_plots(result, args.plot):
             log(f"wrote {path}")
-    if args.markdown:
-        report.write_markdown(result, args.markdown)
-        log(f"wrote the results section of {args.markdown}")
+    for path in args.markdown or ():
+        report.write_markdown(result, path)
+        log(f"wrote the results section of {path}")
     return 0

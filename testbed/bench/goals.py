@@ -1,8 +1,12 @@
-"""The issue's goals: one table, each ratio the median of per-repetition ratios.
+"""The ratios, issue 16's goals and information: each the median of per-repetition ratios.
 
-The JSON's ``ratios`` object has exactly the keys of :data:`GOALS`, each
-with its median, min, max, number of repetitions, goal and whether it was
-met (``null`` with a reason when a side was not measured).
+The JSON's ``ratios`` object has the keys of :data:`GOALS` then those of
+:data:`INFORMATION` (no goal: ``"goal": "information"``, ``"met": null``),
+each with its median, min, max, number of repetitions, goal and whether it
+was met (``null`` with a reason when a side was not measured).  A ratio
+measured on several QEMU versions keeps its key for the run's first
+version and gains ``KEY@VERSION`` entries for the others, right after it
+(:func:`testbed.bench.qemus.versioned`).
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from testbed.bench.stats import Spread, spread
+from testbed.errors import UnknownPartError
 
 
 class Op(enum.StrEnum):
@@ -53,23 +58,66 @@ GOALS: tuple[Goal, ...] = (
          what="p99 latency at 64 clients / (64 / throughput)"),
 )  # fmt: skip
 
-KEYS = tuple(g.key for g in GOALS)
+
+@dataclass(frozen=True, kw_only=True)
+class Information:
+    """A ratio reported without a goal (what it is, for the reader to judge)."""
+
+    key: str
+    what: str
+
+
+INFORMATION: tuple[Information, ...] = (
+    Information(key="seccomp_open_vs_plain",
+                what="time per openat+close of a C child: under the supervisor / unsupervised "
+                     "(same core)"),
+    Information(key="seccomp_open_vs_hook_c",
+                what="time per open: the supervised C child's openat+close / one hook round trip "
+                     "to the C open-hook-server (same core)"),
+    Information(key="seccomp_open_vs_hook",
+                what="time per open: the supervised C child's openat+close / one hook round trip "
+                     "to the Python broker (same core)"),
+    Information(key="startup_supervised_vs_plain",
+                what="start to QMP greeting, chain depth 1, stock QEMU: under the supervisor / "
+                     "plain"),
+    Information(key="startup_landlock_vs_plain",
+                what="start to QMP greeting, chain depth 1, stock QEMU: under the supervisor and "
+                     "Landlock / plain"),
+    Information(key="blockdev_add_supervised_vs_path",
+                what="blockdev-add of a file node, stock QEMU: under the supervisor / by path"),
+)  # fmt: skip
+
+KEYS = tuple(g.key for g in GOALS) + tuple(i.key for i in INFORMATION)
+_WHAT: dict[str, Goal | Information] = {g.key: g for g in GOALS} | {i.key: i for i in INFORMATION}
+
+
+def base_key(key: str) -> str:
+    """``qemu_hook_vs_path@10.0`` -> ``qemu_hook_vs_path``."""
+    return key.partition("@")[0]
 
 
 @dataclass(frozen=True, kw_only=True)
 class Verdict:
-    goal: Goal
+    key: str  # the ratio's key, ``@VERSION`` included
+    goal: Goal | None  # None: an information ratio
+    what: str
     value: Spread | None
     reason: str = ""  # why there is no value
 
     @property
     def met(self) -> bool | None:
-        return None if self.value is None else self.goal.holds(self.value.median)
+        if self.value is None or self.goal is None:
+            return None
+        return self.goal.holds(self.value.median)
 
-    def as_json(self) -> dict[str, object]:
-        d: dict[str, object] = {"goal": self.goal.text, "met": self.met, "what": self.goal.what}
+    @property
+    def text(self) -> str:
+        return "information" if self.goal is None else self.goal.text
+
+    def to_json(self) -> dict[str, object]:
+        d: dict[str, object] = {"goal": self.text, "met": self.met, "what": self.what}
         if self.value is not None:
-            d.update(self.value.as_json())
+            d.update(self.value.to_json())
         else:
             d["not_measured"] = self.reason
         return d
@@ -78,16 +126,25 @@ class Verdict:
 def judge(
     per_rep: Mapping[str, Sequence[float]], missing: Mapping[str, str] | None = None
 ) -> list[Verdict]:
-    """A verdict per goal from its per-repetition ratios (``missing``: key -> why absent)."""
-    unknown = set(per_rep) - set(KEYS)
+    """A verdict per ratio from its per-repetition values (``missing``: key -> why absent).
+
+    Every key of :data:`KEYS` gets one, in that order, each followed by its
+    ``@VERSION`` entries that were measured or are missing.
+    """
+    missing = missing or {}
+    unknown = {k for k in (*per_rep, *missing) if base_key(k) not in _WHAT}
     if unknown:
-        raise KeyError(f"ratios {sorted(unknown)} are not goals of the benchmark")
+        raise UnknownPartError(f"ratios {sorted(unknown)} are not ratios of the benchmark")
     out = []
-    for g in GOALS:
-        values = per_rep.get(g.key)
-        if values:
-            out.append(Verdict(goal=g, value=spread(values)))
-        else:
-            why = (missing or {}).get(g.key, "not measured in this run")
-            out.append(Verdict(goal=g, value=None, reason=why))
+    for key in KEYS:
+        versions = [k for k in dict.fromkeys((*per_rep, *missing)) if base_key(k) == key != k]
+        for k in (key, *versions):
+            ratio = _WHAT[key]
+            goal = ratio if isinstance(ratio, Goal) else None
+            values = per_rep.get(k)
+            if values:
+                out.append(Verdict(key=k, goal=goal, what=ratio.what, value=spread(values)))
+            else:
+                why = missing.get(k, "not measured in this run")
+                out.append(Verdict(key=k, goal=goal, what=ratio.what, value=None, reason=why))
     return out

@@ -11,6 +11,8 @@ import statistics
 from collections.abc import Awaitable, Callable, Mapping
 from typing import TypeVar
 
+from testbed.errors import BenchUsageError
+
 T = TypeVar("T")
 Log = Callable[[str], None]
 
@@ -20,7 +22,7 @@ def interleave(
 ) -> dict[str, list[T]]:
     """Run every arm once per repetition, in the mapping's order, ``reps`` times."""
     if reps < 1:
-        raise ValueError(f"{reps} repetitions")
+        raise BenchUsageError(f"{reps} repetitions")
     out: dict[str, list[T]] = {name: [] for name in arms}
     for rep in range(reps):
         if log is not None:
@@ -36,7 +38,7 @@ async def ainterleave(
 ) -> dict[str, list[T]]:  # fmt: skip
     """:func:`interleave` for coroutine arms (one at a time, never concurrently)."""
     if reps < 1:
-        raise ValueError(f"{reps} repetitions")
+        raise BenchUsageError(f"{reps} repetitions")
     out: dict[str, list[T]] = {name: [] for name in arms}
     for rep in range(reps):
         if log is not None:
@@ -57,7 +59,7 @@ async def ainterleave_rounds(
     load then spreads over every arm instead of landing on one arm's batch.
     """
     if rounds < 1:
-        raise ValueError(f"{rounds} rounds per repetition")
+        raise BenchUsageError(f"{rounds} rounds per repetition")
 
     def one_rep(_rep: int) -> Callable[[], Awaitable[dict[str, float]]]:
         async def run() -> dict[str, float]:

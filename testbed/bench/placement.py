@@ -11,6 +11,8 @@ import enum
 import os
 from dataclasses import dataclass
 
+from testbed.errors import BenchUsageError
+
 
 class Placement(enum.Enum):
     SAME_CORE = "same-core"  # broker and client(s) pinned to one CPU
@@ -34,7 +36,7 @@ def cpus_for(placement: Placement, usable: set[int] | None = None) -> Cpus:
     if placement is Placement.SAME_CORE:
         return Cpus(broker=cpus[0], client=cpus[0])
     if len(cpus) < 2:
-        raise ValueError(f"cross-core placement needs two usable CPUs, have {cpus}")
+        raise BenchUsageError(f"cross-core placement needs two usable CPUs, have {cpus}")
     return Cpus(broker=cpus[0], client=cpus[1])
 
 

@@ -21,14 +21,21 @@ class Plan:
     storm_sizes: tuple[int, ...] = (1, 4, 16)
     storm_depth: int = 4
     snapshot_depth: int = 4
-    qemu_version: str = DEFAULT_VERSION
+    #: QEMU versions, the first is the run's primary one: blockdev and handover run on
+    #: every one (interleaved), the other QEMU experiments on the first
+    qemu_versions: tuple[str, ...] = (DEFAULT_VERSION,)
     #: where the harness, QEMU and its broker run for blockdev, startup and snapshot
     #: (the storm and the handover are always unpinned)
     qemu_placement: Placement = Placement.UNPINNED
     experiments: tuple[str, ...] | None = None  # None: all
     transports: tuple[str, ...] | None = None  # QEMU transports; None: all registered
 
-    def as_json(self) -> dict[str, object]:
+    @property
+    def qemu_version(self) -> str:
+        """The primary version: the plain ratio keys are its, ``KEY@V`` the others'."""
+        return self.qemu_versions[0]
+
+    def to_json(self) -> dict[str, object]:
         d = asdict(self)
         d["qemu_placement"] = self.qemu_placement.value
         return d

@@ -25,7 +25,8 @@ import struct
 import sys
 from collections.abc import Callable, Sequence
 
-from testbed.bench.syscalls import Kind, Program, Step, SyscallTraceError
+from testbed.bench.syscalls import Kind, Program, Step
+from testbed.errors import SyscallTraceError
 
 SYS_OPENAT2 = 437
 REPLY_OK = struct.pack("=IIi", 12, 1, 0)
@@ -80,6 +81,12 @@ def _closure(
     step: Step, sock: socket.socket, ep: select.epoll, fds: dict[str, int], data: list[bytes],
     cut: int, openat2: Callable[..., int],
 ) -> Callable[[], None]:  # fmt: skip
+    """The closure that issues ``step``, with everything it needs bound beforehand.
+
+    Long because it is one small closure per :class:`Kind`, each binding its
+    call and arguments to locals so that the timed loop does no lookups;
+    a table of factories would only move the same branches apart.
+    """
     k, role, flags, target = step.kind, step.fd, step.flags, step.target
     if k is Kind.WAIT:
         poll = ep.poll

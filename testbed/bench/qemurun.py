@@ -26,9 +26,12 @@ from typing import Any
 
 from qemu.qmp import QMPClient
 
-from testbed.errors import LaunchError, QEMUError, WaitTimeout
+from testbed.errors import LaunchError, QEMUError, SuperviseError, WaitTimeout
 
 COMMAND_TIMEOUT = 20.0  # per QMP command: a wedged QEMU must not hang the bench
+
+#: What starts QEMU: ``subprocess.Popen`` itself, or a supervisor's ``popen``.
+Popener = Callable[..., "subprocess.Popen[bytes]"]
 
 
 def _nothing() -> None:
@@ -43,6 +46,8 @@ class Launch:
     a snapshot overlay) to the name QEMU must be given for it.
     ``spawned`` runs right after the spawn (close the harness's copies of
     descriptors QEMU inherited); ``finished`` after QEMU has exited.
+    ``popen`` starts the process (``subprocess.Popen``'s arguments): the
+    seccomp transports start QEMU through their supervisor's.
     """
 
     args: tuple[str, ...] = ()
@@ -51,6 +56,7 @@ class Launch:
     names: dict[Path, str] = field(default_factory=dict)
     spawned: Callable[[], None] = _nothing
     finished: Callable[[], None] = _nothing
+    popen: Popener = subprocess.Popen
 
     def name(self, path: Path) -> str:
         return self.names.get(path, str(path))
@@ -81,13 +87,19 @@ class Spawned:
         )
         self.t0 = time.monotonic()
         try:
-            self.proc = subprocess.Popen(
+            self.proc = launch.popen(
                 self.argv, pass_fds=fds, stdin=subprocess.DEVNULL, stdout=self.log,
                 stderr=subprocess.STDOUT,
             )  # fmt: skip
+        except SuperviseError:
+            self.sock.close()
+            self.log.close()
+            launch.finished()
+            raise
         except OSError as err:
             self.sock.close()
             self.log.close()
+            launch.finished()
             raise LaunchError(f"cannot run {binary}: {err}", argv=self.argv, exitcode=None,
                               log="") from err  # fmt: skip
         finally:

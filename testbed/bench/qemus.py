@@ -10,7 +10,8 @@ from __future__ import annotations
 import enum
 from pathlib import Path
 
-from testbed.qemu import Kind, binaries, qemu_binary
+from testbed.errors import UnknownPartError
+from testbed.qemu import Kind, binaries, built_versions, qemu_binary
 from testbed.qemu.versions import VERSIONS
 
 
@@ -27,16 +28,32 @@ def versions() -> list[str]:
     return list(VERSIONS)
 
 
+def default_versions() -> tuple[str, ...]:
+    """Every built version, :data:`DEFAULT_VERSION` first (just it when none is built,
+    so that the rows say what is missing)."""
+    built = built_versions()
+    rest = tuple(v for v in built if v != DEFAULT_VERSION)
+    return (DEFAULT_VERSION, *rest) if DEFAULT_VERSION in built or not rest else rest
+
+
+def versioned(key: str, version: str, primary: str) -> str:
+    """A ratio's key on ``version``: ``key`` itself on the run's primary version,
+    ``key@version`` on any other."""
+    return key if version == primary else f"{key}@{version}"
+
+
 def find_qemu(build: Build, version: str = DEFAULT_VERSION) -> Path:
     """The ``qemu-system-x86_64`` of ``build`` at ``version`` (it may not be built yet)."""
     if version not in VERSIONS:
-        raise KeyError(f"no QEMU {version} known to the benchmark (known: {', '.join(VERSIONS)})")
+        raise UnknownPartError(
+            f"no QEMU {version} known to the benchmark (known: {', '.join(VERSIONS)})"
+        )
     return qemu_binary(version, build.value)
 
 
 def find_open_hook_server(version: str = DEFAULT_VERSION) -> Path:
     if version not in VERSIONS:
-        raise KeyError(f"no open-hook-server for QEMU {version} known to the benchmark")
+        raise UnknownPartError(f"no open-hook-server for QEMU {version} known to the benchmark")
     return qemu_binary(version, Kind.OPEN_HOOK_SERVER)
 
 

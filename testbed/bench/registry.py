@@ -12,6 +12,8 @@ import importlib
 from collections.abc import Iterator, Mapping
 from typing import Any, Generic, TypeVar
 
+from testbed.errors import PartKindError, UnknownPartError
+
 T = TypeVar("T")
 
 
@@ -32,16 +34,16 @@ class Registry(Generic[T]):
         """The part called ``name``; ``KeyError`` names the known ones."""
         if name not in self._modules:
             known = ", ".join(self._modules)
-            raise KeyError(f"no {self._kind.__name__} {name!r} (known: {known})")
+            raise UnknownPartError(f"no {self._kind.__name__} {name!r} (known: {known})")
         if name not in self._loaded:
             module = importlib.import_module(f"{self.package}.{self._modules[name]}")
             part = getattr(module, "PART", None)
             if not isinstance(part, self._kind):
-                raise TypeError(
+                raise PartKindError(
                     f"{module.__name__}.PART is {type(part).__name__}, not {self._kind.__name__}"
                 )
             if getattr(part, "name", name) != name:
-                raise TypeError(
+                raise PartKindError(
                     f"{module.__name__}.PART is named {getattr(part, 'name', '')!r}, "
                     f"registered as {name!r}"
                 )

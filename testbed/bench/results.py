@@ -6,6 +6,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from testbed.bench.stats import RunFigures, Spread, spread
+from testbed.errors import BenchUsageError
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -17,17 +18,25 @@ class Row:
     setting: str  # "same-core", "depth 64", "16 QEMUs", ...
     figures: dict[str, Spread] = field(default_factory=dict)
     skipped: str = ""
+    qemu_version: str = ""  # the QEMU it ran ("" for rows without one)
 
-    def as_json(self) -> dict[str, object]:
+    @property
+    def key(self) -> tuple[str, str, str, str]:
+        """What tells this row from every other one of a run."""
+        return (self.experiment, self.transport, self.qemu_version, self.setting)
+
+    def to_json(self) -> dict[str, object]:
         d: dict[str, object] = {
             "experiment": self.experiment,
             "transport": self.transport,
             "setting": self.setting,
         }
+        if self.qemu_version:
+            d["qemu_version"] = self.qemu_version
         if self.skipped:
             d["skipped"] = self.skipped
         else:
-            d["figures"] = {k: v.as_json(2) for k, v in self.figures.items()}
+            d["figures"] = {k: v.to_json(2) for k, v in self.figures.items()}
         return d
 
 
@@ -65,6 +74,6 @@ def server_cpu_us(runs: Sequence[RunFigures]) -> list[float]:
     out = []
     for r in runs:
         if r.broker_cpu_s is None or not r.ops:
-            raise ValueError("a repetition without the server's CPU time")
+            raise BenchUsageError("a repetition without the server's CPU time")
         out.append(1e6 * r.broker_cpu_s / r.ops)
     return out

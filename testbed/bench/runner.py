@@ -9,7 +9,6 @@ becomes skipped rows naming the error, and the others still run.
 
 from __future__ import annotations
 
-import importlib
 import sys
 import time
 from collections.abc import Callable
@@ -19,12 +18,12 @@ from pathlib import Path
 from testbed.bench import hostinfo
 from testbed.bench.climit import compile_c_limit
 from testbed.bench.env import Env
-from testbed.bench.experiments import EXPERIMENTS, Context
+from testbed.bench.experiments import EXPERIMENTS, Context, Experiment
 from testbed.bench.goals import Verdict, judge
 from testbed.bench.placement import Placement, cpus_for
 from testbed.bench.plan import Plan
 from testbed.bench.results import Outcome, Row
-from testbed.bench.syscalls import Derived, SyscallTraceError, per_request, trace_server
+from testbed.bench.syscalls import Derived, per_request, trace_server
 from testbed.bench.transports import Services
 from testbed.errors import TestbedError
 
@@ -40,14 +39,14 @@ class Report:
     floor: dict[str, object] = field(default_factory=dict)
     wall_s: float = 0.0
 
-    def as_json(self) -> dict[str, object]:
+    def to_json(self) -> dict[str, object]:
         return {
             "machine": self.machine,
-            "plan": self.plan.as_json(),
+            "plan": self.plan.to_json(),
             "placement": placement_note(self.plan),
             "python_floor": self.floor,
-            "results": [r.as_json() for r in self.outcome.rows],
-            "ratios": {v.goal.key: v.as_json() for v in self.verdicts},
+            "results": [r.to_json() for r in self.outcome.rows],
+            "ratios": {v.key: v.to_json() for v in self.verdicts},
             "extra": self.outcome.extra,
             "wall_s": round(self.wall_s, 2),
         }
@@ -109,7 +108,7 @@ def make_env(plan: Plan, work_dir: Path, log: Log) -> tuple[Env, dict[str, objec
             "requests_traced": derived.segments,
             "requests_matching": derived.matching,
         }
-    except (SyscallTraceError, TestbedError, OSError) as err:
+    except (TestbedError, OSError) as err:
         floor_error = str(err)
         floor = {"error": floor_error}
     env = Env(
@@ -117,6 +116,22 @@ def make_env(plan: Plan, work_dir: Path, log: Log) -> tuple[Env, dict[str, objec
         c_limit=c_limit, c_limit_error=c_error, floor_program=program, floor_error=floor_error,
     )  # fmt: skip
     return env, floor
+
+
+def run_one(experiment: Experiment, ctx: Context) -> Outcome:
+    """One experiment's outcome; a failure becomes a skipped row naming the error."""
+    name = experiment.name
+    t0 = time.monotonic()
+    try:
+        outcome = experiment.run(ctx)
+    except (TestbedError, OSError) as err:
+        ctx.log(f"{name}: FAILED: {err}")
+        outcome = Outcome(rows=[Row(experiment=name, transport="-", setting="-",
+                                    skipped=f"failed: {err}".splitlines()[0])])  # fmt: skip
+        for key in experiment.keys:
+            outcome.missing[key] = f"{name} failed: {err}"
+    ctx.log(f"{name}: {time.monotonic() - t0:.1f}s")
+    return outcome
 
 
 def run(plan: Plan, work_dir: Path, log: Log) -> Report:
@@ -127,21 +142,9 @@ def run(plan: Plan, work_dir: Path, log: Log) -> Report:
     qemu_root.mkdir(parents=True, exist_ok=True)
     services = Services(env, qemu_root)
     ctx = Context(plan=plan, env=env, services=services, qemu_root=qemu_root, log=log)
-    names = list(plan.experiments) if plan.experiments else list(EXPERIMENTS)
     try:
-        for name in names:
-            module = importlib.import_module(f"testbed.bench.experiments.{EXPERIMENTS[name]}")
-            t0 = time.monotonic()
-            try:
-                outcome: Outcome = module.run(ctx)
-            except (TestbedError, OSError) as err:
-                log(f"{name}: FAILED: {err}")
-                outcome = Outcome(rows=[Row(experiment=name, transport="-", setting="-",
-                                            skipped=f"failed: {err}".splitlines()[0])])  # fmt: skip
-                for key in getattr(module, "KEYS", ()):
-                    outcome.missing[key] = f"{name} failed: {err}"
-            log(f"{name}: {time.monotonic() - t0:.1f}s")
-            report.outcome.merge(outcome)
+        for experiment in EXPERIMENTS.select(list(plan.experiments) if plan.experiments else None):
+            report.outcome.merge(run_one(experiment, ctx))
     finally:
         services.close()
     report.verdicts = judge(report.outcome.ratios, report.outcome.missing)

@@ -13,6 +13,8 @@ import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from testbed.errors import BenchUsageError
+
 
 def percentile(sorted_values: Sequence[float], q: float) -> float:
     """The ``q``-th percentile (0..100) of already sorted values, nearest-rank.
@@ -20,9 +22,9 @@ def percentile(sorted_values: Sequence[float], q: float) -> float:
     Nearest-rank keeps every reported latency one that really happened.
     """
     if not sorted_values:
-        raise ValueError("percentile of no samples")
+        raise BenchUsageError("percentile of no samples")
     if not 0 <= q <= 100:
-        raise ValueError(f"percentile {q} outside 0..100")
+        raise BenchUsageError(f"percentile {q} outside 0..100")
     rank = max(1, math.ceil(q / 100 * len(sorted_values)))
     return float(sorted_values[rank - 1])
 
@@ -48,7 +50,7 @@ def run_figures(
 ) -> RunFigures:
     """Summarise one repetition's per-op latencies over ``seconds`` of wall time."""
     if seconds <= 0:
-        raise ValueError(f"run of {seconds} s")
+        raise BenchUsageError(f"run of {seconds} s")
     ordered = sorted(latencies_ns)
     return RunFigures(
         ops=len(ordered),
@@ -82,7 +84,7 @@ class Summary:
 def summarise(runs: Sequence[RunFigures]) -> Summary:
     """Median of each figure across repetitions; ops/s spread as min and max."""
     if not runs:
-        raise ValueError("summary of no runs")
+        raise BenchUsageError("summary of no runs")
     rates = [r.ops_per_s for r in runs]
     cpu = [1e6 * r.broker_cpu_s / r.ops for r in runs if r.broker_cpu_s is not None and r.ops]
     return Summary(
@@ -106,7 +108,7 @@ class Spread:
     high: float
     n: int
 
-    def as_json(self, digits: int = 4) -> dict[str, float | int]:
+    def to_json(self, digits: int = 4) -> dict[str, float | int]:
         return {
             "median": round(self.median, digits),
             "min": round(self.low, digits),
@@ -117,7 +119,7 @@ class Spread:
 
 def spread(values: Sequence[float]) -> Spread:
     if not values:
-        raise ValueError("spread of no values")
+        raise BenchUsageError("spread of no values")
     return Spread(
         median=statistics.median(values), low=min(values), high=max(values), n=len(values)
     )
@@ -130,7 +132,7 @@ def paired_ratios(num: Sequence[float], den: Sequence[float]) -> list[float]:
     not an infinite ratio.
     """
     if len(num) != len(den):
-        raise ValueError(f"{len(num)} numerators against {len(den)} denominators")
+        raise BenchUsageError(f"{len(num)} numerators against {len(den)} denominators")
     if any(d == 0 for d in den):
-        raise ValueError("a repetition with a zero denominator")
+        raise BenchUsageError("a repetition with a zero denominator")
     return [a / b for a, b in zip(num, den, strict=True)]

@@ -43,7 +43,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from testbed.errors import TestbedError, WaitTimeout
+from testbed.errors import SyscallTraceError, WaitTimeout
 from testbed.protocol import encode_request, format_flags
 
 RESOLVE_NAMES = {
@@ -71,10 +71,6 @@ def _names(value: int, table: dict[str, int]) -> str:
 
 #: Calls that wait for the next request: they open a request's segment.
 WAITS = frozenset({"epoll_wait", "epoll_pwait", "epoll_pwait2", "poll", "ppoll", "select"})
-
-
-class SyscallTraceError(TestbedError):
-    """An strace could not be turned into a per-request program the floor can run."""
 
 
 class Kind(enum.StrEnum):
@@ -117,7 +113,7 @@ class Step:
             return f"fcntl({self.fd}, {command}, {format_flags(self.flags)})"
         return f"{k.value}({self.fd})"
 
-    def as_json(self) -> dict[str, object]:
+    def to_json(self) -> dict[str, object]:
         d = asdict(self)
         d["kind"] = self.kind.value
         return d
@@ -250,7 +246,12 @@ class _Roles:
 
 
 def to_step(call: Call, roles: _Roles) -> Step:
-    """The :class:`Step` for one steady-state call, or SyscallTraceError."""
+    """The :class:`Step` for one steady-state call, or SyscallTraceError.
+
+    Long because it is one branch per system call the floor can issue, each
+    reading that call's strace arguments; split up, the per-call parsing
+    would be spread over as many functions that only this one calls.
+    """
     if call.result < 0:
         raise SyscallTraceError(f"{call.name} failed ({call.result}) in the steady state")
     a = call.args

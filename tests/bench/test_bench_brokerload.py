@@ -6,8 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from testbed.bench.brokerload import BrokerBenchError, BrokerProcess, ClientPool
+from testbed.bench.brokerload import BrokerProcess, ClientPool
 from testbed.bench.runner import make_file
+from testbed.errors import BrokerBenchError
 
 
 def test_clients_run_timed_rounds(tmp_path: Path) -> None:

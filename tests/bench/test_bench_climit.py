@@ -7,8 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from testbed.bench.climit import CBenchError, CMode, compile_c_limit, parse_summary, run_c
+from testbed.bench.climit import CMode, compile_c_limit, parse_summary, run_c
 from testbed.bench.placement import Placement, cpus_for
+from testbed.errors import CBenchError
 from testbed.pytest_plugin import require
 
 

@@ -6,6 +6,7 @@ import argparse
 
 import pytest
 
+from testbed.bench import qemus
 from testbed.bench.command import parse_clients, plan_from
 from testbed.cli import build_parser
 
@@ -43,10 +44,32 @@ def test_options_narrow_the_plan() -> None:
     [
         (("--only", "pingpong,nfs"), "--only: unknown nfs"),
         (("--transports", "carrier-pigeon"), "--transports: unknown carrier-pigeon"),
-        (("--qemu-version", "1.0"), "--qemu-version 1.0: known 7.2"),
+        (("--qemu-version", "1.0"), r"--qemu-version: unknown 1\.0 \(known: 7\.2, 10\.0\)"),
+        (("--qemu-version", ","), "--qemu-version .*empty list"),
         (("--reps", "0"), "--reps 0"),
     ],
 )
 def test_bad_options_are_named(argv: tuple[str, ...], message: str) -> None:
     with pytest.raises(argparse.ArgumentTypeError, match=message):
         plan(*argv)
+
+
+def test_qemu_versions_are_listed_first_one_primary() -> None:
+    p = plan("--qemu-version", "10.0,7.2,10.0")
+    assert p.qemu_versions == ("10.0", "7.2") and p.qemu_version == "10.0"
+
+
+@pytest.mark.parametrize(
+    ("built", "expected"),
+    [(("7.2", "10.0"), ("7.2", "10.0")), (("10.0",), ("10.0",)), ((), ("7.2",))],
+)
+def test_by_default_every_built_version_the_default_first(
+    monkeypatch: pytest.MonkeyPatch, built: tuple[str, ...], expected: tuple[str, ...]
+) -> None:
+    monkeypatch.setattr(qemus, "built_versions", lambda: built)
+    assert plan().qemu_versions == expected
+
+
+def test_a_ratio_key_carries_the_version_but_on_the_primary_one() -> None:
+    assert qemus.versioned("qemu_hook_vs_path", "7.2", "7.2") == "qemu_hook_vs_path"
+    assert qemus.versioned("qemu_hook_vs_path", "10.0", "7.2") == "qemu_hook_vs_path@10.0"

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from testbed.bench import qemus
+from testbed.bench.experiments import EXPERIMENTS
 from testbed.bench.registry import Registry
 from testbed.bench.servers import SERVERS, PingPong
 from testbed.bench.transports import TRANSPORTS, Transport
@@ -18,6 +19,11 @@ def test_every_registered_part_loads_under_its_name_in_order() -> None:
     assert SERVERS.names()[:4] == ["broker", "python_floor", "open_hook_server", "c_limit"]
     assert [s.name for s in SERVERS] == SERVERS.names()
     assert TRANSPORTS.names()[:4] == ["path", "hook", "hook_c", "fdset"]
+    assert {"seccomp", "seccomp_landlock"} <= set(TRANSPORTS.names())
+    assert "seccomp" in SERVERS.names()
+    assert [e.name for e in EXPERIMENTS] == EXPERIMENTS.names() == [
+        "pingpong", "sweep", "handover", "blockdev", "startup", "snapshot", "storm",
+    ]  # fmt: skip
     assert [t.name for t in TRANSPORTS] == TRANSPORTS.names()
     assert all(isinstance(t, Transport) for t in TRANSPORTS)
     assert all(isinstance(s, PingPong) for s in SERVERS)
@@ -71,16 +77,17 @@ def test_qemu_binaries_come_from_one_function_keyed_by_version() -> None:
 def test_a_transport_whose_binary_is_missing_says_so(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
-    from testbed.bench.env import Env
+    from testbed.qemu import qemu_binary as real
 
     missing_qemu = tmp_path / "build" / "qemu" / "bin" / "qemu-system-x86_64"
-    real = qemus.qemu_binary
     monkeypatch.setattr(
         qemus,
         "qemu_binary",
         lambda version, kind: missing_qemu if kind == "patched" else real(version, kind),
     )
-    env = Env(work_dir=tmp_path, file=tmp_path / "f", warmup=0, qemu_version="7.2")
-    why = TRANSPORTS.get("hook").unavailable(env)
+    why = TRANSPORTS.get("hook").unavailable("7.2")
     assert why == f"patched QEMU 7.2 {missing_qemu} is not built (make qemu)"
-    assert TRANSPORTS.get("hook_c").unavailable(env) is not None
+    assert TRANSPORTS.get("hook_c").unavailable("7.2") is not None
+    assert TRANSPORTS.get("hook").unavailable("9.9") == (
+        "no QEMU 9.9 known to the benchmark (known: 7.2, 10.0)"
+    )

@@ -20,13 +20,13 @@ from testbed.bench.servers import floor_argv
 from testbed.bench.syscalls import (
     Kind,
     Step,
-    SyscallTraceError,
     compare,
     parse_strace,
     per_request,
     split_args,
     trace_server,
 )
+from testbed.errors import SyscallTraceError
 from testbed.pytest_plugin import require
 
 TODAY = """\
@@ -107,7 +107,7 @@ def test_a_server_that_served_nothing_is_an_error() -> None:
 
 def test_programs_round_trip_through_json() -> None:
     d = per_request(parse_strace(trace_of(HARDENED)))
-    back = tuple(Step.from_json(json.loads(json.dumps(s.as_json()))) for s in d.program)
+    back = tuple(Step.from_json(json.loads(json.dumps(s.to_json()))) for s in d.program)
     assert back == d.program
     assert compare(d.program, back) == []
     assert compare(d.program, back[:-1])  # a missing close is a difference

@@ -15,11 +15,14 @@ import pytest
 from testbed.bench.chain import make_chain
 from testbed.bench.env import Env
 from testbed.bench.qemurun import started, storm
+from testbed.bench.qemus import versions
 from testbed.bench.runner import make_file
 from testbed.bench.transports import TRANSPORTS, Services
 from testbed.pytest_plugin import require
 
 pytestmark = [pytest.mark.qemu, pytest.mark.slow]
+
+VERSION = "7.2"  # the storm's; every transport is opened on every registered version
 
 
 @pytest.fixture
@@ -40,18 +43,19 @@ def test_a_chain_is_made_with_relative_backing_names(services: Services) -> None
     assert make_chain(services.root / "chains", 3) == chain  # made once
 
 
+@pytest.mark.parametrize("version", versions())
 @pytest.mark.parametrize("name", TRANSPORTS.names())
-def test_each_transport_opens_the_whole_chain(services: Services, name: str) -> None:
+def test_each_transport_opens_the_whole_chain(services: Services, name: str, version: str) -> None:
     transport = TRANSPORTS.get(name)
-    why = transport.unavailable(services.env)
+    why = transport.unavailable(version)
     require(why is None, str(why))
     chain = make_chain(services.root / "chains", 3)
     later = services.root / "later.img"
     later.write_bytes(bytes(4096))
 
     async def go() -> tuple[int, float, str]:
-        launch = transport.launch(services, chain, [later])
-        async with started(transport.binary(services.env), launch) as q:
+        launch = transport.launch(services, chain, [later], version=version)
+        async with started(transport.binary(version), launch) as q:
             nodes = await q.execute("query-named-block-nodes", {"flat": True})
             node = {"driver": "file", "filename": launch.name(later), "node-name": "x",
                     "read-only": True}  # fmt: skip
@@ -66,8 +70,8 @@ def test_each_transport_opens_the_whole_chain(services: Services, name: str) -> 
 
 def test_a_storm_waits_for_every_greeting(services: Services) -> None:
     path = TRANSPORTS.get("hook")
-    require(path.unavailable(services.env) is None, "the patched QEMU")
+    require(path.unavailable(VERSION) is None, "the patched QEMU")
     chains = [make_chain(services.root / f"vm{i}", 2) for i in range(3)]
-    launches = [path.launch(services, c) for c in chains]
-    seconds = asyncio.run(storm(path.binary(services.env), launches))
+    launches = [path.launch(services, c, version=VERSION) for c in chains]
+    seconds = asyncio.run(storm(path.binary(VERSION), launches))
     assert 0 < seconds < 60

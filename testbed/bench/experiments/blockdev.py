@@ -1,11 +1,15 @@
-"""``blockdev-add`` of a read-only ``file`` node (then ``blockdev-del``), every transport.
+"""``blockdev-add`` of a read-only ``file`` node (then ``blockdev-del``), every transport,
+on every QEMU version of the plan.
 
-One QEMU per transport runs for the whole experiment; each repetition is
-``blockdev_ops`` rounds of one add + del per transport in turn (A B C A B C
-within the repetition too).  The figure is ``blockdev-add`` alone (the
-repetition's median): what attaching a disk costs.
-``qemu_hook_vs_path`` and ``qemu_hook_c_vs_path`` pair each repetition's
-hook figure with the by-path one.
+One QEMU per (transport, version) runs for the whole experiment; each
+repetition is ``blockdev_ops`` rounds of one add + del per arm in turn (A B
+C A B C within the repetition too, the versions side by side).  The figure
+is ``blockdev-add`` alone (the repetition's median): what attaching a disk
+costs.  Per version, ``qemu_hook_vs_path`` and ``qemu_hook_c_vs_path`` pair
+each repetition's hook figure with the by-path one (same patched binary),
+``blockdev_add_supervised_vs_path`` the supervised stock binary's with the
+same binary by path (``path_debian``); the run's first version has the
+plain keys, the others ``KEY@VERSION``.
 """
 
 from __future__ import annotations
@@ -15,15 +19,21 @@ import contextlib
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
-from testbed.bench.experiments import Context
-from testbed.bench.experiments.qemus_alive import placed, start_all, usable
+from testbed.bench.experiments import Context, Experiment
+from testbed.bench.experiments.qemus_alive import arm_key, placed, split_key, start_all, usable
 from testbed.bench.interleave import ainterleave_rounds
 from testbed.bench.qemurun import Launch, Qemu
+from testbed.bench.qemus import versioned
 from testbed.bench.results import Outcome, Row
 from testbed.bench.stats import paired_ratios, spread
 
 NAME = "blockdev"
-RATIOS = {"qemu_hook_vs_path": "hook", "qemu_hook_c_vs_path": "hook_c"}
+#: ratio key -> (numerator, denominator) transports, per version
+RATIOS = {
+    "qemu_hook_vs_path": ("hook", "path"),
+    "qemu_hook_c_vs_path": ("hook_c", "path"),
+    "blockdev_add_supervised_vs_path": ("seccomp", "path_debian"),
+}
 KEYS = tuple(RATIOS)
 
 
@@ -49,17 +59,17 @@ def add_del(qemu: Qemu, launch: Launch, file: Path) -> Callable[[], Awaitable[fl
 
 
 async def measure(ctx: Context, out: Outcome) -> dict[str, list[float]]:
-    transports = usable(ctx, NAME, out.rows, "1 node")
+    arms = usable(ctx, NAME, out.rows, "1 node", ctx.plan.qemu_versions)
     file = bench_file(ctx.qemu_root)
     async with contextlib.AsyncExitStack() as stack:
-        later = {t.name: [file] for t in transports}
-        running = await start_all(stack, ctx, transports, {}, later)
-        arms = {name: add_del(q, la, file) for name, (q, la) in running.items()}
-        for op in arms.values():
+        later = {t.name: [file] for t, _ in arms}
+        running = await start_all(stack, ctx, arms, {}, later)
+        ops = {key: add_del(q, la, file) for key, (q, la) in running.items()}
+        for op in ops.values():
             for _ in range(10):  # warm-up
                 await op()
         return await ainterleave_rounds(
-            ctx.plan.reps, ctx.plan.blockdev_ops, arms, log=ctx.log, label="blockdev-add"
+            ctx.plan.reps, ctx.plan.blockdev_ops, ops, log=ctx.log, label="blockdev-add"
         )
 
 
@@ -67,12 +77,20 @@ def run(ctx: Context) -> Outcome:
     out = Outcome()
     with placed(ctx, ctx.plan.qemu_placement) as where:
         runs = asyncio.run(measure(ctx, out))
-    for name, secs in runs.items():
+    for key, secs in runs.items():
+        name, version = split_key(key)
         out.rows.append(Row(experiment=NAME, transport=name, setting=f"blockdev-add p50, {where}",
-                            figures={"ms": spread([1000 * s for s in secs])}))  # fmt: skip
-    for key, hook in RATIOS.items():
-        if hook in runs and "path" in runs:
-            out.ratios[key] = paired_ratios(runs[hook], runs["path"])
-        else:
-            out.missing[key] = f"{hook} or path did not run"
+                            figures={"ms": spread([1000 * s for s in secs])},
+                            qemu_version=version))  # fmt: skip
+    for version in ctx.plan.qemu_versions:
+        for key, (num, den) in RATIOS.items():
+            ratio = versioned(key, version, ctx.plan.qemu_version)
+            a, b = runs.get(arm_key(num, version)), runs.get(arm_key(den, version))
+            if a and b:
+                out.ratios[ratio] = paired_ratios(a, b)
+            else:
+                out.missing[ratio] = f"{num} or {den} did not run on QEMU {version}"
     return out
+
+
+PART = Experiment(name=NAME, run=run, keys=KEYS)

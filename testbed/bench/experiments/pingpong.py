@@ -4,7 +4,10 @@ Every registered server (:data:`testbed.bench.servers.SERVERS`) is started
 once per placement and kept; then each repetition runs one round of every
 (placement, server) in turn.  ``broker_cpu_vs_python_floor`` pairs the
 broker's and the floor's server CPU per request of the same repetition,
-both pinned with their client to one core.  The unpinned broker rounds are
+both pinned with their client to one core.  The ``seccomp_open_vs_*``
+ratios divide the supervised C child's time per ``openat`` + ``close`` by
+``c_floor``'s (the same child unsupervised), ``open_hook_server``'s and the
+broker's time per round trip, all on one core.  The unpinned broker rounds are
 not reused elsewhere: :mod:`.handover` interleaves its own.
 """
 
@@ -14,7 +17,7 @@ import contextlib
 import os
 from collections.abc import Callable
 
-from testbed.bench.experiments import Context
+from testbed.bench.experiments import Context, Experiment
 from testbed.bench.interleave import interleave
 from testbed.bench.placement import Placement, cpus_for
 from testbed.bench.results import Outcome, Row, figures_of, server_cpu_us
@@ -22,7 +25,13 @@ from testbed.bench.servers import SERVERS, Session
 from testbed.bench.stats import RunFigures, paired_ratios
 
 NAME = "pingpong"
-KEYS = ("broker_cpu_vs_python_floor",)
+#: ratio key -> the server whose time per open divides the supervised child's
+SECCOMP = {
+    "seccomp_open_vs_plain": "c_floor",
+    "seccomp_open_vs_hook_c": "open_hook_server",
+    "seccomp_open_vs_hook": "broker",
+}
+KEYS = ("broker_cpu_vs_python_floor", *SECCOMP)
 
 
 def placements() -> list[Placement]:
@@ -69,4 +78,16 @@ def run(ctx: Context) -> Outcome:
         out.ratios[key] = paired_ratios(server_cpu_us(broker), server_cpu_us(floor))
     else:
         out.missing[key] = "the broker or the Python floor did not run on one core"
+    seccomp = runs.get(f"seccomp@{same}")
+    for key, other in SECCOMP.items():
+        them = runs.get(f"{other}@{same}")
+        if seccomp and them:
+            # time per op is 1 / ops_per_s: seccomp's over theirs
+            out.ratios[key] = paired_ratios([r.ops_per_s for r in them],
+                                            [r.ops_per_s for r in seccomp])  # fmt: skip
+        else:
+            out.missing[key] = f"seccomp or {other} did not run on one core"
     return out
+
+
+PART = Experiment(name=NAME, run=run, keys=KEYS)

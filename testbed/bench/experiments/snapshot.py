@@ -17,8 +17,8 @@ import shutil
 from pathlib import Path
 
 from testbed.bench.chain import make_chain
-from testbed.bench.experiments import Context
-from testbed.bench.experiments.qemus_alive import placed, start_all, usable
+from testbed.bench.experiments import Context, Experiment
+from testbed.bench.experiments.qemus_alive import placed, split_key, start_all, usable
 from testbed.bench.interleave import ainterleave
 from testbed.bench.qemurun import Launch, Qemu
 from testbed.bench.results import Outcome, Row
@@ -32,11 +32,11 @@ def overlays(root: Path, transport: str, reps: int) -> list[Path]:
 
 
 async def measure(ctx: Context, out: Outcome) -> dict[str, list[float]]:
-    transports = usable(ctx, NAME, out.rows, f"depth {ctx.plan.snapshot_depth}")
+    arms = usable(ctx, NAME, out.rows, f"depth {ctx.plan.snapshot_depth}")
     shutil.rmtree(ctx.qemu_root / "overlays", ignore_errors=True)
     chains = {}
     later: dict[str, list[Path]] = {}
-    for t in transports:
+    for t, _ in arms:
         chains[t.name] = make_chain(ctx.qemu_root / "snapshot" / t.name, ctx.plan.snapshot_depth)
         later[t.name] = overlays(ctx.qemu_root, t.name, ctx.plan.reps)
         later[t.name][0].parent.mkdir(parents=True)
@@ -44,7 +44,7 @@ async def measure(ctx: Context, out: Outcome) -> dict[str, list[float]]:
             for p in later[t.name]:
                 p.touch()  # libvirt creates what it will pass
     async with contextlib.AsyncExitStack() as stack:
-        running = await start_all(stack, ctx, transports, dict(chains), later)
+        running = await start_all(stack, ctx, arms, dict(chains), later)
         for qemu, _ in running.values():
             # A node nobody holds goes away once a snapshot replaces it: a raw
             # filter on top holds the chain, as a device would.
@@ -60,11 +60,11 @@ async def measure(ctx: Context, out: Outcome) -> dict[str, list[float]]:
             }
             return await qemu.timed("blockdev-snapshot-sync", args)
 
-        arms = {
-            name: (lambda rep, n=name, q=q, la=la: snap(n, rep, q, la))
-            for name, (q, la) in running.items()
-        }
-        return await ainterleave(ctx.plan.reps, arms, log=ctx.log, label="snapshot")
+        snaps = {}
+        for key, (q, la) in running.items():
+            name = split_key(key)[0]
+            snaps[name] = lambda rep, n=name, q=q, la=la: snap(n, rep, q, la)
+        return await ainterleave(ctx.plan.reps, snaps, log=ctx.log, label="snapshot")
 
 
 def run(ctx: Context) -> Outcome:
@@ -74,11 +74,15 @@ def run(ctx: Context) -> Outcome:
     for name, secs in runs.items():
         out.rows.append(Row(experiment=NAME, transport=name,
                             setting=f"depth {ctx.plan.snapshot_depth}+, {where}",
-                            figures={"ms": spread([1000 * s for s in secs])}))  # fmt: skip
+                            figures={"ms": spread([1000 * s for s in secs])},
+                            qemu_version=ctx.plan.qemu_version))  # fmt: skip
     if "path" in runs:
         out.extra["snapshot_vs_path"] = {
-            n: spread([a / b for a, b in zip(s, runs["path"], strict=True)]).as_json(3)
+            n: spread([a / b for a, b in zip(s, runs["path"], strict=True)]).to_json(3)
             for n, s in runs.items()
             if n != "path"
         }
     return out
+
+
+PART = Experiment(name=NAME, run=run, keys=())

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 
 from testbed.bench.chain import make_chain
-from testbed.bench.experiments import Context
+from testbed.bench.experiments import Context, Experiment
 from testbed.bench.experiments.qemus_alive import placed, usable
 from testbed.bench.interleave import ainterleave
 from testbed.bench.placement import Placement
@@ -26,7 +26,10 @@ KEYS = (KEY,)
 
 
 async def measure(ctx: Context, out: Outcome) -> dict[str, list[float]]:
-    transports = [t for t in usable(ctx, NAME, out.rows, "storm") if t.name in ARMS]
+    skipped: list[Row] = []
+    transports = [t for t, _ in usable(ctx, NAME, skipped, "storm") if t.name in ARMS]
+    out.rows += [r for r in skipped if r.transport in ARMS]  # the others never storm
+    version = ctx.plan.qemu_version
     top = max(ctx.plan.storm_sizes)
     chains = [
         make_chain(ctx.qemu_root / "storm" / f"vm{i}", ctx.plan.storm_depth) for i in range(top)
@@ -35,8 +38,8 @@ async def measure(ctx: Context, out: Outcome) -> dict[str, list[float]]:
 
     async def one(t_name: str, n: int) -> float:
         t = next(x for x in transports if x.name == t_name)
-        launches = [t.launch(ctx.services, chains[i]) for i in range(n)]
-        return await storm(t.binary(ctx.env), launches)
+        launches = [t.launch(ctx.services, chains[i], version=version) for i in range(n)]
+        return await storm(t.binary(version), launches)
 
     arms = {
         f"{t.name}@{n}": (lambda _rep, name=t.name, n=n: one(name, n))
@@ -53,9 +56,13 @@ def run(ctx: Context) -> Outcome:
     for key, secs in runs.items():
         name, _, n = key.partition("@")
         out.rows.append(Row(experiment=NAME, transport=name, setting=f"{n} QEMUs, {where}",
-                            figures={"ms": spread([1000 * s for s in secs])}))  # fmt: skip
+                            figures={"ms": spread([1000 * s for s in secs])},
+                            qemu_version=ctx.plan.qemu_version))  # fmt: skip
     if "hook@16" in runs and "path@16" in runs:
         out.ratios[KEY] = paired_ratios(runs["hook@16"], runs["path@16"])
     else:
         out.missing[KEY] = "the 16-QEMU storm did not run for both hook and path"
     return out
+
+
+PART = Experiment(name=NAME, run=run, keys=KEYS)

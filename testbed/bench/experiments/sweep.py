@@ -13,7 +13,7 @@ from __future__ import annotations
 import contextlib
 
 from testbed.bench.brokerload import BrokerProcess, ClientPool
-from testbed.bench.experiments import Context
+from testbed.bench.experiments import Context, Experiment
 from testbed.bench.interleave import interleave
 from testbed.bench.placement import Placement
 from testbed.bench.results import Outcome, Row, figures_of
@@ -45,3 +45,6 @@ def run(ctx: Context) -> Outcome:
     out.ratios["broker_64_p99_vs_littles_mean"] = [r.p99_us / (64 / r.ops_per_s * 1e6) for r in top]
     out.extra["sweep_placement"] = Placement.UNPINNED.value
     return out
+
+
+PART = Experiment(name=NAME, run=run, keys=KEYS)

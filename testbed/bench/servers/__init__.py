@@ -71,7 +71,7 @@ def broker_session(env: Env, cpus: Cpus) -> PooledSession:
 
 def floor_argv(env: Env) -> list[str]:
     assert env.floor_program is not None
-    program = json.dumps([s.as_json() for s in env.floor_program])
+    program = json.dumps([s.to_json() for s in env.floor_program])
     return [
         sys.executable, "-m", "testbed.bench.pyfloor",
         "--fd", "{fd}", "--root", str(env.file.parent), "--program", program,
@@ -87,6 +87,7 @@ SERVERS: Registry[PingPong] = Registry(
         "c_limit": "c_limit",
         "c_floor": "c_floor",
         "c_pidfd": "c_pidfd",
+        "seccomp": "seccomp",
     },
     PingPong,
 )

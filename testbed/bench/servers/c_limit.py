@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from testbed.bench.climit import CMode, run_c
+from testbed.bench.climit import CMode, Wrapper, run_c
 from testbed.bench.env import Env
 from testbed.bench.placement import Cpus
 from testbed.bench.servers import PingPong, Session
@@ -10,14 +10,17 @@ from testbed.bench.stats import RunFigures
 
 
 class CSession:
-    def __init__(self, env: Env, cpus: Cpus, mode: CMode = CMode.PINGPONG) -> None:
+    def __init__(
+        self, env: Env, cpus: Cpus, mode: CMode = CMode.PINGPONG, *, wrapper: Wrapper | None = None
+    ) -> None:
         assert env.c_limit is not None
         self.env, self.cpus, self.binary, self.mode = env, cpus, env.c_limit, mode
+        self.wrapper = wrapper
 
     def round(self, seconds: float) -> RunFigures:
         return run_c(
             self.binary, self.mode, self.env.file, seconds=seconds,
-            warmup=self.env.warmup, cpus=self.cpus,
+            warmup=self.env.warmup, cpus=self.cpus, wrapper=self.wrapper,
         )  # fmt: skip
 
     def close(self) -> None:

@@ -10,6 +10,7 @@ from testbed.bench.env import Env
 from testbed.bench.placement import Cpus
 from testbed.bench.qemus import find_open_hook_server, missing
 from testbed.bench.servers import PingPong, Session, spawned
+from testbed.errors import UnknownPartError
 
 
 class OpenHookServer(PingPong):
@@ -19,7 +20,7 @@ class OpenHookServer(PingPong):
     def unavailable(self, env: Env) -> str | None:
         try:
             return missing(find_open_hook_server(env.qemu_version), "open-hook-server")
-        except KeyError as err:
+        except UnknownPartError as err:
             return str(err)
 
     def open(self, env: Env, cpus: Cpus) -> Session:

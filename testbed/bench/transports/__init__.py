@@ -15,7 +15,9 @@ import json
 import os
 import socket
 import sys
+import tomllib
 from collections.abc import Sequence
+from importlib import resources
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -25,6 +27,9 @@ from testbed.bench.env import Env
 from testbed.bench.qemurun import Launch
 from testbed.bench.qemus import Build, find_qemu, missing
 from testbed.bench.registry import Registry
+from testbed.broker import Policy
+from testbed.errors import UnknownPartError
+from testbed.supervise.profile import DEFAULT_PROFILE, SystemProfile, profile_from_mapping
 
 
 class Services:
@@ -39,6 +44,35 @@ class Services:
         self.env = env
         self.root = root
         self._broker: BrokerProcess | None = None
+        self._policy: Policy | None = None
+        self._profiles: dict[str, SystemProfile] = {}
+
+    def policy(self) -> Policy:
+        """What the seccomp supervisor grants: ``root`` (create), as the broker daemon's."""
+        if self._policy is None:
+            self._policy = Policy.from_grants(create=[str(self.root)])
+        return self._policy
+
+    def profile(self, binary: Path) -> SystemProfile:
+        """The supervisor's system profile for ``binary``: the default one, plus the
+        binary's installation prefix read-only when that is not ``/usr``.  A build of
+        ours looks for ``<prefix>/etc/qemu/qemu.conf`` (and treats EACCES on it as
+        fatal, where an absent file under a profile grant is ENOENT) and for its
+        firmware under ``<prefix>/share/qemu``; Debian's is covered already."""
+        prefix = str(Path(os.path.realpath(binary)).parent.parent)
+        if prefix not in self._profiles:
+            data = tomllib.loads(
+                resources.files("testbed.supervise").joinpath("profiles", f"{DEFAULT_PROFILE}.toml")
+                .read_text(encoding="utf-8")
+            )  # fmt: skip
+            if prefix != "/usr":
+                data.setdefault("grant", []).append(
+                    {"path": prefix, "access": "ro", "hardlinks": True}
+                )
+            self._profiles[prefix] = profile_from_mapping(
+                data, name=f"{DEFAULT_PROFILE}+{prefix}", source=f"bench profile for {binary}"
+            )
+        return self._profiles[prefix]
 
     def broker(self) -> BrokerProcess:
         if self._broker is None:
@@ -68,19 +102,23 @@ class Transport(abc.ABC):
     what: ClassVar[str]
     build: ClassVar[Build] = Build.PATCHED
 
-    def binary(self, env: Env) -> Path:
-        return find_qemu(self.build, env.qemu_version)
+    def binary(self, version: str) -> Path:
+        """The QEMU it runs at ``version`` ("7.2", "10.0")."""
+        return find_qemu(self.build, version)
 
-    def unavailable(self, env: Env) -> str | None:
-        """Why this transport cannot run here (None: it can)."""
+    def unavailable(self, version: str) -> str | None:
+        """Why this transport cannot run here on QEMU ``version`` (None: it can)."""
         try:
-            return missing(self.binary(env), f"{self.build.value} QEMU {env.qemu_version}")
-        except KeyError as err:
+            return missing(self.binary(version), f"{self.build.value} QEMU {version}")
+        except UnknownPartError as err:
             return str(err)
 
     @abc.abstractmethod
-    def launch(self, services: Services, chain: Chain | None, later: Sequence[Path] = ()) -> Launch:
-        """``chain`` attached as node ``top`` at start; ``later`` files handed over at run time."""
+    def launch(
+        self, services: Services, chain: Chain | None, later: Sequence[Path] = (), *, version: str
+    ) -> Launch:
+        """``chain`` attached as node ``top`` at start; ``later`` files handed over at run time;
+        ``version`` is the QEMU's (for what the transport starts beside it)."""
 
 
 def chain_node(chain: Chain, filename: Sequence[str] | None = None) -> dict[str, Any]:
@@ -137,6 +175,8 @@ TRANSPORTS: Registry[Transport] = Registry(
         "fdset": "fdset",
         "path_flat": "path_flat",
         "path_debian": "path_debian",
+        "seccomp": "seccomp",
+        "seccomp_landlock": "seccomp_landlock",
     },
     Transport,
 )

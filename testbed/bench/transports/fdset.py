@@ -27,7 +27,9 @@ class FdSet(Transport):
     name = "fdset"
     what = "fd sets: -add-fd per layer, the chain spelled out as /dev/fdset/N"
 
-    def launch(self, services: Services, chain: Chain | None, later: Sequence[Path] = ()) -> Launch:
+    def launch(
+        self, services: Services, chain: Chain | None, later: Sequence[Path] = (), *, version: str
+    ) -> Launch:
         fds: list[int] = []
         args: list[str] = []
         names: dict[Path, str] = {}

@@ -17,7 +17,9 @@ class Hook(Transport):
     name = "hook"
     what = "-open-hook-fd to the Python broker (one daemon, a connection per QEMU)"
 
-    def launch(self, services: Services, chain: Chain | None, later: Sequence[Path] = ()) -> Launch:
+    def launch(
+        self, services: Services, chain: Chain | None, later: Sequence[Path] = (), *, version: str
+    ) -> Launch:
         sock = services.connect()
         return Launch(
             args=blockdev_args(chain_node(chain)) if chain else (),

@@ -15,10 +15,10 @@ from pathlib import Path
 from testbed.bench.brokerload import SpawnedServer
 from testbed.bench.chain import Chain
 from testbed.bench.client import one_op
-from testbed.bench.env import Env
 from testbed.bench.qemurun import Launch
 from testbed.bench.qemus import find_open_hook_server, missing
 from testbed.bench.transports import Services, Transport, blockdev_args, chain_node
+from testbed.errors import UnknownPartError
 from testbed.protocol import encode_request
 
 
@@ -26,15 +26,17 @@ class HookC(Transport):
     name = "hook_c"
     what = "-open-hook-fd to contrib/open-hook-server (C), one per QEMU"
 
-    def unavailable(self, env: Env) -> str | None:
+    def unavailable(self, version: str) -> str | None:
         try:
-            server = find_open_hook_server(env.qemu_version)
-        except KeyError as err:
+            server = find_open_hook_server(version)
+        except UnknownPartError as err:
             return str(err)
-        return super().unavailable(env) or missing(server, "open-hook-server")
+        return super().unavailable(version) or missing(server, f"open-hook-server {version}")
 
-    def launch(self, services: Services, chain: Chain | None, later: Sequence[Path] = ()) -> Launch:
-        binary = find_open_hook_server(services.env.qemu_version)
+    def launch(
+        self, services: Services, chain: Chain | None, later: Sequence[Path] = (), *, version: str
+    ) -> Launch:
+        binary = find_open_hook_server(version)
         root = str(services.root)
         argv = [str(binary), "--root", root, "--log", "/dev/null", "--fd", "{fd}"]
         server = SpawnedServer(argv, cpu=None)

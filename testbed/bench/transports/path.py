@@ -18,7 +18,9 @@ class ByPath(Transport):
     name = "path"
     what = "QEMU opens by path (patched build, no -open-hook-fd)"
 
-    def launch(self, services: Services, chain: Chain | None, later: Sequence[Path] = ()) -> Launch:
+    def launch(
+        self, services: Services, chain: Chain | None, later: Sequence[Path] = (), *, version: str
+    ) -> Launch:
         return Launch(args=blockdev_args(chain_node(chain)) if chain else ())
 
 

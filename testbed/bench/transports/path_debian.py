@@ -16,7 +16,9 @@ class ByPathDebian(Transport):
     what = "QEMU opens by path (Debian's qemu-system-x86_64)"
     build = Build.STOCK
 
-    def launch(self, services: Services, chain: Chain | None, later: Sequence[Path] = ()) -> Launch:
+    def launch(
+        self, services: Services, chain: Chain | None, later: Sequence[Path] = (), *, version: str
+    ) -> Launch:
         return Launch(args=blockdev_args(chain_node(chain)) if chain else ())
 
 

@@ -19,7 +19,9 @@ class ByPathFlat(Transport):
     name = "path_flat"
     what = "QEMU opens by path, the chain given as flat -blockdev nodes (as for fd sets)"
 
-    def launch(self, services: Services, chain: Chain | None, later: Sequence[Path] = ()) -> Launch:
+    def launch(
+        self, services: Services, chain: Chain | None, later: Sequence[Path] = (), *, version: str
+    ) -> Launch:
         return Launch(args=flat_chain_args([str(p) for p in chain.layers]) if chain else ())
 
 
