@@ -15,9 +15,7 @@ import json
 import os
 import socket
 import sys
-import tomllib
 from collections.abc import Sequence
-from importlib import resources
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -29,7 +27,6 @@ from testbed.bench.qemus import Build, find_qemu, missing
 from testbed.bench.registry import Registry
 from testbed.broker import Policy
 from testbed.errors import UnknownPartError
-from testbed.supervise.profile import DEFAULT_PROFILE, SystemProfile, profile_from_mapping
 
 
 class Services:
@@ -45,34 +42,12 @@ class Services:
         self.root = root
         self._broker: BrokerProcess | None = None
         self._policy: Policy | None = None
-        self._profiles: dict[str, SystemProfile] = {}
 
     def policy(self) -> Policy:
         """What the seccomp supervisor grants: ``root`` (create), as the broker daemon's."""
         if self._policy is None:
             self._policy = Policy.from_grants(create=[str(self.root)])
         return self._policy
-
-    def profile(self, binary: Path) -> SystemProfile:
-        """The supervisor's system profile for ``binary``: the default one, plus the
-        binary's installation prefix read-only when that is not ``/usr``.  A build of
-        ours looks for ``<prefix>/etc/qemu/qemu.conf`` (and treats EACCES on it as
-        fatal, where an absent file under a profile grant is ENOENT) and for its
-        firmware under ``<prefix>/share/qemu``; Debian's is covered already."""
-        prefix = str(Path(os.path.realpath(binary)).parent.parent)
-        if prefix not in self._profiles:
-            data = tomllib.loads(
-                resources.files("testbed.supervise").joinpath("profiles", f"{DEFAULT_PROFILE}.toml")
-                .read_text(encoding="utf-8")
-            )  # fmt: skip
-            if prefix != "/usr":
-                data.setdefault("grant", []).append(
-                    {"path": prefix, "access": "ro", "hardlinks": True}
-                )
-            self._profiles[prefix] = profile_from_mapping(
-                data, name=f"{DEFAULT_PROFILE}+{prefix}", source=f"bench profile for {binary}"
-            )
-        return self._profiles[prefix]
 
     def broker(self) -> BrokerProcess:
         if self._broker is None:

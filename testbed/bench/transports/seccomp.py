@@ -3,8 +3,8 @@
 The unmodified binary of the version (Debian's for 7.2, the unpatched build
 for 10.0), started through a :class:`~testbed.supervise.Supervisor` of its
 own, in the harness's process, granted the bench directory (create) as the
-broker daemon is, with the default system profile (plus the binary's own
-installation prefix, read-only, for a build of ours: ``Services.profile``).
+broker daemon is, with the default system profile (which adds a build's own
+installation prefix, read-only: ``command_prefix`` in docs/supervise.md).
 The supervisor is made before the clock starts; its ``popen`` (the filter's
 assembly, the handshake thread, fork, the filter installed in the child,
 the listener handed back) is inside it, as it is part of starting a
@@ -49,10 +49,7 @@ class Seccomp(Transport):
     def launch(
         self, services: Services, chain: Chain | None, later: Sequence[Path] = (), *, version: str
     ) -> Launch:
-        profile = services.profile(self.binary(version))
-        sup = Supervisor(
-            services.policy(), profile=profile, landlock=self.landlock, keep_records=False
-        )
+        sup = Supervisor(services.policy(), landlock=self.landlock, keep_records=False)
         return Launch(
             args=blockdev_args(chain_node(chain)) if chain else (),
             popen=sup.popen,
