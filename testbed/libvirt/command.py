@@ -13,8 +13,10 @@ from testbed.errors import TestbedError
 log = logging.getLogger(__name__)
 
 DESCRIPTION = """\
-Run the patched QEMU under Debian's libvirt, with every image open going
-through a broker that runs as root while QEMU runs as libvirt-qemu.
+Run QEMU under Debian's libvirt, with every image open going through a
+broker that runs as root while QEMU runs as libvirt-qemu: the patched QEMU
+with the hook, or (--supervise) stock QEMU whose opens a seccomp supervisor
+serves, confined by Landlock.
 
   install   copy the patched QEMU builds, this package and the guest to a
             world-readable prefix (/opt/testbed), with one <emulator>
@@ -23,14 +25,16 @@ through a broker that runs as root while QEMU runs as libvirt-qemu.
             broker's grants) side by side
   serve     as root: listen at /run/testbed/libvirt/NAME.sock, take the
             domain's one connection, and serve it with the policy until
-            QEMU exits (run it before `virsh start NAME`)
+            QEMU exits (run it before `virsh start NAME`); --supervise for
+            a domain defined with --supervise
   demo      the whole scenario: daemons, start, snapshot, blockcommit,
             blockcopy, blockpull, a refused snapshot, destroy, record check
 
 The wrapper passes libvirt's capability probes through untouched.  For a
 real domain it connects to the domain's socket and execs QEMU with
--open-hook-fd; with no broker socket it refuses to start QEMU, and says so
-in libvirt's error.  See docs/libvirt.md.
+-open-hook-fd, or (supervise) gets confined by the supervisor and hands it
+its seccomp listener, then execs stock QEMU; with no socket it refuses to
+start QEMU, and says so in libvirt's error.  See docs/libvirt.md.
 """
 
 
@@ -64,6 +68,12 @@ def register(sub: Any) -> None:
         metavar="DIR",
         help="grant creating files in DIR (default: the disk's directory)",
     )
+    dfn.add_argument(
+        "--supervise",
+        action="store_true",
+        help="stock QEMU under the supervisor (wrapper qemu-V-supervise; kernel and initrd "
+        "granted read-only)",
+    )
     dfn.set_defaults(func=run_define)
 
     srv = verbs.add_parser("serve", help="as root: the broker of domain NAME (one connection)")
@@ -72,6 +82,17 @@ def register(sub: Any) -> None:
     srv.add_argument("--audit", type=Path, help="append one JSON line per request")
     srv.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for QEMU")
     srv.add_argument("--qemu-user", default="libvirt-qemu", help="the uid QEMU runs as")
+    srv.add_argument(
+        "--supervise",
+        action="store_true",
+        help="confine the wrapper (seccomp + Landlock) and serve stock QEMU's opens",
+    )
+    srv.add_argument(
+        "--system-profile",
+        default="qemu",
+        metavar="NAME|FILE",
+        help="with --supervise: the system profile, to which /dev/ptmx is added (default qemu)",
+    )
     srv.set_defaults(func=run_serve)
 
     demo = verbs.add_parser("demo", help="libvirt block jobs on a hooked QEMU, then check")
@@ -79,7 +100,7 @@ def register(sub: Any) -> None:
     demo.add_argument(
         "--supervise",
         action="store_true",
-        help="stock QEMU under `testbed supervise --landlock` (not available yet)",
+        help="stock QEMU with its opens served by the seccomp supervisor, under Landlock",
     )
     demo.add_argument("--json", type=Path, metavar="FILE", help="write the result as JSON")
     demo.add_argument(
@@ -105,20 +126,24 @@ def run_install(args: argparse.Namespace) -> int:
 
 def run_define(args: argparse.Namespace) -> int:
     from testbed.libvirt.domain import DomainConfig, define
+    from testbed.libvirt.emulator import Mode
     from testbed.libvirt.install import Installed
     from testbed.libvirt.serve import QEMU_USER, qemu_ids
 
     where = Installed(prefix=args.prefix)
+    mode = Mode.SUPERVISE if args.supervise else Mode.HOOK
     try:
         disk = args.disk.resolve()
         uid, _ = qemu_ids(QEMU_USER)
         cfg = DomainConfig(
             name=args.name,
-            emulator=where.wrapper(args.qemu_version),
+            emulator=where.wrapper(args.qemu_version, mode),
             kernel=where.kernel,
             initrd=where.initrd,
             disk=disk,
             create_dirs=tuple(p.resolve() for p in args.allow_create) or (disk.parent,),
+            # supervised, QEMU's own reads of -kernel/-initrd are opens the supervisor serves
+            ro_paths=(where.kernel, where.initrd) if args.supervise else (),
             peer_uid=uid,
         )
         files = define(cfg, args.dir)
@@ -144,6 +169,8 @@ def run_serve(args: argparse.Namespace) -> int:
                 audit=args.audit.resolve() if args.audit else None,
                 qemu_user=args.qemu_user,
                 timeout=args.timeout,
+                supervise=args.supervise,
+                profile=args.system_profile,
             )
         )
     except (TestbedError, OSError) as err:
