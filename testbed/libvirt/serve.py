@@ -172,7 +172,14 @@ def serve(cfg: ServeConfig) -> int:
         from testbed.libvirt.supervised import hand_off, supervise_until_exit
 
         try:
-            handoff = hand_off(conn, name=cfg.name, policy=policy, profile=profile, audit=cfg.audit)
+            handoff = hand_off(
+                conn,
+                name=cfg.name,
+                policy=policy,
+                profile=profile,
+                audit=cfg.audit,
+                qemu_ids=qemu_ids(cfg.qemu_user),
+            )
         finally:
             conn.close()
         return supervise_until_exit(handoff)

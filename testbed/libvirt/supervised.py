@@ -26,28 +26,42 @@ Besides the domain's policy file, each domain gets one grant computed per
 start: libvirt's master key for this run
 (``/var/lib/libvirt/qemu/domain-ID-NAME/master-key.aes``, read-only, named in
 QEMU's command line; the ID changes with each start).  The system profile
-is ``qemu`` plus ``/dev/ptmx`` (the serial console's pty; the slave comes
-from ``TIOCGPTPEER``, no open).
+is ``qemu`` plus ``/dev/ptmx`` (the serial console's pty).
+
+One thing open(2) does that a root supervisor's open does not: a pty master
+opened by QEMU itself gets a slave owned by QEMU's user.  Opened by root,
+the slave is root's (mode 0600 here), QEMU's ``TIOCGPTPEER`` fails, glibc
+falls back to opening ``/dev/pts/N`` by name, and granting ``/dev/pts``
+would hand QEMU every terminal on the host.  :class:`LibvirtDecider` gives
+the new slave to the QEMU user instead, as a grantpt of old did.  QEMU then
+gets the slave with ``TIOCGPTPEER``: an open the kernel does for it, out of
+seccomp's sight but not Landlock's, so the ruleset (not the supervisor's
+policy) has a rule for ``/dev/pts``; DAC keeps every other user's terminal
+out of reach (the slaves are 0600, their owners').
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import fcntl
 import logging
 import os
 import re
 import select
 import socket
+import stat
 import struct
 import tomllib
 from importlib import resources
 from pathlib import Path
 
-from testbed.broker import Access, Grant, Policy
+from testbed.broker import Access, Grant, Outcome, Policy
 from testbed.broker.server import peer_cred
 from testbed.errors import LibvirtError, TestbedError, TransportError, WaitTimeout
 from testbed.libvirt.emulator import LISTENER, PLAN, READY, REFUSED, SUPERVISE
+from testbed.supervise import landlock as ll
+from testbed.supervise.decide import Decider
 from testbed.supervise.handoff import ServedListener, confinement
 from testbed.supervise.profile import SystemProfile, load_profile, profile_from_mapping
 from testbed.transport import close_fds, recv_with_fds
@@ -70,6 +84,42 @@ path = "/dev/ptmx"
 access = "rw"
 devices = true
 """
+
+
+#: ``/dev/ptmx`` (char 5:2) and ``TIOCGPTN`` (``_IOR('T', 0x30, unsigned int)``).
+PTMX_RDEV = os.makedev(5, 2)
+TIOCGPTN = 0x80045430
+#: Where the slaves of masters opened through /dev/ptmx appear (the same devpts:
+#: ptmx finds it as ``pts`` next to itself, in the supervisor's mount namespace).
+DEVPTS = Path("/dev/pts")
+#: Landlock only (see the module docstring): QEMU's own TIOCGPTPEER open of its slave.
+PTY_RULE = (str(DEVPTS), ll.FS.READ_FILE | ll.FS.WRITE_FILE | ll.FS.IOCTL_DEV)
+
+
+class LibvirtDecider(Decider):
+    """The supervisor's decisions, plus: a pty slave opened for QEMU belongs to QEMU's user."""
+
+    def __init__(
+        self, policy: Policy, profile: SystemProfile | None, *, uid: int, gid: int
+    ) -> None:
+        super().__init__(policy, profile)
+        self.uid = uid
+        self.gid = gid
+
+    def decide(self, path: str, flags: int, mode: int, *, tgid: int) -> tuple[Outcome, str]:
+        outcome, part = super().decide(path, flags, mode, tgid=tgid)
+        if outcome.result == 0 and outcome.fd is not None:
+            st = os.fstat(outcome.fd)
+            if stat.S_ISCHR(st.st_mode) and st.st_rdev == PTMX_RDEV:
+                self._give_slave(outcome.fd)
+        return outcome, part
+
+    def _give_slave(self, master: int) -> None:
+        # By number: TIOCGPTPEER would give the slave's fd, but the slave stays
+        # locked (EIO) until QEMU's unlockpt.  The number is ours while the
+        # master is open, so the name cannot change under us.
+        (number,) = struct.unpack("=I", fcntl.ioctl(master, TIOCGPTN, b"\0" * 4))
+        os.chown(DEVPTS / str(number), self.uid, self.gid, follow_symlinks=False)
 
 
 def libvirt_profile(base: str | Path = "qemu") -> SystemProfile:
@@ -148,6 +198,7 @@ def hand_off(
     policy: Policy,
     profile: SystemProfile,
     audit: Path | None,
+    qemu_ids: tuple[int, int],
 ) -> Handoff:
     """Steps 1 to 4 of the module docstring on an accepted, checked connection.
 
@@ -162,7 +213,9 @@ def hand_off(
             conn.sendall(SUPERVISE)
             binary = os.fsdecode(_read_line(conn))
             keys = master_key_grants(_cmdline(cred.pid), name)
-            program, ruleset = confinement(pid=cred.pid, binary=binary, profile=profile)
+            program, ruleset = confinement(
+                pid=cred.pid, binary=binary, profile=profile, extra_rules=[PTY_RULE]
+            )
         except (TestbedError, OSError) as err:
             with contextlib.suppress(OSError):
                 conn.sendall(REFUSED + str(err).encode(errors="replace")[:4000])
@@ -175,11 +228,14 @@ def hand_off(
             ruleset.close()
         listener = _receive_listener(conn)
         grants = policy.grants + tuple(g for g in keys if g not in policy.grants)
+        domain_policy = dataclasses.replace(policy, grants=grants)
+        uid, gid = qemu_ids
         served = ServedListener(
             listener,
-            dataclasses.replace(policy, grants=grants),
+            domain_policy,
             profile=profile,
             audit_path=audit,
+            decider=LibvirtDecider(domain_policy, profile, uid=uid, gid=gid),
         )
         conn.sendall(READY)  # the wrapper execs QEMU on this
     except TimeoutError as err:

@@ -37,6 +37,7 @@ def confinement(
     binary: str | Path,
     profile: SystemProfile | None,
     exec_paths: Sequence[str | Path] = (),
+    extra_rules: Sequence[tuple[str, ll.FS]] = (),
 ) -> tuple[bytes, ll.Ruleset]:
     """The filter and the Landlock ruleset for process ``pid``, which will exec ``binary``.
 
@@ -44,7 +45,8 @@ def confinement(
     the profile's rules, execute+read on ``binary``, the profile's and
     ``exec_paths``' executables and each one's ELF interpreter, and read on
     ``/proc/PID`` when the profile has ``proc_self`` (the pid survives the
-    exec).  The caller sends ``ruleset.fd`` and closes the ruleset.  A
+    exec), and ``extra_rules`` (Landlock only: for what the kernel opens on
+    the process's behalf, out of seccomp's sight).  The caller sends ``ruleset.fd`` and closes the ruleset.  A
     kernel without user notification or Landlock is a
     :class:`~testbed.errors.KernelFeatureError`.
     """
@@ -68,6 +70,7 @@ def confinement(
                 rules.append((os.path.realpath(interp), ll.FS.EXECUTE | ll.FS.READ_FILE))
         if profile is not None and profile.proc_self:
             rules.append((f"/proc/{pid}", ll.FS.READ_FILE | ll.FS.READ_DIR))
+        rules += extra_rules
         for rule_path, rights in rules:
             ruleset.allow(rule_path, rights)
     except OSError as err:
@@ -89,10 +92,13 @@ class ServedListener:
         audit_path: str | Path | None = None,
         keep_records: bool = False,
         max_workers: int = DEFAULT_MAX_WORKERS,
+        decider: Decider | None = None,
     ) -> None:
+        """``decider`` replaces the default ``Decider(policy, profile)`` (a caller's
+        subclass that adds to what an open does); it is closed with this object."""
         self.policy = policy
         self.audit = AuditLog(audit_path, keep=keep_records)
-        self.decider = Decider(policy, profile)
+        self.decider = decider if decider is not None else Decider(policy, profile)
         self.server = NotificationServer(
             Listener(listener_fd), self.decider, self.audit, max_workers=max_workers
         )
