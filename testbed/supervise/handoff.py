@@ -46,9 +46,9 @@ def confinement(
     ``exec_paths``' executables and each one's ELF interpreter, and read on
     ``/proc/PID`` when the profile has ``proc_self`` (the pid survives the
     exec), and ``extra_rules`` (Landlock only: for what the kernel opens on
-    the process's behalf, out of seccomp's sight).  The caller sends ``ruleset.fd`` and closes the ruleset.  A
-    kernel without user notification or Landlock is a
-    :class:`~testbed.errors.KernelFeatureError`.
+    the process's behalf, out of seccomp's sight).  The caller sends
+    ``ruleset.fd`` and closes the ruleset.  A kernel without user
+    notification or Landlock is a :class:`~testbed.errors.KernelFeatureError`.
     """
     check_user_notification()
     path = os.fspath(binary)
