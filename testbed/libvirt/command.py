@@ -46,7 +46,12 @@ def register(sub: Any) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     verbs = p.add_subparsers(dest="verb", metavar="VERB", required=True)
+    _register_install_and_define(verbs)
+    _register_serve(verbs)
+    _register_demo(verbs)
 
+
+def _register_install_and_define(verbs: Any) -> None:
     inst = verbs.add_parser("install", help="copy QEMU, the wrapper and the guest to --prefix")
     inst.add_argument("--prefix", type=Path, default=Path("/opt/testbed"))
     inst.add_argument(
@@ -76,6 +81,8 @@ def register(sub: Any) -> None:
     )
     dfn.set_defaults(func=run_define)
 
+
+def _register_serve(verbs: Any) -> None:
     srv = verbs.add_parser("serve", help="as root: the broker of domain NAME (one connection)")
     srv.add_argument("name")
     srv.add_argument("--policy", type=Path, help="policy TOML (default: ./NAME.policy.toml)")
@@ -95,7 +102,11 @@ def register(sub: Any) -> None:
     )
     srv.set_defaults(func=run_serve)
 
-    demo = verbs.add_parser("demo", help="libvirt block jobs on a hooked QEMU, then check")
+
+def _register_demo(verbs: Any) -> None:
+    demo = verbs.add_parser(
+        "demo", help="libvirt block jobs on a hooked (or supervised) QEMU, then check"
+    )
     demo.add_argument("--qemu-version", default="7.2", metavar="V")
     demo.add_argument(
         "--supervise",

@@ -408,9 +408,8 @@ class Demo:
     def _run_steps(self) -> None:
         """The demo's steps, each a ``with self.step(...)`` block.
 
-        Longer than 60 lines on purpose: it is the demo's script, read top to bottom in the
-        order the steps run; each step is a few lines and shares ``opts`` and the domain with
-        the next.
+        Long because it is the demo's script, read top to bottom in the order the steps
+        run; each step is a few lines and shares ``opts`` and the domain with the next.
         """
         opts = self.opts
         with self.step("daemons") as note:

@@ -191,6 +191,30 @@ class Handoff:
     binary: str
 
 
+def _send_plan(
+    conn: socket.socket, *, name: str, pid: int, profile: SystemProfile
+) -> tuple[str, tuple[Grant, ...]]:
+    """Steps 1 and 2: the binary asked for, and the master-key grant for this start."""
+    try:
+        conn.sendall(SUPERVISE)
+        binary = os.fsdecode(_read_line(conn))
+        keys = master_key_grants(_cmdline(pid), name)
+        program, ruleset = confinement(
+            pid=pid, binary=binary, profile=profile, extra_rules=[PTY_RULE]
+        )
+    except (TestbedError, OSError) as err:
+        with contextlib.suppress(OSError):
+            conn.sendall(REFUSED + str(err).encode(errors="replace")[:4000])
+        raise LibvirtError(f"domain {name}: cannot confine pid {pid}: {err}") from err
+    try:
+        header = PLAN + struct.pack("=I", len(program))
+        rights = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack("=i", ruleset.fd))]
+        conn.sendmsg([header + program], rights)
+    finally:
+        ruleset.close()
+    return binary, keys
+
+
 def hand_off(
     conn: socket.socket,
     *,
@@ -209,23 +233,7 @@ def hand_off(
     pidfd = os.pidfd_open(cred.pid)
     conn.settimeout(HANDOFF_TIMEOUT)
     try:
-        try:
-            conn.sendall(SUPERVISE)
-            binary = os.fsdecode(_read_line(conn))
-            keys = master_key_grants(_cmdline(cred.pid), name)
-            program, ruleset = confinement(
-                pid=cred.pid, binary=binary, profile=profile, extra_rules=[PTY_RULE]
-            )
-        except (TestbedError, OSError) as err:
-            with contextlib.suppress(OSError):
-                conn.sendall(REFUSED + str(err).encode(errors="replace")[:4000])
-            raise LibvirtError(f"domain {name}: cannot confine pid {cred.pid}: {err}") from err
-        try:
-            header = PLAN + struct.pack("=I", len(program))
-            rights = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack("=i", ruleset.fd))]
-            conn.sendmsg([header + program], rights)
-        finally:
-            ruleset.close()
+        binary, keys = _send_plan(conn, name=name, pid=cred.pid, profile=profile)
         listener = _receive_listener(conn)
         grants = policy.grants + tuple(g for g in keys if g not in policy.grants)
         domain_policy = dataclasses.replace(policy, grants=grants)
