@@ -200,7 +200,8 @@ def run_demo_command(args: argparse.Namespace) -> int:
         what = step.detail if step.ok else step.error
         print(
             f"[{t0[0]:7.2f}s] {mark} {step.name:<48} {step.seconds:5.2f}s "
-            f"(virsh {step.virsh_seconds:5.2f}s) {step.broker_requests:2d} requests  {what}",
+            f"(virsh {step.virsh_seconds:5.2f}s) {step.broker_requests:2d} requests "
+            f"({step.image_requests:2d} images)  {what}",
             flush=True,
         )
 
@@ -216,7 +217,8 @@ def run_demo_command(args: argparse.Namespace) -> int:
         result.write_json(args.json)
     print(
         f"records: {result.records_written} synced, {result.records_verified} verified, "
-        f"{result.lost} lost; broker requests: {result.broker_requests}; "
+        f"{result.lost} lost; broker requests: {result.broker_requests} "
+        f"({result.image_requests} for images); "
         f"QEMU ran as {result.qemu_user}"
     )
     if result.error:

@@ -108,7 +108,7 @@ def test_demo_loses_nothing_with_qemu_unprivileged(version: str, mode: Mode) -> 
     assert result.image_requests == sum(s.image_requests for s in result.steps)
     if mode is Mode.SUPERVISE:
         # every open is served: libraries and firmware too, not only the images
-        assert steps["start"].broker_requests > steps["start"].image_requests + 20
+        assert steps["start"].broker_requests >= steps["start"].image_requests + 10
         assert "Seccomp filter mode" in steps["start"].detail
     # only what the demo started is stopped; what was running is still running
     for daemon, pid in were_running.items():
