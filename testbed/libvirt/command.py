@@ -13,8 +13,10 @@ from testbed.errors import TestbedError
 log = logging.getLogger(__name__)
 
 DESCRIPTION = """\
-Run the patched QEMU under Debian's libvirt, with every image open going
-through a broker that runs as root while QEMU runs as libvirt-qemu.
+Run QEMU under Debian's libvirt, with every image open going through a
+broker that runs as root while QEMU runs as libvirt-qemu: the patched QEMU
+with the hook, or (--supervise) stock QEMU whose opens a seccomp supervisor
+serves, confined by Landlock.
 
   install   copy the patched QEMU builds, this package and the guest to a
             world-readable prefix (/opt/testbed), with one <emulator>
@@ -23,14 +25,16 @@ through a broker that runs as root while QEMU runs as libvirt-qemu.
             broker's grants) side by side
   serve     as root: listen at /run/testbed/libvirt/NAME.sock, take the
             domain's one connection, and serve it with the policy until
-            QEMU exits (run it before `virsh start NAME`)
+            QEMU exits (run it before `virsh start NAME`); --supervise for
+            a domain defined with --supervise
   demo      the whole scenario: daemons, start, snapshot, blockcommit,
             blockcopy, blockpull, a refused snapshot, destroy, record check
 
 The wrapper passes libvirt's capability probes through untouched.  For a
 real domain it connects to the domain's socket and execs QEMU with
--open-hook-fd; with no broker socket it refuses to start QEMU, and says so
-in libvirt's error.  See docs/libvirt.md.
+-open-hook-fd, or (supervise) gets confined by the supervisor and hands it
+its seccomp listener, then execs stock QEMU; with no socket it refuses to
+start QEMU, and says so in libvirt's error.  See docs/libvirt.md.
 """
 
 
@@ -42,7 +46,12 @@ def register(sub: Any) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     verbs = p.add_subparsers(dest="verb", metavar="VERB", required=True)
+    _register_install_and_define(verbs)
+    _register_serve(verbs)
+    _register_demo(verbs)
 
+
+def _register_install_and_define(verbs: Any) -> None:
     inst = verbs.add_parser("install", help="copy QEMU, the wrapper and the guest to --prefix")
     inst.add_argument("--prefix", type=Path, default=Path("/opt/testbed"))
     inst.add_argument(
@@ -64,22 +73,45 @@ def register(sub: Any) -> None:
         metavar="DIR",
         help="grant creating files in DIR (default: the disk's directory)",
     )
+    dfn.add_argument(
+        "--supervise",
+        action="store_true",
+        help="stock QEMU under the supervisor (wrapper qemu-V-supervise; kernel and initrd "
+        "granted read-only)",
+    )
     dfn.set_defaults(func=run_define)
 
+
+def _register_serve(verbs: Any) -> None:
     srv = verbs.add_parser("serve", help="as root: the broker of domain NAME (one connection)")
     srv.add_argument("name")
     srv.add_argument("--policy", type=Path, help="policy TOML (default: ./NAME.policy.toml)")
     srv.add_argument("--audit", type=Path, help="append one JSON line per request")
     srv.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for QEMU")
     srv.add_argument("--qemu-user", default="libvirt-qemu", help="the uid QEMU runs as")
+    srv.add_argument(
+        "--supervise",
+        action="store_true",
+        help="confine the wrapper (seccomp + Landlock) and serve stock QEMU's opens",
+    )
+    srv.add_argument(
+        "--system-profile",
+        default="qemu",
+        metavar="NAME|FILE",
+        help="with --supervise: the system profile, to which /dev/ptmx is added (default qemu)",
+    )
     srv.set_defaults(func=run_serve)
 
-    demo = verbs.add_parser("demo", help="libvirt block jobs on a hooked QEMU, then check")
+
+def _register_demo(verbs: Any) -> None:
+    demo = verbs.add_parser(
+        "demo", help="libvirt block jobs on a hooked (or supervised) QEMU, then check"
+    )
     demo.add_argument("--qemu-version", default="7.2", metavar="V")
     demo.add_argument(
         "--supervise",
         action="store_true",
-        help="stock QEMU under `testbed supervise --landlock` (not available yet)",
+        help="stock QEMU with its opens served by the seccomp supervisor, under Landlock",
     )
     demo.add_argument("--json", type=Path, metavar="FILE", help="write the result as JSON")
     demo.add_argument(
@@ -105,20 +137,24 @@ def run_install(args: argparse.Namespace) -> int:
 
 def run_define(args: argparse.Namespace) -> int:
     from testbed.libvirt.domain import DomainConfig, define
+    from testbed.libvirt.emulator import Mode
     from testbed.libvirt.install import Installed
     from testbed.libvirt.serve import QEMU_USER, qemu_ids
 
     where = Installed(prefix=args.prefix)
+    mode = Mode.SUPERVISE if args.supervise else Mode.HOOK
     try:
         disk = args.disk.resolve()
         uid, _ = qemu_ids(QEMU_USER)
         cfg = DomainConfig(
             name=args.name,
-            emulator=where.wrapper(args.qemu_version),
+            emulator=where.wrapper(args.qemu_version, mode),
             kernel=where.kernel,
             initrd=where.initrd,
             disk=disk,
             create_dirs=tuple(p.resolve() for p in args.allow_create) or (disk.parent,),
+            # supervised, QEMU's own reads of -kernel/-initrd are opens the supervisor serves
+            ro_paths=(where.kernel, where.initrd) if args.supervise else (),
             peer_uid=uid,
         )
         files = define(cfg, args.dir)
@@ -144,6 +180,8 @@ def run_serve(args: argparse.Namespace) -> int:
                 audit=args.audit.resolve() if args.audit else None,
                 qemu_user=args.qemu_user,
                 timeout=args.timeout,
+                supervise=args.supervise,
+                profile=args.system_profile,
             )
         )
     except (TestbedError, OSError) as err:
@@ -162,7 +200,8 @@ def run_demo_command(args: argparse.Namespace) -> int:
         what = step.detail if step.ok else step.error
         print(
             f"[{t0[0]:7.2f}s] {mark} {step.name:<48} {step.seconds:5.2f}s "
-            f"(virsh {step.virsh_seconds:5.2f}s) {step.broker_requests:2d} requests  {what}",
+            f"(virsh {step.virsh_seconds:5.2f}s) {step.broker_requests:2d} requests "
+            f"({step.image_requests:2d} images)  {what}",
             flush=True,
         )
 
@@ -178,7 +217,8 @@ def run_demo_command(args: argparse.Namespace) -> int:
         result.write_json(args.json)
     print(
         f"records: {result.records_written} synced, {result.records_verified} verified, "
-        f"{result.lost} lost; broker requests: {result.broker_requests}; "
+        f"{result.lost} lost; broker requests: {result.broker_requests} "
+        f"({result.image_requests} for images); "
         f"QEMU ran as {result.qemu_user}"
     )
     if result.error:

@@ -1,4 +1,4 @@
-"""``testbed libvirt demo``: libvirt's block jobs on a hooked QEMU, losing nothing.
+"""``testbed libvirt demo``: libvirt's block jobs on a hooked or supervised QEMU, losing nothing.
 
 One transient domain runs the testbed guest under Debian's libvirtd, its
 QEMU as ``libvirt-qemu``, its images root's with mode 0600 in directories
@@ -12,6 +12,12 @@ part's checker reads the final image and every record the guest reported
 synced must be there.  Before all that, the same domain with the patched
 QEMU as its emulator but no hook must fail to start (``Permission
 denied``): the images reach QEMU only through the broker.
+
+``--supervise`` runs the same script on stock QEMU (Debian's 7.2, or the
+stock build of another version): the wrapper is confined by the domain's
+seccomp supervisor and Landlock before it execs QEMU, and every open QEMU
+makes is served by ``testbed libvirt serve --supervise``; the control is
+the same domain with stock QEMU itself as its emulator.
 """
 
 from __future__ import annotations
@@ -44,6 +50,7 @@ from testbed.guest.records import ChainReport, DiskLayout, check_chain, pattern_
 from testbed.libvirt import virsh as _virsh
 from testbed.libvirt.daemons import Daemons
 from testbed.libvirt.domain import DomainConfig, define, domain_xml
+from testbed.libvirt.emulator import Mode
 from testbed.libvirt.install import PREFIX, Installed, install
 from testbed.libvirt.serve import QEMU_USER, qemu_ids
 from testbed.libvirt.virsh import disk_sources, domain_exists
@@ -79,6 +86,9 @@ class DemoStep:
     #: of ``seconds``, the time spent in ``virsh`` (the rest waits for the guest)
     virsh_seconds: float = 0.0
     broker_requests: int = 0
+    #: of ``broker_requests``, those for files in the demo's directory (the
+    #: images); the rest are a supervised QEMU's libraries, firmware, /proc...
+    image_requests: int = 0
     detail: str = ""
 
     def as_dict(self) -> dict[str, object]:
@@ -89,6 +99,7 @@ class DemoStep:
             "seconds": round(self.seconds, 3),
             "virsh_seconds": round(self.virsh_seconds, 3),
             "broker_requests": self.broker_requests,
+            "image_requests": self.image_requests,
             "detail": self.detail,
         }
 
@@ -104,6 +115,7 @@ class DemoResult:
     lost: int
     broker_requests: int
     qemu_user: str | None
+    image_requests: int = 0
     console_log: str
     audit_log: str
     error: str | None = None
@@ -128,6 +140,7 @@ class DemoResult:
             "records_verified": self.records_verified,
             "lost": self.lost,
             "broker_requests": self.broker_requests,
+            "image_requests": self.image_requests,
             "qemu_user": self.qemu_user,
             "console_log": self.console_log,
             "audit_log": self.audit_log,
@@ -150,6 +163,25 @@ def traversable_dir(path: Path, mode: int = 0o711) -> Path:
                 f"{path} (libvirt checks disks as that user): choose a --workdir elsewhere"
             )
     return path
+
+
+def confinement_of(pid: int) -> str:
+    """What ``/proc/PID/status`` says of a supervised QEMU's confinement; raises if it is not.
+
+    Landlock has no line there; its effect is the control step (QEMU alone
+    cannot open the disk) and tests/libvirt/test_libvirt_handoff.py.
+    """
+    fields = dict(
+        line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines()
+        if ":" in line
+    )  # fmt: skip
+    nnp = fields.get("NoNewPrivs", "").strip()
+    mode = fields.get("Seccomp", "").strip()
+    filters = fields.get("Seccomp_filters", "?").strip()
+    if nnp != "1" or mode != "2":
+        raise LibvirtError(f"QEMU pid {pid} is not under a seccomp filter (NoNewPrivs {nnp}, "
+                           f"Seccomp {mode})")  # fmt: skip
+    return f"NoNewPrivs 1, Seccomp filter mode, {filters} filters"
 
 
 def qemu_process_user(name: str) -> tuple[int, str]:
@@ -195,14 +227,26 @@ class Demo:
 
     # -- bookkeeping --------------------------------------------------------
 
+    @property
+    def mode(self) -> Mode:
+        return Mode.SUPERVISE if self.opts.supervise else Mode.HOOK
+
+    def _audit_counts(self) -> tuple[int, int]:
+        """Audit records so far: all, and those for files in the demo's directory."""
+        if not self.audit.exists():
+            return 0, 0
+        records = read_audit(self.audit)
+        mine = str(self.work) + "/"
+        return len(records), sum(1 for r in records if r.path.startswith(mine))
+
     def _audit_count(self) -> int:
-        return len(read_audit(self.audit)) if self.audit.exists() else 0
+        return self._audit_counts()[0]
 
     @contextlib.contextmanager
     def step(self, name: str) -> Iterator[dict[str, str]]:
         """Time a step, count the broker requests it caused, record ok or the error."""
         note: dict[str, str] = {"detail": ""}
-        before, t0 = self._audit_count(), time.monotonic()
+        (before, images_before), t0 = self._audit_counts(), time.monotonic()
         self._virsh_seconds = 0.0
         error: str | None = None
         try:
@@ -210,13 +254,15 @@ class Demo:
         except (TestbedError, OSError, ValueError) as err:
             error = str(err)
         seconds = time.monotonic() - t0
+        after, images_after = self._audit_counts()
         step = DemoStep(
             name=name,
             ok=error is None,
             error=error,
             seconds=seconds,
             virsh_seconds=self._virsh_seconds,
-            broker_requests=self._audit_count() - before,
+            broker_requests=after - before,
+            image_requests=images_after - images_before,
             detail=note["detail"],
         )
         self.steps.append(step)
@@ -283,7 +329,8 @@ class Demo:
     # -- steps --------------------------------------------------------------
 
     def domain(self, emulator: Path, *, name: str | None = None) -> DomainConfig:
-        assert self.top is not None
+        if self.top is None:
+            raise LibvirtError("the demo's disk is not made yet")
         where = Installed(prefix=self.opts.prefix)
         uid, _ = qemu_ids(QEMU_USER)
         return DomainConfig(
@@ -293,18 +340,23 @@ class Demo:
             initrd=where.initrd,
             disk=self.top,
             create_dirs=(self.images,),
+            # supervised, QEMU's reads of -kernel/-initrd are opens the supervisor serves
+            ro_paths=(where.kernel, where.initrd) if self.opts.supervise else (),
             peer_uid=uid,
         )
 
     def start_serve(self, policy: Path) -> None:
-        argv = [sys.executable, "-m", "testbed", "libvirt", "serve", self.name]
+        argv = [sys.executable, "-m", "testbed", "-v", "libvirt", "serve", self.name]
         argv += ["--policy", str(policy), "--audit", str(self.audit), "--timeout", "120"]
+        if self.opts.supervise:
+            argv.append("--supervise")
         log_file = (self.work / "broker.log").open("w")
         self.serve_proc = subprocess.Popen(
             argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=log_file, text=True
         )
         log_file.close()
-        assert self.serve_proc.stdout is not None
+        if self.serve_proc.stdout is None:  # pragma: no cover - stdout=PIPE above
+            raise LibvirtError("testbed libvirt serve has no stdout pipe")
         ready, _, _ = select.select([self.serve_proc.stdout], [], [], 30)
         line = self.serve_proc.stdout.readline() if ready else ""
         if not line.startswith("serving"):
@@ -326,13 +378,8 @@ class Demo:
     def run(self) -> DemoResult:
         opts = self.opts
         error: str | None = None
-        mode = "supervise" if opts.supervise else "hook"
+        mode = str(self.mode)
         try:
-            if opts.supervise:
-                raise LibvirtError(
-                    "--supervise: stock QEMU under `testbed supervise --landlock` is not "
-                    "available in this tree yet"
-                )
             self._run_steps()
         except TestbedError as err:
             error = str(err)
@@ -347,7 +394,8 @@ class Demo:
             records_written=len(self.synced),
             records_verified=report.verified if report else 0,
             lost=len(report.lost) if report else len(self.synced),
-            broker_requests=self._audit_count(),
+            broker_requests=self._audit_counts()[0],
+            image_requests=self._audit_counts()[1],
             qemu_user=self.qemu_user,
             console_log=str(self.console_log),
             audit_log=str(self.audit),
@@ -360,9 +408,8 @@ class Demo:
     def _run_steps(self) -> None:
         """The demo's steps, each a ``with self.step(...)`` block.
 
-        Longer than 60 lines on purpose: it is the demo's script, read top to bottom in the
-        order the steps run; each step is a few lines and shares ``opts`` and the domain with
-        the next.
+        Long because it is the demo's script, read top to bottom in the order the steps
+        run; each step is a few lines and shares ``opts`` and the domain with the next.
         """
         opts = self.opts
         with self.step("daemons") as note:
@@ -372,9 +419,14 @@ class Demo:
             note["detail"] = f"started: {started}; already running: {found}"
         with self.step("install") as note:
             where = install(prefix=opts.prefix, versions=[opts.qemu_version])
-            note["detail"] = (
-                f"{where.wrapper(opts.qemu_version)} -> {where.qemu(opts.qemu_version)}"
-            )
+            wrapper = where.wrapper(opts.qemu_version, self.mode)
+            qemu = where.mode_qemu(opts.qemu_version, self.mode)
+            if not wrapper.is_file():
+                raise LibvirtError(
+                    f"no {self.mode} wrapper for QEMU {opts.qemu_version}: {qemu} is not there "
+                    f"(run `make qemu QEMU_VERSIONS={opts.qemu_version}`)"
+                )
+            note["detail"] = f"{wrapper} -> {qemu}"
         with self.step("disk") as note:
             traversable_dir(self.work, 0o755)
             traversable_dir(self.images)
@@ -384,9 +436,10 @@ class Demo:
             os.chmod(disk.path, 0o600)
             self.top = disk.path
             note["detail"] = f"{disk.path} (root, 0600)"
-        with self.step("start without the hook (must fail)") as note:
+        control = "supervisor" if opts.supervise else "hook"
+        with self.step(f"start without the {control} (must fail)") as note:
             # The domain's own XML, but QEMU itself as the emulator: no broker.
-            bare = self.domain(where.qemu(opts.qemu_version), name=f"{self.name}-nohook")
+            bare = self.domain(qemu, name=f"{self.name}-no{control}")
             xml = self.work / "nohook.xml"
             xml.write_text(domain_xml(bare))
             try:
@@ -399,7 +452,6 @@ class Demo:
                 self.virsh("destroy", bare.name, timeout=60)
                 raise LibvirtError("QEMU without the hook opened the image: it is not confined")
         with self.step("define") as note:
-            wrapper = where.wrapper(opts.qemu_version)
             files = define(self.domain(wrapper), self.work)
             note["detail"] = f"{files.xml} + {files.policy}"
         with self.step("start") as note:
@@ -411,6 +463,8 @@ class Demo:
             self.con.expect("boot", r"TESTBED-GUEST: ready", timeout=opts.boot_timeout)
             self.con.expect("shell", PROMPT, timeout=opts.step_timeout, record=False)
             note["detail"] = f"QEMU pid {pid} runs as {self.qemu_user}"
+            if opts.supervise:
+                note["detail"] += "; " + confinement_of(pid)
             if self.qemu_user == "root":
                 raise LibvirtError("QEMU runs as root: qemu.conf must name an unprivileged user")
         with self.step("pattern") as note:
@@ -456,7 +510,8 @@ class Demo:
             self.writer_done = True
             note["detail"] = f"{before} records synced before destroy, {len(self.synced)} in all"
         with self.step("broker exited") as note:
-            assert self.serve_proc is not None
+            if self.serve_proc is None:
+                raise LibvirtError("no broker was started")
             try:
                 status = self.serve_proc.wait(15)
             except subprocess.TimeoutExpired as err:
@@ -514,7 +569,8 @@ class Demo:
             left = list(self.denied.iterdir())
             if left:
                 raise LibvirtError(f"libvirt left {left} behind after the failed snapshot")
-            assert self.top is not None
+            if self.top is None:
+                raise LibvirtError("the disk's active layer is unknown")
             self.expect_top(self.top, note)
             note["detail"] = f"{said}; rolled back, {note['detail']}"
 

@@ -6,11 +6,17 @@ So the install copies, into a root-owned, world-readable prefix
 (``/opt/testbed`` by default):
 
 ``qemu/<version>/qemu-system-x86_64``  each built patched QEMU
+``qemu/<version>/stock/...``           the stock build, for versions whose stock
+                                       QEMU is not Debian's world-readable
+                                       ``/usr/bin`` binary (10.0; 7.2's is)
 ``lib/testbed/``                       this package's source (the wrapper
                                        needs only the standard library)
 ``bin/qemu-<version>-<mode>``          one wrapper per version and mode, a
                                        ``python3 -I`` script with both baked
-                                       in (libvirt cleans the environment)
+                                       in (libvirt cleans the environment):
+                                       ``hook`` runs the patched QEMU,
+                                       ``supervise`` the stock one (written
+                                       only when that is built)
 ``guest/vmlinuz``, ``guest/initrd.img`` the testbed guest (``make guest``)
 
 Nothing else is touched.  Re-running it replaces the copies; a file whose
@@ -29,7 +35,7 @@ from pathlib import Path
 
 from testbed.errors import BuildError
 from testbed.libvirt.emulator import Mode
-from testbed.qemu import VERSIONS
+from testbed.qemu import VERSIONS, Kind
 from testbed.qemu import built_versions as _built_versions
 from testbed.qemu import qemu_binary as _qemu_binary
 from testbed.qemu.binaries import is_runnable
@@ -50,6 +56,12 @@ def qemu_binary(version: str, kind: str = "patched") -> Path:
     return _qemu_binary(version, kind)
 
 
+def stock_source(version: str) -> Path:
+    """The stock QEMU of ``version`` the install takes: Debian's binary, or the stock build."""
+    system = VERSIONS[version].system_stock if version in VERSIONS else None
+    return system if system is not None else qemu_binary(version, Kind.STOCK)
+
+
 def built_versions() -> tuple[str, ...]:
     """The known versions whose patched build exists here."""
     return _built_versions()
@@ -63,6 +75,17 @@ class Installed:
 
     def qemu(self, version: str) -> Path:
         return self.prefix / "qemu" / version / "qemu-system-x86_64"
+
+    def stock_qemu(self, version: str) -> Path:
+        """The stock QEMU the ``supervise`` wrapper runs: Debian's own, or a copy."""
+        system = VERSIONS[version].system_stock if version in VERSIONS else None
+        if system is not None:
+            return system
+        return self.prefix / "qemu" / version / "stock" / "qemu-system-x86_64"
+
+    def mode_qemu(self, version: str, mode: Mode) -> Path:
+        """The QEMU the wrapper of ``mode`` execs."""
+        return self.stock_qemu(version) if mode is Mode.SUPERVISE else self.qemu(version)
 
     def wrapper(self, version: str, mode: Mode = Mode.HOOK) -> Path:
         return self.prefix / "bin" / f"qemu-{version}-{mode}"
@@ -151,11 +174,20 @@ def install(
         if not is_runnable(src):
             raise BuildError(f"patched QEMU {version} is not built at {src} (run `make qemu`)")
         _copy(src, where.qemu(version), 0o755)
+        stock = stock_source(version)
+        if stock != where.stock_qemu(version) and is_runnable(stock):
+            _copy(stock, where.stock_qemu(version), 0o755)
         for mode in Mode:
+            wrapper = where.wrapper(version, mode)
+            qemu = where.mode_qemu(version, mode)
+            if not is_runnable(qemu):
+                # no stock build: no supervise wrapper (the demo then says what is missing)
+                wrapper.unlink(missing_ok=True)
+                continue
             text = WRAPPER.format(
-                version=version, mode=str(mode), lib=str(where.lib), qemu=str(where.qemu(version))
+                version=version, mode=str(mode), lib=str(where.lib), qemu=str(qemu)
             )
-            _write(where.wrapper(version, mode), text, 0o755)
+            _write(wrapper, text, 0o755)
     guest = find_guest(guest_dir)
     _copy(guest.kernel, where.kernel, 0o644)
     _copy(guest.initrd, where.initrd, 0o644)

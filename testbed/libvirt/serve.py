@@ -1,4 +1,4 @@
-"""``testbed libvirt serve NAME``: the broker of one libvirt domain, as root.
+"""``testbed libvirt serve NAME [--supervise]``: the broker of one libvirt domain, as root.
 
 The wrapper runs as the QEMU user and so cannot start a broker that can
 read root's images.  ``serve`` is the privileged half: it listens on
@@ -9,6 +9,11 @@ with the domain's policy on that one connection.  From then on it lives as
 long as that QEMU: when QEMU exits or is killed, its end closes and the
 broker exits.  If nobody connects within ``--timeout`` seconds it exits too,
 so an aborted ``virsh start`` leaves nothing behind.
+
+With ``--supervise`` the same connection carries the hand-off of
+:mod:`testbed.libvirt.supervised` instead: the wrapper installs the seccomp
+filter and Landlock it is sent, hands its listener back, and ``serve``
+serves stock QEMU's opens under the policy until that QEMU exits.
 
 What the peer check cannot do: every QEMU of this libvirt runs as the same
 uid, and a process can rewrite its own command line, so a compromised QEMU
@@ -50,6 +55,10 @@ class ServeConfig:
     qemu_user: str = QEMU_USER
     run_dir: Path = RUN_DIR
     timeout: float = 120.0
+    #: serve stock QEMU's opens through seccomp (the wrapper's mode ``supervise``)
+    supervise: bool = False
+    #: supervise: the system profile beneath the libvirt additions (a built-in name or a file)
+    profile: str | Path = "qemu"
 
 
 def qemu_ids(user: str) -> tuple[int, int]:
@@ -130,15 +139,25 @@ def accept_domain(listener: socket.socket, cfg: ServeConfig) -> socket.socket:
         conn, _ = listener.accept()
         problem = peer_problem(conn, cfg.name, uid)
         if not problem:
-            conn.sendall(READY)  # the wrapper waits for this before it execs QEMU
+            if not cfg.supervise:
+                conn.sendall(READY)  # the wrapper waits for this before it execs QEMU
             return conn
         log.warning("domain %s: refusing a connection: %s", cfg.name, problem)
         conn.close()
 
 
 def serve(cfg: ServeConfig) -> int:
-    """Listen, take the domain's connection, then exec the broker on it (does not return)."""
+    """Listen, take the domain's connection, then exec the broker on it (does not return).
+
+    With ``cfg.supervise``: hand the confinement over on that connection and
+    serve QEMU's opens here until it exits; returns 0 then.
+    """
     policy = Policy.from_toml(cfg.policy)  # a bad policy fails here, before anyone connects
+    profile = None
+    if cfg.supervise:
+        from testbed.libvirt.supervised import libvirt_profile
+
+        profile = libvirt_profile(cfg.profile)  # and so does a bad profile
     uid, _ = qemu_ids(cfg.qemu_user)
     listener = listen(cfg)
     path = Path(listener.getsockname())
@@ -149,6 +168,21 @@ def serve(cfg: ServeConfig) -> int:
         listener.close()
         with contextlib.suppress(OSError):
             os.unlink(path)
+    if profile is not None:
+        from testbed.libvirt.supervised import hand_off, supervise_until_exit
+
+        try:
+            handoff = hand_off(
+                conn,
+                name=cfg.name,
+                policy=policy,
+                profile=profile,
+                audit=cfg.audit,
+                qemu_ids=qemu_ids(cfg.qemu_user),
+            )
+        finally:
+            conn.close()
+        return supervise_until_exit(handoff)
     fd = conn.detach()
     os.set_inheritable(fd, True)
     argv = [sys.executable, "-m", "testbed", "broker", "--fd", str(fd), "--policy", str(cfg.policy)]
@@ -158,4 +192,3 @@ def serve(cfg: ServeConfig) -> int:
     log.info("domain %s: %s connected; serving with %s", cfg.name, policy.describe(), argv)
     sys.stdout.flush()
     os.execv(sys.executable, argv)
-    raise AssertionError("unreachable")  # pragma: no cover

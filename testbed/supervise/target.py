@@ -129,14 +129,15 @@ def read_status(tid: int) -> TaskStatus:
             umask=int(_field(text, b"\nUmask:"), 8),
             uid=int(_field(text, b"\nUid:").split()[0]),
         )
-    except (ValueError, IndexError) as err:
+    except (TargetError, ValueError, IndexError) as err:
+        # ValueError: int() of a malformed number
         raise TargetError(errno.EIO, f"/proc/{tid}/status has no Tgid, Umask or Uid") from err
 
 
 def _field(text: bytes, key: bytes) -> bytes:
     start = text.find(key)
     if start < 0:
-        raise ValueError(key)
+        raise TargetError(errno.EIO, f"no {key.decode(errors='replace').strip()} line")
     start += len(key)
     end = text.find(b"\n", start)
     return text[start : end if end >= 0 else len(text)].strip()

@@ -65,3 +65,23 @@ def test_bad_names_are_refused(tmp_path: Path, name: str) -> None:
 def test_relative_paths_are_refused(tmp_path: Path) -> None:
     with pytest.raises(LibvirtError, match="relative"):
         config(tmp_path, disk=Path("disk.qcow2"))
+
+
+@pytest.mark.parametrize("supervise", [False, True])
+def test_define_from_the_command_line_picks_the_wrapper_and_grants(
+    tmp_path: Path, supervise: bool
+) -> None:
+    from testbed.cli import main
+
+    disk = tmp_path / "disk.qcow2"
+    argv = ["libvirt", "define", "vm1", "--disk", str(disk), "--dir", str(tmp_path)]
+    assert main([*argv, *(["--supervise"] if supervise else [])]) == 0
+    xml = ET.fromstring((tmp_path / "vm1.xml").read_text())
+    mode = "supervise" if supervise else "hook"
+    assert xml.findtext("devices/emulator") == f"/opt/testbed/bin/qemu-7.2-{mode}"
+    policy = Policy.from_toml(tmp_path / "vm1.policy.toml")
+    read_only = {g.path for g in policy.grants if g.access == Access.RO}
+    # supervised, QEMU's own reads of -kernel and -initrd are opens the supervisor serves
+    kernel_files = {"/opt/testbed/guest/vmlinuz", "/opt/testbed/guest/initrd.img"}
+    assert read_only == (kernel_files if supervise else set())
+    assert {g.path for g in policy.grants if g.access == Access.CREATE} == {str(tmp_path)}

@@ -10,8 +10,10 @@ from pathlib import Path
 
 import pytest
 
+from testbed.libvirt import emulator
 from testbed.libvirt.emulator import (
     READY,
+    SUPERVISE,
     EmulatorRefusal,
     Mode,
     domain_name,
@@ -19,6 +21,7 @@ from testbed.libvirt.emulator import (
     run,
     socket_path,
 )
+from testbed.supervise import landlock, seccomp
 
 PROBE = ["-S", "-no-user-config", "-nodefaults", "-nographic", "-machine", "none,accel=tcg"]
 DOMAIN = ["-name", "guest=vm1,debug-threads=on", "-S", "-machine", "pc-i440fx-7.2"]
@@ -77,9 +80,51 @@ def test_no_broker_socket_refuses_and_says_how_to_start_one(tmp_path: Path) -> N
         plan(["w", *DOMAIN], qemu="/q", mode=Mode.HOOK, run_dir=tmp_path)
 
 
-def test_supervise_mode_is_not_available_yet(tmp_path: Path) -> None:
-    with pytest.raises(EmulatorRefusal, match="not available"):
-        plan(["w", *DOMAIN], qemu="/q", mode=Mode.SUPERVISE, run_dir=tmp_path, connect=False)
+def test_supervise_mode_execs_stock_qemu_without_a_hook(tmp_path: Path) -> None:
+    chosen = plan(
+        ["/opt/x/qemu-7.2-supervise", *DOMAIN],
+        qemu="/usr/bin/qemu-system-x86_64",
+        mode=Mode.SUPERVISE,
+        run_dir=tmp_path,
+        connect=False,
+    )
+    assert chosen.binary == "/usr/bin/qemu-system-x86_64"
+    assert chosen.argv[0] == "/opt/x/qemu-7.2-supervise"
+    assert chosen.argv[1 : 1 + len(DOMAIN)] == tuple(DOMAIN)
+    assert "-open-hook-fd" not in chosen.argv
+    assert "/usr/share/seabios" in chosen.argv
+    assert chosen.pass_fd is None
+
+
+def test_no_supervisor_socket_refuses_and_says_how_to_start_one(tmp_path: Path) -> None:
+    with pytest.raises(EmulatorRefusal) as err:
+        plan(["w", *DOMAIN], qemu="/q", mode=Mode.SUPERVISE, run_dir=tmp_path)
+    assert "no supervisor socket" in str(err.value)
+    assert "`testbed libvirt serve vm1 --supervise`" in str(err.value)
+
+
+def test_the_wrappers_constants_are_the_supervisors() -> None:
+    # emulator.py may import only the standard library, so it repeats these
+    assert emulator.SYS_SECCOMP == seccomp.SYS_SECCOMP
+    assert emulator.SYS_LANDLOCK_RESTRICT_SELF == landlock.SYS_LANDLOCK_RESTRICT_SELF
+    assert emulator.SECCOMP_SET_MODE_FILTER == seccomp.SECCOMP_SET_MODE_FILTER
+    assert emulator.SECCOMP_FILTER_FLAG_NEW_LISTENER == seccomp.SECCOMP_FILTER_FLAG_NEW_LISTENER
+    assert (
+        emulator.SECCOMP_FILTER_FLAG_WAIT_KILLABLE_RECV
+        == seccomp.SECCOMP_FILTER_FLAG_WAIT_KILLABLE_RECV
+    )
+    assert emulator.PR_SET_NO_NEW_PRIVS == seccomp.PR_SET_NO_NEW_PRIVS
+
+
+def test_the_wrapper_imports_only_the_standard_library() -> None:
+    source = Path(emulator.__file__).read_text()
+    imported = {
+        line.split()[1].split(".")[0]
+        for line in source.splitlines()
+        if line.startswith(("import ", "from "))
+    }
+    assert imported <= {"__future__", "ctypes", "os", "socket", "struct", "sys", "collections",
+                        "dataclasses", "enum", "pathlib"}  # fmt: skip
 
 
 def test_a_command_line_with_its_own_hook_is_refused(tmp_path: Path) -> None:
@@ -134,14 +179,56 @@ def test_the_fd_passed_to_qemu_is_the_connected_inheritable_socket(
             os.close(chosen.pass_fd)
 
 
+@pytest.mark.parametrize("mode", list(Mode))
 @pytest.mark.parametrize("reply", [None, b"-"])
-def test_a_broker_that_does_not_say_ready_is_a_refusal(
-    listener: tuple[socket.socket, Path], tmp_path: Path, reply: bytes | None
+def test_a_server_that_does_not_say_go_ahead_is_a_refusal(
+    listener: tuple[socket.socket, Path], tmp_path: Path, reply: bytes | None, mode: Mode
 ) -> None:
     sock, _ = listener
     t = _answer(sock, reply)
     with pytest.raises(EmulatorRefusal, match="refused"):
-        plan(["w", *DOMAIN], qemu="/q", mode=Mode.HOOK, run_dir=tmp_path)
+        plan(["w", *DOMAIN], qemu="/q", mode=mode, run_dir=tmp_path)
+    t.join(5)
+
+
+@pytest.mark.parametrize(
+    ("mode", "reply", "said"),
+    [
+        (Mode.HOOK, SUPERVISE, "served by a supervisor (serve --supervise), but this wrapper "
+         "is mode 'hook': start `testbed libvirt serve vm1` instead"),
+        (Mode.SUPERVISE, READY, "served by a hook broker, but this wrapper is mode "
+         "'supervise': start `testbed libvirt serve vm1 --supervise` instead"),
+    ],
+)  # fmt: skip
+def test_a_server_of_the_other_mode_is_named(
+    listener: tuple[socket.socket, Path], tmp_path: Path, mode: Mode, reply: bytes, said: str
+) -> None:
+    sock, _ = listener
+    t = _answer(sock, reply)
+    with pytest.raises(EmulatorRefusal) as err:
+        plan(["w", *DOMAIN], qemu="/q", mode=mode, run_dir=tmp_path)
+    t.join(5)
+    assert said in str(err.value)
+
+
+def test_a_supervisor_that_refuses_is_quoted(
+    listener: tuple[socket.socket, Path], tmp_path: Path
+) -> None:
+    sock, _ = listener
+
+    def serve() -> None:
+        conn, _ = sock.accept()
+        conn.sendall(SUPERVISE)
+        conn.recv(4096)  # the binary's path
+        conn.sendall(emulator.REFUSED + b"no such binary /q")
+        conn.close()
+
+    t = threading.Thread(target=serve, daemon=True)
+    t.start()
+    chosen = plan(["w", *DOMAIN], qemu="/q", mode=Mode.SUPERVISE, run_dir=tmp_path)
+    assert chosen.supervisor_fd is not None
+    with pytest.raises(EmulatorRefusal, match="the supervisor refused: no such binary /q"):
+        emulator.confine(chosen.supervisor_fd, chosen.binary)
     t.join(5)
 
 
