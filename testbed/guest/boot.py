@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from testbed.broker import read_audit
-from testbed.errors import GuestError, QEMUError, TestbedError
+from testbed.errors import GuestError, GuestUsageError, QEMUError, TestbedError
 from testbed.guest.console import StepResult
 from testbed.guest.disk import IMAGE_FORMATS
 from testbed.guest.jobrun import (
@@ -164,36 +164,36 @@ def run_boot(
 ) -> BootResult:
     """Run the boot scenario; errors end up in ``BootResult.error``, not raised."""
     if opts.snapshot and opts.fmt == "vvfat":
-        raise ValueError("--snapshot needs a writable image format, not vvfat")
+        raise GuestUsageError("--snapshot needs a writable image format, not vvfat")
     if opts.records < 4:
-        raise ValueError(f"--records {opts.records}: need at least 4")
+        raise GuestUsageError(f"--records {opts.records}: need at least 4")
     if opts.job is not None:
         if opts.fmt not in IMAGE_FORMATS:
-            raise ValueError(f"--job {opts.job} needs a writable image format, not {opts.fmt}")
+            raise GuestUsageError(f"--job {opts.job} needs a writable image format, not {opts.fmt}")
         if opts.snapshot:
-            raise ValueError(f"--job {opts.job} takes its own snapshots: drop --snapshot")
+            raise GuestUsageError(f"--job {opts.job} takes its own snapshots: drop --snapshot")
         if opts.speed < 0:
-            raise ValueError(f"--speed {opts.speed}: must be 0 (no limit) or positive")
+            raise GuestUsageError(f"--speed {opts.speed}: must be 0 (no limit) or positive")
         if opts.records < MIN_JOB_RECORDS:
-            raise ValueError(
+            raise GuestUsageError(
                 f"--records {opts.records}: --job needs at least {MIN_JOB_RECORDS} "
                 "to spread its steps over"
             )
     if opts.kill_broker_at is not None:
         if opts.fmt not in IMAGE_FORMATS or opts.job is not None or opts.snapshot:
-            raise ValueError(
+            raise GuestUsageError(
                 "--kill-broker-at takes its own snapshots on a writable image: "
                 "no vvfat, --job or --snapshot"
             )
         if not opts.hook or opts.supervise:
-            raise ValueError("--kill-broker-at needs the hook (drop --no-hook, --supervise)")
+            raise GuestUsageError("--kill-broker-at needs the hook (drop --no-hook, --supervise)")
         if not 0 <= opts.kill_broker_at <= opts.records - 4:
-            raise ValueError(
+            raise GuestUsageError(
                 f"--kill-broker-at {opts.kill_broker_at}: must be between 0 and "
                 f"{opts.records - 4} (--records {opts.records} minus 4, to write on after it)"
             )
     if opts.supervise and opts.sandbox is Sandbox.NAMESPACE:
-        raise ValueError("--supervise confines with --sandbox landlock, not namespace")
+        raise GuestUsageError("--supervise confines with --sandbox landlock, not namespace")
     config = SessionConfig(
         fmt=opts.fmt,
         workdir=opts.workdir,

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from testbed.broker import AuditRecord
-from testbed.errors import QEMUError, TestbedError
+from testbed.errors import GuestUsageError, QEMUError, TestbedError
 from testbed.guest.events import EventMachine, EventPattern, QMPEvent
 
 
@@ -293,7 +293,7 @@ def qemu_img_compare(
     each are compared.
     """
     if length is not None and (length <= 0 or length % 512):
-        raise ValueError(f"compare length {length} is not a positive multiple of 512")
+        raise GuestUsageError(f"compare length {length} is not a positive multiple of 512")
     argv = ("qemu-img", "compare", "-U", _spec(a, a_fmt, length), _spec(b, b_fmt, length))
     try:
         proc = subprocess.run(argv, capture_output=True, text=True, timeout=120)

@@ -19,7 +19,7 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
-from testbed.errors import BuildError, MissingBuildError
+from testbed.errors import BuildError, MissingBuildError, UnknownProgramError
 from testbed.qemu.versions import (
     DEFAULT_VERSION,
     OPEN_HOOK_SERVER,
@@ -64,15 +64,18 @@ def qemu_binary(
     The path may not exist yet; with ``must_exist`` a missing one raises
     :class:`~testbed.errors.MissingBuildError` naming the ``make`` command
     that builds it.  An unknown version, kind or program raises
-    :class:`~testbed.errors.QemuVersionError` / ``ValueError``.
+    :class:`~testbed.errors.QemuVersionError` (an unknown program its
+    :class:`~testbed.errors.UnknownProgramError`, also a ``ValueError``).
     """
     v = get(version or DEFAULT_VERSION)
     k = kind_of(kind)
     prog = program or (OPEN_HOOK_SERVER if k is Kind.OPEN_HOOK_SERVER else SYSTEM_EMULATOR)
     if prog not in PROGRAMS:
-        raise ValueError(f"unknown QEMU program {prog!r} (known: {', '.join(PROGRAMS)})")
+        raise UnknownProgramError(
+            f"unknown QEMU program {prog!r} (known: {', '.join(PROGRAMS)})", program=prog
+        )
     if (k is Kind.OPEN_HOOK_SERVER) != (prog == OPEN_HOOK_SERVER):
-        raise ValueError(f"{prog} is not a program of kind {k.value}")
+        raise UnknownProgramError(f"{prog} is not a program of kind {k.value}", program=prog)
     if k is Kind.STOCK and v.system_stock is not None:
         path = v.system_stock.parent / prog
     else:

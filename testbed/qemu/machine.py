@@ -34,24 +34,22 @@ from typing import Any, TypeVar
 from qemu.qmp import ExecuteError, QMPClient, QMPError
 
 from testbed.broker import Broker, Policy
-from testbed.errors import LaunchError, QEMUError, TransportError, WaitTimeout
+from testbed.errors import (
+    LaunchError,
+    QEMUError,
+    QEMUUsageError,
+    TransportError,
+    WaitTimeout,
+)
+from testbed.errors import (
+    QMPCommandError as QMPCommandError,  # its home was here: old imports keep working
+)
 from testbed.qemu.binaries import open_hook_server_path
 from testbed.qemu.commandline import MachineConfig, build_argv
 
 log = logging.getLogger("testbed.qemu")
 
 _T = TypeVar("_T")
-
-
-class QMPCommandError(QEMUError):
-    """QEMU answered a QMP command with an error (``error_class``, ``desc``)."""
-
-    def __init__(self, command: str, arguments: dict[str, Any], error_class: str, desc: str):
-        super().__init__(f"QMP {command}: {error_class}: {desc}")
-        self.command = command
-        self.arguments = arguments
-        self.error_class = error_class
-        self.desc = desc
 
 
 class State(enum.Enum):
@@ -362,7 +360,7 @@ class Machine:
         what the command added to the log (complete with ``line_buffered``).
         """
         if '"' in command:
-            raise ValueError(f"qemu-io command {command!r} must not contain a double quote")
+            raise QEMUUsageError(f"qemu-io command {command!r} must not contain a double quote")
         start = self.log_path.stat().st_size if self.log_path.exists() else 0
         monitor = self.hmp(f'qemu-io {device} "{command}"')
         with open(self.log_path, "rb") as f:
