@@ -34,7 +34,9 @@ from pathlib import Path
 from typing import Any
 
 from testbed.errors import CorruptImageError, GuestUsageError, TestbedError
-from testbed.errors import VerifyError as VerifyError  # its home was here: old imports work
+
+# VerifyError lived here before it joined errors.py: old imports keep working.
+from testbed.errors import VerifyError as VerifyError
 
 SECTOR = 512
 MAGIC = b"TBREC1 "

@@ -15,6 +15,7 @@ The helpers from before versions existed (:data:`STOCK_QEMU`,
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
@@ -98,8 +99,14 @@ def build_hint(version: QemuVersion, kind: Kind) -> str:
     return f"run `make qemu QEMU_VERSIONS={version.name}`"
 
 
-def is_runnable(path: Path) -> bool:
-    return path.is_file() and path.stat().st_mode & 0o111 != 0
+def is_runnable(path: Path | str) -> bool:
+    """Whether ``path`` is a file we may execute; a bare name is looked up on ``PATH``.
+
+    The package's one check of a binary (builds, fixtures, the machine's
+    launch, the iotests builds), so "is it there" means the same everywhere:
+    what ``exec`` would run.
+    """
+    return shutil.which(str(path)) is not None
 
 
 @dataclass(frozen=True, kw_only=True)

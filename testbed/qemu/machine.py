@@ -20,7 +20,6 @@ import asyncio
 import enum
 import logging
 import os
-import shutil
 import socket
 import subprocess
 import sys
@@ -41,10 +40,10 @@ from testbed.errors import (
     TransportError,
     WaitTimeout,
 )
-from testbed.errors import (
-    QMPCommandError as QMPCommandError,  # its home was here: old imports keep working
-)
-from testbed.qemu.binaries import open_hook_server_path
+
+# QMPCommandError lived here before it joined errors.py: old imports keep working.
+from testbed.errors import QMPCommandError as QMPCommandError
+from testbed.qemu.binaries import is_runnable, open_hook_server_path
 from testbed.qemu.commandline import MachineConfig, build_argv
 
 log = logging.getLogger("testbed.qemu")
@@ -256,7 +255,7 @@ class Machine:
             hook_fd=self._hook_theirs.fileno() if self._hook_theirs else None,
             serial_fd=self._serial_theirs.fileno() if self._serial_theirs else None,
         )
-        if shutil.which(str(cfg.binary)) is None:
+        if not is_runnable(cfg.binary):
             self._release()
             raise LaunchError(
                 f"cannot run {cfg.binary}: no such executable",
