@@ -248,7 +248,6 @@ class Machine:
         if self._hook_ours is not None:
             log.warning("QEMU has -open-hook-fd but nobody serves the hook: opens will hang")
         cfg = self.config
-        theirs = [s for s in (self._qmp_theirs, self._hook_theirs, self._serial_theirs) if s]
         self.argv = build_argv(
             cfg,
             qmp_fd=self._qmp_theirs.fileno(),
@@ -263,13 +262,23 @@ class Machine:
                 exitcode=None,
                 log="",
             )
+        self.process = self._spawn()
+        kvm = self._greet()
+        self.accel_used = "kvm" if kvm.get("enabled") else "tcg"
+        log.info("QEMU pid %d is up, accelerator %s", self.process.pid, self.accel_used)
+        return self
+
+    def _spawn(self) -> subprocess.Popen[bytes]:
+        """Run ``self.argv`` with QEMU's ends of the socket pairs, which we then close."""
+        cfg = self.config
+        theirs = [s for s in (self._qmp_theirs, self._hook_theirs, self._serial_theirs) if s]
         pass_fds = tuple(s.fileno() for s in theirs) + cfg.pass_fds
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         log.info("launching: %s", " ".join(self.argv))
         self.state = State.RUNNING
         try:
             with open(self.log_path, "ab") as out:
-                self.process = subprocess.Popen(
+                return subprocess.Popen(
                     self.argv,
                     pass_fds=pass_fds,
                     stdin=subprocess.DEVNULL,
@@ -290,6 +299,10 @@ class Machine:
             # QEMU has its ends now; ours must go or we never see EOF from it.
             for s in theirs:
                 s.close()
+
+    def _greet(self) -> dict[str, Any]:
+        """QMP's greeting and capabilities, then ``query-kvm``; LaunchError if QEMU fails."""
+        cfg = self.config
         try:
             self._run(
                 self._qmp.connect(self._qmp_ours),
@@ -309,9 +322,7 @@ class Machine:
                 why = "QEMU exited during startup"
             raise LaunchError(why, argv=self.argv, exitcode=exitcode, log=self.read_log()) from err
         assert isinstance(kvm, dict)
-        self.accel_used = "kvm" if kvm.get("enabled") else "tcg"
-        log.info("QEMU pid %d is up, accelerator %s", self.process.pid, self.accel_used)
-        return self
+        return kvm
 
     # -- talking to it ---------------------------------------------------------
 
