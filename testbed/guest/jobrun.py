@@ -121,6 +121,10 @@ class _Progress:
     #: the last record synced when block-job-complete / job-finalize was sent
     at_complete: int | None
     at_finalize: int | None
+    #: from the job's start to its disappearance, and the last record synced then
+    seconds: float
+    at_end: int
+    chain: tuple[str, ...]
 
 
 def _job_arguments(
@@ -141,13 +145,15 @@ def _drive_job(
     job_id: str,
     command: str,
     args: dict[str, Any],
+    window: _Window,
     *,
     complete: bool,
     prepare: Callable[[], Sequence[str]] | None,
-    timer: JobTimer,
+    expect: Sequence[str] | None,
 ) -> _Progress:
     """Run the job from ``prepare`` to its disappearance, the guest writing in between."""
     vm = s.vm
+    timer = window.timer
     timeout = s.config.step_timeout
     prepared = tuple(prepare()) if prepare is not None else ()
     vm.qmp(command, **args)
@@ -166,12 +172,18 @@ def _drive_job(
         vm.qmp("job-finalize", id=job_id)
     wait_completed(vm, job_id, timeout=timeout)
     wait_gone(vm, job_id, timeout=timeout)
+    seconds = timer.since()
+    s.drain(window=0.02)
+    at_end = _last(s)
     return _Progress(
         prepared=prepared,
         ready_at=ready_at,
         pending_at=pending_at,
         at_complete=at_complete,
         at_finalize=at_finalize,
+        seconds=seconds,
+        at_end=at_end,
+        chain=_chain_after(s, job_id, expect),
     )
 
 
@@ -184,6 +196,49 @@ def _chain_after(s: Session, job_id: str, expect_chain: Sequence[str] | None) ->
             f"not {list(expect_chain)}"
         )
     return chain
+
+
+def _opens_since(s: Session, audit: int) -> tuple[BrokerOpen, ...] | None:
+    """The opens the broker answered from audit record ``audit`` on; None without the hook."""
+    if not s.config.hook:
+        return None
+    return tuple(BrokerOpen.from_record(r, s.image_dir) for r in s.audit_records()[audit:])
+
+
+def _job_nodes(s: Session, arguments: Mapping[str, Any]) -> dict[str, str]:
+    """The file of each node the job's arguments name (``*-node``), before it starts."""
+    wanted = {str(v) for k, v in arguments.items() if k.endswith("-node")}
+    return {n: f for n, f in node_files(s.vm).items() if n in wanted} if wanted else {}
+
+
+def _job_run(
+    s: Session,
+    job_id: str,
+    command: str,
+    args: dict[str, Any],
+    window: _Window,
+    progress: _Progress,
+    nodes: dict[str, str],
+) -> JobRun:
+    return JobRun(
+        job_id=job_id,
+        command=command,
+        arguments=args,
+        # every event read in the window: the job's, and those of the jobs prepare ran
+        events=tuple(s.vm.seen[window.events :]),
+        started=window.timer.wall,
+        seconds=progress.seconds,
+        seconds_to_ready=progress.ready_at,
+        seconds_to_pending=progress.pending_at,
+        opens=_opens_since(s, window.audit),
+        synced_at_start=window.synced,
+        synced_at_complete=progress.at_complete,
+        synced_at_finalize=progress.at_finalize,
+        synced_at_end=progress.at_end,
+        chain_after=progress.chain,
+        prepare=progress.prepared,
+        nodes=nodes,
+    )
 
 
 def _note_done(s: Session, name: str, run: JobRun) -> None:
@@ -227,47 +282,25 @@ def run_block_job(
     guest write then would wait for a ``job-finalize`` (measured: with
     ``auto-finalize: false`` the guest's writes hung in ``pending``).
     """
-    vm = s.vm
     name = f"job {job_id} ({command})"
     window = _Window.open(s)
     args = _job_arguments(job_id, arguments, complete=complete, speed=speed)
-    wanted = {str(v) for k, v in arguments.items() if k.endswith("-node")}
-    nodes = {n: f for n, f in node_files(vm).items() if n in wanted} if wanted else {}
+    nodes = _job_nodes(s, arguments)
     try:
         progress = _drive_job(
-            s, job_id, command, args, complete=complete, prepare=prepare, timer=window.timer
+            s,
+            job_id,
+            command,
+            args,
+            window,
+            complete=complete,
+            prepare=prepare,
+            expect=expect_chain,
         )
-        seconds = window.timer.since()
-        s.drain(window=0.02)
-        at_end = _last(s)
-        chain = _chain_after(s, job_id, expect_chain)
     except TestbedError as err:
         s.note(name, False, window.timer.since(), str(err))
         raise
-    opens = None
-    if s.config.hook:
-        opens = tuple(
-            BrokerOpen.from_record(r, s.image_dir) for r in s.audit_records()[window.audit :]
-        )
-    run = JobRun(
-        job_id=job_id,
-        command=command,
-        arguments=args,
-        # every event read in the window: the job's, and those of the jobs prepare ran
-        events=tuple(vm.seen[window.events :]),
-        started=window.timer.wall,
-        seconds=seconds,
-        seconds_to_ready=progress.ready_at,
-        seconds_to_pending=progress.pending_at,
-        opens=opens,
-        synced_at_start=window.synced,
-        synced_at_complete=progress.at_complete,
-        synced_at_finalize=progress.at_finalize,
-        synced_at_end=at_end,
-        chain_after=chain,
-        prepare=progress.prepared,
-        nodes=nodes,
-    )
+    run = _job_run(s, job_id, command, args, window, progress, nodes)
     s.jobs.append(run)
     _note_done(s, name, run)
     return run

@@ -19,7 +19,7 @@ if TYPE_CHECKING:
     from testbed.iotests.builds import QemuBuild, SuiteTools
     from testbed.iotests.modes import Mode
     from testbed.iotests.results import TestRun
-    from testbed.iotests.runner import Layout
+    from testbed.iotests.runner import Layout, RunConfig
     from testbed.iotests.selection import LeftOut, Planned
 
 DESCRIPTION = """\
@@ -311,6 +311,28 @@ def _unavailable_for(
     return this_unavailable
 
 
+def _run_config(
+    args: argparse.Namespace,
+    build: QemuBuild,
+    planned: _BuildPlan,
+    stock: Path | None,
+    unavailable: dict[Mode, str],
+) -> RunConfig:
+    from testbed.iotests.runner import DEFAULT_TIMEOUT, RunConfig
+
+    return RunConfig(
+        build=build,
+        tools=planned.tools,
+        layout=planned.layout,
+        stock=stock,
+        timeout=args.timeout or DEFAULT_TIMEOUT,
+        retries=max(0, args.retries),
+        unavailable=unavailable,
+        testbed=args.broker,
+        supervisor=args.supervisor,
+    )
+
+
 def _print_plan(build: QemuBuild, planned: _BuildPlan) -> None:
     for r in planned.runs:
         print(f"{build.version} {r.test.name} {r.format} ({r.test.language})")
@@ -346,7 +368,7 @@ def run(args: argparse.Namespace) -> int:
     Exit status 2 when the arguments or a build's suite cannot be used.
     """
     from testbed.iotests.builds import stock_emulator
-    from testbed.iotests.runner import DEFAULT_TIMEOUT, RunConfig, run_all
+    from testbed.iotests.runner import run_all
     from testbed.iotests.selection import LeftOut
 
     if args.from_json:
@@ -388,16 +410,8 @@ def run(args: argparse.Namespace) -> int:
         if args.list:
             _print_plan(build, planned)
             continue
-        cfg = RunConfig(
-            build=build,
-            tools=planned.tools,
-            layout=planned.layout,
-            stock=stock,
-            timeout=args.timeout or DEFAULT_TIMEOUT,
-            retries=max(0, args.retries),
-            unavailable=_unavailable_for(build, stock, modes, unavailable),
-            testbed=args.broker,
-            supervisor=args.supervisor,
+        cfg = _run_config(
+            args, build, planned, stock, _unavailable_for(build, stock, modes, unavailable)
         )
         all_runs += run_all(cfg, modes, planned.runs, on_result=progress.add)
     if args.list:
