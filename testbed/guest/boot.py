@@ -85,7 +85,7 @@ class BrokerRestart:
         """Every request QEMU says a broker answered is in one of the audit logs."""
         return sum(self.audit_per_broker) == self.hook_requests
 
-    def as_dict(self) -> dict[str, object]:
+    def to_json(self) -> dict[str, object]:
         return {
             "killed_after": self.killed_after,
             "failed_snapshot": self.failed_snapshot,
@@ -127,13 +127,13 @@ class BootResult:
     def ok(self) -> bool:
         return self.error is None
 
-    def as_dict(self) -> dict[str, object]:
+    def to_json(self) -> dict[str, object]:
         return {
             "format": self.format,
             "qemu_version": self.qemu_version,
             "accel": self.accel,
             "booted": self.booted,
-            "steps": [s.as_dict() for s in self.steps],
+            "steps": [s.to_json() for s in self.steps],
             "records_written": self.records_written,
             "records_verified": self.records_verified,
             "lost": self.lost,
@@ -143,20 +143,20 @@ class BootResult:
             "broker_errors": self.broker_errors,
             "error": self.error,
             "job": str(self.job) if self.job else None,
-            "jobs": [j.as_dict() for j in self.jobs],
+            "jobs": [j.to_json() for j in self.jobs],
             "job_opens": (
                 sum(len(j.opens or ()) for j in self.jobs)
                 if self.jobs and all(j.opens is not None for j in self.jobs)
                 else None
             ),
             "final_image": self.final_image,
-            "mirror_compare": self.mirror.as_dict() if self.mirror else None,
-            "broker_restart": self.restart.as_dict() if self.restart else None,
+            "mirror_compare": self.mirror.to_json() if self.mirror else None,
+            "broker_restart": self.restart.to_json() if self.restart else None,
         }
 
     def write_json(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(self.as_dict(), indent=2) + "\n")
+        path.write_text(json.dumps(self.to_json(), indent=2) + "\n")
 
 
 def check_options(opts: BootOptions) -> None:

@@ -488,10 +488,10 @@ class MirrorCheck:
     #: the first byte where they must differ (None: the guest wrote nothing after the pivot)
     expected_mismatch: int | None
 
-    def as_dict(self) -> dict[str, object]:
+    def to_json(self) -> dict[str, object]:
         return {
-            "prefix": self.prefix.as_dict(),
-            "whole": self.whole.as_dict(),
+            "prefix": self.prefix.to_json(),
+            "whole": self.whole.to_json(),
             "expected_mismatch": self.expected_mismatch,
         }
 
