@@ -20,9 +20,14 @@
      +-- BuildError                    building QEMU, images or the guest failed
      |    +-- MissingBuildError        a QEMU build that was asked for is not there
      +-- QemuVersionError              a QEMU version or binary kind nobody registered
+     |    +-- UnknownProgramError (also ValueError)  no such program in a QEMU build
      +-- QEMUError                     a QEMU process failed
      |    +-- LaunchError              QEMU did not start: command line, exit code, log
+     |    +-- QMPCommandError          QEMU answered a QMP command with an error
+     |    +-- QEMUUsageError (also ValueError)  the wrapper was called with impossible arguments
      +-- GuestError                    the guest did not do what a step expected
+     +-- GuestUsageError (also ValueError)  guest boot options or a disk layout that cannot work
+     +-- VerifyError                   synced guest records are missing or corrupt on the host
      +-- LibvirtError                  libvirt, virsh or a domain's broker failed
      +-- ScenarioFileError             a user's scenario file is malformed: file, line, key
      +-- ScenarioError (also ValueError)  a scenario or step is inconsistent, or none matches
@@ -65,7 +70,7 @@ handles ``open(2)`` failures handles the hook's too.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from testbed.protocol.codec import FrameError
@@ -234,6 +239,29 @@ class LaunchError(QEMUError):
         self.log = log
 
 
+class UnknownProgramError(QemuVersionError, ValueError):
+    """No program by that name in a QEMU build (or not one of that kind). ``program`` is it."""
+
+    def __init__(self, message: str, *, program: str) -> None:
+        super().__init__(message)
+        self.program = program
+
+
+class QMPCommandError(QEMUError):
+    """QEMU answered a QMP command with an error (``error_class``, ``desc``)."""
+
+    def __init__(self, command: str, arguments: dict[str, Any], error_class: str, desc: str):
+        super().__init__(f"QMP {command}: {error_class}: {desc}")
+        self.command = command
+        self.arguments = arguments
+        self.error_class = error_class
+        self.desc = desc
+
+
+class QEMUUsageError(QEMUError, ValueError):
+    """The QEMU machine wrapper or its fixtures were called with arguments they cannot take."""
+
+
 class GuestError(TestbedError):
     """The guest did not reach a step's success pattern (or hit its failure pattern)."""
 
@@ -241,6 +269,21 @@ class GuestError(TestbedError):
         super().__init__(f"guest step {step!r}: {message}")
         self.step = step
         self.console_tail = console_tail
+
+
+class GuestUsageError(TestbedError, ValueError):
+    """Guest boot options that do not go together, or a disk layout or record that cannot be.
+
+    Raised before anything boots, so ``testbed boot`` reports it as a usage error.
+    """
+
+
+class VerifyError(TestbedError):
+    """Synced records are missing, misplaced or corrupt in a snapshot chain."""
+
+    def __init__(self, problems: Sequence[str]) -> None:
+        super().__init__("record verification failed:\n  " + "\n  ".join(problems))
+        self.problems = list(problems)
 
 
 class LibvirtError(TestbedError):

@@ -10,7 +10,17 @@ import re
 from testbed import errors
 
 #: The parts whose modules are checked (others have their own branches).
-PARTS = ("protocol", "broker", "block", "compare", "supervise", "libvirt", "iotests")
+PARTS = (
+    "protocol",
+    "broker",
+    "block",
+    "compare",
+    "supervise",
+    "libvirt",
+    "iotests",
+    "qemu",
+    "guest",
+)
 #: Outside the tree on purpose (errors.py's docstring says why).
 OUTSIDE = {"testbed.broker.gate._Refused", "testbed.libvirt.emulator.EmulatorRefusal"}
 

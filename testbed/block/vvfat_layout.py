@@ -228,19 +228,20 @@ def _read_directory(layout: Layout, mapping_index: int, open_dir: OpenDir) -> No
         os.close(dirfd)
 
 
+def _list_directory(mapping: Mapping, dirfd: int) -> list[str]:
+    try:
+        with os.scandir(dirfd) as it:
+            return [d.name for d in it]
+    except OSError as err:
+        mapping.end = mapping.begin
+        raise BlockError(f"vvfat: could not read directory {mapping.path}: {err.strerror}") from err
+
+
 def _scan_directory(layout: Layout, mapping_index: int, dirfd: int) -> None:
     mapping = layout.mappings[mapping_index]
     dirname = mapping.path
-    first_cluster = mapping.begin
-    parent = layout.mappings[mapping.parent_index] if mapping.parent_index >= 0 else None
-    first_cluster_of_parent = parent.begin if parent is not None else -1
-    try:
-        with os.scandir(dirfd) as it:
-            dirents = [d.name for d in it]
-    except OSError as err:
-        mapping.end = mapping.begin
-        raise BlockError(f"vvfat: could not read directory {dirname}: {err.strerror}") from err
-    is_root = first_cluster == 0
+    dirents = _list_directory(mapping, dirfd)
+    is_root = mapping.begin == 0
     i = mapping.first_dir_index = 0 if is_root else len(layout.directory)
     entries: list[tuple[str, str]] = []
     if not is_root:
@@ -248,7 +249,6 @@ def _scan_directory(layout: Layout, mapping_index: int, dirfd: int) -> None:
         layout.directory.append(names.short_entry(b"..         "))
         entries += [(".", f"{dirname}/."), ("..", f"{dirname}/..")]
     entries += [(n, f"{dirname}/{n}") for n in dirents]
-
     for name, path in entries:
         if is_root and len(layout.directory) >= layout.root_entries - 1:
             raise BlockError(f"vvfat: too many entries in root directory {dirname}")
@@ -256,42 +256,60 @@ def _scan_directory(layout: Layout, mapping_index: int, dirfd: int) -> None:
             st = os.stat(name, dir_fd=dirfd)
         except OSError:
             continue  # as QEMU: an entry that cannot be stat'ed is left out
-        is_dot, is_dotdot = name == ".", name == ".."
-        if is_dot or is_dotdot:
-            entry = layout.directory[i if is_dot else i + 1]
-        else:
-            entry = _add_named_entry(layout, i, name)
-        _fill_entry(entry, st)
-        if is_dotdot:
-            names.set_begin(entry, first_cluster_of_parent)
-        elif is_dot:
-            names.set_begin(entry, first_cluster)
-        else:
-            struct.pack_into("<H", entry, 26, 0)
-        if st.st_size > 0x7FFFFFFF:
-            raise BlockError(f"vvfat: file {path} is larger than 2GB")
-        is_dir = stat_mod.S_ISDIR(st.st_mode)
-        struct.pack_into("<I", entry, 28, 0 if is_dir else st.st_size)
-        if not is_dot and not is_dotdot and (is_dir or st.st_size):
-            layout.mappings.append(
-                Mapping(
-                    begin=0,
-                    end=st.st_size,
-                    dir_index=len(layout.directory) - 1,
-                    path=path,
-                    is_directory=is_dir,
-                    read_only=(st.st_mode & 0o222) == 0,
-                    parent_index=mapping_index if is_dir else -1,
-                )
-            )
+        _add_entry(layout, mapping_index, i, name, path, st)
+    _pad_directory(layout, mapping_index)
 
+
+def _add_entry(
+    layout: Layout, mapping_index: int, i: int, name: str, path: str, st: os.stat_result
+) -> None:
+    """The directory entry of ``name`` (``.`` and ``..`` exist already), and its mapping.
+
+    ``i`` is the directory's first entry; a non-empty file or a directory
+    gets a mapping, laid out when :func:`build_layout` reaches it.
+    """
+    mapping = layout.mappings[mapping_index]
+    parent = layout.mappings[mapping.parent_index] if mapping.parent_index >= 0 else None
+    is_dot, is_dotdot = name == ".", name == ".."
+    if is_dot or is_dotdot:
+        entry = layout.directory[i if is_dot else i + 1]
+    else:
+        entry = _add_named_entry(layout, i, name)
+    _fill_entry(entry, st)
+    if is_dotdot:
+        names.set_begin(entry, parent.begin if parent is not None else -1)
+    elif is_dot:
+        names.set_begin(entry, mapping.begin)
+    else:
+        struct.pack_into("<H", entry, 26, 0)
+    if st.st_size > 0x7FFFFFFF:
+        raise BlockError(f"vvfat: file {path} is larger than 2GB")
+    is_dir = stat_mod.S_ISDIR(st.st_mode)
+    struct.pack_into("<I", entry, 28, 0 if is_dir else st.st_size)
+    if not is_dot and not is_dotdot and (is_dir or st.st_size):
+        layout.mappings.append(
+            Mapping(
+                begin=0,
+                end=st.st_size,
+                dir_index=len(layout.directory) - 1,
+                path=path,
+                is_directory=is_dir,
+                read_only=(st.st_mode & 0o222) == 0,
+                parent_index=mapping_index if is_dir else -1,
+            )
+        )
+
+
+def _pad_directory(layout: Layout, mapping_index: int) -> None:
+    """Fill the directory's last cluster (the root: all its entries) and set where it ends."""
+    mapping = layout.mappings[mapping_index]
     per_cluster = 0x10 * SECTORS_PER_CLUSTER
     while len(layout.directory) % per_cluster:
         layout.directory.append(bytearray(names.ENTRY_SIZE))
     if layout.fat_type != 32 and mapping_index == 0:
         while len(layout.directory) < layout.root_entries:
             layout.directory.append(bytearray(names.ENTRY_SIZE))
-    mapping.end = first_cluster + (
+    mapping.end = mapping.begin + (
         (len(layout.directory) - mapping.first_dir_index) * names.ENTRY_SIZE // layout.cluster_size
     )
     names.set_begin(layout.directory[mapping.dir_index], mapping.begin)
@@ -372,14 +390,8 @@ def _init_bootsector(layout: Layout, sector_count: int) -> None:
     bs[base + 510 : base + 512] = b"\x55\xaa"
 
 
-def build_layout(
-    dirname: str,
-    geo: Geometry,
-    label: bytes = DEFAULT_LABEL,
-    *,
-    open_dir: OpenDir = _open_directory,
-) -> Layout:
-    """``init_directories`` (+ ``init_mbr``): scan ``dirname`` and lay out the disk."""
+def _new_layout(geo: Geometry, label: bytes) -> Layout:
+    """The layout's sizes, its volume label entry and an empty FAT (``init_fat``)."""
     if len(label) > 11:
         raise BlockError(f"vvfat label cannot be longer than 11 bytes: {label!r}")
     layout = Layout(geometry=geo, label=label.ljust(11, b" "))
@@ -402,13 +414,16 @@ def build_layout(
         fat_len = layout.sectors_per_fat * SECTOR
     layout.fat = bytearray(fat_len + 32 * 4)
     layout.max_fat_value = {12: 0xFFF, 16: 0xFFFF, 32: 0x0FFFFFFF}[geo.fat_type]
-
     layout.cluster_count = (sector_count - layout.offset_to_root_dir) // SECTORS_PER_CLUSTER
-    path = dirname[:-1] if dirname.endswith("/") else dirname
-    layout.mappings.append(
-        Mapping(begin=0, end=0, dir_index=0, path=path, is_directory=True, read_only=False)
-    )
+    return layout
 
+
+def _map_clusters(layout: Layout, dirname: str, open_dir: OpenDir, sector_count: int) -> None:
+    """Give every mapping its clusters, reading directories as they come, and chain the FAT.
+
+    A directory read appends the mappings of its entries, so the loop runs
+    until no mapping is left unplaced (breadth first, as QEMU's).
+    """
     cluster = 0
     i = 0
     while i < len(layout.mappings):
@@ -424,7 +439,7 @@ def build_layout(
         cluster = mapping.end
         if cluster > layout.cluster_count:
             raise BlockError(
-                f"vvfat: directory {dirname} does not fit in FAT{geo.fat_type} "
+                f"vvfat: directory {dirname} does not fit in FAT{layout.geometry.fat_type} "
                 f"(capacity {sector_count / 2000.0:.2f} MB)"
             )
         if fix_fat:
@@ -433,6 +448,22 @@ def build_layout(
             layout.fat_set(mapping.end - 1, layout.max_fat_value)
         i += 1
 
+
+def build_layout(
+    dirname: str,
+    geo: Geometry,
+    label: bytes = DEFAULT_LABEL,
+    *,
+    open_dir: OpenDir = _open_directory,
+) -> Layout:
+    """``init_directories`` (+ ``init_mbr``): scan ``dirname`` and lay out the disk."""
+    layout = _new_layout(geo, label)
+    sector_count = geo.total_sectors - geo.offset_to_bootsector
+    path = dirname[:-1] if dirname.endswith("/") else dirname
+    layout.mappings.append(
+        Mapping(begin=0, end=0, dir_index=0, path=path, is_directory=True, read_only=False)
+    )
+    _map_clusters(layout, dirname, open_dir, sector_count)
     layout.fat_set(0, layout.max_fat_value)
     layout.fat_set(1, layout.max_fat_value)
     _init_bootsector(layout, sector_count)

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from testbed.broker import read_audit
-from testbed.errors import GuestError, QEMUError, TestbedError
+from testbed.errors import GuestError, GuestUsageError, QEMUError, TestbedError
 from testbed.guest.console import StepResult
 from testbed.guest.disk import IMAGE_FORMATS
 from testbed.guest.jobrun import (
@@ -85,7 +85,7 @@ class BrokerRestart:
         """Every request QEMU says a broker answered is in one of the audit logs."""
         return sum(self.audit_per_broker) == self.hook_requests
 
-    def as_dict(self) -> dict[str, object]:
+    def to_json(self) -> dict[str, object]:
         return {
             "killed_after": self.killed_after,
             "failed_snapshot": self.failed_snapshot,
@@ -127,13 +127,13 @@ class BootResult:
     def ok(self) -> bool:
         return self.error is None
 
-    def as_dict(self) -> dict[str, object]:
+    def to_json(self) -> dict[str, object]:
         return {
             "format": self.format,
             "qemu_version": self.qemu_version,
             "accel": self.accel,
             "booted": self.booted,
-            "steps": [s.as_dict() for s in self.steps],
+            "steps": [s.to_json() for s in self.steps],
             "records_written": self.records_written,
             "records_verified": self.records_verified,
             "lost": self.lost,
@@ -143,58 +143,67 @@ class BootResult:
             "broker_errors": self.broker_errors,
             "error": self.error,
             "job": str(self.job) if self.job else None,
-            "jobs": [j.as_dict() for j in self.jobs],
+            "jobs": [j.to_json() for j in self.jobs],
             "job_opens": (
                 sum(len(j.opens or ()) for j in self.jobs)
                 if self.jobs and all(j.opens is not None for j in self.jobs)
                 else None
             ),
             "final_image": self.final_image,
-            "mirror_compare": self.mirror.as_dict() if self.mirror else None,
-            "broker_restart": self.restart.as_dict() if self.restart else None,
+            "mirror_compare": self.mirror.to_json() if self.mirror else None,
+            "broker_restart": self.restart.to_json() if self.restart else None,
         }
 
     def write_json(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(self.as_dict(), indent=2) + "\n")
+        path.write_text(json.dumps(self.to_json(), indent=2) + "\n")
 
 
-def run_boot(
-    opts: BootOptions, *, on_step: Callable[[StepResult], None] | None = None
-) -> BootResult:
-    """Run the boot scenario; errors end up in ``BootResult.error``, not raised."""
+def check_options(opts: BootOptions) -> None:
+    """:class:`GuestUsageError` when the options do not go together (before anything boots)."""
     if opts.snapshot and opts.fmt == "vvfat":
-        raise ValueError("--snapshot needs a writable image format, not vvfat")
+        raise GuestUsageError("--snapshot needs a writable image format, not vvfat")
     if opts.records < 4:
-        raise ValueError(f"--records {opts.records}: need at least 4")
+        raise GuestUsageError(f"--records {opts.records}: need at least 4")
     if opts.job is not None:
-        if opts.fmt not in IMAGE_FORMATS:
-            raise ValueError(f"--job {opts.job} needs a writable image format, not {opts.fmt}")
-        if opts.snapshot:
-            raise ValueError(f"--job {opts.job} takes its own snapshots: drop --snapshot")
-        if opts.speed < 0:
-            raise ValueError(f"--speed {opts.speed}: must be 0 (no limit) or positive")
-        if opts.records < MIN_JOB_RECORDS:
-            raise ValueError(
-                f"--records {opts.records}: --job needs at least {MIN_JOB_RECORDS} "
-                "to spread its steps over"
-            )
+        _check_job_options(opts, opts.job)
     if opts.kill_broker_at is not None:
-        if opts.fmt not in IMAGE_FORMATS or opts.job is not None or opts.snapshot:
-            raise ValueError(
-                "--kill-broker-at takes its own snapshots on a writable image: "
-                "no vvfat, --job or --snapshot"
-            )
-        if not opts.hook or opts.supervise:
-            raise ValueError("--kill-broker-at needs the hook (drop --no-hook, --supervise)")
-        if not 0 <= opts.kill_broker_at <= opts.records - 4:
-            raise ValueError(
-                f"--kill-broker-at {opts.kill_broker_at}: must be between 0 and "
-                f"{opts.records - 4} (--records {opts.records} minus 4, to write on after it)"
-            )
+        _check_kill_broker_options(opts, opts.kill_broker_at)
     if opts.supervise and opts.sandbox is Sandbox.NAMESPACE:
-        raise ValueError("--supervise confines with --sandbox landlock, not namespace")
-    config = SessionConfig(
+        raise GuestUsageError("--supervise confines with --sandbox landlock, not namespace")
+
+
+def _check_job_options(opts: BootOptions, job: JobKind) -> None:
+    if opts.fmt not in IMAGE_FORMATS:
+        raise GuestUsageError(f"--job {job} needs a writable image format, not {opts.fmt}")
+    if opts.snapshot:
+        raise GuestUsageError(f"--job {job} takes its own snapshots: drop --snapshot")
+    if opts.speed < 0:
+        raise GuestUsageError(f"--speed {opts.speed}: must be 0 (no limit) or positive")
+    if opts.records < MIN_JOB_RECORDS:
+        raise GuestUsageError(
+            f"--records {opts.records}: --job needs at least {MIN_JOB_RECORDS} "
+            "to spread its steps over"
+        )
+
+
+def _check_kill_broker_options(opts: BootOptions, at: int) -> None:
+    if opts.fmt not in IMAGE_FORMATS or opts.job is not None or opts.snapshot:
+        raise GuestUsageError(
+            "--kill-broker-at takes its own snapshots on a writable image: "
+            "no vvfat, --job or --snapshot"
+        )
+    if not opts.hook or opts.supervise:
+        raise GuestUsageError("--kill-broker-at needs the hook (drop --no-hook, --supervise)")
+    if not 0 <= at <= opts.records - 4:
+        raise GuestUsageError(
+            f"--kill-broker-at {at}: must be between 0 and "
+            f"{opts.records - 4} (--records {opts.records} minus 4, to write on after it)"
+        )
+
+
+def _session_config(opts: BootOptions) -> SessionConfig:
+    return SessionConfig(
         fmt=opts.fmt,
         workdir=opts.workdir,
         accel=opts.accel,
@@ -207,45 +216,31 @@ def run_boot(
         guest_dir=opts.guest_dir,
         layout=DiskLayout(),
     )
-    session = Session(config, on_step=on_step)
-    error: str | None = None
-    verdict: JobVerdict | None = None
-    restart: BrokerRestart | None = None
-    try:
-        session.start()
-        if opts.fmt == "vvfat":
-            session.check_fat()
-        elif opts.job is not None:
-            session.check_pattern()
-            run_program(session, opts.job, opts.records, opts.mirror_via, opts.speed)
-        elif opts.kill_broker_at is not None:
-            session.check_pattern()
-            session.start_writer(opts.records)
-            restart = kill_and_reattach(session, opts.kill_broker_at, opts.records)
-            session.finish_writer()
-        else:
-            session.check_pattern()
-            session.start_writer(opts.records)
-            if opts.snapshot:
-                # two snapshots in a row while the guest writes: a chain of three
-                session.wait_synced(opts.records // 4)
-                session.snapshot("hmp")
-                session.wait_synced(opts.records // 2)
-                session.snapshot("qmp")
-            session.finish_writer()
-        session.shutdown()
-        if opts.job is not None:
-            verdict = verify_job(session, opts.job, session.jobs)
-        elif opts.fmt != "vvfat":
-            session.verify()
-    except TestbedError as err:
-        error = str(err)
-        log.error("%s", err)
-    finally:
-        session.close()
+
+
+def _write_with_snapshots(session: Session, opts: BootOptions) -> None:
+    """The guest writes its records; with ``--snapshot``, two live snapshots meanwhile."""
+    session.start_writer(opts.records)
+    if opts.snapshot:
+        # two snapshots in a row while the guest writes: a chain of three
+        session.wait_synced(opts.records // 4)
+        session.snapshot("hmp")
+        session.wait_synced(opts.records // 2)
+        session.snapshot("qmp")
+    session.finish_writer()
+
+
+def _result(
+    opts: BootOptions,
+    session: Session,
+    *,
+    error: str | None,
+    verdict: JobVerdict | None,
+    restart: BrokerRestart | None,
+) -> BootResult:
     report = session.report
     audit = session.audit_records()
-    result = BootResult(
+    return BootResult(
         format=opts.fmt,
         qemu_version=opts.qemu_version or DEFAULT_VERSION,
         accel=session.accel_used or opts.accel,
@@ -265,6 +260,47 @@ def run_boot(
         mirror=verdict.mirror if verdict else None,
         restart=restart,
     )
+
+
+def run_boot(
+    opts: BootOptions, *, on_step: Callable[[StepResult], None] | None = None
+) -> BootResult:
+    """Run the boot scenario; errors end up in ``BootResult.error``, not raised.
+
+    Options that do not go together raise :class:`GuestUsageError` (also a
+    ``ValueError``) before anything starts.
+    """
+    check_options(opts)
+    session = Session(_session_config(opts), on_step=on_step)
+    error: str | None = None
+    verdict: JobVerdict | None = None
+    # kept when a later step fails: the result then still shows the restart
+    restart: BrokerRestart | None = None
+    try:
+        session.start()
+        if opts.fmt == "vvfat":
+            session.check_fat()
+        else:
+            session.check_pattern()
+        if opts.job is not None:
+            run_program(session, opts.job, opts.records, opts.mirror_via, opts.speed)
+        elif opts.kill_broker_at is not None:
+            session.start_writer(opts.records)
+            restart = kill_and_reattach(session, opts.kill_broker_at, opts.records)
+            session.finish_writer()
+        elif opts.fmt != "vvfat":
+            _write_with_snapshots(session, opts)
+        session.shutdown()
+        if opts.job is not None:
+            verdict = verify_job(session, opts.job, session.jobs)
+        elif opts.fmt != "vvfat":
+            session.verify()
+    except TestbedError as err:
+        error = str(err)
+        log.error("%s", err)
+    finally:
+        session.close()
+    result = _result(opts, session, error=error, verdict=verdict, restart=restart)
     if not opts.keep and error is None:
         shutil.rmtree(session.image_dir, ignore_errors=True)
     return result

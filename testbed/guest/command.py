@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from testbed.guest.artifacts import REPO
-from testbed.guest.boot import BootOptions, run_boot
+from testbed.guest.boot import BootOptions, BootResult, BrokerRestart, run_boot
 from testbed.guest.console import StepResult
 from testbed.guest.disk import FORMATS
 from testbed.guest.jobrun import DEFAULT_SPEED
@@ -46,6 +46,11 @@ during it (with their flags) are printed and written to --json.
 
 
 def register(sub: Any) -> None:
+    """Add ``testbed boot`` and its options to the CLI's subparsers.
+
+    Long because it is one ``add_argument`` per option, each with its help:
+    split up, the options would only be scattered over functions.
+    """
     p: argparse.ArgumentParser = sub.add_parser(
         "boot",
         help="boot the guest through the hook and check its disk I/O",
@@ -145,6 +150,75 @@ def register(sub: Any) -> None:
     p.set_defaults(func=run)
 
 
+def _options(args: argparse.Namespace, workdir: Path) -> BootOptions:
+    return BootOptions(
+        fmt=args.fmt,
+        workdir=workdir,
+        accel=args.accel,
+        snapshot=args.snapshot,
+        job=JobKind(args.job) if args.job else None,
+        mirror_via=MirrorVia(args.mirror_via),
+        sandbox=Sandbox(args.sandbox) if args.sandbox else None,
+        supervise=args.supervise,
+        hook=args.hook,
+        records=args.records or (JOB_RECORDS if args.job else 40),
+        speed=args.speed,
+        keep=args.keep,
+        qemu=args.qemu,
+        qemu_version=args.qemu_version,
+        kill_broker_at=args.kill_broker_at,
+    )
+
+
+def _print_jobs(result: BootResult) -> None:
+    for job in result.jobs:
+        print(
+            f"job {job.job_id} ({job.command}): {job.seconds:.2f}s, "
+            f"{len(job.events)} events, {job.records_during} records synced meanwhile, "
+            f"chain after: {' <- '.join(reversed(job.chain_after))}"
+        )
+        if job.opens is None:
+            print("  opens: not seen (no hook)")
+        for o in job.opens or ():
+            print(f"  open {o}")
+
+
+def _print_restart(r: BrokerRestart) -> None:
+    print(
+        f"broker killed after record {r.killed_after}; the snapshot meanwhile failed: "
+        f"{r.failed_snapshot}"
+    )
+    print(
+        f"reattached: kill to first successful snapshot {r.kill_to_snapshot * 1000:.0f} ms "
+        f"(new broker to snapshot {r.reattach_to_snapshot * 1000:.0f} ms); QEMU counts "
+        f"{r.hook_requests} requests answered, audit logs {list(r.audit_per_broker)}"
+    )
+
+
+def _print_result(result: BootResult, *, supervise: bool) -> None:
+    """Everything but the verdict: the QEMU, the records, the jobs, the broker."""
+    print(
+        f"QEMU {result.qemu_version}; accelerator: {result.accel}; "
+        f"console log: {result.console_log}"
+    )
+    if result.records_written:
+        print(
+            f"records: {result.records_written} synced, {result.records_verified} verified, "
+            f"{result.lost} lost; snapshots: {', '.join(result.snapshot_files) or 'none'}"
+        )
+    _print_jobs(result)
+    if result.restart:
+        _print_restart(result.restart)
+    if result.final_image:
+        print(f"final image: {result.final_image}")
+    if result.broker_requests:
+        server = "supervisor" if supervise else "broker"
+        print(
+            f"{server}: {result.broker_requests} opens answered, "
+            f"{result.broker_errors} with -errno (refused, or probes of absent files)"
+        )
+
+
 def run(args: argparse.Namespace) -> int:
     name = f"{args.fmt}-{args.job}" if args.job else args.fmt
     workdir = args.workdir or REPO / "build" / "boot" / name
@@ -159,65 +233,11 @@ def run(args: argparse.Namespace) -> int:
         )
 
     try:
-        opts = BootOptions(
-            fmt=args.fmt,
-            workdir=workdir,
-            accel=args.accel,
-            snapshot=args.snapshot,
-            job=JobKind(args.job) if args.job else None,
-            mirror_via=MirrorVia(args.mirror_via),
-            sandbox=Sandbox(args.sandbox) if args.sandbox else None,
-            supervise=args.supervise,
-            hook=args.hook,
-            records=args.records or (JOB_RECORDS if args.job else 40),
-            speed=args.speed,
-            keep=args.keep,
-            qemu=args.qemu,
-            qemu_version=args.qemu_version,
-            kill_broker_at=args.kill_broker_at,
-        )
-        result = run_boot(opts, on_step=show)
+        result = run_boot(_options(args, workdir), on_step=show)
     except ValueError as err:
         print(f"testbed boot: {err}", file=sys.stderr)
         return 2
-    print(
-        f"QEMU {result.qemu_version}; accelerator: {result.accel}; "
-        f"console log: {result.console_log}"
-    )
-    if result.records_written:
-        print(
-            f"records: {result.records_written} synced, {result.records_verified} verified, "
-            f"{result.lost} lost; snapshots: {', '.join(result.snapshot_files) or 'none'}"
-        )
-    for job in result.jobs:
-        print(
-            f"job {job.job_id} ({job.command}): {job.seconds:.2f}s, "
-            f"{len(job.events)} events, {job.records_during} records synced meanwhile, "
-            f"chain after: {' <- '.join(reversed(job.chain_after))}"
-        )
-        if job.opens is None:
-            print("  opens: not seen (no hook)")
-        for o in job.opens or ():
-            print(f"  open {o}")
-    if result.restart:
-        r = result.restart
-        print(
-            f"broker killed after record {r.killed_after}; the snapshot meanwhile failed: "
-            f"{r.failed_snapshot}"
-        )
-        print(
-            f"reattached: kill to first successful snapshot {r.kill_to_snapshot * 1000:.0f} ms "
-            f"(new broker to snapshot {r.reattach_to_snapshot * 1000:.0f} ms); QEMU counts "
-            f"{r.hook_requests} requests answered, audit logs {list(r.audit_per_broker)}"
-        )
-    if result.final_image:
-        print(f"final image: {result.final_image}")
-    if result.broker_requests:
-        server = "supervisor" if args.supervise else "broker"
-        print(
-            f"{server}: {result.broker_requests} opens answered, "
-            f"{result.broker_errors} with -errno (refused, or probes of absent files)"
-        )
+    _print_result(result, supervise=args.supervise)
     if args.json:
         result.write_json(args.json)
     if result.error:

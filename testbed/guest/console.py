@@ -44,7 +44,7 @@ class StepResult:
     seconds: float
     detail: str = ""
 
-    def as_dict(self) -> dict[str, object]:
+    def to_json(self) -> dict[str, object]:
         return {
             "name": self.name,
             "ok": self.ok,

@@ -8,7 +8,7 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
-from testbed.errors import BuildError
+from testbed.errors import BuildError, GuestUsageError
 from testbed.guest.records import SECTOR, DiskLayout, pattern_bytes
 
 #: Formats the guest can boot with a writable disk; ``vvfat`` is read-only.
@@ -45,7 +45,9 @@ def make_disk(directory: Path, fmt: str, *, run: str, layout: DiskLayout) -> Dis
     elsewhere; ``vvfat`` gets a directory of files with known checksums.
     """
     if fmt not in FORMATS:
-        raise ValueError(f"unknown guest disk format {fmt!r} (choose from {', '.join(FORMATS)})")
+        raise GuestUsageError(
+            f"unknown guest disk format {fmt!r} (choose from {', '.join(FORMATS)})"
+        )
     directory.mkdir(parents=True, exist_ok=True)
     if fmt == "vvfat":
         return _make_fat_dir(directory / "fat", run=run)

@@ -33,7 +33,7 @@ class QMPEvent:
         seconds = float(stamp.get("seconds", 0)) + float(stamp.get("microseconds", 0)) / 1e6
         return cls(name=str(msg.get("event", "")), data=dict(msg.get("data") or {}), time=seconds)
 
-    def as_dict(self, *, since: float | None = None) -> dict[str, object]:
+    def to_json(self, *, since: float | None = None) -> dict[str, object]:
         out: dict[str, object] = {"event": self.name, "data": dict(self.data)}
         out["time"] = round(self.time - since, 4) if since is not None else self.time
         return out

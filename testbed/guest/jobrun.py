@@ -94,6 +94,166 @@ def _write_on(s: Session, count: int) -> int:
     return _last(s)
 
 
+@dataclass(frozen=True, kw_only=True)
+class _Window:
+    """Where the session stood when a job started: what came after is the job's."""
+
+    synced: int
+    audit: int
+    events: int
+    timer: JobTimer
+
+    @classmethod
+    def open(cls, s: Session) -> _Window:
+        s.drain(window=0.05)
+        return cls(
+            synced=_last(s), audit=len(s.audit_records()), events=len(s.vm.seen), timer=JobTimer()
+        )
+
+
+@dataclass(frozen=True, kw_only=True)
+class _Progress:
+    """What a job's steps saw: the commands prepare ran, when it got ready and pending."""
+
+    prepared: tuple[str, ...]
+    ready_at: float | None
+    pending_at: float
+    #: the last record synced when block-job-complete / job-finalize was sent
+    at_complete: int | None
+    at_finalize: int | None
+    #: from the job's start to its disappearance, and the last record synced then
+    seconds: float
+    at_end: int
+    chain: tuple[str, ...]
+
+
+def _job_arguments(
+    job_id: str, arguments: Mapping[str, Any], *, complete: bool, speed: int
+) -> dict[str, Any]:
+    args: dict[str, Any] = {"job-id": job_id, **arguments}
+    if not complete:
+        # mirror-like jobs keep the source drained from their last pass to the
+        # graph change, so the guest could not write while they are pending
+        args["auto-finalize"] = False
+    if speed:
+        args["speed"] = speed
+    return args
+
+
+def _drive_job(
+    s: Session,
+    job_id: str,
+    command: str,
+    args: dict[str, Any],
+    window: _Window,
+    *,
+    complete: bool,
+    prepare: Callable[[], Sequence[str]] | None,
+    expect: Sequence[str] | None,
+) -> _Progress:
+    """Run the job from ``prepare`` to its disappearance, the guest writing in between."""
+    vm = s.vm
+    timer = window.timer
+    timeout = s.config.step_timeout
+    prepared = tuple(prepare()) if prepare is not None else ()
+    vm.qmp(command, **args)
+    ready_at: float | None = None
+    at_complete: int | None = None
+    if complete:
+        ready_at = wait_ready(vm, job_id, timeout=timeout).time - timer.wall
+        # the guest writes while the job mirrors its writes
+        at_complete = _write_on(s, WRITES_BETWEEN)
+        vm.qmp("block-job-complete", device=job_id)
+    pending_at = wait_pending(vm, job_id, timeout=timeout).time - timer.wall
+    at_finalize: int | None = None
+    if not complete:
+        # the guest writes between the job's last copy and the graph change
+        at_finalize = _write_on(s, WRITES_BETWEEN)
+        vm.qmp("job-finalize", id=job_id)
+    wait_completed(vm, job_id, timeout=timeout)
+    wait_gone(vm, job_id, timeout=timeout)
+    seconds = timer.since()
+    s.drain(window=0.02)
+    at_end = _last(s)
+    return _Progress(
+        prepared=prepared,
+        ready_at=ready_at,
+        pending_at=pending_at,
+        at_complete=at_complete,
+        at_finalize=at_finalize,
+        seconds=seconds,
+        at_end=at_end,
+        chain=_chain_after(s, job_id, expect),
+    )
+
+
+def _chain_after(s: Session, job_id: str, expect_chain: Sequence[str] | None) -> tuple[str, ...]:
+    """The drive's chain after the job; :class:`QEMUError` if it is not ``expect_chain``."""
+    chain = backing_chain(s.vm, DRIVE_ID)
+    if expect_chain is not None and tuple(expect_chain) != chain:
+        raise QEMUError(
+            f"after job {job_id!r} the chain of {DRIVE_ID} is {list(chain)}, "
+            f"not {list(expect_chain)}"
+        )
+    return chain
+
+
+def _opens_since(s: Session, audit: int) -> tuple[BrokerOpen, ...] | None:
+    """The opens the broker answered from audit record ``audit`` on; None without the hook."""
+    if not s.config.hook:
+        return None
+    return tuple(BrokerOpen.from_record(r, s.image_dir) for r in s.audit_records()[audit:])
+
+
+def _job_nodes(s: Session, arguments: Mapping[str, Any]) -> dict[str, str]:
+    """The file of each node the job's arguments name (``*-node``), before it starts."""
+    wanted = {str(v) for k, v in arguments.items() if k.endswith("-node")}
+    return {n: f for n, f in node_files(s.vm).items() if n in wanted} if wanted else {}
+
+
+def _job_run(
+    s: Session,
+    job_id: str,
+    command: str,
+    args: dict[str, Any],
+    window: _Window,
+    progress: _Progress,
+    nodes: dict[str, str],
+) -> JobRun:
+    return JobRun(
+        job_id=job_id,
+        command=command,
+        arguments=args,
+        # every event read in the window: the job's, and those of the jobs prepare ran
+        events=tuple(s.vm.seen[window.events :]),
+        started=window.timer.wall,
+        seconds=progress.seconds,
+        seconds_to_ready=progress.ready_at,
+        seconds_to_pending=progress.pending_at,
+        opens=_opens_since(s, window.audit),
+        synced_at_start=window.synced,
+        synced_at_complete=progress.at_complete,
+        synced_at_finalize=progress.at_finalize,
+        synced_at_end=progress.at_end,
+        chain_after=progress.chain,
+        prepare=progress.prepared,
+        nodes=nodes,
+    )
+
+
+def _note_done(s: Session, name: str, run: JobRun) -> None:
+    rw = ", ".join(o.path for o in run.rw_opens) or "none"
+    opens = run.opens
+    seen = f"{len(opens)} opens (read-write: {rw})" if opens is not None else "opens not seen"
+    s.note(
+        name,
+        True,
+        run.seconds,
+        f"chain {' <- '.join(reversed(run.chain_after))}; {seen}; "
+        f"{run.records_during} records synced meanwhile",
+    )
+
+
 def run_block_job(
     s: Session,
     job_id: str,
@@ -122,89 +282,27 @@ def run_block_job(
     guest write then would wait for a ``job-finalize`` (measured: with
     ``auto-finalize: false`` the guest's writes hung in ``pending``).
     """
-    vm = s.vm
-    timeout = s.config.step_timeout
     name = f"job {job_id} ({command})"
-    s.drain(window=0.05)
-    at_start = _last(s)
-    audit_start = len(s.audit_records())
-    event_start = len(vm.seen)
-    timer = JobTimer()
-    at_complete: int | None = None
-    ready_at: float | None = None
-    prepared: Sequence[str] = ()
-    args: dict[str, Any] = {"job-id": job_id, **arguments}
-    wanted = {str(v) for k, v in arguments.items() if k.endswith("-node")}
-    nodes = {n: f for n, f in node_files(vm).items() if n in wanted} if wanted else {}
-    if not complete:
-        # mirror-like jobs keep the source drained from their last pass to the
-        # graph change, so the guest could not write while they are pending
-        args["auto-finalize"] = False
-    if speed:
-        args["speed"] = speed
+    window = _Window.open(s)
+    args = _job_arguments(job_id, arguments, complete=complete, speed=speed)
+    nodes = _job_nodes(s, arguments)
     try:
-        if prepare is not None:
-            prepared = prepare()
-        vm.qmp(command, **args)
-        if complete:
-            ready_at = wait_ready(vm, job_id, timeout=timeout).time - timer.wall
-            # the guest writes while the job mirrors its writes
-            at_complete = _write_on(s, WRITES_BETWEEN)
-            vm.qmp("block-job-complete", device=job_id)
-        pending_at = wait_pending(vm, job_id, timeout=timeout).time - timer.wall
-        at_finalize: int | None = None
-        if not complete:
-            # the guest writes between the job's last copy and the graph change
-            at_finalize = _write_on(s, WRITES_BETWEEN)
-            vm.qmp("job-finalize", id=job_id)
-        wait_completed(vm, job_id, timeout=timeout)
-        wait_gone(vm, job_id, timeout=timeout)
-        seconds = timer.since()
-        s.drain(window=0.02)
-        at_end = _last(s)
-        chain = backing_chain(vm, DRIVE_ID)
-        if expect_chain is not None and tuple(expect_chain) != chain:
-            raise QEMUError(
-                f"after job {job_id!r} the chain of {DRIVE_ID} is {list(chain)}, "
-                f"not {list(expect_chain)}"
-            )
-    except TestbedError as err:
-        s.note(name, False, timer.since(), str(err))
-        raise
-    opens = None
-    if s.config.hook:
-        opens = tuple(
-            BrokerOpen.from_record(r, s.image_dir) for r in s.audit_records()[audit_start:]
+        progress = _drive_job(
+            s,
+            job_id,
+            command,
+            args,
+            window,
+            complete=complete,
+            prepare=prepare,
+            expect=expect_chain,
         )
-    run = JobRun(
-        job_id=job_id,
-        command=command,
-        arguments=args,
-        # every event read in the window: the job's, and those of the jobs prepare ran
-        events=tuple(vm.seen[event_start:]),
-        started=timer.wall,
-        seconds=seconds,
-        seconds_to_ready=ready_at,
-        seconds_to_pending=pending_at,
-        opens=opens,
-        synced_at_start=at_start,
-        synced_at_complete=at_complete,
-        synced_at_finalize=at_finalize,
-        synced_at_end=at_end,
-        chain_after=chain,
-        prepare=tuple(prepared),
-        nodes=nodes,
-    )
+    except TestbedError as err:
+        s.note(name, False, window.timer.since(), str(err))
+        raise
+    run = _job_run(s, job_id, command, args, window, progress, nodes)
     s.jobs.append(run)
-    rw = ", ".join(o.path for o in run.rw_opens) or "none"
-    seen = f"{len(opens)} opens (read-write: {rw})" if opens is not None else "opens not seen"
-    s.note(
-        name,
-        True,
-        seconds,
-        f"chain {' <- '.join(reversed(chain))}; {seen}; "
-        f"{run.records_during} records synced meanwhile",
-    )
+    _note_done(s, name, run)
     return run
 
 
@@ -390,10 +488,10 @@ class MirrorCheck:
     #: the first byte where they must differ (None: the guest wrote nothing after the pivot)
     expected_mismatch: int | None
 
-    def as_dict(self) -> dict[str, object]:
+    def to_json(self) -> dict[str, object]:
         return {
-            "prefix": self.prefix.as_dict(),
-            "whole": self.whole.as_dict(),
+            "prefix": self.prefix.to_json(),
+            "whole": self.whole.to_json(),
             "expected_mismatch": self.expected_mismatch,
         }
 

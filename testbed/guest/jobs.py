@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from testbed.broker import AuditRecord
-from testbed.errors import QEMUError, TestbedError
+from testbed.errors import GuestUsageError, QEMUError, TestbedError
 from testbed.guest.events import EventMachine, EventPattern, QMPEvent
 
 
@@ -64,7 +64,7 @@ class BrokerOpen:
     def writable(self) -> bool:
         return "O_RDWR" in self.flags or "O_WRONLY" in self.flags
 
-    def as_dict(self) -> dict[str, object]:
+    def to_json(self) -> dict[str, object]:
         return {
             "path": self.path,
             "flags": "|".join(self.flags),
@@ -116,7 +116,7 @@ class JobRun:
     def rw_opens(self) -> tuple[BrokerOpen, ...]:
         return tuple(o for o in self.opens or () if o.writable and o.result >= 0)
 
-    def as_dict(self) -> dict[str, object]:
+    def to_json(self) -> dict[str, object]:
         return {
             "job_id": self.job_id,
             "command": self.command,
@@ -128,10 +128,10 @@ class JobRun:
                 round(self.seconds_to_ready, 3) if self.seconds_to_ready is not None else None
             ),
             "seconds_to_pending": round(self.seconds_to_pending, 3),
-            "events": [e.as_dict(since=self.started) for e in self.events],
-            "opens": [o.as_dict() for o in self.opens] if self.opens is not None else None,
+            "events": [e.to_json(since=self.started) for e in self.events],
+            "opens": [o.to_json() for o in self.opens] if self.opens is not None else None,
             "opens_count": len(self.opens) if self.opens is not None else None,
-            "rw_opens": [o.as_dict() for o in self.rw_opens],
+            "rw_opens": [o.to_json() for o in self.rw_opens],
             "synced_at_start": self.synced_at_start,
             "synced_at_complete": self.synced_at_complete,
             "synced_at_finalize": self.synced_at_finalize,
@@ -263,7 +263,7 @@ class Compare:
     output: str
     length: int | None = None
 
-    def as_dict(self) -> dict[str, object]:
+    def to_json(self) -> dict[str, object]:
         return {
             "identical": self.identical,
             "mismatch_at": self.mismatch_at,
@@ -293,7 +293,7 @@ def qemu_img_compare(
     each are compared.
     """
     if length is not None and (length <= 0 or length % 512):
-        raise ValueError(f"compare length {length} is not a positive multiple of 512")
+        raise GuestUsageError(f"compare length {length} is not a positive multiple of 512")
     argv = ("qemu-img", "compare", "-U", _spec(a, a_fmt, length), _spec(b, b_fmt, length))
     try:
         proc = subprocess.run(argv, capture_output=True, text=True, timeout=120)

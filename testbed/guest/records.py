@@ -33,7 +33,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from testbed.errors import CorruptImageError, TestbedError
+from testbed.errors import CorruptImageError, GuestUsageError, TestbedError
+
+# VerifyError lived here before it joined errors.py: old imports keep working.
+from testbed.errors import VerifyError as VerifyError
 
 SECTOR = 512
 MAGIC = b"TBREC1 "
@@ -50,14 +53,14 @@ class DiskLayout:
 
     def __post_init__(self) -> None:
         if self.size % SECTOR:
-            raise ValueError(f"disk size {self.size} is not a multiple of {SECTOR}")
+            raise GuestUsageError(f"disk size {self.size} is not a multiple of {SECTOR}")
         if self.record_start < self.pattern_sectors:
-            raise ValueError(
+            raise GuestUsageError(
                 f"records (sector {self.record_start}) would overlap the pattern "
                 f"(sectors 0..{self.pattern_sectors - 1})"
             )
         if self.record_start >= self.sectors:
-            raise ValueError(f"record_start {self.record_start} is beyond the disk")
+            raise GuestUsageError(f"record_start {self.record_start} is beyond the disk")
 
     @property
     def sectors(self) -> int:
@@ -111,7 +114,7 @@ def encode_record(seq: int, run: str, fill: str) -> bytes:
     body = f"TBREC1 {seq:010d} {run} {fill}".encode()
     line = body + b" " + hashlib.sha256(body).hexdigest().encode() + b"\n"
     if len(line) > SECTOR:
-        raise ValueError(f"record for seq {seq} is {len(line)} bytes, more than a sector")
+        raise GuestUsageError(f"record for seq {seq} is {len(line)} bytes, more than a sector")
     return line.ljust(SECTOR, b"\0")
 
 
@@ -164,14 +167,6 @@ def scan(data: bytes, layout: DiskLayout, run: str) -> Scan:
             continue
         records[rec.seq] = rec
     return Scan(records=records, corrupt=tuple(corrupt))
-
-
-class VerifyError(TestbedError):
-    """Synced records are missing, misplaced or corrupt in a snapshot chain."""
-
-    def __init__(self, problems: Sequence[str]) -> None:
-        super().__init__("record verification failed:\n  " + "\n  ".join(problems))
-        self.problems = list(problems)
 
 
 def read_raw(path: Path, fmt: str, *, with_backing: bool = True) -> bytes:

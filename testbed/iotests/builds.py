@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from testbed.errors import IotestsError
-from testbed.qemu.binaries import REPO_ROOT, STOCK_QEMU
+from testbed.qemu.binaries import REPO_ROOT, STOCK_QEMU, is_runnable
 
 #: The programs ``check`` wants besides the system emulator, by the names a
 #: build's ``bin/`` and Debian's ``/usr/bin`` give them.
@@ -85,14 +85,10 @@ class QemuBuild:
         return self.source_tree / "tests" / "qemu-iotests"
 
 
-def _is_exe(path: Path) -> bool:
-    return path.is_file() and os.access(path, os.X_OK)
-
-
 def read_build(path: Path) -> QemuBuild | None:
     """The build in ``path``, or None when it holds no complete build."""
     info_file = path / "info.json"
-    if not (info_file.is_file() and _is_exe(path / "bin" / "qemu-system-x86_64")):
+    if not (info_file.is_file() and is_runnable(path / "bin" / "qemu-system-x86_64")):
         return None
     try:
         info = json.loads(info_file.read_text())
@@ -160,10 +156,10 @@ def suite_tools(build: QemuBuild) -> SuiteTools:
     naming what is missing, never a silent mix of versions.
     """
     own = [build.build_dir / "bin" / n for n in TOOL_NAMES]
-    if all(_is_exe(p) for p in own):
+    if all(is_runnable(p) for p in own):
         return _tools(own, f"{build.build_dir}/bin")
     system = [SYSTEM_BIN / n for n in TOOL_NAMES]
-    missing = [str(p) for p in system if not _is_exe(p)]
+    missing = [str(p) for p in system if not is_runnable(p)]
     if missing:
         raise IotestsError(
             f"QEMU {build.version}: {build.build_dir}/bin has no qemu-img/qemu-io/qemu-nbd/"
@@ -204,9 +200,11 @@ def block_formats(build: QemuBuild) -> frozenset[str]:
 def stock_emulator(build: QemuBuild) -> Path | None:
     """An unpatched qemu-system of the same source version (for ``supervised``)."""
     sibling = build.build_dir.parent / "stock" / "bin" / "qemu-system-x86_64"
-    if build.build_dir.name == "patched" and _is_exe(sibling):
+    if build.build_dir.name == "patched" and is_runnable(sibling):
         return sibling
-    if _is_exe(STOCK_QEMU) and build.source_version.split(":", 1)[-1] in tool_version(STOCK_QEMU):
+    if is_runnable(STOCK_QEMU) and build.source_version.split(":", 1)[-1] in tool_version(
+        STOCK_QEMU
+    ):
         return STOCK_QEMU
     return None
 

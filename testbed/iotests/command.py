@@ -6,10 +6,21 @@ import argparse
 import datetime
 import sys
 import time
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from testbed.errors import IotestsError
+
+if TYPE_CHECKING:
+    # Only for annotations: the CLI imports every command module, and
+    # `testbed broker` should start fast, so the parts load when run.
+    from testbed.iotests.builds import QemuBuild, SuiteTools
+    from testbed.iotests.modes import Mode
+    from testbed.iotests.results import TestRun
+    from testbed.iotests.runner import Layout, RunConfig
+    from testbed.iotests.selection import LeftOut, Planned
 
 DESCRIPTION = """\
 Run QEMU's own iotests (tests/qemu-iotests/check of the source each QEMU
@@ -56,8 +67,8 @@ def _csv(value: str) -> list[str]:
 def register(sub: Any) -> None:
     """The ``iotests`` sub-command and its options.
 
-    Longer than 60 lines on purpose: one flat list of options, in the order ``--help`` shows
-    them.
+    Long because it is one flat list of options, in the order ``--help``
+    shows them: split up, the options would only be scattered over functions.
     """
     from testbed.iotests.modes import MODE_HELP
     from testbed.iotests.selection import DEFAULT_FORMATS
@@ -167,7 +178,7 @@ def register(sub: Any) -> None:
 def _from_json(args: argparse.Namespace) -> int:
     from testbed.iotests.modes import Mode
     from testbed.iotests.report import unexplained, write_report
-    from testbed.iotests.results import TestRun, read_json, write_json
+    from testbed.iotests.results import read_json, write_json
 
     runs: list[TestRun] = []
     meta: dict[str, Any] = {}
@@ -215,52 +226,160 @@ class _Progress:
         write_json(self.json_path, self.runs, self.meta)
 
 
-def run(args: argparse.Namespace) -> int:
-    """``testbed iotests``: check the arguments, pick the builds, run each, write the report.
+def _modes(args: argparse.Namespace) -> list[Mode]:
+    from testbed.iotests.modes import Mode
 
-    Longer than 60 lines on purpose: the stages share the parsed arguments and the progress
-    lines, and each refusal returns its exit code here, in the order ``--help`` describes.
-    """
-    from testbed.iotests.builds import block_formats, find_builds, stock_emulator, suite_tools
-    from testbed.iotests.exclusions import excluded_for
-    from testbed.iotests.modes import Mode, supervise_available
-    from testbed.iotests.report import unexplained, write_report
-    from testbed.iotests.results import TestRun, write_json
-    from testbed.iotests.runner import DEFAULT_TIMEOUT, RunConfig, lay_out, run_all
-    from testbed.iotests.selection import LeftOut, plan, scan_suite
-
-    if args.from_json:
-        return _from_json(args)
     try:
-        modes = [Mode(m) for m in args.mode] if args.mode else list(Mode)
+        return [Mode(m) for m in args.mode] if args.mode else list(Mode)
     except ValueError as err:
-        print(f"testbed iotests: --mode: {err} (one of: {', '.join(Mode)})", file=sys.stderr)
-        return 2
-    try:
-        builds = find_builds(dirs=args.qemu_build)
-    except IotestsError as err:
-        print(f"testbed iotests: {err}", file=sys.stderr)
-        return 2
+        raise IotestsError(f"--mode: {err} (one of: {', '.join(Mode)})") from err
+
+
+def _builds(args: argparse.Namespace) -> list[QemuBuild]:
+    """The builds to run: every one found, or those of ``--qemu-version``; at least one."""
+    from testbed.iotests.builds import find_builds
+
+    builds = find_builds(dirs=args.qemu_build)
     if args.qemu_version:
         unknown = set(args.qemu_version) - {b.version for b in builds}
         if unknown:
             have = ", ".join(b.version for b in builds) or "none"
-            print(
-                f"testbed iotests: no build of QEMU {', '.join(sorted(unknown))} "
-                f"(built: {have}; make qemu)",
-                file=sys.stderr,
+            raise IotestsError(
+                f"no build of QEMU {', '.join(sorted(unknown))} (built: {have}; make qemu)"
             )
-            return 2
         builds = [b for b in builds if b.version in args.qemu_version]
     if not builds:
-        print("testbed iotests: no QEMU build under build/qemu* (make qemu)", file=sys.stderr)
-        return 2
+        raise IotestsError("no QEMU build under build/qemu* (make qemu)")
+    return builds
+
+
+def _unavailable(args: argparse.Namespace, modes: Sequence[Mode]) -> dict[Mode, str]:
+    """Modes that cannot run with any build, and why (printed once)."""
+    from testbed.iotests.modes import Mode, supervise_available
+
     unavailable: dict[Mode, str] = {}
     if Mode.SUPERVISED in modes:
         why = supervise_available(args.supervisor)
         if why:
             unavailable[Mode.SUPERVISED] = why
             print(f"testbed iotests: {why}", file=sys.stderr)
+    return unavailable
+
+
+@dataclass(frozen=True)
+class _BuildPlan:
+    """One build's suite: its tools and layout, the tests to run and those left out."""
+
+    tools: SuiteTools
+    layout: Layout
+    runs: list[Planned]
+    left: list[LeftOut]
+
+
+def _plan_build(args: argparse.Namespace, build: QemuBuild) -> _BuildPlan:
+    from testbed.iotests.builds import block_formats, suite_tools
+    from testbed.iotests.exclusions import excluded_for
+    from testbed.iotests.runner import lay_out
+    from testbed.iotests.selection import plan, scan_suite
+
+    tools = suite_tools(build)
+    layout = lay_out(build, args.work)
+    tests = scan_suite(layout.iotests)
+    built = block_formats(build)
+    runs, left = plan(
+        tests,
+        formats=[f for f in args.format if f in built],
+        names=args.tests,
+        excluded=excluded_for(build.version),
+    )
+    return _BuildPlan(tools=tools, layout=layout, runs=runs, left=left)
+
+
+def _unavailable_for(
+    build: QemuBuild, stock: Path | None, modes: Sequence[Mode], unavailable: dict[Mode, str]
+) -> dict[Mode, str]:
+    """``unavailable`` plus what this build lacks: one may have a stock binary, one not."""
+    from testbed.iotests.modes import Mode
+
+    this_unavailable = dict(unavailable)
+    if Mode.SUPERVISED in modes and stock is None:
+        this_unavailable.setdefault(
+            Mode.SUPERVISED,
+            f"mode 'supervised' is not available for QEMU {build.version}: no stock "
+            f"qemu-system of source {build.source_version}",
+        )
+    return this_unavailable
+
+
+def _run_config(
+    args: argparse.Namespace,
+    build: QemuBuild,
+    planned: _BuildPlan,
+    stock: Path | None,
+    unavailable: dict[Mode, str],
+) -> RunConfig:
+    from testbed.iotests.runner import DEFAULT_TIMEOUT, RunConfig
+
+    return RunConfig(
+        build=build,
+        tools=planned.tools,
+        layout=planned.layout,
+        stock=stock,
+        timeout=args.timeout or DEFAULT_TIMEOUT,
+        retries=max(0, args.retries),
+        unavailable=unavailable,
+        testbed=args.broker,
+        supervisor=args.supervisor,
+    )
+
+
+def _print_plan(build: QemuBuild, planned: _BuildPlan) -> None:
+    for r in planned.runs:
+        print(f"{build.version} {r.test.name} {r.format} ({r.test.language})")
+    for x in planned.left:
+        print(f"{build.version} {x.name} left out: {x.reason}")
+
+
+def _finish(
+    args: argparse.Namespace,
+    modes: Sequence[Mode],
+    json_path: Path,
+    runs: list[TestRun],
+    meta: dict[str, Any],
+    left: list[LeftOut],
+) -> int:
+    """Write the JSON and the report, print the failures only a hooked mode has; exit status."""
+    from testbed.iotests.modes import Mode
+    from testbed.iotests.report import unexplained, write_report
+    from testbed.iotests.results import write_json
+
+    write_json(json_path, runs, meta)
+    report = write_report(args.report or args.work / "report", runs, meta, left)
+    print(f"results: {json_path}\nreport:  {report}", file=sys.stderr)
+    bad = [f for m in modes if m is not Mode.UNHOOKED for f in unexplained(runs, m.value)]
+    for f in bad:
+        print(f"{f.mode}-only failure: {f.version} {f.test} ({f.format}): {f.reason}")
+    return 1 if bad else 0
+
+
+def run(args: argparse.Namespace) -> int:
+    """``testbed iotests``: check the arguments, pick the builds, run each, write the report.
+
+    Exit status 2 when the arguments or a build's suite cannot be used.
+    """
+    from testbed.iotests.builds import stock_emulator
+    from testbed.iotests.runner import run_all
+    from testbed.iotests.selection import LeftOut
+
+    if args.from_json:
+        return _from_json(args)
+    try:
+        modes = _modes(args)
+        builds = _builds(args)
+    except IotestsError as err:
+        print(f"testbed iotests: {err}", file=sys.stderr)
+        return 2
+    unavailable = _unavailable(args, modes)
     all_runs: list[TestRun] = []
     all_left: list[LeftOut] = []
     json_path = args.json or args.work / "iotests.json"
@@ -273,64 +392,32 @@ def run(args: argparse.Namespace) -> int:
     t0 = time.monotonic()
     for build in builds:
         try:
-            tools = suite_tools(build)
-            layout = lay_out(build, args.work)
-            tests = scan_suite(layout.iotests)
-            built = block_formats(build)
-            runs, left = plan(
-                tests,
-                formats=[f for f in args.format if f in built],
-                names=args.tests,
-                excluded=excluded_for(build.version),
-            )
+            planned = _plan_build(args, build)
         except IotestsError as err:
             print(f"testbed iotests: {err}", file=sys.stderr)
             return 2
-        all_left += [LeftOut(f"{x.name} (QEMU {build.version})", x.reason) for x in left]
+        all_left += [LeftOut(f"{x.name} (QEMU {build.version})", x.reason) for x in planned.left]
         meta[f"QEMU {build.version}"] = (
-            f"{build.system_emulator} (source {build.source_version}); tools: {tools.origin}"
+            f"{build.system_emulator} (source {build.source_version}); "
+            f"tools: {planned.tools.origin}"
         )
         stock = stock_emulator(build)
-        this_unavailable = dict(unavailable)  # per build: one may have a stock binary, one not
-        if Mode.SUPERVISED in modes and stock is None:
-            this_unavailable.setdefault(
-                Mode.SUPERVISED,
-                f"mode 'supervised' is not available for QEMU {build.version}: no stock "
-                f"qemu-system of source {build.source_version}",
-            )
         print(
-            f"QEMU {build.version}: {len(runs)} test(s) x {len(modes)} mode(s) "
-            f"({len(left)} left out); suite in {layout.iotests}",
+            f"QEMU {build.version}: {len(planned.runs)} test(s) x {len(modes)} mode(s) "
+            f"({len(planned.left)} left out); suite in {planned.layout.iotests}",
             file=sys.stderr,
         )
         if args.list:
-            for r in runs:
-                print(f"{build.version} {r.test.name} {r.format} ({r.test.language})")
-            for x in left:
-                print(f"{build.version} {x.name} left out: {x.reason}")
+            _print_plan(build, planned)
             continue
-        cfg = RunConfig(
-            build=build,
-            tools=tools,
-            layout=layout,
-            stock=stock,
-            timeout=args.timeout or DEFAULT_TIMEOUT,
-            retries=max(0, args.retries),
-            unavailable=this_unavailable,
-            testbed=args.broker,
-            supervisor=args.supervisor,
+        cfg = _run_config(
+            args, build, planned, stock, _unavailable_for(build, stock, modes, unavailable)
         )
-        all_runs += run_all(cfg, modes, runs, on_result=progress.add)
+        all_runs += run_all(cfg, modes, planned.runs, on_result=progress.add)
     if args.list:
         return 0
     meta["wall time"] = f"{time.monotonic() - t0:.0f} s"
-    write_json(json_path, all_runs, meta)
-    report = write_report(args.report or args.work / "report", all_runs, meta, all_left)
-    print(f"results: {json_path}\nreport:  {report}", file=sys.stderr)
-    bad = [f for m in modes if m is not Mode.UNHOOKED for f in unexplained(all_runs, m.value)]
-    for f in bad:
-        print(f"{f.mode}-only failure: {f.version} {f.test} ({f.format}): {f.reason}")
-    return 1 if bad else 0
+    return _finish(args, modes, json_path, all_runs, meta, all_left)
 
 
 __all__ = ["register", "run"]

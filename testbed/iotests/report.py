@@ -87,18 +87,8 @@ def _fmt_s(x: float | None, scale: float = 1.0, unit: str = "s") -> str:
     return "-" if x is None else f"{x * scale:.3g} {unit}"
 
 
-def render(runs: Sequence[TestRun], meta: dict[str, Any], left_out: Sequence[LeftOut]) -> str:
-    """The Markdown report of an iotests run, section by section.
-
-    Longer than 60 lines on purpose: a template written in the order the document reads; split,
-    the sections would lose the order they print in.
-    """
-    modes = [m.value for m in Mode if any(r.mode == m.value for r in runs)]
-    versions = sorted({r.version for r in runs}, key=_version_key)
-    lines = ["# QEMU iotests through the open hook", ""]
-    for k, v in meta.items():
-        lines.append(f"- {k}: {v}")
-    lines += ["", "## Counts per version and mode", ""]
+def _counts(runs: Sequence[TestRun]) -> list[str]:
+    lines = ["## Counts per version and mode", ""]
     lines.append(
         "| version | mode | pass | fail | not run | time | QEMU launches | broker requests "
         "| not a descriptor | brokers left | launch to first answer (median) "
@@ -121,81 +111,120 @@ def render(runs: Sequence[TestRun], meta: dict[str, Any], left_out: Sequence[Lef
         "broker's first audit record, per QEMU; *extra per launch*: (hooked - unhooked "
         "time) / launches over the tests that passed both ways.",
     ]
-    for mode in modes:
-        if mode == Mode.UNHOOKED.value:
-            continue
-        pairs = divergent(runs, mode)
-        n_bad = len(unexplained(runs, mode))
-        lines += [
-            "",
-            f"## {mode}-only failures ({len(pairs)}; {len(pairs) - n_bad} explained by "
-            "known divergences)",
-            "",
-        ]
-        if not pairs:
-            lines.append(f"None: every test that passed unhooked passed {mode}.")
-        for _u, r in pairs:
-            lines += [f"### {r.test} ({r.format}, QEMU {r.version}): {r.reason}", ""]
-            known = explain(r.test, r.diff)
-            if known:
-                lines.append("Every changed line is a known divergence:")
-                lines += [f"- {k.reason}" for k in known]
-                lines.append("")
-            if r.refusals:
-                lines.append("Broker answers other than a descriptor:")
-                lines.append("")
-                for path, n in Counter(
-                    (f.path, " ".join(f.flags), f.result, f.reason) for f in r.refusals
-                ).items():
-                    lines.append(f"- `{path[0]}` {path[1]} -> {path[2]}: {path[3]} (x{n})")
-                lines.append("")
-            shown = list(r.diff[:DIFF_LINES])
-            if len(r.diff) > DIFF_LINES:
-                shown.append(f"... {len(r.diff) - DIFF_LINES} more lines in the JSON")
-            lines += ["```diff", *shown, "```", ""]
-    lines += ["", "## Per test", ""]
+    return lines
+
+
+def _failure(r: TestRun) -> list[str]:
+    """One test that failed only in a hooked mode: divergences, refusals, its diff."""
+    lines = [f"### {r.test} ({r.format}, QEMU {r.version}): {r.reason}", ""]
+    known = explain(r.test, r.diff)
+    if known:
+        lines.append("Every changed line is a known divergence:")
+        lines += [f"- {k.reason}" for k in known]
+        lines.append("")
+    if r.refusals:
+        lines.append("Broker answers other than a descriptor:")
+        lines.append("")
+        for path, n in Counter(
+            (f.path, " ".join(f.flags), f.result, f.reason) for f in r.refusals
+        ).items():
+            lines.append(f"- `{path[0]}` {path[1]} -> {path[2]}: {path[3]} (x{n})")
+        lines.append("")
+    shown = list(r.diff[:DIFF_LINES])
+    if len(r.diff) > DIFF_LINES:
+        shown.append(f"... {len(r.diff) - DIFF_LINES} more lines in the JSON")
+    return [*lines, "```diff", *shown, "```", ""]
+
+
+def _mode_failures(runs: Sequence[TestRun], mode: str) -> list[str]:
+    pairs = divergent(runs, mode)
+    n_bad = len(unexplained(runs, mode))
+    lines = [
+        "",
+        f"## {mode}-only failures ({len(pairs)}; {len(pairs) - n_bad} explained by "
+        "known divergences)",
+        "",
+    ]
+    if not pairs:
+        lines.append(f"None: every test that passed unhooked passed {mode}.")
+    for _u, r in pairs:
+        lines += _failure(r)
+    return lines
+
+
+def _per_test(runs: Sequence[TestRun], versions: Sequence[str], modes: Sequence[str]) -> list[str]:
+    """The table of every test: one column per (version, mode)."""
+    lines = ["", "## Per test", ""]
     header = "| test | format | " + " | ".join(f"{v} {m}" for v in versions for m in modes) + " |"
     lines += [header, "|---|---|" + "---|" * (len(versions) * len(modes))]
     cells: dict[tuple[str, str], dict[tuple[str, str], TestRun]] = {}
     for r in runs:
         cells.setdefault((r.test, r.format), {})[(r.version, r.mode)] = r
     for (test, fmt), row in cells.items():
-        marks = []
-        for v in versions:
-            for m in modes:
-                cell = row.get((v, m))
-                if cell is None:
-                    marks.append("")
-                else:
-                    extra = f" ({cell.requests} req)" if cell.requests else ""
-                    ref = row.get((v, Mode.UNHOOKED.value))
-                    if m != Mode.UNHOOKED.value and ref is not None and same_failure(ref, cell):
-                        extra += ", same output as unhooked"
-                    marks.append(_MARK[cell.status] + extra)
+        marks = [_cell(row, v, m) for v in versions for m in modes]
         lines.append(f"| {test} | {fmt} | " + " | ".join(marks) + " |")
+    return lines
+
+
+def _cell(row: dict[tuple[str, str], TestRun], version: str, mode: str) -> str:
+    cell = row.get((version, mode))
+    if cell is None:
+        return ""
+    extra = f" ({cell.requests} req)" if cell.requests else ""
+    ref = row.get((version, Mode.UNHOOKED.value))
+    if mode != Mode.UNHOOKED.value and ref is not None and same_failure(ref, cell):
+        extra += ", same output as unhooked"
+    return _MARK[cell.status] + extra
+
+
+def _flaky(runs: Sequence[TestRun]) -> list[str]:
     flaky = [r for r in runs if r.attempts > 1]
-    if flaky:
-        lines += ["", "## Run more than once", ""]
-        lines.append("A failed test runs again (`--retries`); these needed it:")
-        lines.append("")
-        for r in flaky:
-            first = r.earlier_failures[0].splitlines() if r.earlier_failures else [""]
-            lines.append(
-                f"- {r.version} {r.mode} {r.test} ({r.format}): {r.status.value} on attempt "
-                f"{r.attempts}; first: {first[0]}"
-            )
-            changed = [
-                x for x in first[1:] if x.startswith(("+", "-")) and x[:3] not in ("+++", "---")
-            ]
-            lines += [f"  `{x}`" for x in changed[:4]]
+    if not flaky:
+        return []
+    lines = ["", "## Run more than once", ""]
+    lines.append("A failed test runs again (`--retries`); these needed it:")
+    lines.append("")
+    for r in flaky:
+        first = r.earlier_failures[0].splitlines() if r.earlier_failures else [""]
+        lines.append(
+            f"- {r.version} {r.mode} {r.test} ({r.format}): {r.status.value} on attempt "
+            f"{r.attempts}; first: {first[0]}"
+        )
+        changed = [x for x in first[1:] if x.startswith(("+", "-")) and x[:3] not in ("+++", "---")]
+        lines += [f"  `{x}`" for x in changed[:4]]
+    return lines
+
+
+def _not_run(runs: Sequence[TestRun]) -> list[str]:
     not_run = [r for r in runs if r.status is Status.NOT_RUN and r.reason]
-    if not_run:
-        lines += ["", "## Why not run", ""]
-        for reason, n in Counter((r.mode, r.reason) for r in not_run).most_common():
-            lines.append(f"- {reason[0]}: {reason[1]} ({n})")
-    if left_out:
-        lines += ["", "## Left out of the selection", ""]
-        lines += [f"- {x.name}: {x.reason}" for x in left_out]
+    if not not_run:
+        return []
+    lines = ["", "## Why not run", ""]
+    for reason, n in Counter((r.mode, r.reason) for r in not_run).most_common():
+        lines.append(f"- {reason[0]}: {reason[1]} ({n})")
+    return lines
+
+
+def _left_out(left_out: Sequence[LeftOut]) -> list[str]:
+    if not left_out:
+        return []
+    return ["", "## Left out of the selection", "", *(f"- {x.name}: {x.reason}" for x in left_out)]
+
+
+def render(runs: Sequence[TestRun], meta: dict[str, Any], left_out: Sequence[LeftOut]) -> str:
+    """The Markdown report of an iotests run, its sections in the order they print."""
+    modes = [m.value for m in Mode if any(r.mode == m.value for r in runs)]
+    versions = sorted({r.version for r in runs}, key=_version_key)
+    lines = ["# QEMU iotests through the open hook", ""]
+    lines += [f"- {k}: {v}" for k, v in meta.items()]
+    lines += ["", *_counts(runs)]
+    for mode in modes:
+        if mode != Mode.UNHOOKED.value:
+            lines += _mode_failures(runs, mode)
+    lines += _per_test(runs, versions, modes)
+    lines += _flaky(runs)
+    lines += _not_run(runs)
+    lines += _left_out(left_out)
     return "\n".join(lines) + "\n"
 
 

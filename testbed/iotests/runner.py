@@ -217,44 +217,60 @@ def _end_group(proc: subprocess.Popen[bytes]) -> None:
     proc.wait()
 
 
-def run_one(cfg: RunConfig, mode: Mode, wrapper: Path | None, planned: Planned) -> TestRun:
-    """One iotest in one mode, from its environment to its verdict.
+@dataclass(frozen=True)
+class _RunDirs:
+    """Where one run keeps its files: ``rundir`` holds the others and the logs."""
 
-    Longer than 60 lines on purpose: the steps share the run directory, the ``check`` process
-    and its audit, and their order is the point (environment, run, result, audit).
-    """
-    test, fmt = planned.test.name, planned.format
-    base = TestRun(
-        version=cfg.build.version,
-        mode=mode.value,
-        format=fmt,
-        test=test,
-        status=Status.NOT_RUN,
-        seconds=0.0,
-    )
-    why = (cfg.unavailable or {}).get(mode)
-    if why or wrapper is None:
-        return dataclasses.replace(base, reason=why or "no wrapper")
-    rundir = cfg.layout.rundir(mode, fmt, test)
-    shutil.rmtree(rundir, ignore_errors=True)
-    test_dir = rundir / "scratch"
-    test_dir.mkdir(parents=True)
-    tmp_dir = rundir / "tmp"  # QEMU's -snapshot files go here, inside a grant
-    tmp_dir.mkdir()
-    # UNIX socket paths are limited to 107 bytes: SOCK_DIR stays short.
-    sock_dir = Path(tempfile.mkdtemp(prefix="tbiot-", dir="/tmp"))
+    rundir: Path
+    test_dir: Path
+    tmp_dir: Path
+    sock_dir: Path
+
+    @classmethod
+    def create(cls, rundir: Path) -> _RunDirs:
+        shutil.rmtree(rundir, ignore_errors=True)
+        test_dir = rundir / "scratch"
+        test_dir.mkdir(parents=True)
+        tmp_dir = rundir / "tmp"  # QEMU's -snapshot files go here, inside a grant
+        tmp_dir.mkdir()
+        # UNIX socket paths are limited to 107 bytes: SOCK_DIR stays short.
+        sock_dir = Path(tempfile.mkdtemp(prefix="tbiot-", dir="/tmp"))
+        return cls(rundir=rundir, test_dir=test_dir, tmp_dir=tmp_dir, sock_dir=sock_dir)
+
+
+def _check_env(cfg: RunConfig, mode: Mode, wrapper: Path, dirs: _RunDirs) -> dict[str, str]:
+    """``check``'s environment: ours, the suite's tools, the mode's wrapper and the dirs."""
     env = dict(os.environ)
     env.update(cfg.tools.env())
     env.update(wrapper_env(mode, qemu=cfg.build.system_emulator, testbed=cfg.testbed))
     env.update(
         QEMU_PROG=str(wrapper),
-        TEST_DIR=str(test_dir),
-        SOCK_DIR=str(sock_dir),
-        TMPDIR=str(tmp_dir),
-        TESTBED_IOTESTS_RUNDIR=str(rundir),
+        TEST_DIR=str(dirs.test_dir),
+        SOCK_DIR=str(dirs.sock_dir),
+        TMPDIR=str(dirs.tmp_dir),
+        TESTBED_IOTESTS_RUNDIR=str(dirs.rundir),
     )
     env.pop("PYTHONPATH", None)
+    return env
+
+
+@dataclass(frozen=True)
+class _Checked:
+    """How ``check`` ended, and what it printed."""
+
+    timed_out: bool
+    returncode: int
+    seconds: float
+    out: str
+    err: str
+
+
+def _run_check(
+    cfg: RunConfig, fmt: str, test: str, env: dict[str, str], dirs: _RunDirs
+) -> _Checked:
+    """``check -tap -FMT TEST`` in its own process group, ended after ``cfg.timeout``."""
     argv = [sys.executable, "./check", "-tap", f"-{fmt}", test]
+    rundir = dirs.rundir
     started = time.monotonic()
     timed_out = False
     with open(rundir / "check.out", "wb") as out, open(rundir / "check.err", "wb") as err:
@@ -272,32 +288,45 @@ def run_one(cfg: RunConfig, mode: Mode, wrapper: Path | None, planned: Planned) 
         finally:  # interrupted too: the test's processes never outlive the harness
             _end_group(proc)
     seconds = round(time.monotonic() - started, 1)
-    shutil.rmtree(sock_dir, ignore_errors=True)
-    out_text = (rundir / "check.out").read_text(errors="replace")
-    err_text = (rundir / "check.err").read_text(errors="replace")
-    status = parse_tap(out_text, fmt, test)
-    reason = ""
+    shutil.rmtree(dirs.sock_dir, ignore_errors=True)
+    return _Checked(
+        timed_out=timed_out,
+        returncode=proc.returncode,
+        seconds=seconds,
+        out=(rundir / "check.out").read_text(errors="replace"),
+        err=(rundir / "check.err").read_text(errors="replace"),
+    )
+
+
+def _verdict(
+    cfg: RunConfig, mode: Mode, planned: Planned, checked: _Checked, test_dir: Path
+) -> tuple[Status, str]:
+    """The test's status from check's TAP line (or its absence), and why, if not a pass."""
+    test, fmt = planned.test.name, planned.format
+    status = parse_tap(checked.out, fmt, test)
     name = test.rsplit("/", 1)[-1]
-    if timed_out:
-        status = Status.FAIL
-        reason = (
+    if checked.timed_out:
+        return Status.FAIL, (
             f"timed out after {cfg.timeout:g}s running iotest {test} "
             f"({fmt}, {mode.value}, QEMU {cfg.build.version})"
         )
-    elif status is None:
-        status = Status.FAIL
-        tail = (err_text or out_text).strip().splitlines()[-3:]
-        reason = f"check gave no result for {test} (exit {proc.returncode}): " + " | ".join(tail)
-    elif status is Status.NOT_RUN:
+    if status is None:
+        tail = (checked.err or checked.out).strip().splitlines()[-3:]
+        return Status.FAIL, (
+            f"check gave no result for {test} (exit {checked.returncode}): " + " | ".join(tail)
+        )
+    if status is Status.NOT_RUN:
         # 7.2 writes it in TEST_DIR, 10.0 in TEST_DIR/<fmt>-<proto>-<test>/
         notrun = next(iter(sorted(test_dir.rglob(f"{name}.notrun"))), None)
-        reason = notrun.read_text(errors="replace").strip() if notrun else ""
-    elif status is Status.FAIL:
-        reason = "output mismatch" if err_text.strip() else f"exit status {proc.returncode}"
-    diff = tuple(err_text.splitlines()) if status is Status.FAIL else ()
-    launches = _read_jsonl(rundir / "launches.jsonl")
-    audit = _read_jsonl(rundir / "audit.jsonl")
-    refusals = tuple(
+        return status, notrun.read_text(errors="replace").strip() if notrun else ""
+    if status is Status.FAIL:
+        why = "output mismatch" if checked.err.strip() else f"exit status {checked.returncode}"
+        return status, why
+    return status, ""
+
+
+def _refusals(audit: Sequence[dict[str, object]]) -> tuple[Refusal, ...]:
+    return tuple(
         Refusal(
             path=str(r.get("path", "")),
             flags=_names(r.get("flag_names")),
@@ -307,27 +336,59 @@ def run_one(cfg: RunConfig, mode: Mode, wrapper: Path | None, planned: Planned) 
         for r in audit
         if r.get("reason")
     )
+
+
+def _first_answers(
+    launches: Sequence[dict[str, object]], audit: Sequence[dict[str, object]]
+) -> tuple[float, ...]:
+    """Seconds from each QEMU's launch to the broker's first answer to it."""
     first: dict[int, float] = {}
     for r in audit:
         pid = r.get("peer_pid")
         if isinstance(pid, int) and pid not in first:
             first[pid] = _num(r.get("time"))
-    first_answer = tuple(
+    return tuple(
         round(first[p] - _num(rec.get("time")), 4)
         for rec in launches
         if isinstance(p := rec.get("pid"), int) and p in first
     )
+
+
+def run_one(cfg: RunConfig, mode: Mode, wrapper: Path | None, planned: Planned) -> TestRun:
+    """One iotest in one mode, from its environment to its verdict.
+
+    The steps' order is the point: environment, run, result, then the audit
+    (the brokers are reaped last, after their records are read).
+    """
+    test, fmt = planned.test.name, planned.format
+    base = TestRun(
+        version=cfg.build.version,
+        mode=mode.value,
+        format=fmt,
+        test=test,
+        status=Status.NOT_RUN,
+        seconds=0.0,
+    )
+    why = (cfg.unavailable or {}).get(mode)
+    if why or wrapper is None:
+        return dataclasses.replace(base, reason=why or "no wrapper")
+    dirs = _RunDirs.create(cfg.layout.rundir(mode, fmt, test))
+    checked = _run_check(cfg, fmt, test, _check_env(cfg, mode, wrapper, dirs), dirs)
+    status, reason = _verdict(cfg, mode, planned, checked, dirs.test_dir)
+    diff = tuple(checked.err.splitlines()) if status is Status.FAIL else ()
+    launches = _read_jsonl(dirs.rundir / "launches.jsonl")
+    audit = _read_jsonl(dirs.rundir / "audit.jsonl")
     return dataclasses.replace(
         base,
         status=status,
-        seconds=seconds,
+        seconds=checked.seconds,
         reason=reason,
         diff=diff,
         launches=len(launches),
         requests=len(audit),
-        refusals=refusals,
-        brokers_left=reap_brokers(launches, rundir / "audit.jsonl"),
-        first_answer_s=first_answer,
+        refusals=_refusals(audit),
+        brokers_left=reap_brokers(launches, dirs.rundir / "audit.jsonl"),
+        first_answer_s=_first_answers(launches, audit),
         latency_us=tuple(_num(r.get("latency_us")) for r in audit),
     )
 

@@ -38,6 +38,7 @@ Modules:
 * :mod:`testbed.qemu.command` -- the ``testbed qemu`` subcommand.
 """
 
+from testbed.errors import QMPCommandError
 from testbed.qemu.binaries import (
     STOCK_QEMU,
     built_versions,
@@ -46,7 +47,7 @@ from testbed.qemu.binaries import (
     qemu_binary,
 )
 from testbed.qemu.commandline import FIRMWARE_DIRS, MachineConfig
-from testbed.qemu.machine import Machine, QMPCommandError
+from testbed.qemu.machine import Machine
 from testbed.qemu.versions import DEFAULT_VERSION, VERSIONS, Kind, QemuVersion
 
 __all__ = [

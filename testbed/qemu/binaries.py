@@ -15,11 +15,12 @@ The helpers from before versions existed (:data:`STOCK_QEMU`,
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
-from testbed.errors import BuildError, MissingBuildError
+from testbed.errors import BuildError, MissingBuildError, UnknownProgramError
 from testbed.qemu.versions import (
     DEFAULT_VERSION,
     OPEN_HOOK_SERVER,
@@ -64,15 +65,18 @@ def qemu_binary(
     The path may not exist yet; with ``must_exist`` a missing one raises
     :class:`~testbed.errors.MissingBuildError` naming the ``make`` command
     that builds it.  An unknown version, kind or program raises
-    :class:`~testbed.errors.QemuVersionError` / ``ValueError``.
+    :class:`~testbed.errors.QemuVersionError` (an unknown program its
+    :class:`~testbed.errors.UnknownProgramError`, also a ``ValueError``).
     """
     v = get(version or DEFAULT_VERSION)
     k = kind_of(kind)
     prog = program or (OPEN_HOOK_SERVER if k is Kind.OPEN_HOOK_SERVER else SYSTEM_EMULATOR)
     if prog not in PROGRAMS:
-        raise ValueError(f"unknown QEMU program {prog!r} (known: {', '.join(PROGRAMS)})")
+        raise UnknownProgramError(
+            f"unknown QEMU program {prog!r} (known: {', '.join(PROGRAMS)})", program=prog
+        )
     if (k is Kind.OPEN_HOOK_SERVER) != (prog == OPEN_HOOK_SERVER):
-        raise ValueError(f"{prog} is not a program of kind {k.value}")
+        raise UnknownProgramError(f"{prog} is not a program of kind {k.value}", program=prog)
     if k is Kind.STOCK and v.system_stock is not None:
         path = v.system_stock.parent / prog
     else:
@@ -95,8 +99,14 @@ def build_hint(version: QemuVersion, kind: Kind) -> str:
     return f"run `make qemu QEMU_VERSIONS={version.name}`"
 
 
-def is_runnable(path: Path) -> bool:
-    return path.is_file() and path.stat().st_mode & 0o111 != 0
+def is_runnable(path: Path | str) -> bool:
+    """Whether ``path`` is a file we may execute; a bare name is looked up on ``PATH``.
+
+    The package's one check of a binary (builds, fixtures, the machine's
+    launch, the iotests builds), so "is it there" means the same everywhere:
+    what ``exec`` would run.
+    """
+    return shutil.which(str(path)) is not None
 
 
 @dataclass(frozen=True, kw_only=True)

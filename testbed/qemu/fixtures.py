@@ -40,6 +40,7 @@ from typing import Any, Protocol
 import pytest
 
 from testbed.broker import Broker, Policy
+from testbed.errors import QEMUUsageError
 from testbed.pytest_plugin import require
 from testbed.qemu.binaries import build_hint, is_runnable, qemu_binary
 from testbed.qemu.commandline import MachineConfig
@@ -173,7 +174,7 @@ def stock_qemu(tmp_path: Path, qemu_version: str) -> Iterator[MachineFactory]:
         **config: Any,
     ) -> Machine:
         if hook or policy is not None or broker is not None:
-            raise ValueError("stock QEMU has no -open-hook-fd: use patched_qemu")
+            raise QEMUUsageError("stock QEMU has no -open-hook-fd: use patched_qemu")
         config.setdefault("log_path", machines.log_path())
         cfg = MachineConfig(binary=binary, args=args, **config)
         return machines.new(cfg, launch=launch, policy=None, broker=None)

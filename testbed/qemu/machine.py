@@ -20,7 +20,6 @@ import asyncio
 import enum
 import logging
 import os
-import shutil
 import socket
 import subprocess
 import sys
@@ -34,24 +33,22 @@ from typing import Any, TypeVar
 from qemu.qmp import ExecuteError, QMPClient, QMPError
 
 from testbed.broker import Broker, Policy
-from testbed.errors import LaunchError, QEMUError, TransportError, WaitTimeout
-from testbed.qemu.binaries import open_hook_server_path
+from testbed.errors import (
+    LaunchError,
+    QEMUError,
+    QEMUUsageError,
+    TransportError,
+    WaitTimeout,
+)
+
+# QMPCommandError lived here before it joined errors.py: old imports keep working.
+from testbed.errors import QMPCommandError as QMPCommandError
+from testbed.qemu.binaries import is_runnable, open_hook_server_path
 from testbed.qemu.commandline import MachineConfig, build_argv
 
 log = logging.getLogger("testbed.qemu")
 
 _T = TypeVar("_T")
-
-
-class QMPCommandError(QEMUError):
-    """QEMU answered a QMP command with an error (``error_class``, ``desc``)."""
-
-    def __init__(self, command: str, arguments: dict[str, Any], error_class: str, desc: str):
-        super().__init__(f"QMP {command}: {error_class}: {desc}")
-        self.command = command
-        self.arguments = arguments
-        self.error_class = error_class
-        self.desc = desc
 
 
 class State(enum.Enum):
@@ -251,14 +248,13 @@ class Machine:
         if self._hook_ours is not None:
             log.warning("QEMU has -open-hook-fd but nobody serves the hook: opens will hang")
         cfg = self.config
-        theirs = [s for s in (self._qmp_theirs, self._hook_theirs, self._serial_theirs) if s]
         self.argv = build_argv(
             cfg,
             qmp_fd=self._qmp_theirs.fileno(),
             hook_fd=self._hook_theirs.fileno() if self._hook_theirs else None,
             serial_fd=self._serial_theirs.fileno() if self._serial_theirs else None,
         )
-        if shutil.which(str(cfg.binary)) is None:
+        if not is_runnable(cfg.binary):
             self._release()
             raise LaunchError(
                 f"cannot run {cfg.binary}: no such executable",
@@ -266,13 +262,23 @@ class Machine:
                 exitcode=None,
                 log="",
             )
+        self.process = self._spawn()
+        kvm = self._greet()
+        self.accel_used = "kvm" if kvm.get("enabled") else "tcg"
+        log.info("QEMU pid %d is up, accelerator %s", self.process.pid, self.accel_used)
+        return self
+
+    def _spawn(self) -> subprocess.Popen[bytes]:
+        """Run ``self.argv`` with QEMU's ends of the socket pairs, which we then close."""
+        cfg = self.config
+        theirs = [s for s in (self._qmp_theirs, self._hook_theirs, self._serial_theirs) if s]
         pass_fds = tuple(s.fileno() for s in theirs) + cfg.pass_fds
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         log.info("launching: %s", " ".join(self.argv))
         self.state = State.RUNNING
         try:
             with open(self.log_path, "ab") as out:
-                self.process = subprocess.Popen(
+                return subprocess.Popen(
                     self.argv,
                     pass_fds=pass_fds,
                     stdin=subprocess.DEVNULL,
@@ -293,6 +299,10 @@ class Machine:
             # QEMU has its ends now; ours must go or we never see EOF from it.
             for s in theirs:
                 s.close()
+
+    def _greet(self) -> dict[str, Any]:
+        """QMP's greeting and capabilities, then ``query-kvm``; LaunchError if QEMU fails."""
+        cfg = self.config
         try:
             self._run(
                 self._qmp.connect(self._qmp_ours),
@@ -312,9 +322,7 @@ class Machine:
                 why = "QEMU exited during startup"
             raise LaunchError(why, argv=self.argv, exitcode=exitcode, log=self.read_log()) from err
         assert isinstance(kvm, dict)
-        self.accel_used = "kvm" if kvm.get("enabled") else "tcg"
-        log.info("QEMU pid %d is up, accelerator %s", self.process.pid, self.accel_used)
-        return self
+        return kvm
 
     # -- talking to it ---------------------------------------------------------
 
@@ -362,7 +370,7 @@ class Machine:
         what the command added to the log (complete with ``line_buffered``).
         """
         if '"' in command:
-            raise ValueError(f"qemu-io command {command!r} must not contain a double quote")
+            raise QEMUUsageError(f"qemu-io command {command!r} must not contain a double quote")
         start = self.log_path.stat().st_size if self.log_path.exists() else 0
         monitor = self.hmp(f'qemu-io {device} "{command}"')
         with open(self.log_path, "rb") as f:

@@ -49,12 +49,19 @@ def recipes(fmt: str) -> list[dict[str, object]]:
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
-    """Parametrize ``recipe`` / ``corrupt_recipe`` over the module's ``IMAGE_FORMAT`` recipes."""
+    """Parametrize ``recipe`` / ``corrupt_recipe`` over the recipes of the module's formats.
+
+    A module names one format (``IMAGE_FORMAT``) or several (``IMAGE_FORMATS``);
+    a recipe's name starts with its format, so the test ids name it.
+    """
     fmt = getattr(metafunc.module, "IMAGE_FORMAT", None)
+    formats = getattr(metafunc.module, "IMAGE_FORMATS", (fmt,) if fmt else ())
     for fixture, corrupt in (("recipe", False), ("corrupt_recipe", True)):
-        if fmt is None or fixture not in metafunc.fixturenames:
+        if not formats or fixture not in metafunc.fixturenames:
             continue
-        chosen = [r for r in recipes(fmt) if bool(r.get("corrupt", False)) == corrupt]
+        chosen = [
+            r for f in formats for r in recipes(f) if bool(r.get("corrupt", False)) == corrupt
+        ]
         metafunc.parametrize(fixture, chosen, ids=[str(r["name"]) for r in chosen])
 
 

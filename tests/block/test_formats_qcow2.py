@@ -26,37 +26,6 @@ from testbed.block.formats.qcow2 import (
 from testbed.errors import BlockError, CorruptImageError
 from testbed.pytest_plugin import require
 
-IMAGE_FORMAT = "qcow2"
-
-
-@pytest.mark.images
-def test_image_reads_like_qemu_img(
-    corpus: Any, chain: Any, recipe: dict[str, object], monkeypatch: pytest.MonkeyPatch
-) -> None:
-    image = corpus.image(recipe)
-    # An external data file name is relative to the working directory, as in
-    # QEMU; qemu-img runs in the image's directory, so the model does too.
-    monkeypatch.chdir(os.path.dirname(image.main))
-    assert chain.disk_hashes(image) == corpus.expected_chunks(image)
-
-
-@pytest.mark.images
-def test_corrupt_image_is_refused_naming_the_field(
-    corpus: Any, chain: Any, corrupt_recipe: dict[str, object]
-) -> None:
-    image = corpus.image(corrupt_recipe)
-    if "backing-loop" in image.tags:
-        with pytest.raises(BlockError, match="backing loop"):
-            chain.disk_hashes(image)
-        return
-    field = image.expected_field()
-    assert field, f"corrupt recipe {image.name} lacks a field: tag"
-    with pytest.raises(CorruptImageError) as caught:
-        chain.disk_hashes(image)
-    assert caught.value.field == field
-    assert caught.value.format == "qcow2"
-    assert caught.value.offset is not None
-
 
 @pytest.mark.images
 def test_chain_reports_backing_names_and_formats(corpus: Any, chain: Any) -> None:

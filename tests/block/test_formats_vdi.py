@@ -16,26 +16,6 @@ from testbed.block.formats.vdi import SIGNATURE, VdiDriver, VdiHeader
 from testbed.errors import CorruptImageError
 from testbed.pytest_plugin import require
 
-IMAGE_FORMAT = "vdi"
-
-
-@pytest.mark.images
-def test_image_reads_like_qemu_img(corpus: Any, chain: Any, recipe: dict[str, object]) -> None:
-    image = corpus.image(recipe)
-    assert chain.disk_hashes(image) == corpus.expected_chunks(image)
-
-
-@pytest.mark.images
-def test_corrupt_image_is_refused_naming_the_field(
-    corpus: Any, chain: Any, corrupt_recipe: dict[str, object]
-) -> None:
-    image = corpus.image(corrupt_recipe)
-    with pytest.raises(CorruptImageError) as caught:
-        chain.disk_hashes(image)
-    assert caught.value.format == "vdi"
-    assert caught.value.field == image.expected_field()
-    assert caught.value.offset is not None
-
 
 def test_probe_wants_a_whole_header_with_the_signature() -> None:
     header = bytes(64) + struct.pack("<I", SIGNATURE) + bytes(444)

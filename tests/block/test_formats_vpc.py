@@ -7,7 +7,6 @@ import struct
 import subprocess
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -22,26 +21,6 @@ from testbed.block.formats.vpc import (
 )
 from testbed.errors import CorruptImageError
 from testbed.pytest_plugin import require
-
-IMAGE_FORMAT = "vpc"
-
-
-@pytest.mark.images
-def test_image_reads_like_qemu_img(corpus: Any, chain: Any, recipe: dict[str, object]) -> None:
-    image = corpus.image(recipe)
-    assert chain.disk_hashes(image) == corpus.expected_chunks(image)
-
-
-@pytest.mark.images
-def test_corrupt_image_is_refused_naming_the_field(
-    corpus: Any, chain: Any, corrupt_recipe: dict[str, object]
-) -> None:
-    image = corpus.image(corrupt_recipe)
-    with pytest.raises(CorruptImageError) as caught:
-        chain.disk_hashes(image)
-    assert caught.value.format == "vpc"
-    assert caught.value.field == image.expected_field()
-    assert caught.value.offset is not None
 
 
 def test_probe_wants_the_cookie() -> None:

@@ -217,7 +217,7 @@ def test_killed_broker_is_replaced_and_nothing_is_lost(
     assert not (tmp_path / "kill" / "images" / "snap-dead-broker.qcow2").exists()
     # the first broker served the boot, the second the snapshot after the reattach
     assert len(restart.audit_per_broker) == 2 and all(restart.audit_per_broker)
-    assert restart.accounted, restart.as_dict()
+    assert restart.accounted, restart.to_json()
     assert restart.hook_failures >= 1
     assert result.snapshot_files == (str(tmp_path / "kill" / "images" / "snap1.qcow2"),)
     assert result.records_written == 40 and result.records_verified == 40 and result.lost == 0

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
 from testbed.cli import main
+from testbed.errors import GuestUsageError
 from testbed.guest.artifacts import GUEST_DIR, guest_available
+from testbed.guest.boot import BootOptions, run_boot
 from testbed.pytest_plugin import require
 
 
@@ -73,3 +76,11 @@ def test_boot_rejects_unknown_choices(
         main(["boot", "--format", "raw", *argv])
     assert info.value.code == 2
     assert message in capsys.readouterr().err
+
+
+def test_bad_boot_options_are_a_guest_usage_error_before_anything_starts(tmp_path: Path) -> None:
+    opts = BootOptions(fmt="vvfat", workdir=tmp_path, snapshot=True)
+    with pytest.raises(GuestUsageError, match="--snapshot needs a writable image format"):
+        run_boot(opts)
+    assert issubclass(GuestUsageError, ValueError)  # what `testbed boot` catches for exit 2
+    assert list(tmp_path.iterdir()) == []  # no image, no log: nothing started

@@ -275,4 +275,4 @@ def test_jobs_on_stock_qemu_without_hook(tmp_path: Path, kind: JobKind, qemu_ver
     assert result.ok, result.error
     assert result.lost == 0 and result.records_verified == RECORDS
     assert all(j.opens is None for j in result.jobs)
-    assert result.as_dict()["job_opens"] is None
+    assert result.to_json()["job_opens"] is None

@@ -10,11 +10,12 @@ from pathlib import Path
 
 import pytest
 
-from testbed.errors import MissingBuildError, QemuVersionError
+from testbed.errors import MissingBuildError, QemuVersionError, UnknownProgramError
 from testbed.qemu import binaries, command
 from testbed.qemu.binaries import (
     REPO_ROOT,
     cache_keys,
+    is_runnable,
     open_hook_server_path,
     patched_qemu_path,
     qemu_binary,
@@ -185,3 +186,27 @@ def test_qemu_run_uses_the_version_asked_for(qemu_version: str, tmp_path: Path) 
     assert f"Could not open '{missing}': No such file or directory" in done.stderr
     assert f"{missing} O_RDONLY|O_NONBLOCK -> No such file or directory" in done.stdout
     assert done.returncode == 1
+
+
+def test_an_unknown_program_is_a_qemu_version_error_and_a_value_error() -> None:
+    with pytest.raises(UnknownProgramError) as info:
+        qemu_binary("10.0", program="qemu-system-arm")
+    assert isinstance(info.value, QemuVersionError) and isinstance(info.value, ValueError)
+    assert info.value.program == "qemu-system-arm"
+
+
+def test_is_runnable_means_what_exec_would_run(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    script = tmp_path / "tool"
+    script.write_text("#!/bin/sh\n")
+    assert not is_runnable(script)  # not executable
+    script.chmod(0o755)
+    assert is_runnable(script) and is_runnable(str(script))
+    assert not is_runnable(tmp_path)  # a directory is no binary
+    assert not is_runnable(tmp_path / "absent")
+    # a bare name is looked up on PATH, as Machine.launch's exec would
+    monkeypatch.setenv("PATH", str(tmp_path))
+    assert is_runnable("tool")
+    monkeypatch.setenv("PATH", "/nonexistent")
+    assert not is_runnable("tool")
