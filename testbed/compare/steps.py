@@ -65,9 +65,11 @@ class Step:
     def __post_init__(self) -> None:
         if self.kind is StepKind.BROKER and self.command not in tuple(BrokerAction):
             known = ", ".join(a.value for a in BrokerAction)
-            raise ValueError(f"broker step {self.command!r}: give one of {known}")
+            raise ScenarioError(f"broker step {self.command!r}: give one of {known}")
         if self.broker_down and self.kind not in (StepKind.QMP, StepKind.HMP):
-            raise ValueError(f"a {self.kind} step cannot be marked broker_down (qmp or hmp only)")
+            raise ScenarioError(
+                f"a {self.kind} step cannot be marked broker_down (qmp or hmp only)"
+            )
         if self.kind is StepKind.QMP and not self.command:
             raise ScenarioError("a qmp step needs a command")
         if self.kind is StepKind.HMP and not self.line:
