@@ -53,7 +53,7 @@ Rewrite = Callable[[list[Open], list[Open]], tuple[list[Open], list[Open]]]
 @dataclass(frozen=True, kw_only=True)
 class KnownDivergence:
     key: str
-    #: The pair of sources (left, right) it applies to, e.g. ("patched", "stock").
+    #: The pair it applies to (left, right), one of ``oracles.PAIRS`` (checked there).
     pair: tuple[str, str]
     #: Scenarios it applies to carry this tag ("" for every scenario).
     tag: str

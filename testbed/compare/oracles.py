@@ -257,6 +257,16 @@ def by_outcome() -> list[Oracle]:
     return [o for o in ORACLES.values() if o.judged_by_outcome]
 
 
+def counted_per_operation() -> list[Oracle]:
+    """The oracles with an "N/M work" column in the per-operation summary."""
+    return [o for o in ORACLES.values() if o.works_per_operation]
+
+
+def operation_columns() -> list[tuple[Oracle, OperationColumn]]:
+    """Every oracle's further per-operation columns, in registry order."""
+    return [(o, c) for o in ORACLES.values() for c in o.columns]
+
+
 def shown_pairs() -> list[Pair]:
     """The pairs with a column in the scenario rows."""
     return [p for p in PAIRS if p.column]

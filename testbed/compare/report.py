@@ -22,12 +22,13 @@ from rich.table import Table
 from testbed.compare.compare import KNOWN_DIVERGENCES, PairResult, Status
 from testbed.compare.oracles import (
     HOOK_LEGEND,
-    ORACLES,
     PAIRS,
     OperationColumn,
     Oracle,
     by_outcome,
+    counted_per_operation,
     listed,
+    operation_columns,
     reference,
     shown_pairs,
 )
@@ -146,29 +147,21 @@ def _operation_row(op: str, group: list[ScenarioResult]) -> dict[str, Any]:
     }
     for o in by_outcome():
         row |= _works_fails(group, o)
-    for o in ORACLES.values():
-        if o.works_per_operation:
-            ran = [r.oracles[o.name] for r in group if o.name in r.oracles]
-            row[o.name] = f"{sum(1 for x in ran if x.ok)}/{len(ran)} work" if ran else "not run"
-    for o, column in _operation_columns():
+    for o in counted_per_operation():
+        ran = [r.oracles[o.name] for r in group if o.name in r.oracles]
+        row[o.name] = f"{sum(1 for x in ran if x.ok)}/{len(ran)} work" if ran else "not run"
+    for o, column in operation_columns():
         row[column.key] = column.compute([r.oracles[o.name] for r in group if o.name in r.oracles])
     return row
 
 
 def operation_summary(results: list[ScenarioResult]) -> list[dict[str, Any]]:
-    """One row per operation: the hook, fd sets (and seccomp), what the fd-set side needed."""
+    """One row per operation: the hook, each outcome oracle's works / fails, the
+    ``works_per_operation`` oracles, and the registered per-operation columns."""
     groups: dict[str, list[ScenarioResult]] = {}
     for r in results:
         groups.setdefault(r.scenario.operation, []).append(r)
     return [_operation_row(op, group) for op, group in groups.items()]
-
-
-def _operation_columns() -> list[tuple[Oracle, OperationColumn]]:
-    return [(o, c) for o in ORACLES.values() for c in o.columns]
-
-
-def _works_per_operation() -> list[Oracle]:
-    return [o for o in ORACLES.values() if o.works_per_operation]
 
 
 def _work_fail(row: dict[str, Any], oracle: Oracle) -> str:
@@ -177,13 +170,13 @@ def _work_fail(row: dict[str, Any], oracle: Oracle) -> str:
 
 def operation_table(results: list[ScenarioResult]) -> Table:
     table = Table(title=f"per operation: {_per_operation_title()}")
-    shown = [(o, c) for o, c in _operation_columns() if c.terminal]
+    shown = [(o, c) for o, c in operation_columns() if c.terminal]
     cols = (
         "operation",
         "scen.",
         "hook",
         *(o.title for o in by_outcome()),
-        *(o.name for o in _works_per_operation()),
+        *(o.title for o in counted_per_operation()),
         *(c.terminal for _, c in shown),
     )
     for col in cols:
@@ -194,7 +187,7 @@ def operation_table(results: list[ScenarioResult]) -> Table:
             str(row["scenarios"]),
             row["hook"],
             *(_work_fail(row, o) for o in by_outcome()),
-            *(row[o.name] for o in _works_per_operation()),
+            *(row[o.name] for o in counted_per_operation()),
             *(_terminal_text(c, row[c.key]) for _, c in shown),
         )
     return table
@@ -326,8 +319,8 @@ def _operation_head() -> list[str]:
         "scenarios",
         "hook",
         *(o.title for o in by_outcome()),
-        *(o.name for o in _works_per_operation()),
-        *(c.heading for _, c in _operation_columns()),
+        *(o.title for o in counted_per_operation()),
+        *(c.heading for _, c in operation_columns()),
     ]
 
 
@@ -436,9 +429,9 @@ def _operation_md(row: dict[str, Any]) -> str:
         str(row["scenarios"]),
         row["hook"],
         *(_work_fail(row, o) for o in by_outcome()),
-        *(row[o.name] for o in _works_per_operation()),
+        *(row[o.name] for o in counted_per_operation()),
     ]
-    for _, c in _operation_columns():
+    for _, c in operation_columns():
         text = c.text(row[c.key])
         cells.append(_md(text) if c.escape else text)
     return _md_row(cells)
@@ -641,8 +634,8 @@ def _operation_html(row: dict[str, Any]) -> str:
     return (
         f"<tr><td>{_e(row['operation'])}<td>{row['scenarios']}<td>{_e(row['hook'])}"
         + "".join(f"<td>{_work_fail(row, o)}" for o in by_outcome())
-        + "".join(f"<td>{_e(row[o.name])}" for o in _works_per_operation())
-        + "".join(f"<td>{_e(c.text(row[c.key]))}" for _, c in _operation_columns())
+        + "".join(f"<td>{_e(row[o.name])}" for o in counted_per_operation())
+        + "".join(f"<td>{_e(c.text(row[c.key]))}" for _, c in operation_columns())
         + "</tr>"
     )
 
