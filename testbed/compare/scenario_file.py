@@ -45,7 +45,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from testbed.compare.attach import CUSTOM
+from testbed.compare.attach import CUSTOM, DRIVE
 from testbed.compare.ops import Op, OpContext, get
 from testbed.compare.scenarios import GRANTS, Grant, Scenario
 from testbed.compare.steps import (
@@ -247,7 +247,7 @@ def _read_step(t: _StepTable) -> list[Step]:
     offset, length = value.get("offset", 0), value.get("length")
     if not isinstance(offset, int) or not isinstance(length, int):
         raise t.fail("read", "offset and length must be integers")
-    return [read(offset, length, str(value.get("device", "drive0")))]
+    return [read(offset, length, str(value.get("device", DRIVE)))]
 
 
 def _wait_step(t: _StepTable) -> list[Step]:

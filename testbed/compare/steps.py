@@ -22,6 +22,7 @@ import json
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from testbed.compare.attach import DRIVE
 from testbed.errors import ScenarioError, WaitTimeout
 
 #: The scenario directory inside step arguments and QEMU options.
@@ -55,7 +56,7 @@ class Step:
     #: The job a ``wait`` waits for (its ``device`` in the event data); "" for any.
     job: str = ""
     #: ``read``: the drive or node, offset and length.
-    device: str = "drive0"
+    device: str = DRIVE
     offset: int = 0
     length: int = 0
     timeout: float = WAIT_TIMEOUT
@@ -127,7 +128,7 @@ def wait(event: str, job: str = "", timeout: float = WAIT_TIMEOUT) -> Step:
     return Step(kind=StepKind.WAIT, command=event, job=job, timeout=timeout)
 
 
-def read(offset: int, length: int, device: str = "drive0") -> Step:
+def read(offset: int, length: int, device: str = DRIVE) -> Step:
     return Step(kind=StepKind.READ, device=device, offset=offset, length=length)
 
 
