@@ -42,7 +42,7 @@ class ScenarioResult:
                 return p
         raise NoSuchPairError(left, right, [(p.left, p.right) for p in self.pairs])
 
-    def _outcomes_json(self) -> dict[str, Any]:
+    def _outcomes_json(self) -> tuple[dict[str, Any], dict[str, Any]]:
         """The oracles judged by outcome: their result with ``ok`` and ``error`` added, and
         ``<name>_ok`` / ``<name>_error`` beside them (also when they did not run)."""
         results: dict[str, Any] = {}
@@ -53,11 +53,11 @@ class ScenarioResult:
                 results[oracle.name] = {**res.to_json(), "ok": res.ok, "error": res.first_error}
             flags[f"{oracle.name}_ok"] = bool(res and res.ok)
             flags[f"{oracle.name}_error"] = res.first_error if res else ""
-        return {"results": results, "flags": flags}
+        return results, flags
 
     def to_json(self) -> dict[str, Any]:
         sc = self.scenario
-        outcome = self._outcomes_json()
+        outcomes, flags = self._outcomes_json()
         return {
             "name": sc.name,
             "qemu_version": self.qemu_version,
@@ -74,8 +74,8 @@ class ScenarioResult:
             "operations": list(sc.operations),
             "tags": sorted(sc.tags),
             **{name: res.to_json() for name, res in self.oracles.items()},
-            **outcome["results"],
-            **outcome["flags"],
+            **outcomes,
+            **flags,
             "comparisons": [p.to_json() for p in self.pairs],
             "status": self.status,
             "seconds": round(self.seconds, 3),
