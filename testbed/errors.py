@@ -30,9 +30,11 @@
      +-- VerifyError                   synced guest records are missing or corrupt on the host
      +-- LibvirtError                  libvirt, virsh or a domain's broker failed
      +-- ScenarioFileError             a user's scenario file is malformed: file, line, key
+     +-- ScenarioDumpError (also TypeError)  a scenario holds a value TOML cannot write
      +-- ScenarioError (also ValueError)  a scenario or step is inconsistent, or none matches
      +-- ScenarioSetupError            a scenario cannot be prepared (image, copy, ...)
      +-- UnknownOperationError (also KeyError)  no comparison operation by that name
+     +-- NoSuchPairError (also KeyError)  a scenario's result has no comparison of that pair
      +-- RegistryError (also RuntimeError)  a registry of parts is inconsistent (a bug)
      +-- StraceParseError (also ValueError)  a line of strace output could not be read
      +-- TraceRecordError (also ValueError)  an open record is impossible (no flags, bad result)
@@ -346,6 +348,14 @@ class ScenarioFileError(TestbedError):
         self.key = key
 
 
+class ScenarioDumpError(TestbedError, TypeError):
+    """A scenario cannot be written as a scenario file: ``value`` has no TOML spelling."""
+
+    def __init__(self, value: object) -> None:
+        super().__init__(f"cannot write {value!r} as TOML")
+        self.value = value
+
+
 class ScenarioError(TestbedError, ValueError):
     """A comparison scenario or step is inconsistent, or no scenario matches a pattern."""
 
@@ -360,6 +370,17 @@ class UnknownOperationError(TestbedError, KeyError):
     def __init__(self, name: str, known: Sequence[str]) -> None:
         super().__init__(f"unknown operation {name!r} (known: {', '.join(known)})")
         self.name = name
+        self.known = tuple(known)
+
+
+class NoSuchPairError(TestbedError, KeyError):
+    """A scenario's result holds no comparison of (``left``, ``right``); ``known`` what it has."""
+
+    def __init__(self, left: str, right: str, known: Sequence[tuple[str, str]]) -> None:
+        have = ", ".join(f"{a}-{b}" for a, b in known) or "none"
+        super().__init__(f"no comparison of {left} with {right} (compared: {have})")
+        self.left = left
+        self.right = right
         self.known = tuple(known)
 
 

@@ -7,21 +7,23 @@ import datetime
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from testbed.qemu.binaries import REPO_ROOT
+
+if TYPE_CHECKING:
+    from testbed.compare.run import ScenarioResult
+    from testbed.compare.runners.common import Binaries, ImageInfo
+    from testbed.compare.scenarios import Scenario
 
 _DEFAULT_INDEX = REPO_ROOT / "build" / "images" / "index.json"
 _DEFAULT_WORK = REPO_ROOT / "build" / "compare"
 
 
 def register(sub: Any) -> None:
-    """The ``compare`` sub-command and its options.
-
-    Longer than 60 lines on purpose: one flat list of options, in the order ``--help`` shows
-    them.
-    """
+    """The ``compare`` sub-command and its options, in the order ``--help`` shows them."""
     p = sub.add_parser(
         "compare",
         help="model vs patched QEMU vs stock QEMU vs fd sets, scenario by scenario",
@@ -32,6 +34,14 @@ def register(sub: Any) -> None:
             "mismatch."
         ),
     )
+    _scenario_options(p)
+    _output_options(p)
+    _run_options(p)
+    p.set_defaults(func=main)
+
+
+def _scenario_options(p: argparse.ArgumentParser) -> None:
+    """Which scenarios: globs, scenario files, and the listing and dumping of them."""
     p.add_argument(
         "--scenario",
         action="append",
@@ -59,10 +69,18 @@ def register(sub: Any) -> None:
         help="write the built-in matrix as scenario files (one per operation) into DIR and exit",
     )
     p.add_argument("--list", action="store_true", help="list the scenarios and exit")
+
+
+def _output_options(p: argparse.ArgumentParser) -> None:
+    """Where the results go."""
     p.add_argument("--json", type=Path, metavar="FILE", help="write every trace as JSON")
     p.add_argument(
         "--report", type=Path, metavar="DIR", help="write report.md and report.html into DIR"
     )
+
+
+def _run_options(p: argparse.ArgumentParser) -> None:
+    """What runs them: images, work directory, parallelism, QEMU versions, oracles."""
     p.add_argument(
         "--images",
         type=Path,
@@ -95,113 +113,161 @@ def register(sub: Any) -> None:
     )
     p.add_argument(
         "--oracles",
-        default="model,patched,stock,fdset,seccomp",
-        help="comma-separated subset of the oracles (default: all of them)",
+        default="",
+        metavar="NAME[,NAME...]",
+        help=(
+            "comma-separated subset of the oracles (default: all of them, in the order "
+            "testbed.compare.oracles registers them; docs/compare.md lists them)"
+        ),
     )
-    p.set_defaults(func=main)
+
+
+@dataclass(frozen=True, kw_only=True)
+class _Plan:
+    """What a run does: which scenarios, by which oracles, on which QEMU builds, which images."""
+
+    scenarios: list[Scenario]
+    oracles: tuple[str, ...]
+    versions: list[str]
+    images: dict[str, ImageInfo]
+    #: chosen once per version, and handed to every runner of that version
+    binaries: dict[str, Binaries]
 
 
 def main(args: argparse.Namespace) -> int:
-    """``testbed compare``: choose the scenarios and oracles, run them, write the reports.
-
-    Longer than 60 lines on purpose: the stages share the parsed arguments, and each refusal
-    returns its exit code here, in the order they are checked.
-    """
+    """``testbed compare``: choose the scenarios and oracles, run them, write the reports."""
     from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from testbed.compare import report, scenario_file
-    from testbed.compare.run import ORACLES, ScenarioResult, run_scenario
-    from testbed.compare.runners.common import Binaries, load_index
-    from testbed.compare.scenarios import build_matrix, check_unique, select
+    from testbed.compare.compare import Status
     from testbed.errors import TestbedError
-    from testbed.qemu import built_versions
-    from testbed.qemu.versions import parse_versions
 
     console = Console(stderr=False)
     err = Console(stderr=True, soft_wrap=True)
     if args.dump_scenarios:
-        for path in scenario_file.dump_matrix(build_matrix(), args.dump_scenarios):
-            console.print(str(path), highlight=False)
-        return 0
+        return _dump(console, args.dump_scenarios)
     try:
-        every = [] if args.only_files else build_matrix()
-        for path in args.scenario_file:
-            every += scenario_file.load(path)
-        check_unique(every)
-        chosen = select(every, args.scenario)
+        chosen = _choose(args)
     except (ValueError, TestbedError) as e:
         err.print(f"testbed compare: {e}", highlight=False, markup=False)
         return 2
     if args.list:
-        for sc in chosen:
-            console.print(
-                f"{sc.name}  [dim]{sc.operation}: {sc.image or sc.main} {sc.attach} "
-                f"grant={sc.grant} {'; '.join(sc.operations)}[/]",
-                highlight=False,
-                markup=True,
-            )
-        console.print(f"{len(chosen)} scenarios")
-        return 0
-    oracles = tuple(o.strip() for o in args.oracles.split(",") if o.strip())
+        return _list(console, chosen)
+    plan = _plan(args, chosen)
+    if isinstance(plan, str):
+        err.print(f"testbed compare: {plan}", highlight=False, markup=False)
+        return 2
+    meta = _meta(plan)
+    started = time.monotonic()
+    ordered = _run(args, plan, err)
+    meta["wall_seconds"] = round(time.monotonic() - started, 1)
+    _write(console, args, ordered, meta)
+    return 1 if any(r.status == Status.MISMATCH for r in ordered) else 0
+
+
+def _dump(console: Any, directory: Path) -> int:
+    from testbed.compare import scenario_file
+    from testbed.compare.scenarios import build_matrix
+
+    for path in scenario_file.dump_matrix(build_matrix(), directory):
+        console.print(str(path), highlight=False)
+    return 0
+
+
+def _choose(args: argparse.Namespace) -> list[Scenario]:
+    """The built-in matrix (unless --only-files) and the files' scenarios, matching --scenario."""
+    from testbed.compare import scenario_file
+    from testbed.compare.scenarios import build_matrix, check_unique, select
+
+    every = [] if args.only_files else build_matrix()
+    for path in args.scenario_file:
+        every += scenario_file.load(path)
+    check_unique(every)
+    return select(every, args.scenario)
+
+
+def _list(console: Any, chosen: list[Scenario]) -> int:
+    for sc in chosen:
+        console.print(
+            f"{sc.name}  [dim]{sc.operation}: {sc.image or sc.main} {sc.attach} "
+            f"grant={sc.grant} {'; '.join(sc.operations)}[/]",
+            highlight=False,
+            markup=True,
+        )
+    console.print(f"{len(chosen)} scenarios")
+    return 0
+
+
+def _plan(args: argparse.Namespace, chosen: list[Scenario]) -> _Plan | str:
+    """The run's oracles, QEMU versions and images; what is wrong with them, if anything."""
+    from testbed.compare.oracles import ORACLES
+    from testbed.compare.runners.common import Binaries, load_index
+    from testbed.errors import TestbedError
+    from testbed.qemu import built_versions
+    from testbed.qemu.versions import parse_versions
+
+    oracles = tuple(o.strip() for o in args.oracles.split(",") if o.strip()) or tuple(ORACLES)
     unknown = [o for o in oracles if o not in ORACLES]
     if unknown:
-        err.print(f"testbed compare: unknown oracle(s) {', '.join(unknown)}")
-        return 2
+        return f"unknown oracle(s) {', '.join(unknown)} (known: {', '.join(ORACLES)})"
     if args.jobs < 1:
-        err.print(f"testbed compare: --jobs must be at least 1, not {args.jobs}")
-        return 2
+        return f"--jobs must be at least 1, not {args.jobs}"
     try:
         if args.qemu_version:
             versions = [v.name for v in parse_versions(args.qemu_version)]
         else:
             versions = list(built_versions()) or [v.name for v in parse_versions("")]
-    except TestbedError as e:
-        err.print(f"testbed compare: {e}")
-        return 2
-    try:
         images = load_index(args.images)
     except TestbedError as e:
-        err.print(f"testbed compare: {e}")
-        return 2
+        return str(e)
     missing = sorted({sc.image for sc in chosen if sc.image and sc.image not in images})
     if missing:
-        err.print(
-            f"testbed compare: images not in {args.images}: {', '.join(missing)} "
-            "(run `make images`)"
-        )
-        return 2
-    # chosen here, once per version, and handed to every runner of that version
+        return f"images not in {args.images}: {', '.join(missing)} (run `make images`)"
     binaries = {v: Binaries.of(v) for v in versions}
-    meta: dict[str, Any] = {
+    return _Plan(
+        scenarios=chosen, oracles=oracles, versions=versions, images=images, binaries=binaries
+    )
+
+
+def _meta(plan: _Plan) -> dict[str, Any]:
+    from testbed.qemu import Kind
+
+    return {
         "started": datetime.datetime.now().isoformat(timespec="seconds"),
-        "qemu_versions": versions,
+        "qemu_versions": plan.versions,
         "binaries": {
-            v: {"patched": str(b.patched), "stock": str(b.stock)} for v, b in binaries.items()
+            v: {Kind.PATCHED: str(b.patched), Kind.STOCK: str(b.stock)}
+            for v, b in plan.binaries.items()
         },
-        "oracles": list(oracles),
+        "oracles": list(plan.oracles),
         "argv": sys.argv,
     }
+
+
+def _run(args: argparse.Namespace, plan: _Plan, err: Any) -> list[ScenarioResult]:
+    """Every scenario on every version, ``--jobs`` at once, with a progress bar on stderr."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from testbed.compare.run import run_scenario
+
     results: dict[tuple[str, str], ScenarioResult] = {}
-    started = time.monotonic()
     columns = (
         TextColumn("{task.description}"),
         BarColumn(),
         MofNCompleteColumn(),
         TimeElapsedColumn(),
     )
-    runs = [(v, sc) for v in versions for sc in chosen]
+    runs = [(v, sc) for v in plan.versions for sc in plan.scenarios]
     with Progress(*columns, console=err, transient=True) as progress:
         task = progress.add_task("comparing", total=len(runs))
 
-        def one(version: str, sc: Any) -> None:
+        def one(version: str, sc: Scenario) -> None:
             # one work directory per version: a scenario's copies and logs stay apart
             res = run_scenario(
                 sc,
-                images.get(sc.image),
+                plan.images.get(sc.image),
                 args.workdir / version,
-                oracles,
-                binaries=binaries[version],
+                plan.oracles,
+                binaries=plan.binaries[version],
             )
             results[version, sc.name] = res
             progress.update(task, advance=1, description=f"{version} {sc.name}: {res.status}")
@@ -209,8 +275,14 @@ def main(args: argparse.Namespace) -> int:
         with ThreadPoolExecutor(args.jobs) as pool:
             for f in [pool.submit(one, v, sc) for v, sc in runs]:
                 f.result()
-    ordered = [results[v, sc.name] for v, sc in runs]
-    meta["wall_seconds"] = round(time.monotonic() - started, 1)
+    return [results[v, sc.name] for v, sc in runs]
+
+
+def _write(
+    console: Any, args: argparse.Namespace, ordered: list[ScenarioResult], meta: dict[str, Any]
+) -> None:
+    from testbed.compare import report
+
     report.print_summary(console, ordered, meta["wall_seconds"])
     if args.json:
         report.write_json(args.json, ordered, meta)
@@ -219,4 +291,3 @@ def main(args: argparse.Namespace) -> int:
         report.write_markdown(args.report / "report.md", ordered, meta)
         report.write_html(args.report / "report.html", ordered, meta)
         console.print(f"report: {args.report / 'report.html'} (and report.md)")
-    return 1 if any(r.status == "mismatch" for r in ordered) else 0

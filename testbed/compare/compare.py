@@ -13,19 +13,39 @@ original traces.
 from __future__ import annotations
 
 import difflib
-from collections.abc import Callable
+import enum
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
 
 from testbed.compare.normalise import CWD_PREFIX
 from testbed.compare.trace import Open, lines
 
-MATCH = "match"
-MISMATCH = "mismatch"
-KNOWN = "known-divergence"
-SKIPPED = "skipped"
+
+class Status(enum.StrEnum):
+    """A pair's (and a scenario's) verdict, declared worst first.
+
+    The declaration order is the severity order: a scenario's status is the
+    worst of its pairs' (:meth:`worst`), ``skipped`` only when every pair was.
+    """
+
+    MISMATCH = "mismatch"
+    KNOWN = "known-divergence"
+    MATCH = "match"
+    SKIPPED = "skipped"
+
+    @property
+    def severity(self) -> int:
+        """0 for the worst status, growing as it gets better."""
+        return list(Status).index(self)
+
+    @classmethod
+    def worst(cls, statuses: Iterable[Status]) -> Status:
+        """The worst of ``statuses``; ``skipped`` when there are none."""
+        return min((Status(s) for s in statuses), key=lambda s: s.severity, default=cls.SKIPPED)
+
 
 #: Worst first: a scenario's status is the worst of its pairs'.
-SEVERITY = (MISMATCH, KNOWN, MATCH, SKIPPED)
+SEVERITY: tuple[Status, ...] = tuple(Status)
 
 Rewrite = Callable[[list[Open], list[Open]], tuple[list[Open], list[Open]]]
 
@@ -33,7 +53,7 @@ Rewrite = Callable[[list[Open], list[Open]], tuple[list[Open], list[Open]]]
 @dataclass(frozen=True, kw_only=True)
 class KnownDivergence:
     key: str
-    #: The pair of sources (left, right) it applies to, e.g. ("patched", "stock").
+    #: The pair it applies to (left, right), one of ``oracles.PAIRS`` (checked there).
     pair: tuple[str, str]
     #: Scenarios it applies to carry this tag ("" for every scenario).
     tag: str
@@ -130,7 +150,7 @@ KNOWN_DIVERGENCES: tuple[KnownDivergence, ...] = (
 class PairResult:
     left: str
     right: str
-    status: str
+    status: Status
     #: Keys of the known divergences that changed something.
     divergences: tuple[str, ...] = ()
     #: A unified diff of the two traces, when they differ at all.
@@ -165,7 +185,7 @@ def compare_pair(
 ) -> PairResult:
     """Compare ``left`` with ``right`` under the entries of ``table`` that apply."""
     if left == right:
-        return PairResult(left=left_name, right=right_name, status=MATCH)
+        return PairResult(left=left_name, right=right_name, status=Status.MATCH)
     diff = tuple(unified(left_name, left, right_name, right))
     a, b = left, right
     used = []
@@ -176,20 +196,16 @@ def compare_pair(
         if (a2, b2) != (a, b):
             used.append(entry.key)
             a, b = a2, b2
-    status = KNOWN if used and a == b else MISMATCH
+    status = Status.KNOWN if used and a == b else Status.MISMATCH
     return PairResult(
         left=left_name, right=right_name, status=status, divergences=tuple(used), diff=diff
     )
 
 
 def skipped(left_name: str, right_name: str, why: str) -> PairResult:
-    return PairResult(left=left_name, right=right_name, status=SKIPPED, why_skipped=why)
+    return PairResult(left=left_name, right=right_name, status=Status.SKIPPED, why_skipped=why)
 
 
-def overall(results: list[PairResult]) -> str:
+def overall(results: list[PairResult]) -> Status:
     """The worst status among ``results`` (``skipped`` only if all were skipped)."""
-    present = {r.status for r in results}
-    for status in SEVERITY:
-        if status in present:
-            return status
-    return SKIPPED
+    return Status.worst(r.status for r in results)

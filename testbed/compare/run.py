@@ -1,31 +1,25 @@
-"""Running a scenario through every oracle and comparing what they opened."""
+"""Running a scenario through every oracle and comparing what they opened.
+
+The oracles and the pairs compared are registered in
+:mod:`testbed.compare.oracles`; this module only runs them.
+"""
 
 from __future__ import annotations
 
 import difflib
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from testbed.compare.compare import MISMATCH, PairResult, compare_pair, overall, skipped
-from testbed.compare.runners import fdset, model, patched, seccomp, stock
-from testbed.compare.runners.common import Binaries, ImageInfo, OracleResult, Setup, prepare
-from testbed.compare.scenarios import Scenario
-from testbed.errors import TestbedError
+from testbed.compare.compare import PairResult, Status, compare_pair, overall, skipped
+from testbed.compare.oracles import ORACLES, PAIRS, by_outcome
+from testbed.compare.runners.common import Binaries, ImageInfo, OracleResult, prepare
+from testbed.compare.scenarios import Scenario, Tag
+from testbed.errors import NoSuchPairError, TestbedError
 from testbed.qemu import DEFAULT_VERSION
 
-#: Every oracle, by name: a runner takes a Setup (which carries the binaries to use).
-ORACLES: dict[str, Callable[[Setup], OracleResult]] = {
-    "model": model.run,
-    "patched": patched.run,
-    "stock": stock.run,
-    "fdset": fdset.run,
-    "seccomp": seccomp.run,
-}
-#: The comparisons that decide a scenario's status (left, right).
-PAIRS = (("model", "patched"), ("patched", "stock"), ("seccomp", "stock"), ("patched", "seccomp"))
+__all__ = ["ORACLES", "PAIRS", "ScenarioResult", "outcomes", "run_scenario"]
 
 
 @dataclass(kw_only=True)
@@ -39,18 +33,31 @@ class ScenarioResult:
     qemu_version: str = DEFAULT_VERSION
 
     @property
-    def status(self) -> str:
+    def status(self) -> Status:
         return overall(self.pairs)
 
     def pair(self, left: str, right: str) -> PairResult:
         for p in self.pairs:
             if (p.left, p.right) == (left, right):
                 return p
-        raise KeyError((left, right))
+        raise NoSuchPairError(left, right, [(p.left, p.right) for p in self.pairs])
+
+    def _outcomes_json(self) -> tuple[dict[str, Any], dict[str, Any]]:
+        """The oracles judged by outcome: their result with ``ok`` and ``error`` added, and
+        ``<name>_ok`` / ``<name>_error`` beside them (also when they did not run)."""
+        results: dict[str, Any] = {}
+        flags: dict[str, Any] = {}
+        for oracle in by_outcome():
+            res = self.oracles.get(oracle.name)
+            if res is not None:
+                results[oracle.name] = {**res.to_json(), "ok": res.ok, "error": res.first_error}
+            flags[f"{oracle.name}_ok"] = bool(res and res.ok)
+            flags[f"{oracle.name}_error"] = res.first_error if res else ""
+        return results, flags
 
     def to_json(self) -> dict[str, Any]:
         sc = self.scenario
-        fd = self.oracles.get("fdset")
+        outcomes, flags = self._outcomes_json()
         return {
             "name": sc.name,
             "qemu_version": self.qemu_version,
@@ -67,9 +74,8 @@ class ScenarioResult:
             "operations": list(sc.operations),
             "tags": sorted(sc.tags),
             **{name: res.to_json() for name, res in self.oracles.items()},
-            **({"fdset": {**fd.to_json(), "ok": fd.ok, "error": fd.first_error}} if fd else {}),
-            "fdset_ok": bool(fd and fd.ok),
-            "fdset_error": fd.first_error if fd else "",
+            **outcomes,
+            **flags,
             "comparisons": [p.to_json() for p in self.pairs],
             "status": self.status,
             "seconds": round(self.seconds, 3),
@@ -89,7 +95,7 @@ def _check_outcomes(
     pair: PairResult, a: OracleResult, b: OracleResult, scenario: Scenario
 ) -> PairResult:
     """Equal traces but an operation that worked on one side only is still a mismatch."""
-    if pair.status == MISMATCH or "refusal" in scenario.tags:
+    if pair.status == Status.MISMATCH or Tag.REFUSAL in scenario.tags:
         return pair
     oa, ob = outcomes(a), outcomes(b)
     if oa == ob:
@@ -102,7 +108,7 @@ def _check_outcomes(
     return PairResult(
         left=pair.left,
         right=pair.right,
-        status=MISMATCH,
+        status=Status.MISMATCH,
         divergences=pair.divergences,
         diff=pair.diff + diff,
     )
@@ -121,10 +127,10 @@ def run_scenario(
     for name in oracles:
         try:
             setup = prepare(scenario, image, workdir, name, binaries)
-            out.oracles[name] = ORACLES[name](setup)
+            out.oracles[name] = ORACLES[name].run(setup)
         except (TestbedError, OSError) as err:
             out.oracles[name] = OracleResult(skipped=f"{type(err).__name__}: {err}")
-    for left, right in PAIRS:
+    for left, right in (p.names for p in PAIRS):
         a, b = out.oracles.get(left), out.oracles.get(right)
         if a is None or b is None:
             out.pairs.append(skipped(left, right, "not run"))

@@ -40,20 +40,44 @@ from __future__ import annotations
 import json
 import re
 import tomllib
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from testbed.compare.attach import CUSTOM, DRIVE
 from testbed.compare.ops import Op, OpContext, get
-from testbed.compare.scenarios import Grant, Scenario
-from testbed.compare.steps import QUIT, Step, StepKind, broker, broker_down, hmp, qmp, read, wait
-from testbed.errors import ScenarioFileError
+from testbed.compare.scenarios import GRANTS, Grant, Scenario
+from testbed.compare.steps import (
+    QUIT,
+    WAIT_TIMEOUT,
+    Step,
+    StepKind,
+    broker,
+    broker_down,
+    hmp,
+    qmp,
+    read,
+    wait,
+)
+from testbed.errors import ScenarioDumpError, ScenarioFileError, UnknownOperationError
 
 SCENARIO_KEYS = frozenset(
     {"name", "image", "recipe", "main", "format", "machine", "args", "grant", "operation",
      "attach", "tags", "steps"}
 )  # fmt: skip
-STEP_KINDS = ("qmp", "hmp", "read", "wait", "op", "broker", "quit")
+#: The key of a step that runs a built-in operation's steps (``op = "commit"``).
+OP_KEY = "op"
+#: The keys that say what a step is, one per step (the order error messages list them in).
+STEP_KINDS: tuple[str, ...] = (
+    StepKind.QMP,
+    StepKind.HMP,
+    StepKind.READ,
+    StepKind.WAIT,
+    OP_KEY,
+    StepKind.BROKER,
+    StepKind.QUIT,
+)
 STEP_KEYS = frozenset({*STEP_KINDS, "arguments", "job", "timeout", "broker_down"})
 
 
@@ -142,10 +166,10 @@ def _scenario(path: str, where: _Lines, index: int, table: dict[str, Any]) -> Sc
     recipe = _strings(table, "recipe", fail)
     args = _strings(table, "args", fail)
     tags = _strings(table, "tags", fail)
-    grant = _string(table, "grant", fail) or "create"
-    if grant not in {g.value for g in Grant}:
-        raise fail("grant", f"{grant!r} is not one of {', '.join(g.value for g in Grant)}")
-    attach = _string(table, "attach", fail) or "custom"
+    grant = _string(table, "grant", fail) or Grant.CREATE
+    if grant not in GRANTS:
+        raise fail("grant", f"{grant!r} is not one of {', '.join(GRANTS)}")
+    attach = _string(table, "attach", fail) or CUSTOM
     raw_steps = table.get("steps", [])
     if not isinstance(raw_steps, list):
         raise fail("steps", "must be an array of tables ([[scenario.steps]])")
@@ -175,12 +199,102 @@ def _scenario(path: str, where: _Lines, index: int, table: dict[str, Any]) -> Sc
         raise fail("", str(err), line) from err
 
 
-def _steps(path: str, where: _Lines, index: int, j: int, st: Any, attach: str) -> list[Step]:
-    """The steps of one scenario table, each checked key by key.
+#: Makes the error for a key of the table being read (the message given).
+_Fail = Callable[[str, str], ScenarioFileError]
 
-    Longer than 60 lines on purpose: one pass over the step keys, each error naming its key;
-    the checks share the key path and the line.
-    """
+
+@dataclass(frozen=True, kw_only=True)
+class _StepTable:
+    """One ``[[scenario.steps]]`` table, its kind found and its common keys checked."""
+
+    kind: str
+    #: The value of the kind's key (``qmp = "query-block"``: the command).
+    value: Any
+    table: dict[str, Any]
+    #: ``broker_down = true``
+    down: bool
+    #: The scenario's attach label (an ``op`` step's context).
+    attach: str
+    fail: _Fail
+
+
+def _qmp_step(t: _StepTable) -> list[Step]:
+    arguments = t.table.get("arguments", {})
+    if not isinstance(t.value, str) or not t.value:
+        raise t.fail("qmp", "must be a QMP command name")
+    if not isinstance(arguments, dict):
+        raise t.fail("arguments", "must be a table")
+    step = qmp(t.value, **arguments)
+    return [broker_down(step) if t.down else step]
+
+
+def _hmp_step(t: _StepTable) -> list[Step]:
+    if not isinstance(t.value, str) or not t.value.strip():
+        raise t.fail("hmp", "must be an HMP command line")
+    return [broker_down(hmp(t.value)) if t.down else hmp(t.value)]
+
+
+def _broker_step(t: _StepTable) -> list[Step]:
+    if not isinstance(t.value, str):
+        raise t.fail("broker", "must be kill or restart")
+    return [broker(t.value)]
+
+
+def _read_step(t: _StepTable) -> list[Step]:
+    value = t.value
+    if not isinstance(value, dict) or set(value) - {"offset", "length", "device"}:
+        raise t.fail("read", "must be { offset = N, length = N[, device = NAME] }")
+    offset, length = value.get("offset", 0), value.get("length")
+    if not isinstance(offset, int) or not isinstance(length, int):
+        raise t.fail("read", "offset and length must be integers")
+    return [read(offset, length, str(value.get("device", DRIVE)))]
+
+
+def _wait_step(t: _StepTable) -> list[Step]:
+    if not isinstance(t.value, str) or not t.value:
+        raise t.fail("wait", "must be a QMP event name")
+    timeout = t.table.get("timeout", WAIT_TIMEOUT)
+    if not isinstance(timeout, (int, float)) or isinstance(timeout, bool):
+        raise t.fail("timeout", "must be a number of seconds")
+    return [wait(t.value, str(t.table.get("job", "")), float(timeout))]
+
+
+def _op_step(t: _StepTable) -> list[Step]:
+    if not isinstance(t.value, str):
+        raise t.fail("op", "must be an operation name")
+    try:
+        op = get(t.value)
+    except UnknownOperationError as err:
+        raise t.fail("op", str(err.args[0])) from None
+    return list(op.steps(OpContext(attach=t.attach)))
+
+
+def _quit_step(t: _StepTable) -> list[Step]:
+    if t.value is not True:
+        raise t.fail("quit", "write quit = true")
+    return [QUIT]
+
+
+#: How each kind of step is read, in the order the error messages list them.
+_STEP_READERS: dict[str, Callable[[_StepTable], list[Step]]] = {
+    StepKind.QMP: _qmp_step,
+    StepKind.HMP: _hmp_step,
+    StepKind.READ: _read_step,
+    StepKind.WAIT: _wait_step,
+    OP_KEY: _op_step,
+    StepKind.BROKER: _broker_step,
+    StepKind.QUIT: _quit_step,
+}
+#: The keys a kind of step may have beside its own.
+_STEP_EXTRAS: dict[str, frozenset[str]] = {
+    StepKind.QMP: frozenset({"arguments", "broker_down"}),
+    StepKind.HMP: frozenset({"broker_down"}),
+    StepKind.WAIT: frozenset({"job", "timeout"}),
+}
+
+
+def _steps(path: str, where: _Lines, index: int, j: int, st: Any, attach: str) -> list[Step]:
+    """The steps of one ``[[scenario.steps]]`` table, each error naming its key and line."""
 
     def fail(key: str, message: str) -> ScenarioFileError:
         return ScenarioFileError(
@@ -201,61 +315,16 @@ def _steps(path: str, where: _Lines, index: int, j: int, st: Any, attach: str) -
             "", f"give exactly one of {', '.join(STEP_KINDS)} (got {', '.join(kinds) or 'none'})"
         )
     kind = kinds[0]
-    value = st[kind]
-    allowed = {
-        "qmp": {"arguments", "broker_down"},
-        "hmp": {"broker_down"},
-        "wait": {"job", "timeout"},
-    }.get(kind, set())
     down = st.get("broker_down", False)
     if not isinstance(down, bool):
         raise fail("broker_down", "write broker_down = true (or leave it out)")
     for key in st:
-        if key != kind and key not in allowed:
+        if key != kind and key not in _STEP_EXTRAS.get(kind, frozenset()):
             raise fail(key, f"does not go with {kind}")
+    table = _StepTable(kind=kind, value=st[kind], table=st, down=down, attach=attach, fail=fail)
     try:
-        if kind == "qmp":
-            arguments = st.get("arguments", {})
-            if not isinstance(value, str) or not value:
-                raise fail("qmp", "must be a QMP command name")
-            if not isinstance(arguments, dict):
-                raise fail("arguments", "must be a table")
-            step = qmp(value, **arguments)
-            return [broker_down(step) if down else step]
-        if kind == "hmp":
-            if not isinstance(value, str) or not value.strip():
-                raise fail("hmp", "must be an HMP command line")
-            return [broker_down(hmp(value)) if down else hmp(value)]
-        if kind == "broker":
-            if not isinstance(value, str):
-                raise fail("broker", "must be kill or restart")
-            return [broker(value)]
-        if kind == "read":
-            if not isinstance(value, dict) or set(value) - {"offset", "length", "device"}:
-                raise fail("read", "must be { offset = N, length = N[, device = NAME] }")
-            offset, length = value.get("offset", 0), value.get("length")
-            if not isinstance(offset, int) or not isinstance(length, int):
-                raise fail("read", "offset and length must be integers")
-            return [read(offset, length, str(value.get("device", "drive0")))]
-        if kind == "wait":
-            if not isinstance(value, str) or not value:
-                raise fail("wait", "must be a QMP event name")
-            timeout = st.get("timeout", 60.0)
-            if not isinstance(timeout, (int, float)) or isinstance(timeout, bool):
-                raise fail("timeout", "must be a number of seconds")
-            return [wait(value, str(st.get("job", "")), float(timeout))]
-        if kind == "op":
-            if not isinstance(value, str):
-                raise fail("op", "must be an operation name")
-            try:
-                op = get(value)
-            except KeyError as err:
-                raise fail("op", str(err.args[0])) from None
-            return list(op.steps(OpContext(attach=attach)))
-        if value is not True:
-            raise fail("quit", "write quit = true")
-        return [QUIT]
-    except ValueError as err:
+        return _STEP_READERS[kind](table)
+    except ValueError as err:  # a ScenarioError from the step itself
         raise fail(kind, str(err)) from err
 
 
@@ -291,7 +360,7 @@ def _toml(value: Any) -> str:
         return "[" + ", ".join(_toml(v) for v in value) + "]"
     if isinstance(value, dict):
         return "{ " + ", ".join(f"{json.dumps(k)} = {_toml(v)}" for k, v in value.items()) + " }"
-    raise TypeError(f"cannot write {value!r} as TOML")
+    raise ScenarioDumpError(value)
 
 
 def dump(scenarios: Iterable[Scenario]) -> str:

@@ -38,13 +38,13 @@ import fnmatch
 import re
 from dataclasses import dataclass, field
 
+from testbed.compare.attach import DRIVE, EXERCISED, TEMPORARY_OVERLAY, Attach
+from testbed.compare.attach import attach_args as attach_args  # re-exported
 from testbed.compare.ops import Op, OpContext, all_operations, get
 from testbed.compare.ops.hotplug import add_args
 from testbed.compare.steps import QUIT, Step, StepKind, qmp
 from testbed.errors import ScenarioError
 
-#: Node name (``-blockdev``, hotplug) or BlockBackend id (``-drive``) of the image.
-DRIVE = "drive0"
 #: The overlay every snapshot operation creates, relative to the scenario directory.
 OVERLAY = "snap.qcow2"
 
@@ -56,6 +56,21 @@ class Grant(enum.StrEnum):
 
 
 GRANTS = tuple(g.value for g in Grant)
+
+
+class Tag(enum.StrEnum):
+    """What a scenario's tags say to the oracles, the comparator and the known divergences."""
+
+    #: The grant refuses an open: the traces differ after it (a known divergence).
+    REFUSAL = "refusal"
+    #: The image is a vvfat directory tree.
+    VVFAT = "vvfat"
+    #: ... in rw mode (``fat:rw:``), whose write target lives in /var/tmp.
+    VVFAT_RW = "vvfat-rw"
+    #: ``TMPDIR`` is inside the scenario directory (``-snapshot``'s overlay).
+    TMPDIR = "tmpdir"
+
+
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+=-]*$")
 
 
@@ -125,61 +140,6 @@ CHAINS: dict[str, Layers] = {
 }
 
 
-def attach_args(
-    attach: str,
-    *,
-    read_only: bool = False,
-    cache_direct: bool = False,
-) -> tuple[str, tuple[str, ...]]:
-    """(machine, QEMU options) for a built-in attachment of ``$IMAGE``."""
-    opts = []
-    if read_only:
-        opts.append("read-only=on")
-    if cache_direct:
-        opts.append("cache.direct=on")
-    drive = ["file=$IMAGE", "format=$FORMAT", "if=none", f"id={DRIVE}", *opts]
-    device = ("-S", "-device", f"virtio-blk-pci,drive={DRIVE}")
-    if attach == "drive":
-        return "none", ("-drive", ",".join(drive))
-    if attach == "drive-device":
-        return "pc", ("-drive", ",".join(drive), *device)
-    if attach == "snapshot-on":
-        return "pc", ("-drive", ",".join([*drive, "snapshot=on"]), *device)
-    if attach == "snapshot":
-        return "pc", ("-snapshot", "-drive", ",".join(drive), *device)
-    if attach == "json":
-        # a comma inside a -drive value is written twice
-        tree = '{"driver":"$FORMAT",,"file":{"driver":"file",,"filename":"$IMAGE"}}'
-        return "pc", ("-drive", ",".join([f"file=json:{tree}", "if=none", f"id={DRIVE}"]), *device)
-    if attach == "blockdev":
-        node = [
-            "driver=$FORMAT",
-            f"node-name={DRIVE}",
-            "file.driver=file",
-            "file.filename=$IMAGE",
-            *opts,
-        ]
-        return "none", ("-blockdev", ",".join(node))
-    if attach == "file-node":
-        return "none", (
-            "-blockdev",
-            "driver=file,node-name=file0,filename=$IMAGE,read-only=on",
-            "-blockdev",
-            f"driver=$FORMAT,node-name={DRIVE},file=file0,read-only=on",
-        )
-    if attach == "cdrom":
-        return "pc", (
-            "-S",
-            "-drive",
-            "if=none,id=cd0,media=cdrom",
-            "-device",
-            "ide-cd,drive=cd0,id=cdrom0",
-        )
-    if attach in ("hotplug", "node-refs"):
-        return "none", ()
-    raise ScenarioError(f"unknown attachment {attach!r}")
-
-
 def _node_ref_steps(ctx: OpContext) -> tuple[tuple[Step, ...], tuple[Step, ...]]:
     add = (
         qmp("blockdev-add", driver="file", **{"node-name": "file0"}, filename="$IMAGE"),
@@ -192,25 +152,9 @@ def _node_ref_steps(ctx: OpContext) -> tuple[tuple[Step, ...], tuple[Step, ...]]
     return add, remove
 
 
-def scenario(
-    image: str,
-    attach: str,
-    ops: tuple[str, ...] = ("read",),
-    *,
-    read_only: bool = False,
-    cache_direct: bool = False,
-    vvfat_rw: bool = False,
-    grant: str = "create",
-    tags: tuple[str, ...] = (),
-    label: str = "",
-) -> Scenario:
-    """A built-in scenario, its name made from its parts; add/del and quit around ``ops``.
-
-    Longer than 60 lines on purpose: one builder for every kind of built-in scenario, so that
-    each name is made in one place from the same parts.
-    """
+def _context(image: str, attach: Attach, *, read_only: bool, cache_direct: bool) -> OpContext:
     layers = CHAINS.get(image, Layers())
-    ctx = OpContext(
+    return OpContext(
         attach=attach,
         mid=layers.mid,
         bottom=layers.bottom,
@@ -218,15 +162,24 @@ def scenario(
         read_only=read_only,
         cache_direct=cache_direct,
     )
-    machine, args = attach_args(attach, read_only=read_only, cache_direct=cache_direct)
-    before: tuple[Step, ...] = ()
-    after: tuple[Step, ...] = ()
-    if attach == "hotplug":
-        before = (qmp("blockdev-add", **add_args(ctx)),)
-        after = (qmp("blockdev-del", **{"node-name": DRIVE}),)
-    elif attach == "node-refs":
-        before, after = _node_ref_steps(ctx)
-    steps: list[Step] = list(before)
+
+
+def _around(attach: Attach, ctx: OpContext) -> tuple[tuple[Step, ...], tuple[Step, ...]]:
+    """The steps that add the image before the operations and remove it after (hotplug)."""
+    if attach is Attach.HOTPLUG:
+        return (qmp("blockdev-add", **add_args(ctx)),), (
+            qmp("blockdev-del", **{"node-name": DRIVE}),
+        )
+    if attach is Attach.NODE_REFS:
+        return _node_ref_steps(ctx)
+    return (), ()
+
+
+def _operation_steps(
+    attach: Attach, ops: tuple[str, ...], ctx: OpContext
+) -> tuple[list[Step], list[str]]:
+    """The steps and the recipe of ``ops``, each checked to go with ``attach``."""
+    steps: list[Step] = []
     recipe: list[str] = []
     for name in ops:
         op = get(name)
@@ -234,35 +187,69 @@ def scenario(
             raise ScenarioError(f"operation {name} does not go with attach {attach}")
         steps += op.steps(ctx)
         recipe += op.recipe
-    steps += [*after, QUIT]
-    opts = [o for o, on in (("ro", read_only), ("direct", cache_direct), ("rw", vvfat_rw)) if on]
-    all_tags = set(tags) | ({"refusal"} if grant != "create" else set())
+    return steps, recipe
+
+
+def _tags(
+    image: str, attach: Attach, grant: Grant, tags: tuple[str, ...], vvfat_rw: bool
+) -> frozenset[str]:
+    out = set(tags)
+    if grant is not Grant.CREATE:
+        out.add(Tag.REFUSAL)
     if image.startswith("vvfat"):
-        all_tags.add("vvfat")
+        out.add(Tag.VVFAT)
     if vvfat_rw:
-        all_tags.add("vvfat-rw")
-    if attach in ("snapshot", "snapshot-on"):
-        all_tags.add("tmpdir")
-    parts = [image, attach + "".join(f"+{o}" for o in opts), "-".join(ops) if ops else "open"]
-    if grant != "create":
+        out.add(Tag.VVFAT_RW)
+    if attach in TEMPORARY_OVERLAY:
+        out.add(Tag.TMPDIR)
+    return frozenset(out)
+
+
+def _name(
+    image: str, attach: Attach, ops: tuple[str, ...], grant: Grant, options: dict[str, bool]
+) -> str:
+    """``<image>_<attach>[+ro][+direct][+rw]_<ops or open>[_grant-<grant>]``."""
+    opts = "".join(f"+{o}" for o, on in options.items() if on)
+    parts = [image, attach + opts, "-".join(ops) if ops else "open"]
+    if grant is not Grant.CREATE:
         parts.append(f"grant-{grant}")
-    main_op = next((o for o in ops if o != "read"), "")
+    return "_".join(parts)
+
+
+def scenario(
+    image: str,
+    attach: Attach | str,
+    ops: tuple[str, ...] = ("read",),
+    *,
+    read_only: bool = False,
+    cache_direct: bool = False,
+    vvfat_rw: bool = False,
+    grant: Grant | str = Grant.CREATE,
+    tags: tuple[str, ...] = (),
+    label: str = "",
+) -> Scenario:
+    """A built-in scenario, its name made from its parts; add/del and quit around ``ops``."""
+    how = Attach.of(attach)
+    access = Grant(grant)
+    ctx = _context(image, how, read_only=read_only, cache_direct=cache_direct)
+    machine, args = attach_args(how, read_only=read_only, cache_direct=cache_direct)
+    before, after = _around(how, ctx)
+    steps, recipe = _operation_steps(how, ops, ctx)
+    main_op = next((o for o in ops if o != Op.READ), "")
+    options = {"ro": read_only, "direct": cache_direct, "rw": vvfat_rw}
     return Scenario(
-        name="_".join(parts),
+        name=_name(image, how, ops, access, options),
         image=image,
-        steps=tuple(steps),
+        steps=(*before, *steps, *after, QUIT),
         args=args,
         machine=machine,
         recipe=tuple(recipe),
-        grant=Grant(grant),
-        operation=label or main_op or (attach if attach in _ATTACH_OPS else "open"),
-        attach=attach,
-        tags=frozenset(all_tags),
+        grant=access,
+        operation=label or main_op or (str(how) if how in EXERCISED else "open"),
+        attach=how,
+        tags=_tags(image, how, access, tags, vvfat_rw),
     )
 
-
-#: Attachments that are themselves what a scenario exercises.
-_ATTACH_OPS = frozenset({"hotplug", "node-refs", "json", "snapshot-on", "snapshot"})
 
 #: Every format and subformat the model supports (one image each, chains of depth 1-3).
 IMAGES = (
@@ -286,33 +273,33 @@ def _opens_matrix() -> list[Scenario]:
     """The first matrix: every image attached every way, snapshots, hotplug, refusals."""
     m: list[Scenario] = []
     for image in IMAGES:
-        m.append(scenario(image, "drive"))
-    m += [scenario(image, "drive") for image in VVFAT]
-    m.append(scenario(VVFAT_RW, "drive", vvfat_rw=True))
-    m.append(scenario(VVFAT_RW, "drive-device", vvfat_rw=True))
+        m.append(scenario(image, Attach.DRIVE))
+    m += [scenario(image, Attach.DRIVE) for image in VVFAT]
+    m.append(scenario(VVFAT_RW, Attach.DRIVE, vvfat_rw=True))
+    m.append(scenario(VVFAT_RW, Attach.DRIVE_DEVICE, vvfat_rw=True))
     for image in IMAGES:
-        m.append(scenario(image, "drive-device"))
+        m.append(scenario(image, Attach.DRIVE_DEVICE))
     for image in ("raw", "qcow2-chain1", "vmdk-twoGbMaxExtentFlat", "vpc-dynamic", "vdi-static"):
-        m.append(scenario(image, "blockdev"))
+        m.append(scenario(image, Attach.BLOCKDEV))
     for image in ("raw", "qcow2-chain2-subdir", "vmdk-monolithicFlat"):
-        m.append(scenario(image, "blockdev", read_only=True))
-    m.append(scenario("qcow2-chain1", "drive", read_only=True))
+        m.append(scenario(image, Attach.BLOCKDEV, read_only=True))
+    m.append(scenario("qcow2-chain1", Attach.DRIVE, read_only=True))
     for image in ("raw", "qcow2-chain1"):
-        m.append(scenario(image, "blockdev", cache_direct=True))
-    m.append(scenario("qcow2-v3", "drive-device", cache_direct=True))
+        m.append(scenario(image, Attach.BLOCKDEV, cache_direct=True))
+    m.append(scenario("qcow2-v3", Attach.DRIVE_DEVICE, cache_direct=True))
     for op in ("snapshot-qmp", "snapshot-hmp", "snapshot-existing"):
-        m.append(scenario("qcow2-chain1", "drive-device", ("read", op)))
-    m.append(scenario("raw", "drive-device", ("snapshot-qmp",)))
-    m.append(scenario("vmdk-twoGbMaxExtentFlat", "drive-device", ("snapshot-qmp",)))
-    m.append(scenario("qcow2-v3", "blockdev", ("snapshot-qmp",)))
+        m.append(scenario("qcow2-chain1", Attach.DRIVE_DEVICE, ("read", op)))
+    m.append(scenario("raw", Attach.DRIVE_DEVICE, ("snapshot-qmp",)))
+    m.append(scenario("vmdk-twoGbMaxExtentFlat", Attach.DRIVE_DEVICE, ("snapshot-qmp",)))
+    m.append(scenario("qcow2-v3", Attach.BLOCKDEV, ("snapshot-qmp",)))
     for image in ("raw", "qcow2-v3", "qcow2-chain1"):
-        m.append(scenario(image, "drive-device", ("broker-restart",)))
+        m.append(scenario(image, Attach.DRIVE_DEVICE, ("broker-restart",)))
     for image in ("raw", "qcow2-chain2-subdir", "vmdk-twoGbMaxExtentSparse", "vdi-dynamic"):
-        m.append(scenario(image, "hotplug"))
-    m.append(scenario("qcow2-chain1", "hotplug", grant="main"))
-    m.append(scenario("raw", "hotplug", grant="ro"))
-    m.append(scenario("qcow2-chain1", "drive-device", grant="ro"))
-    m.append(scenario("raw", "drive", grant="ro"))
+        m.append(scenario(image, Attach.HOTPLUG))
+    m.append(scenario("qcow2-chain1", Attach.HOTPLUG, grant=Grant.MAIN))
+    m.append(scenario("raw", Attach.HOTPLUG, grant=Grant.RO))
+    m.append(scenario("qcow2-chain1", Attach.DRIVE_DEVICE, grant=Grant.RO))
+    m.append(scenario("raw", Attach.DRIVE, grant=Grant.RO))
     return m
 
 
@@ -320,42 +307,42 @@ def _reopen_matrix() -> list[Scenario]:
     """Every command that reopens images: jobs, blockdev-reopen, media, temporary overlays."""
     m: list[Scenario] = []
     for image in DEEP_CHAINS:
-        for attach in ("drive-device", "drive", "blockdev"):
+        for attach in (Attach.DRIVE_DEVICE, Attach.DRIVE, Attach.BLOCKDEV):
             m.append(scenario(image, attach, ("commit",)))
-        m.append(scenario(image, "drive-device", ("commit-backing-file",)))
+        m.append(scenario(image, Attach.DRIVE_DEVICE, ("commit-backing-file",)))
     for image in CHAIN_IMAGES:
-        for attach in ("drive-device", "drive", "blockdev"):
+        for attach in (Attach.DRIVE_DEVICE, Attach.DRIVE, Attach.BLOCKDEV):
             m.append(scenario(image, attach, ("commit-active",)))
-        m.append(scenario(image, "drive-device", ("stream",)))
-        m.append(scenario(image, "blockdev", ("stream",)))
+        m.append(scenario(image, Attach.DRIVE_DEVICE, ("stream",)))
+        m.append(scenario(image, Attach.BLOCKDEV, ("stream",)))
     for image in DEEP_CHAINS:
-        m.append(scenario(image, "drive-device", ("stream-base",)))
+        m.append(scenario(image, Attach.DRIVE_DEVICE, ("stream-base",)))
     for op in ("mirror-full", "mirror-top", "mirror-none", "mirror-cancel"):
-        m.append(scenario("qcow2-chain1", "drive-device", (op,)))
+        m.append(scenario("qcow2-chain1", Attach.DRIVE_DEVICE, (op,)))
     for image in ("raw", "qcow2-v3", "qcow2-chain2-subdir"):
-        m.append(scenario(image, "drive-device", ("mirror-full",)))
-    m.append(scenario("qcow2-chain1", "blockdev", ("mirror-full",)))
+        m.append(scenario(image, Attach.DRIVE_DEVICE, ("mirror-full",)))
+    m.append(scenario("qcow2-chain1", Attach.BLOCKDEV, ("mirror-full",)))
     for image in ("raw", "qcow2-v3", "qcow2-chain1"):
-        m.append(scenario(image, "drive-device", ("blockdev-mirror",)))
+        m.append(scenario(image, Attach.DRIVE_DEVICE, ("blockdev-mirror",)))
     for image in ("raw", "qcow2-v3", "qcow2-chain1", "qcow2-chain2-subdir"):
-        m.append(scenario(image, "drive-device", ("backup",)))
-    m.append(scenario("qcow2-chain1", "drive-device", ("backup-top",)))
+        m.append(scenario(image, Attach.DRIVE_DEVICE, ("backup",)))
+    m.append(scenario("qcow2-chain1", Attach.DRIVE_DEVICE, ("backup-top",)))
     for image in ("raw", "qcow2-v3", "qcow2-chain1"):
-        m.append(scenario(image, "drive-device", ("blockdev-backup",)))
+        m.append(scenario(image, Attach.DRIVE_DEVICE, ("blockdev-backup",)))
     for image in ("raw", "qcow2-v3"):
-        m.append(scenario(image, "file-node", ("reopen-rw",)))
-        m.append(scenario(image, "file-node", ("reopen-direct",)))
+        m.append(scenario(image, Attach.FILE_NODE, ("reopen-rw",)))
+        m.append(scenario(image, Attach.FILE_NODE, ("reopen-direct",)))
     for image in ("raw", "qcow2-chain1", "vpc-dynamic"):
-        m.append(scenario(image, "cdrom", ("change-medium",)))
-    m.append(scenario("qcow2-v3", "cdrom", ("tray",)))
+        m.append(scenario(image, Attach.CDROM, ("change-medium",)))
+    m.append(scenario("qcow2-v3", Attach.CDROM, ("tray",)))
     for image in ("raw", "qcow2-v3", "qcow2-chain1", "vmdk-monolithicSparse"):
-        m.append(scenario(image, "snapshot-on", ()))
+        m.append(scenario(image, Attach.SNAPSHOT_ON, ()))
     for image in ("raw", "qcow2-chain1", "vpc-dynamic"):
-        m.append(scenario(image, "snapshot", ()))
+        m.append(scenario(image, Attach.SNAPSHOT, ()))
     for image in ("raw", "qcow2-v3", "qcow2-chain1", "vdi-dynamic"):
-        m.append(scenario(image, "node-refs", ("read",)))
+        m.append(scenario(image, Attach.NODE_REFS, ("read",)))
     for image in ("raw", "qcow2-v3", "qcow2-chain1"):
-        m.append(scenario(image, "json", ("read",)))
+        m.append(scenario(image, Attach.JSON, ("read",)))
     return m
 
 
@@ -389,10 +376,13 @@ __all__ = [
     "DRIVE",
     "GRANTS",
     "OVERLAY",
+    "Attach",
     "Grant",
     "Op",
     "Scenario",
+    "Tag",
     "all_operations",
+    "attach_args",
     "build_matrix",
     "scenario",
     "select",

@@ -22,6 +22,7 @@ import json
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from testbed.compare.attach import DRIVE
 from testbed.errors import ScenarioError, WaitTimeout
 
 #: The scenario directory inside step arguments and QEMU options.
@@ -55,7 +56,7 @@ class Step:
     #: The job a ``wait`` waits for (its ``device`` in the event data); "" for any.
     job: str = ""
     #: ``read``: the drive or node, offset and length.
-    device: str = "drive0"
+    device: str = DRIVE
     offset: int = 0
     length: int = 0
     timeout: float = WAIT_TIMEOUT
@@ -65,9 +66,11 @@ class Step:
     def __post_init__(self) -> None:
         if self.kind is StepKind.BROKER and self.command not in tuple(BrokerAction):
             known = ", ".join(a.value for a in BrokerAction)
-            raise ValueError(f"broker step {self.command!r}: give one of {known}")
+            raise ScenarioError(f"broker step {self.command!r}: give one of {known}")
         if self.broker_down and self.kind not in (StepKind.QMP, StepKind.HMP):
-            raise ValueError(f"a {self.kind} step cannot be marked broker_down (qmp or hmp only)")
+            raise ScenarioError(
+                f"a {self.kind} step cannot be marked broker_down (qmp or hmp only)"
+            )
         if self.kind is StepKind.QMP and not self.command:
             raise ScenarioError("a qmp step needs a command")
         if self.kind is StepKind.HMP and not self.line:
@@ -125,7 +128,7 @@ def wait(event: str, job: str = "", timeout: float = WAIT_TIMEOUT) -> Step:
     return Step(kind=StepKind.WAIT, command=event, job=job, timeout=timeout)
 
 
-def read(offset: int, length: int, device: str = "drive0") -> Step:
+def read(offset: int, length: int, device: str = DRIVE) -> Step:
     return Step(kind=StepKind.READ, device=device, offset=offset, length=length)
 
 

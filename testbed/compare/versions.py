@@ -1,9 +1,10 @@
 """The same matrix on several QEMU versions: results side by side and what differs.
 
 A scenario's results on two versions differ in what is opened when the
-normalised traces of an oracle differ (patched QEMU's broker audit and stock
-QEMU's strace), and in fd sets when one version's works and the other's
-fails (or fails differently).  The report shows each difference, scenario by
+normalised traces of an oracle registered ``across_versions`` differ
+(patched QEMU's broker audit and stock QEMU's strace), and in an oracle
+judged by outcome (fd sets) when one version's works and the other's fails
+(or fails differently).  The report shows each difference, scenario by
 scenario, against the first version run.
 """
 
@@ -13,12 +14,14 @@ import difflib
 from dataclasses import dataclass
 from typing import Any
 
+from testbed.compare.compare import Status
+from testbed.compare.oracles import Oracle, across_versions, by_outcome
 from testbed.compare.run import ScenarioResult
 from testbed.compare.trace import lines
 
 #: The oracles whose traces are compared across versions (the model is one
 #: model for every version; fd sets have no trace).
-TRACED = ("patched", "stock")
+TRACED = across_versions()
 
 
 def versions_of(results: list[ScenarioResult]) -> list[str]:
@@ -41,9 +44,9 @@ def rows(results: list[ScenarioResult]) -> list[tuple[str, dict[str, ScenarioRes
     return list(out.items())
 
 
-def fdset_text(r: ScenarioResult) -> str:
-    """``works``, ``fails: <error>`` or ``skipped``."""
-    fd = r.oracles.get("fdset")
+def outcome_text(r: ScenarioResult, oracle: Oracle) -> str:
+    """``works``, ``fails: <error>`` or ``skipped``: an oracle judged by outcome, in ``r``."""
+    fd = r.oracles.get(oracle.name)
     if fd is None or fd.skipped:
         return "skipped"
     return "works" if fd.ok else f"fails: {fd.first_error}"
@@ -58,10 +61,10 @@ class Difference:
     version: str
     #: oracle -> unified diff of its normalised opens (base first)
     opens: dict[str, tuple[str, ...]]
-    #: (base's fd-set result, version's), when they differ
-    fdset: tuple[str, str] | None
+    #: oracle judged by outcome -> (base's result, version's), for those that differ
+    outcomes: dict[str, tuple[str, str]]
     #: (base's status, version's), when they differ
-    status: tuple[str, str] | None
+    status: tuple[Status, Status] | None
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -69,7 +72,10 @@ class Difference:
             "base": self.base,
             "version": self.version,
             "opens": {k: list(v) for k, v in self.opens.items()},
-            "fdset": list(self.fdset) if self.fdset else None,
+            **{
+                o.name: list(self.outcomes[o.name]) if o.name in self.outcomes else None
+                for o in by_outcome()
+            },
             "status": list(self.status) if self.status else None,
         }
 
@@ -90,7 +96,7 @@ def _opens(a: ScenarioResult, b: ScenarioResult, oracle: str) -> tuple[str, ...]
 
 
 def differences(results: list[ScenarioResult]) -> list[Difference]:
-    """Every scenario whose opens, fd-set result or status differ from the first version's."""
+    """Every scenario whose opens, outcomes (fd sets) or status differ from the first version's."""
     versions = versions_of(results)
     out = []
     for name, per in rows(results):
@@ -102,16 +108,17 @@ def differences(results: list[ScenarioResult]) -> list[Difference]:
             if other is None:
                 continue
             opens = {o: d for o in TRACED if (d := _opens(base, other, o))}
-            fa, fb = fdset_text(base), fdset_text(other)
+            texts = {o.name: (outcome_text(base, o), outcome_text(other, o)) for o in by_outcome()}
+            outcomes = {name: (a, b) for name, (a, b) in texts.items() if a != b}
             sa, sb = base.status, other.status
-            if opens or fa != fb or sa != sb:
+            if opens or outcomes or sa != sb:
                 out.append(
                     Difference(
                         scenario=name,
                         base=base.qemu_version,
                         version=v,
                         opens=opens,
-                        fdset=(fa, fb) if fa != fb else None,
+                        outcomes=outcomes,
                         status=(sa, sb) if sa != sb else None,
                     )
                 )

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from testbed.compare.compare import MATCH
+from testbed.compare.compare import Status
 from testbed.compare.ops import OpContext, get
 from testbed.compare.run import run_scenario
 from testbed.compare.runners import model
@@ -144,5 +144,5 @@ def test_every_oracle_agrees(image: str, tmp_path: Path) -> None:
     [(_, error)] = r.oracles["patched"].extra["broker_down_errors"]
     assert "the open hook (-open-hook-fd) failed" in error
     assert len(r.oracles["patched"].extra["audits"]) == 2
-    assert r.pair("model", "patched").status == MATCH, r.pair("model", "patched").diff
-    assert r.pair("patched", "stock").status == MATCH, r.pair("patched", "stock").diff
+    assert r.pair("model", "patched").status == Status.MATCH, r.pair("model", "patched").diff
+    assert r.pair("patched", "stock").status == Status.MATCH, r.pair("patched", "stock").diff

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from testbed.compare.compare import KNOWN, MATCH
+from testbed.compare.compare import Status
 from testbed.compare.run import ScenarioResult, run_scenario
 from testbed.compare.runners.common import Binaries, ImageInfo, load_index
 from testbed.compare.scenarios import build_matrix
@@ -49,9 +49,9 @@ def test_snapshot_on_a_chain(images: dict[str, ImageInfo], tmp_path: Path) -> No
         ("model", "patched", "stock", "fdset"),
     )
     assert r.oracles["patched"].ok, r.oracles["patched"].operations
-    assert r.pair("patched", "stock").status == MATCH, r.pair("patched", "stock").diff
+    assert r.pair("patched", "stock").status == Status.MATCH, r.pair("patched", "stock").diff
     assert r.oracles["model"].ok, r.oracles["model"].operations
-    assert r.pair("model", "patched").status == MATCH, r.pair("model", "patched").diff
+    assert r.pair("model", "patched").status == Status.MATCH, r.pair("model", "patched").diff
     lines = [o.line() for o in r.oracles["patched"].trace]
     assert lines[:3] == [
         "probe top.qcow2 O_RDONLY|O_NONBLOCK -> ok",
@@ -68,14 +68,14 @@ def test_snapshot_on_a_chain(images: dict[str, ImageInfo], tmp_path: Path) -> No
 
 def test_fd_sets_cannot_name_vmdk_extents(images: dict[str, ImageInfo], tmp_path: Path) -> None:
     r = run("vmdk-monolithicFlat_drive_read", images, tmp_path)
-    assert r.pair("patched", "stock").status == MATCH
+    assert r.pair("patched", "stock").status == Status.MATCH
     assert "open disk-flat.vmdk O_RDONLY -> ok" in [o.line() for o in r.oracles["patched"].trace]
     assert "/dev/fdset/disk-flat.vmdk" in r.oracles["fdset"].first_error
 
 
 def test_blockdev_raw_works_with_fd_sets(images: dict[str, ImageInfo], tmp_path: Path) -> None:
     r = run("raw_blockdev_read", images, tmp_path)
-    assert r.pair("patched", "stock").status == MATCH
+    assert r.pair("patched", "stock").status == Status.MATCH
     assert [o.line() for o in r.oracles["patched"].trace] == ["open disk.raw O_RDWR -> ok"]
     assert r.oracles["fdset"].ok, r.oracles["fdset"].operations
 
@@ -87,10 +87,10 @@ def test_vvfat_directory_scan_goes_through_the_hook(
     # only divergence left is the relative-name probe's errno.
     r = run("vvfat-floppy_drive_read", images, tmp_path, ("model", "patched", "stock"))
     p = r.pair("patched", "stock")
-    assert p.status == KNOWN and set(p.divergences) == {"relative-name"}
+    assert p.status == Status.KNOWN and set(p.divergences) == {"relative-name"}
     scans = [o for o in r.oracles["patched"].trace if "O_DIRECTORY" in o.flags]
     assert scans and scans[0].path == "tree"
-    assert r.pair("model", "patched").status == MATCH
+    assert r.pair("model", "patched").status == Status.MATCH
 
 
 def test_refused_backing_file(images: dict[str, ImageInfo], tmp_path: Path) -> None:
@@ -99,7 +99,7 @@ def test_refused_backing_file(images: dict[str, ImageInfo], tmp_path: Path) -> N
     assert patched.operations[1][0] == "blockdev-add"
     assert "Permission denied" in patched.operations[1][1]
     assert patched.trace[-1].path == "base.raw" and patched.trace[-1].result == "EACCES"
-    assert r.pair("patched", "stock").status == KNOWN
+    assert r.pair("patched", "stock").status == Status.KNOWN
     # stock QEMU, with nobody to refuse, opened the base
     assert r.oracles["stock"].ok
     # libvirt refuses by not passing the base: QEMU finds no fd set for it
@@ -130,7 +130,7 @@ def test_command_writes_json_and_reports(images: dict[str, ImageInfo], tmp_path:
     # once per built version (the default), each with its version
     assert [sc["qemu_version"] for sc in data["scenarios"]] == list(built_versions())
     for sc in data["scenarios"]:
-        assert sc["name"] == "raw_drive_read" and sc["status"] == MATCH
+        assert sc["name"] == "raw_drive_read" and sc["status"] == Status.MATCH
         assert sc["patched"]["trace"] == sc["stock"]["trace"] != []
     assert "raw_drive_read" in (out / "report.md").read_text()
     assert "<table" in (out / "report.html").read_text()
@@ -168,7 +168,7 @@ def test_a_sync_none_mirror_pivot_follows_each_version(
     require(is_runnable(qemu_binary(version, Kind.STOCK)), f"stock QEMU {version} (make qemu)")
     sc = MATRIX["qcow2-chain1_drive-device_mirror-none"]
     r = run_scenario(sc, images[sc.image], tmp_path, ("model", "patched"), binaries=binaries)
-    assert r.pair("model", "patched").status == MATCH
+    assert r.pair("model", "patched").status == Status.MATCH
     tail = [(o.path, o.flags) for o in r.oracles["patched"].trace[-2:]]
     first, second = (
         ("top.qcow2", "mirror.qcow2") if version == "7.2" else ("mirror.qcow2", "top.qcow2")

@@ -23,7 +23,7 @@ def _result(version: str, opens: list[Open], *, fdset_error: str = "") -> Scenar
     for name in ("model", "patched", "stock", "seccomp"):
         res.oracles[name] = OracleResult(trace=list(opens), operations=[("launch", "ok")])
     res.oracles["fdset"] = fd
-    for left, right in PAIRS:
+    for left, right in (p.names for p in PAIRS):
         res.pairs.append(compare_pair(left, opens, right, opens, tags=sc.tags))
     return res
 
@@ -47,7 +47,7 @@ def test_a_changed_open_is_reported_with_its_diff() -> None:
     assert (d.scenario, d.base, d.version) == (runs[0].scenario.name, "7.2", "10.0")
     assert set(d.opens) == {"patched", "stock"}
     assert "+open disk.raw O_RDONLY|O_DIRECT -> ok" in d.opens["patched"]
-    assert d.fdset is None and d.status is None
+    assert d.outcomes.get("fdset") is None and d.status is None
 
 
 def test_a_changed_fdset_result_is_reported() -> None:
@@ -59,7 +59,7 @@ def test_a_changed_fdset_result_is_reported() -> None:
     ]
     (d,) = differences(runs)
     assert d.opens == {}
-    assert d.fdset == ("works", "fails: read: Failed to find file descriptor")
+    assert d.outcomes.get("fdset") == ("works", "fails: read: Failed to find file descriptor")
 
 
 def test_report_puts_versions_side_by_side(tmp_path: Path) -> None:

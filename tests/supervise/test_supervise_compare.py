@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from testbed.compare.compare import MISMATCH, compare_pair
+from testbed.compare.compare import Status, compare_pair
 from testbed.compare.run import run_scenario
 from testbed.compare.runners.common import Binaries, load_index
 from testbed.compare.runners.seccomp import KNOWN_DIVERGENCES
@@ -34,7 +34,7 @@ def test_seccomp_trace_equals_stock_strace(sc: Scenario, tmp_path: Path, kernel:
     pair = compare_pair(
         "seccomp", seccomp.trace, "stock", stock.trace, tags=sc.tags, table=KNOWN_DIVERGENCES
     )
-    assert pair.status != MISMATCH, "\n".join(pair.diff)
+    assert pair.status != Status.MISMATCH, "\n".join(pair.diff)
     assert len(seccomp.trace) > 0
 
 
@@ -52,6 +52,6 @@ def test_seccomp_trace_equals_the_hooks_but_for_directory_scans(
     pair = compare_pair(
         "patched", patched.trace, "seccomp", seccomp.trace, tags=sc.tags, table=KNOWN_DIVERGENCES
     )
-    assert pair.status != MISMATCH, "\n".join(pair.diff)
+    assert pair.status != Status.MISMATCH, "\n".join(pair.diff)
     # with patch 0008 the hook sees vvfat's directory scans too: nothing to excuse
     assert not pair.divergences
