@@ -54,7 +54,7 @@ from dataclasses import dataclass
 
 from testbed.broker import AuditLog
 from testbed.broker.gate import Outcome
-from testbed.errors import SuperviseArgumentError
+from testbed.errors import SuperviseArgumentError, WaitTimeout
 from testbed.protocol.flags import flag_names
 from testbed.supervise import bpf, target
 from testbed.supervise.audit import SeccompAuditRecord
@@ -62,6 +62,9 @@ from testbed.supervise.decide import Decider
 from testbed.supervise.seccomp import Listener, SeccompNotif, libc
 
 log = logging.getLogger("testbed.supervise")
+
+#: How long stop() waits for the receiver and workers to finish and close the listener.
+STOP_TIMEOUT = 30.0
 
 CLONE_FS = 0x200
 _O_TMPFILE_BIT = os.O_TMPFILE & ~os.O_DIRECTORY
@@ -243,12 +246,19 @@ class NotificationServer:
         self._receiver.start()
 
     def stop(self) -> None:
-        """Stop receiving and close the listener: the callers' opens now fail ENOSYS."""
+        """Stop receiving and close the listener: the callers' opens now fail ENOSYS.
+
+        Returns only once the listener is closed, so nothing is served after it
+        (a loaded machine once took more than 5 s to get there, and an open made
+        after stop() was still answered); a receiver that does not finish within
+        ``STOP_TIMEOUT`` is a :class:`~testbed.errors.WaitTimeout`.
+        """
         with self._lock:
             if not self._finished:  # else the pipe's fd numbers may be someone else's
                 with contextlib.suppress(OSError):
                     os.write(self._stop_w, b"x")
-        self.join(5.0)
+        if not self.join(STOP_TIMEOUT):
+            raise WaitTimeout("the seccomp receiver and its workers to stop", STOP_TIMEOUT)
 
     def join(self, timeout: float | None = None) -> bool:
         """Wait for the receiver and the workers to finish; False if the timeout ran out."""

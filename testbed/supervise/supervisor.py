@@ -94,9 +94,11 @@ class Supervisor:
         if not words:
             raise SuperviseError("popen: empty command")
         if self.profile is not None and self.profile.command_prefix:
-            binary = self._which(words[0], kwargs.get("env"))
-            self.profile = self.profile.for_command(binary)
-            self.decider = Decider(self.policy, self.profile)
+            ours = self.profile.for_command(self._which(words[0], kwargs.get("env")))
+            if ours is not self.profile:
+                self.decider.close()
+                self.profile = ours
+                self.decider = Decider(self.policy, ours)
         ruleset = self._ruleset(words, kwargs.get("env")) if self.landlock else None
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         plan = ChildPlan(
