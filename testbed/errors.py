@@ -22,7 +22,9 @@
      +-- QemuVersionError              a QEMU version or binary kind nobody registered
      +-- QEMUError                     a QEMU process failed
      |    +-- LaunchError              QEMU did not start: command line, exit code, log
+     +-- CommandLineError (also ValueError)  a QEMU command line cannot be built from its config
      +-- GuestError                    the guest did not do what a step expected
+     +-- GuestUsageError (also ValueError)  a guest session configured or called impossibly
      +-- LibvirtError                  libvirt, virsh or a domain's broker failed
      +-- ScenarioFileError             a user's scenario file is malformed: file, line, key
      +-- ScenarioError (also ValueError)  a scenario or step is inconsistent, or none matches
@@ -210,6 +212,12 @@ class QEMUError(TestbedError):
     """A QEMU process misbehaved."""
 
 
+class CommandLineError(TestbedError, ValueError):
+    """A :class:`~testbed.qemu.commandline.MachineConfig` or image attachment that no
+    QEMU command line can express (a bad accelerator, a hidden firmware directory,
+    a ``-blockdev`` without its driver)."""
+
+
 class LaunchError(QEMUError):
     """QEMU did not come up. Holds the command line, the exit code and the log."""
 
@@ -232,6 +240,11 @@ class GuestError(TestbedError):
         super().__init__(f"guest step {step!r}: {message}")
         self.step = step
         self.console_tail = console_tail
+
+
+class GuestUsageError(TestbedError, ValueError):
+    """A guest :class:`~testbed.guest.session.Session` was configured or called in a way
+    it cannot work (``supervise`` with the hook, a broker kill without a broker process)."""
 
 
 class LibvirtError(TestbedError):

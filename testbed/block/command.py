@@ -19,6 +19,7 @@ from typing import Any
 
 from testbed.block.layer import BlockLayer
 from testbed.errors import BlockError, TestbedError
+from testbed.qemu.commandline import Attach, AttachKind
 
 #: How much the disk hash reads at a time.
 CHUNK = 4 << 20
@@ -149,23 +150,20 @@ def open_image(
     with broker, HookClient(theirs) as client:
         layer = BlockLayer(client)
         try:
-            if how == "blockdev":
-                if fmt is None:
-                    raise BlockError("-blockdev names its driver: give --format")
-                layer.blockdev_add(
-                    {
-                        "driver": fmt,
-                        "node-name": DRIVE,
-                        "read-only": read_only,
-                        "cache": {"direct": cache_direct},
-                        "file": {"driver": "file", "filename": image},
-                    }
+            if how == "blockdev" and fmt is None:
+                raise BlockError("-blockdev names its driver: give --format")
+            layer.attach(
+                Attach(
+                    filename=image,
+                    fmt=fmt,
+                    node=DRIVE,
+                    kind=AttachKind(how),
+                    read_only=read_only,
+                    cache_direct=cache_direct,
+                    # -drive comes with a device (it takes write permission)
+                    device="virtio-blk-pci" if how == "drive" else None,
                 )
-            else:
-                layer.drive_add(
-                    file=image, format=fmt, id=DRIVE, read_only=read_only, cache_direct=cache_direct
-                )
-                layer.attach_device(DRIVE)
+            )
             if snapshot:
                 layer.blockdev_snapshot_sync(DRIVE, snapshot, "qcow2", "absolute-paths")
             top = layer.top(DRIVE)

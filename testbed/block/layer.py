@@ -79,6 +79,7 @@ from testbed.block.nodes import Child, FileNode, FormatNode, ProtocolNode, VVFat
 from testbed.block.opener import HookLike, Opener, OpenEvent
 from testbed.block.paths import path_combine
 from testbed.errors import BlockError, BlockUsageError
+from testbed.qemu.commandline import Attach, AttachKind
 
 #: How much of an image ``find_image_format`` reads for probing.
 PROBE_BYTES = 2048
@@ -166,18 +167,41 @@ class BlockLayer:
         """Every open request so far, as the broker saw it."""
         return self.opener.trace
 
+    def attach(self, attach: Attach, *, tmpdir: str | None = None) -> FormatNode:
+        """The image ``attach`` describes, as QEMU's command line attaches it.
+
+        ``-drive`` (:meth:`drive_add`) or ``-blockdev`` (:meth:`blockdev_add`),
+        then its ``-device``, if any; a cdrom goes to the caller's trays
+        (:mod:`testbed.block.media`), not here.  ``tmpdir`` is where
+        ``snapshot`` puts its temporary overlay.
+        """
+        if attach.cdrom:
+            raise BlockUsageError(f"drive {attach.node!r} is a cdrom: attach it through Media")
+        if attach.kind is AttachKind.BLOCKDEV:
+            top = self.blockdev_add(attach.blockdev_options())
+        else:
+            top = self.drive_add(
+                filename=attach.filename,
+                fmt=attach.fmt,
+                drive_id=attach.node,
+                read_only=attach.effective_read_only,
+                cache_direct=attach.cache_direct,
+                snapshot=attach.snapshot,
+                tmpdir=tmpdir,
+            )
+        if attach.device is not None:
+            self.attach_device(attach.node)
+        return top
+
     def drive_add(
         self,
-        file: str | None = None,
-        format: str | None = None,
         *,
-        filename: str | None = None,
+        filename: str,
         fmt: str | None = None,
+        drive_id: str = "drive0",
         if_none: bool = True,
         read_only: bool = False,
         cache_direct: bool = False,
-        id: str | None = None,
-        drive_id: str | None = None,
         snapshot: bool = False,
         tmpdir: str | None = None,
     ) -> FormatNode:
@@ -188,12 +212,11 @@ class BlockLayer:
         image read-only under a temporary qcow2 overlay in ``tmpdir``
         (:mod:`testbed.block.tempsnap`).
         """
-        path = file if file is not None else filename
+        path = filename
         if not path:
             raise BlockError("drive_add: no file name given")
-        name = id or drive_id or "drive0"
+        name = drive_id
         self._check_new_id(name)
-        fmt = format or fmt
         probe = True
         if path.startswith("json:"):
             from testbed.block.options import json_filename

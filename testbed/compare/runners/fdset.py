@@ -56,6 +56,7 @@ from testbed.compare.steps import Step, StepKind
 from testbed.errors import TestbedError
 from testbed.qemu import Machine, MachineConfig
 from testbed.qemu.binaries import is_runnable
+from testbed.qemu.commandline import blockdev_json, drive_keyval
 
 FIRST_SET = 10
 #: Step commands whose file names are node options (rewritten as trees, not strings).
@@ -265,7 +266,7 @@ class Libvirt:
         elif file.startswith("fat:"):
             head, _, directory = file.rpartition(":")
             # vvfat takes a directory name: the closest an fd set can come
-            return _keyval(
+            return drive_keyval(
                 {
                     **rest,
                     "format": fmt or "raw",
@@ -276,7 +277,7 @@ class Libvirt:
             node = self.spelled(file, fmt, late=False, writable=writable, given={})
         else:
             return text
-        return _keyval({**rest, **node})
+        return drive_keyval({**rest, **node})
 
     # -- steps ----------------------------------------------------------------------
 
@@ -467,15 +468,6 @@ def asks_direct(scenario: Scenario) -> str:
     return "only" if added else ""
 
 
-def _booleans(value: Any) -> Any:
-    """keyval's ``on``/``off`` as JSON booleans (``-blockdev`` JSON is typed)."""
-    if isinstance(value, dict):
-        return {k: _booleans(v) for k, v in value.items()}
-    if value in ("on", "off"):
-        return value == "on"
-    return value
-
-
 def _on(value: Any) -> bool:
     return value is True or value in ("on", "true")
 
@@ -496,19 +488,6 @@ def _with(step: Step, **changes: Any) -> Step:
     return Step(**{**fields, **changes})
 
 
-def _keyval(tree: dict[str, Any], prefix: str = "") -> str:
-    """``-drive`` syntax for nested options: ``backing.file.filename=...`` (commas doubled)."""
-    out = []
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            out.append(_keyval(value, f"{prefix}{key}."))
-        elif isinstance(value, bool):
-            out.append(f"{prefix}{key}={'on' if value else 'off'}")
-        else:
-            out.append(f"{prefix}{key}={str(value).replace(',', ',,')}")
-    return ",".join(x for x in out if x)
-
-
 def rewrite_args(lib: Libvirt, args: tuple[str, ...]) -> list[str]:
     out: list[str] = []
     i = 0
@@ -519,7 +498,7 @@ def rewrite_args(lib: Libvirt, args: tuple[str, ...]) -> list[str]:
                 out += [word, lib.drive(args[i + 1])]
             else:
                 tree = lib.blockdev_tree(parse_blockdev_arg(args[i + 1]), late=False)
-                out += [word, json.dumps(_booleans(tree))]
+                out += [word, blockdev_json(tree)]
             i += 2
             continue
         out.append(word)
