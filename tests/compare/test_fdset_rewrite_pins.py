@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from testbed.compare.runners.common import Binaries, Setup
 from testbed.compare.runners.fdset import Libvirt, rewrite_args
+from testbed.compare.runners.setup import Binaries, Setup
 from testbed.compare.scenarios import scenario
 from testbed.pytest_plugin import require
 

@@ -45,15 +45,13 @@ from pathlib import Path
 from typing import Any, TypeGuard
 
 from testbed.block.options import parse_blockdev_arg, parse_keyval
-from testbed.compare.runners.common import (
-    OracleResult,
-    ScenarioSetupError,
-    Setup,
-    run_step,
-)
+from testbed.compare.runners.dispatch import run_step
+from testbed.compare.runners.qemu_run import QemuSteps
+from testbed.compare.runners.result import OracleResult
+from testbed.compare.runners.setup import Setup
 from testbed.compare.scenarios import Grant, Scenario
 from testbed.compare.steps import Step, StepKind
-from testbed.errors import TestbedError
+from testbed.errors import ScenarioSetupError, TestbedError
 from testbed.qemu import Machine, MachineConfig
 from testbed.qemu.binaries import is_runnable
 from testbed.qemu.commandline import blockdev_json, drive_keyval
@@ -580,8 +578,10 @@ def run(setup: Setup) -> OracleResult:
                     fds.append(fd)
                     vm.add_fd(fd, fdset_id=m.fdset)
             failed: dict[str, str] = {}
+            target = QemuSteps(vm)
             for step in steps:
-                result.operations.append((step.label, run_step(vm, step, failed)))
+                outcome = run_step(target, step, failed_jobs=failed)
+                result.operations.append((step.label, outcome))
         finally:
             vm.shutdown()
     finally:
