@@ -472,12 +472,14 @@ def create_image_file(
     and its chain read-only once to check it, between its own protocol
     probe and ``bdrv_create_file``'s.
     """
+    from testbed.block import formats
     from testbed.block.driver import FdFile
-    from testbed.block.formats.qcow2 import create_image
     from testbed.block.layer import OpenOptions
 
-    if fmt not in ("qcow2", "raw"):
-        raise BlockError(f"the model creates qcow2 and raw targets only, not {fmt!r}")
+    creators = sorted(n for n, d in formats.all_drivers().items() if d.creates_targets)
+    if fmt not in creators:
+        raise BlockError(f"the model creates {' and '.join(creators)} targets only, not {fmt!r}")
+    driver = formats.get_driver(fmt)
     opener = layer.opener
     # bdrv_img_create and bdrv_create_file each call bdrv_find_protocol.
     opener.probe(path)
@@ -490,15 +492,15 @@ def create_image_file(
     opener.probe(path)
     fd = opener.qemu_create(path, os.O_RDWR, 0o644)
     try:
-        os.ftruncate(fd, 0 if fmt == "qcow2" else size)
+        os.ftruncate(fd, size if driver.bare else 0)
     finally:
         os.close(fd)
-    if fmt == "raw":
+    if driver.bare:
         return
     opener.probe(path)
     fd = opener.qemu_open(path, os.O_RDWR)
     try:
-        create_image(
+        driver.create(
             FdFile(fd, path),
             size=size,
             backing_file=backing.filename if backing is not None else None,

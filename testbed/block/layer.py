@@ -74,7 +74,14 @@ from dataclasses import dataclass
 from typing import Any
 
 from testbed.block import formats
-from testbed.block.driver import BlockFile, ChildRole, FdFile, FormatDriver, FormatImage
+from testbed.block.driver import (
+    BlockFile,
+    ChildRole,
+    ChildSpec,
+    FdFile,
+    FormatDriver,
+    FormatImage,
+)
 from testbed.block.nodes import Child, FileNode, FormatNode, ProtocolNode, VVFatNode
 from testbed.block.opener import HookLike, Opener, OpenEvent
 from testbed.block.paths import path_combine
@@ -83,8 +90,6 @@ from testbed.qemu.commandline import Attach, AttachKind
 
 #: How much of an image ``find_image_format`` reads for probing.
 PROBE_BYTES = 2048
-#: vmdk sparse extents start with one of these (a metadata child in QEMU).
-_SPARSE_MAGICS = (b"KDMV", b"COWD")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -108,28 +113,28 @@ class Drive:
 class _ChildOpener:
     """The :class:`OpenContext` a format driver gets while its node opens."""
 
-    def __init__(self, layer: BlockLayer, opts: OpenOptions) -> None:
+    def __init__(self, layer: BlockLayer, opts: OpenOptions, driver: type[FormatDriver]) -> None:
         self._layer = layer
         self._opts = opts
+        self._driver = driver
         self.children: list[Child] = []
 
     @property
     def read_only(self) -> bool:
         return self._opts.read_only
 
-    def open_file(self, filename: str, *, role: str, relative_to: BlockFile) -> BlockFile:
-        # qcow2_do_open hands the data file name to bdrv_open_child as it is
-        # stored: relative to QEMU's working directory, not to the image
-        # (strace of QEMU 7.2 shows it); vmdk resolves extents itself.
-        path = filename if role == "data-file" else path_combine(relative_to.filename, filename)
-        node = self._layer._open_protocol(path, probe=True, opts=self._opts)
-        self.children.append(Child(node=node, role="data", name=role))
-        child = self.children[-1]
-        if role == "extent" and node.pread(0, 4) in _SPARSE_MAGICS:
-            child.role = "metadata"
+    def open_file(self, filename: str, *, child: ChildSpec, relative_to: BlockFile) -> BlockFile:
+        if child not in self._driver.children:
+            raise BlockUsageError(
+                f"the {self._driver.name} driver opened a {child.name!r} child it does not declare"
+            )
+        if child.relative_to_parent:
+            filename = path_combine(relative_to.filename, filename)
+        node = self._layer._open_protocol(filename, probe=True, opts=self._opts)
+        self.children.append(Child(node=node, role=child.role, name=child.name))
         # bdrv_open_child attaches at once: a metadata child of a writable
         # node goes read-write before the next file is opened.
-        node.set_write(child.role == "metadata" and not self._opts.read_only)
+        node.set_write(child.role is ChildRole.METADATA and not self._opts.read_only)
         return node
 
 
@@ -516,12 +521,12 @@ class BlockLayer:
             if fmt is None:
                 fmt = self._probe_format(file)
             elif fmt == "file":
-                fmt = "raw"  # a bare protocol node: the same bytes, no format
+                fmt = formats.BYTES_FORMAT  # a bare protocol node: the same bytes, no format
             driver = _driver(fmt)
             role = driver.file_role
             if owned:
                 file.set_write(role == ChildRole.METADATA and not opts.read_only)
-            ctx = _ChildOpener(self, opts)
+            ctx = _ChildOpener(self, opts, driver)
             try:
                 image: FormatImage = driver.open(file, ctx)
             except BaseException:
@@ -567,7 +572,7 @@ class BlockLayer:
     def _probe_format(self, file: ProtocolNode) -> str:
         """``find_image_format`` + ``bdrv_probe_all``: the highest score wins, first on ties."""
         if file.size() == 0:
-            return "raw"
+            return formats.BYTES_FORMAT
         buf = file.pread(0, PROBE_BYTES)
         best, best_score = None, 0
         for name, driver in formats.all_drivers().items():
@@ -627,7 +632,7 @@ class BlockLayer:
                 FdFile(fd, path),
                 size=old.virtual_size,
                 backing_file=old.filename,
-                backing_format=old.driver if old.driver != "file" else "raw",
+                backing_format=old.driver if old.driver != "file" else formats.BYTES_FORMAT,
             )
         finally:
             os.close(fd)
