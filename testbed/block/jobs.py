@@ -123,14 +123,14 @@ class JobManager:
     def _held(self) -> list[FormatNode]:
         return [n for j in self.jobs.values() for n in (j.target, j.base, j.top) if n is not None]
 
-    def _new(self, job_id: str | None, type: JobType, device: str) -> Job:
+    def _new(self, job_id: str | None, job_type: JobType, device: str) -> Job:
         drive = self.layer.drive_or_node(device)
         name = job_id or device
         if name in self.jobs:
             raise BlockError(f"Job ID '{name}' already in use")
         if any(j.drive is drive for j in self.jobs.values()):
             raise BlockError(f"Node '{device}' is busy: block device is in use by block job")
-        job = Job(id=name, type=type, drive=drive)
+        job = Job(id=name, type=job_type, drive=drive)
         self.jobs[name] = job
         job.move(self.layer, JobStatus.RUNNING)
         return job
@@ -214,7 +214,7 @@ class JobManager:
         job_id: str | None = None,
         target: str,
         sync: str,
-        format: str | None = None,
+        fmt: str | None = None,
         mode: str = "absolute-paths",
         node_target: bool = False,
     ) -> Job:
@@ -223,7 +223,7 @@ class JobManager:
         target_node = (
             self.layer.drive_or_node(target).top
             if node_target
-            else self._open_target(drive, target, format, how, mode)
+            else self._open_target(drive, target, fmt, how, mode)
         )
         job = self._new(job_id, JobType.MIRROR, device)
         job.top, job.target, job.sync, job.pivots = drive.top, target_node, how, True
@@ -239,7 +239,7 @@ class JobManager:
         job_id: str | None = None,
         target: str,
         sync: str,
-        format: str | None = None,
+        fmt: str | None = None,
         mode: str = "absolute-paths",
         node_target: bool = False,
     ) -> Job:
@@ -249,9 +249,7 @@ class JobManager:
         target_node = (
             self.layer.drive_or_node(target).top
             if node_target
-            else self._open_target(
-                drive, target, format, how, mode, with_backing=how is not Sync.NONE
-            )
+            else self._open_target(drive, target, fmt, how, mode, with_backing=how is not Sync.NONE)
         )
         job = self._new(job_id, JobType.BACKUP, device)
         job.top, job.target, job.sync = drive.top, target_node, how

@@ -368,11 +368,9 @@ class BlockLayer:
         self,
         device: str | None = None,
         snapshot_file: str | None = None,
-        format: str | None = None,
-        mode: str | None = None,
+        fmt: str = "qcow2",
+        mode: str = "absolute-paths",
         *,
-        fmt: str | None = None,
-        existing: bool | None = None,
         node_name: str | None = None,
         snapshot_node_name: str | None = None,
     ) -> FormatNode:
@@ -380,9 +378,6 @@ class BlockLayer:
         target = device or node_name
         if not target or not snapshot_file:
             raise BlockError("blockdev-snapshot-sync needs a device (or node-name) and a file")
-        fmt = format or fmt or "qcow2"
-        if mode is None:
-            mode = "existing" if existing else "absolute-paths"
         if mode not in ("absolute-paths", "existing"):
             raise BlockError(f"snapshot mode {mode!r} is not absolute-paths or existing")
         drive = self._drive(target)
@@ -419,14 +414,12 @@ class BlockLayer:
         self,
         device: str,
         snapshot_file: str | None = None,
-        format: str = "qcow2",
-        *,
-        fmt: str | None = None,
+        fmt: str = "qcow2",
     ) -> FormatNode:
         """HMP ``snapshot_blkdev DEVICE FILE [FORMAT]``: blockdev-snapshot-sync, absolute-paths."""
         if not snapshot_file:
             raise BlockError("snapshot_blkdev: a snapshot file name is required")
-        return self.blockdev_snapshot_sync(device, snapshot_file, fmt or format, "absolute-paths")
+        return self.blockdev_snapshot_sync(device, snapshot_file, fmt, "absolute-paths")
 
     def _drop_left_read_write(self, top: FormatNode) -> None:
         """Quit on QEMU 10.0 after a sync=none mirror: the chain drops to read-only

@@ -192,7 +192,7 @@ def _snapshot_sync(m: ModelMachine, a: dict[str, Any]) -> None:
         a.get("device"),
         _str(a, "snapshot-file"),
         a.get("format", "qcow2"),
-        a.get("mode"),
+        a.get("mode", "absolute-paths"),
         node_name=a.get("node-name"),
         snapshot_node_name=a.get("snapshot-node-name"),
     )
@@ -219,7 +219,7 @@ def _mirror(node_target: bool) -> Handler:
             job_id=_job_id(a),
             target=_str(a, "target"),
             sync=_str(a, "sync"),
-            format=a.get("format"),
+            fmt=a.get("format"),
             mode=a.get("mode", "absolute-paths"),
             node_target=node_target,
         )
@@ -234,7 +234,7 @@ def _backup(node_target: bool) -> Handler:
             job_id=_job_id(a),
             target=_str(a, "target"),
             sync=_str(a, "sync"),
-            format=a.get("format"),
+            fmt=a.get("format"),
             mode=a.get("mode", "absolute-paths"),
             node_target=node_target,
         )

@@ -866,7 +866,7 @@ def create_image(
     name; cluster 1 the refcount table; cluster 2 the refcount block; the
     L1 table follows, and the file ends where the L1 table does.
 
-    Longer than 60 lines on purpose: it lays out the clusters in qemu-img's order, byte for
+    Long because it lays out the clusters in qemu-img's order, byte for
     byte, and reads beside ``qcow2_co_create``.
     """
     if cluster_size & (cluster_size - 1) or not (

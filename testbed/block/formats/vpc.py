@@ -269,7 +269,7 @@ class VpcDriver(FormatDriver):
     def open(cls, file: BlockFile, ctx: OpenContext) -> VpcImage:
         """``vpc_open``: footer, size rules, dynamic header, BAT.
 
-        Longer than 60 lines on purpose: the checks come in QEMU's order, kept in one piece to
+        Long because the checks come in QEMU's order, kept in one piece to
         read beside the C.
         """
         size = file.size()

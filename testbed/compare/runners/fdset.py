@@ -523,7 +523,7 @@ def _open_member(m: Member, *, inheritable: bool) -> list[int]:
 def run(setup: Setup) -> OracleResult:
     """The fd-set oracle: open every member, start stock QEMU with them, run the steps.
 
-    Longer than 60 lines on purpose: the descriptors it opens (before the launch and
+    Long because the descriptors it opens (before the launch and
     late) are closed on every way out by one ``finally``, so the run stays inside it.
     """
     result = OracleResult()
