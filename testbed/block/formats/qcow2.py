@@ -754,7 +754,7 @@ class Qcow2Driver(FormatDriver):
         if (
             len(buf) >= QEMU_HEADER_LENGTH
             and buf[:4] == MAGIC
-            and int.from_bytes(buf[4:8], "big") >= 2
+            and _HEADER_V2.unpack_dict(buf)["version"] >= 2
         ):
             return 100
         return 0
