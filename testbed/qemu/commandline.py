@@ -225,14 +225,20 @@ class Attach:
         return drive_keyval(opts)
 
     def blockdev_options(self) -> dict[str, Any]:
-        """The node's ``-blockdev``/``blockdev-add`` options (a format over a ``file`` node)."""
-        return {
+        """The node's ``-blockdev``/``blockdev-add`` options (a format over a ``file`` node).
+
+        ``read-only`` and ``cache`` appear only when set: QEMU's defaults are off.
+        """
+        opts: dict[str, Any] = {
             "driver": self.fmt,
             "node-name": self.node,
-            "read-only": self.read_only,
-            "cache": {"direct": self.cache_direct},
             "file": {"driver": "file", "filename": self.filename},
         }
+        if self.read_only:
+            opts["read-only"] = True
+        if self.cache_direct:
+            opts["cache"] = {"direct": True}
+        return opts
 
     def argv(self) -> tuple[str, ...]:
         """The command-line words: ``-drive``/``-blockdev``, then ``-device`` if any."""

@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from testbed.compare.ops import OpContext
+from testbed.compare.ops.hotplug import add_args
 from testbed.compare.scenarios import attach_args
 from testbed.errors import CommandLineError
 from testbed.guest.disk import Disk
@@ -64,22 +66,36 @@ def test_an_empty_cdrom_drive() -> None:
     assert args[2] == "if=none,id=cd0,media=cdrom"
 
 
-def test_blockdev_options_are_what_model_open_passed() -> None:
+@pytest.mark.parametrize(
+    ("read_only", "cache_direct", "extra"),
+    [
+        (False, False, {}),
+        (True, False, {"read-only": True}),
+        (False, True, {"cache": {"direct": True}}),
+        (True, True, {"read-only": True, "cache": {"direct": True}}),
+    ],
+)
+def test_blockdev_options_are_what_the_hotplug_scenarios_add(
+    read_only: bool, cache_direct: bool, extra: dict[str, object]
+) -> None:
     a = Attach(
-        filename="/i/d.qcow2",
-        fmt="qcow2",
+        filename="$IMAGE",
+        fmt="$FORMAT",
         kind=AttachKind.BLOCKDEV,
-        read_only=True,
-        cache_direct=False,
+        read_only=read_only,
+        cache_direct=cache_direct,
     )
-    assert a.blockdev_options() == {
-        "driver": "qcow2",
+    want = {
+        "driver": "$FORMAT",
         "node-name": "drive0",
-        "read-only": True,
-        "cache": {"direct": False},
-        "file": {"driver": "file", "filename": "/i/d.qcow2"},
+        "file": {"driver": "file", "filename": "$IMAGE"},
+        **extra,
     }
-    assert a.argv() == ("-blockdev", json.dumps(a.blockdev_options()))
+    assert a.blockdev_options() == want
+    assert list(a.blockdev_options()) == list(want)
+    ctx = OpContext(attach="hotplug", read_only=read_only, cache_direct=cache_direct)
+    assert add_args(ctx) == want
+    assert a.argv() == ("-blockdev", json.dumps(want))
 
 
 @pytest.mark.parametrize(
