@@ -37,6 +37,7 @@ were parsed, for the report.
 from __future__ import annotations
 
 import contextlib
+import enum
 import json
 import os
 import subprocess
@@ -67,6 +68,17 @@ _CREATING = {
 }
 
 
+class Direct(enum.StrEnum):
+    """Which O_DIRECT members a file's fd set gets (QEMU >= 9.1 matches that bit too)."""
+
+    #: none: the access modes only
+    NONE = ""
+    #: each access mode with O_DIRECT instead (``cache.direct=on`` from the start)
+    ONLY = "only"
+    #: each access mode with and without O_DIRECT (a reopen turns it on)
+    ALSO = "also"
+
+
 @dataclass(kw_only=True)
 class Member:
     """One file libvirt passes: its fd set and the access modes it pre-opens."""
@@ -75,9 +87,8 @@ class Member:
     fdset: int
     rdwr: bool = False
     directory: bool = False
-    #: O_DIRECT members (QEMU >= 9.1 matches that bit too: see matches_o_direct):
-    #: "" none, "only" each access mode with O_DIRECT instead, "also" with and without.
-    direct: str = ""
+    #: O_DIRECT members (see matches_o_direct).
+    direct: Direct = Direct.NONE
     #: Named only by a step: passed with QMP add-fd after launch.
     late: bool = True
     why: list[str] = field(default_factory=list)
@@ -107,7 +118,7 @@ class Libvirt:
         sc = setup.scenario
         self.writable = sc.grant is not Grant.RO
         self.commit = any(s.kind is StepKind.QMP and s.command == "block-commit" for s in sc.steps)
-        self.direct = asks_direct(sc) if matches_o_direct(setup.binaries.version) else ""
+        self.direct = asks_direct(sc) if matches_o_direct(setup.binaries.version) else Direct.NONE
 
     # -- files ------------------------------------------------------------------------
 
@@ -129,7 +140,7 @@ class Libvirt:
         if m is None:
             m = Member(path=key, fdset=FIRST_SET + len(self.members), late=late)
             m.directory = os.path.isdir(key)
-            m.direct = "" if m.directory else self.direct
+            m.direct = Direct.NONE if m.directory else self.direct
             self.members[key] = m
         m.late = m.late and late
         if rdwr and self.writable and not m.directory:
@@ -426,8 +437,10 @@ class Libvirt:
 #: O_DIRECT on the dup with fcntl.
 O_DIRECT_MATCHED_FROM = (9, 1)
 _DIRECT_TEXT = {
-    "only": "[each with O_DIRECT: cache.direct=on, QEMU >= 9.1 matches it]",
-    "also": "[each also with O_DIRECT: a reopen turns cache.direct on, QEMU >= 9.1 matches it]",
+    Direct.ONLY: "[each with O_DIRECT: cache.direct=on, QEMU >= 9.1 matches it]",
+    Direct.ALSO: (
+        "[each also with O_DIRECT: a reopen turns cache.direct on, QEMU >= 9.1 matches it]"
+    ),
 }
 
 
@@ -440,8 +453,8 @@ def matches_o_direct(version: str) -> bool:
     return parts >= O_DIRECT_MATCHED_FROM
 
 
-def asks_direct(scenario: Scenario) -> str:
-    """Which O_DIRECT members the scenario needs: "only", "also" or "" (none).
+def asks_direct(scenario: Scenario) -> Direct:
+    """Which O_DIRECT members the scenario needs.
 
     An image attached or added with ``cache.direct=on`` is only ever opened
     with O_DIRECT ("only"); a ``blockdev-reopen`` that turns it on (and off
@@ -454,16 +467,16 @@ def asks_direct(scenario: Scenario) -> str:
         for s in scenario.steps
     )
     if reopens:
-        return "also"
+        return Direct.ALSO
     if any("cache.direct=on" in a for a in scenario.args):
-        return "only"
+        return Direct.ONLY
     added = any(
         s.kind is StepKind.QMP
         and s.command in _TREE_COMMANDS
         and _on((s.arguments.get("cache") or {}).get("direct"))
         for s in scenario.steps
     )
-    return "only" if added else ""
+    return Direct.ONLY if added else Direct.NONE
 
 
 def _on(value: Any) -> bool:
@@ -510,7 +523,7 @@ def _open_member(m: Member, *, inheritable: bool) -> list[int]:
     else:
         modes = [os.O_RDONLY, os.O_RDWR] if m.rdwr else [os.O_RDONLY]
         direct = [mode | os.O_DIRECT for mode in modes]
-        modes = {"": modes, "only": direct, "also": [*modes, *direct]}[m.direct]
+        modes = {Direct.NONE: modes, Direct.ONLY: direct, Direct.ALSO: [*modes, *direct]}[m.direct]
     fds = []
     for flags in modes:
         fd = os.open(m.path, flags | (0 if inheritable else os.O_CLOEXEC))
