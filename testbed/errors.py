@@ -25,8 +25,9 @@
      |    +-- LaunchError              QEMU did not start: command line, exit code, log
      |    +-- QMPCommandError          QEMU answered a QMP command with an error
      |    +-- QEMUUsageError (also ValueError)  the wrapper was called with impossible arguments
+     +-- CommandLineError (also ValueError)  a QEMU command line cannot be built from its config
      +-- GuestError                    the guest did not do what a step expected
-     +-- GuestUsageError (also ValueError)  guest boot options or a disk layout that cannot work
+     +-- GuestUsageError (also ValueError)  guest options or a session's use that cannot work
      +-- VerifyError                   synced guest records are missing or corrupt on the host
      +-- LibvirtError                  libvirt, virsh or a domain's broker failed
      +-- ScenarioFileError             a user's scenario file is malformed: file, line, key
@@ -226,6 +227,12 @@ class QEMUError(TestbedError):
     """A QEMU process misbehaved."""
 
 
+class CommandLineError(TestbedError, ValueError):
+    """A :class:`~testbed.qemu.commandline.MachineConfig` or image attachment that no
+    QEMU command line can express (a bad accelerator, a hidden firmware directory,
+    a ``-blockdev`` without its driver)."""
+
+
 class LaunchError(QEMUError):
     """QEMU did not come up. Holds the command line, the exit code and the log."""
 
@@ -274,7 +281,9 @@ class GuestError(TestbedError):
 
 
 class GuestUsageError(TestbedError, ValueError):
-    """Guest boot options that do not go together, or a disk layout or record that cannot be.
+    """Guest boot options that do not go together, a disk layout or record that cannot be,
+    or a :class:`~testbed.guest.session.Session` configured or called in a way it cannot
+    work (``supervise`` with the hook, a broker kill without a broker process).
 
     Raised before anything boots, so ``testbed boot`` reports it as a usage error.
     """

@@ -9,16 +9,21 @@ guest-visible disk.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import errno
 import hashlib
 import json
 import os
 import sys
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from testbed.block.layer import BlockLayer
 from testbed.errors import BlockError, TestbedError
+from testbed.qemu.commandline import Attach, AttachKind
+
+if TYPE_CHECKING:
+    from testbed.broker import AuditRecord, Policy
 
 #: How much the disk hash reads at a time.
 CHUNK = 4 << 20
@@ -31,6 +36,9 @@ class OpenResult:
     sha256: str
     virtual_size: int
     format: str
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
 
 
 def register(subparsers: Any) -> None:
@@ -102,7 +110,7 @@ def run_open(args: argparse.Namespace) -> int:
         print(f"testbed model open: {args.image}: {err}", file=sys.stderr)
         return 1
     if args.json:
-        print(json.dumps(result.__dict__, indent=2))
+        print(json.dumps(result.to_json(), indent=2))
         return 0
     for ev in result.trace:
         code = -ev["result"]
@@ -128,44 +136,29 @@ def open_image(
 ) -> OpenResult:
     """Open ``image`` with the model through a fresh in-process broker; hash the disk.
 
-    Longer than 60 lines on purpose: the broker, the layer and the hash share one ``with``
-    block, whose end is when the trace is complete.
+    The broker, the layer and the hash share one ``with`` block, whose end
+    is when the trace is complete.
     """
-    from testbed.broker import Policy, serve_socketpair
+    from testbed.broker import serve_socketpair
     from testbed.transport import HookClient
 
-    if image.startswith("fat:"):
-        directory = image.rsplit(":", 1)[-1]
-    else:
-        directory = os.path.dirname(os.path.abspath(image))
-    if policy_file:
-        policy = Policy.from_toml(policy_file)
-    else:
-        grant = [directory]
-        if snapshot:
-            grant.append(os.path.dirname(os.path.abspath(snapshot)))
-        policy = Policy.from_grants(rw=grant, create=grant)
-    broker, theirs = serve_socketpair(policy)
+    if how == "blockdev" and fmt is None:
+        raise BlockError("-blockdev names its driver: give --format")
+    attach = Attach(
+        filename=image,
+        fmt=fmt,
+        node=DRIVE,
+        kind=AttachKind(how),
+        read_only=read_only,
+        cache_direct=cache_direct,
+        # -drive comes with a device (it takes write permission)
+        device="virtio-blk-pci" if how == "drive" else None,
+    )
+    broker, theirs = serve_socketpair(_policy(image, snapshot, policy_file))
     with broker, HookClient(theirs) as client:
         layer = BlockLayer(client)
         try:
-            if how == "blockdev":
-                if fmt is None:
-                    raise BlockError("-blockdev names its driver: give --format")
-                layer.blockdev_add(
-                    {
-                        "driver": fmt,
-                        "node-name": DRIVE,
-                        "read-only": read_only,
-                        "cache": {"direct": cache_direct},
-                        "file": {"driver": "file", "filename": image},
-                    }
-                )
-            else:
-                layer.drive_add(
-                    file=image, format=fmt, id=DRIVE, read_only=read_only, cache_direct=cache_direct
-                )
-                layer.attach_device(DRIVE)
+            layer.attach(attach)
             if snapshot:
                 layer.blockdev_snapshot_sync(DRIVE, snapshot, "qcow2", "absolute-paths")
             top = layer.top(DRIVE)
@@ -177,8 +170,28 @@ def open_image(
             layer.quit()
     # Every answer is recorded before it is sent (an unaudited open is not
     # allowed), so once the layer has quit the records are the whole trace.
-    records = broker.records
-    trace = [
+    return OpenResult(trace=_trace(broker.records), sha256=digest, virtual_size=size, format=driver)
+
+
+def _policy(image: str, snapshot: str | None, policy_file: str | None) -> Policy:
+    """``--policy``'s, or read-write and create in the image's (and snapshot's) directory."""
+    from testbed.broker import Policy
+
+    if policy_file:
+        return Policy.from_toml(policy_file)
+    if image.startswith("fat:"):
+        directory = image.rsplit(":", 1)[-1]
+    else:
+        directory = os.path.dirname(os.path.abspath(image))
+    grant = [directory]
+    if snapshot:
+        grant.append(os.path.dirname(os.path.abspath(snapshot)))
+    return Policy.from_grants(rw=grant, create=grant)
+
+
+def _trace(records: list[AuditRecord]) -> list[dict[str, Any]]:
+    """The broker's records as ``--json`` prints them."""
+    return [
         {
             "path": r.path,
             "flags": r.flags,
@@ -188,7 +201,6 @@ def open_image(
         }
         for r in records
     ]
-    return OpenResult(trace=trace, sha256=digest, virtual_size=size, format=driver)
 
 
 def _hash_disk(layer: BlockLayer, size: int, progress: bool) -> str:

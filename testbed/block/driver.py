@@ -21,6 +21,7 @@ from __future__ import annotations
 import os
 from abc import ABC, abstractmethod
 from collections.abc import Callable
+from dataclasses import dataclass
 from enum import StrEnum
 from typing import ClassVar, Protocol
 
@@ -46,6 +47,25 @@ class ChildRole(StrEnum):
     #: Written only when the parent's own users write (raw's ``file``, flat
     #: extents, a qcow2 data file): guest data only.
     DATA = "data"
+
+
+@dataclass(frozen=True, kw_only=True)
+class ChildSpec:
+    """A child a format node opens besides ``file`` (a vmdk extent, a qcow2 data file).
+
+    The driver declares its kinds of child in :attr:`FormatDriver.children`
+    and names one with every :meth:`OpenContext.open_file`; the core needs
+    no format names to open it.  ``role`` decides when the child is opened
+    for writing; ``relative_to_parent`` resolves a relative name against the
+    parent's file (vmdk's extents), otherwise the name is used as stored
+    (QEMU 7.2's qcow2 hands its data file name to ``bdrv_open_child``
+    unresolved, so it is relative to QEMU's working directory; strace shows it).
+    """
+
+    #: The child's name in QEMU (``"extent"``, ``"data-file"``).
+    name: str
+    role: ChildRole
+    relative_to_parent: bool
 
 
 class BlockFile(Protocol):
@@ -77,15 +97,12 @@ class OpenContext(Protocol):
         """Whether the format node is being opened read-only."""
         ...
 
-    def open_file(self, filename: str, *, role: str, relative_to: BlockFile) -> BlockFile:
-        """Open another file as a child of this node, through ``qemu_open``.
+    def open_file(self, filename: str, *, child: ChildSpec, relative_to: BlockFile) -> BlockFile:
+        """Open another file as a ``child`` of this node, through ``qemu_open``.
 
-        ``role`` names the child (``"extent"``, ``"data-file"``).  A relative
-        extent name is resolved against ``relative_to``'s directory, as vmdk
-        does; a ``"data-file"`` name is used as stored, because QEMU 7.2's
-        qcow2 hands it to ``bdrv_open_child`` unresolved, so it is relative to
-        QEMU's working directory (checked with strace).
-        Raises ``OSError`` with the broker's errno when the open is refused.
+        A relative name is resolved against ``relative_to``'s directory when
+        ``child.relative_to_parent`` says so.  Raises ``OSError`` with the
+        broker's errno when the open is refused.
         """
         ...
 
@@ -119,8 +136,15 @@ class FormatDriver(ABC):
     name: ClassVar[str]
     #: The role of the node's ``file`` child: what the core opens it for.
     file_role: ClassVar[ChildRole] = ChildRole.METADATA
+    #: The further children the driver may open through ``ctx.open_file``.
+    children: ClassVar[tuple[ChildSpec, ...]] = ()
     #: Whether :meth:`create` can format an overlay (external snapshots).
     creates_overlays: ClassVar[bool] = False
+    #: Whether the model creates a job's target (drive-mirror, drive-backup) in it.
+    creates_targets: ClassVar[bool] = False
+    #: Whether an image is just its protocol file's bytes (raw): a new one is
+    #: the file made at full size, with nothing to format after it.
+    bare: ClassVar[bool] = False
 
     @classmethod
     @abstractmethod
@@ -133,10 +157,18 @@ class FormatDriver(ABC):
         """Parse the image behind ``file``; open extra files through ``ctx``."""
 
     @classmethod
-    def create(cls, file: BlockFile, *, size: int, backing_file: str, backing_format: str) -> None:
+    def create(
+        cls,
+        file: BlockFile,
+        *,
+        size: int,
+        backing_file: str | None,
+        backing_format: str | None,
+    ) -> None:
         """Format the empty ``file`` as an overlay of ``backing_file`` (``bdrv_img_create``).
 
-        Only drivers with :attr:`creates_overlays` implement it.
+        Only drivers with :attr:`creates_overlays` (or :attr:`creates_targets`
+        and not :attr:`bare`) implement it; ``backing_file`` None: no backing.
         """
         raise BlockError(f"the model does not create {cls.name} images")
 
@@ -217,11 +249,11 @@ class LocalOpenContext:
     def read_only(self) -> bool:
         return self._read_only
 
-    def open_file(self, filename: str, *, role: str, relative_to: BlockFile) -> BlockFile:
-        if not os.path.isabs(filename) and role != "data-file":
+    def open_file(self, filename: str, *, child: ChildSpec, relative_to: BlockFile) -> BlockFile:
+        if not os.path.isabs(filename) and child.relative_to_parent:
             filename = os.path.join(os.path.dirname(relative_to.filename), filename)
         fd = os.open(filename, (os.O_RDONLY if self._read_only else os.O_RDWR) | os.O_CLOEXEC)
-        self.opened.append((role, filename))
+        self.opened.append((child.name, filename))
         self.fds.append(fd)
         return FdFile(fd, filename)
 

@@ -123,14 +123,14 @@ class JobManager:
     def _held(self) -> list[FormatNode]:
         return [n for j in self.jobs.values() for n in (j.target, j.base, j.top) if n is not None]
 
-    def _new(self, job_id: str | None, type: JobType, device: str) -> Job:
+    def _new(self, job_id: str | None, job_type: JobType, device: str) -> Job:
         drive = self.layer.drive_or_node(device)
         name = job_id or device
         if name in self.jobs:
             raise BlockError(f"Job ID '{name}' already in use")
         if any(j.drive is drive for j in self.jobs.values()):
             raise BlockError(f"Node '{device}' is busy: block device is in use by block job")
-        job = Job(id=name, type=type, drive=drive)
+        job = Job(id=name, type=job_type, drive=drive)
         self.jobs[name] = job
         job.move(self.layer, JobStatus.RUNNING)
         return job
@@ -214,7 +214,7 @@ class JobManager:
         job_id: str | None = None,
         target: str,
         sync: str,
-        format: str | None = None,
+        fmt: str | None = None,
         mode: str = "absolute-paths",
         node_target: bool = False,
     ) -> Job:
@@ -223,7 +223,7 @@ class JobManager:
         target_node = (
             self.layer.drive_or_node(target).top
             if node_target
-            else self._open_target(drive, target, format, how, mode)
+            else self._open_target(drive, target, fmt, how, mode)
         )
         job = self._new(job_id, JobType.MIRROR, device)
         job.top, job.target, job.sync, job.pivots = drive.top, target_node, how, True
@@ -239,7 +239,7 @@ class JobManager:
         job_id: str | None = None,
         target: str,
         sync: str,
-        format: str | None = None,
+        fmt: str | None = None,
         mode: str = "absolute-paths",
         node_target: bool = False,
     ) -> Job:
@@ -249,9 +249,7 @@ class JobManager:
         target_node = (
             self.layer.drive_or_node(target).top
             if node_target
-            else self._open_target(
-                drive, target, format, how, mode, with_backing=how is not Sync.NONE
-            )
+            else self._open_target(drive, target, fmt, how, mode, with_backing=how is not Sync.NONE)
         )
         job = self._new(job_id, JobType.BACKUP, device)
         job.top, job.target, job.sync = drive.top, target_node, how
@@ -472,12 +470,14 @@ def create_image_file(
     and its chain read-only once to check it, between its own protocol
     probe and ``bdrv_create_file``'s.
     """
+    from testbed.block import formats
     from testbed.block.driver import FdFile
-    from testbed.block.formats.qcow2 import create_image
     from testbed.block.layer import OpenOptions
 
-    if fmt not in ("qcow2", "raw"):
-        raise BlockError(f"the model creates qcow2 and raw targets only, not {fmt!r}")
+    creators = sorted(n for n, d in formats.all_drivers().items() if d.creates_targets)
+    if fmt not in creators:
+        raise BlockError(f"the model creates {' and '.join(creators)} targets only, not {fmt!r}")
+    driver = formats.get_driver(fmt)
     opener = layer.opener
     # bdrv_img_create and bdrv_create_file each call bdrv_find_protocol.
     opener.probe(path)
@@ -490,15 +490,15 @@ def create_image_file(
     opener.probe(path)
     fd = opener.qemu_create(path, os.O_RDWR, 0o644)
     try:
-        os.ftruncate(fd, 0 if fmt == "qcow2" else size)
+        os.ftruncate(fd, size if driver.bare else 0)
     finally:
         os.close(fd)
-    if fmt == "raw":
+    if driver.bare:
         return
     opener.probe(path)
     fd = opener.qemu_open(path, os.O_RDWR)
     try:
-        create_image(
+        driver.create(
             FdFile(fd, path),
             size=size,
             backing_file=backing.filename if backing is not None else None,

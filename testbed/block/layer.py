@@ -74,16 +74,22 @@ from dataclasses import dataclass
 from typing import Any
 
 from testbed.block import formats
-from testbed.block.driver import BlockFile, ChildRole, FdFile, FormatDriver, FormatImage
+from testbed.block.driver import (
+    BlockFile,
+    ChildRole,
+    ChildSpec,
+    FdFile,
+    FormatDriver,
+    FormatImage,
+)
 from testbed.block.nodes import Child, FileNode, FormatNode, ProtocolNode, VVFatNode
 from testbed.block.opener import HookLike, Opener, OpenEvent
 from testbed.block.paths import path_combine
 from testbed.errors import BlockError, BlockUsageError
+from testbed.qemu.commandline import Attach, AttachKind
 
 #: How much of an image ``find_image_format`` reads for probing.
 PROBE_BYTES = 2048
-#: vmdk sparse extents start with one of these (a metadata child in QEMU).
-_SPARSE_MAGICS = (b"KDMV", b"COWD")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -107,28 +113,28 @@ class Drive:
 class _ChildOpener:
     """The :class:`OpenContext` a format driver gets while its node opens."""
 
-    def __init__(self, layer: BlockLayer, opts: OpenOptions) -> None:
+    def __init__(self, layer: BlockLayer, opts: OpenOptions, driver: type[FormatDriver]) -> None:
         self._layer = layer
         self._opts = opts
+        self._driver = driver
         self.children: list[Child] = []
 
     @property
     def read_only(self) -> bool:
         return self._opts.read_only
 
-    def open_file(self, filename: str, *, role: str, relative_to: BlockFile) -> BlockFile:
-        # qcow2_do_open hands the data file name to bdrv_open_child as it is
-        # stored: relative to QEMU's working directory, not to the image
-        # (strace of QEMU 7.2 shows it); vmdk resolves extents itself.
-        path = filename if role == "data-file" else path_combine(relative_to.filename, filename)
-        node = self._layer._open_protocol(path, probe=True, opts=self._opts)
-        self.children.append(Child(node=node, role="data", name=role))
-        child = self.children[-1]
-        if role == "extent" and node.pread(0, 4) in _SPARSE_MAGICS:
-            child.role = "metadata"
+    def open_file(self, filename: str, *, child: ChildSpec, relative_to: BlockFile) -> BlockFile:
+        if child not in self._driver.children:
+            raise BlockUsageError(
+                f"the {self._driver.name} driver opened a {child.name!r} child it does not declare"
+            )
+        if child.relative_to_parent:
+            filename = path_combine(relative_to.filename, filename)
+        node = self._layer._open_protocol(filename, probe=True, opts=self._opts)
+        self.children.append(Child(node=node, role=child.role, name=child.name))
         # bdrv_open_child attaches at once: a metadata child of a writable
         # node goes read-write before the next file is opened.
-        node.set_write(child.role == "metadata" and not self._opts.read_only)
+        node.set_write(child.role is ChildRole.METADATA and not self._opts.read_only)
         return node
 
 
@@ -166,18 +172,41 @@ class BlockLayer:
         """Every open request so far, as the broker saw it."""
         return self.opener.trace
 
+    def attach(self, attach: Attach, *, tmpdir: str | None = None) -> FormatNode:
+        """The image ``attach`` describes, as QEMU's command line attaches it.
+
+        ``-drive`` (:meth:`drive_add`) or ``-blockdev`` (:meth:`blockdev_add`),
+        then its ``-device``, if any; a cdrom goes to the caller's trays
+        (:mod:`testbed.block.media`), not here.  ``tmpdir`` is where
+        ``snapshot`` puts its temporary overlay.
+        """
+        if attach.cdrom:
+            raise BlockUsageError(f"drive {attach.node!r} is a cdrom: attach it through Media")
+        if attach.kind is AttachKind.BLOCKDEV:
+            top = self.blockdev_add(attach.blockdev_options())
+        else:
+            top = self.drive_add(
+                filename=attach.filename,
+                fmt=attach.fmt,
+                drive_id=attach.node,
+                read_only=attach.effective_read_only,
+                cache_direct=attach.cache_direct,
+                snapshot=attach.snapshot,
+                tmpdir=tmpdir,
+            )
+        if attach.device is not None:
+            self.attach_device(attach.node)
+        return top
+
     def drive_add(
         self,
-        file: str | None = None,
-        format: str | None = None,
         *,
-        filename: str | None = None,
+        filename: str,
         fmt: str | None = None,
+        drive_id: str = "drive0",
         if_none: bool = True,
         read_only: bool = False,
         cache_direct: bool = False,
-        id: str | None = None,
-        drive_id: str | None = None,
         snapshot: bool = False,
         tmpdir: str | None = None,
     ) -> FormatNode:
@@ -188,12 +217,11 @@ class BlockLayer:
         image read-only under a temporary qcow2 overlay in ``tmpdir``
         (:mod:`testbed.block.tempsnap`).
         """
-        path = file if file is not None else filename
+        path = filename
         if not path:
             raise BlockError("drive_add: no file name given")
-        name = id or drive_id or "drive0"
+        name = drive_id
         self._check_new_id(name)
-        fmt = format or fmt
         probe = True
         if path.startswith("json:"):
             from testbed.block.options import json_filename
@@ -340,11 +368,9 @@ class BlockLayer:
         self,
         device: str | None = None,
         snapshot_file: str | None = None,
-        format: str | None = None,
-        mode: str | None = None,
+        fmt: str = "qcow2",
+        mode: str = "absolute-paths",
         *,
-        fmt: str | None = None,
-        existing: bool | None = None,
         node_name: str | None = None,
         snapshot_node_name: str | None = None,
     ) -> FormatNode:
@@ -352,9 +378,6 @@ class BlockLayer:
         target = device or node_name
         if not target or not snapshot_file:
             raise BlockError("blockdev-snapshot-sync needs a device (or node-name) and a file")
-        fmt = format or fmt or "qcow2"
-        if mode is None:
-            mode = "existing" if existing else "absolute-paths"
         if mode not in ("absolute-paths", "existing"):
             raise BlockError(f"snapshot mode {mode!r} is not absolute-paths or existing")
         drive = self._drive(target)
@@ -391,14 +414,12 @@ class BlockLayer:
         self,
         device: str,
         snapshot_file: str | None = None,
-        format: str = "qcow2",
-        *,
-        fmt: str | None = None,
+        fmt: str = "qcow2",
     ) -> FormatNode:
         """HMP ``snapshot_blkdev DEVICE FILE [FORMAT]``: blockdev-snapshot-sync, absolute-paths."""
         if not snapshot_file:
             raise BlockError("snapshot_blkdev: a snapshot file name is required")
-        return self.blockdev_snapshot_sync(device, snapshot_file, fmt or format, "absolute-paths")
+        return self.blockdev_snapshot_sync(device, snapshot_file, fmt, "absolute-paths")
 
     def _drop_left_read_write(self, top: FormatNode) -> None:
         """Quit on QEMU 10.0 after a sync=none mirror: the chain drops to read-only
@@ -493,12 +514,12 @@ class BlockLayer:
             if fmt is None:
                 fmt = self._probe_format(file)
             elif fmt == "file":
-                fmt = "raw"  # a bare protocol node: the same bytes, no format
+                fmt = formats.BYTES_FORMAT  # a bare protocol node: the same bytes, no format
             driver = _driver(fmt)
             role = driver.file_role
             if owned:
                 file.set_write(role == ChildRole.METADATA and not opts.read_only)
-            ctx = _ChildOpener(self, opts)
+            ctx = _ChildOpener(self, opts, driver)
             try:
                 image: FormatImage = driver.open(file, ctx)
             except BaseException:
@@ -544,7 +565,7 @@ class BlockLayer:
     def _probe_format(self, file: ProtocolNode) -> str:
         """``find_image_format`` + ``bdrv_probe_all``: the highest score wins, first on ties."""
         if file.size() == 0:
-            return "raw"
+            return formats.BYTES_FORMAT
         buf = file.pread(0, PROBE_BYTES)
         best, best_score = None, 0
         for name, driver in formats.all_drivers().items():
@@ -604,7 +625,7 @@ class BlockLayer:
                 FdFile(fd, path),
                 size=old.virtual_size,
                 backing_file=old.filename,
-                backing_format=old.driver if old.driver != "file" else "raw",
+                backing_format=old.driver if old.driver != "file" else formats.BYTES_FORMAT,
             )
         finally:
             os.close(fd)

@@ -16,6 +16,7 @@ finds them (the timeout only matters for a real QEMU).
 
 from __future__ import annotations
 
+import dataclasses
 import shlex
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -24,9 +25,10 @@ from testbed.block.jobs import JobManager
 from testbed.block.layer import BlockLayer
 from testbed.block.media import Media
 from testbed.block.opener import HookLike
-from testbed.block.options import flag, parse_blockdev_arg, parse_keyval
+from testbed.block.options import parse_blockdev_arg, parse_keyval
 from testbed.block.reopen import blockdev_reopen
-from testbed.errors import BlockError, WaitTimeout
+from testbed.errors import BlockError, CommandLineError, WaitTimeout
+from testbed.qemu.commandline import parse_drive
 
 #: Devices that take write permission on their drive.
 WRITING_DEVICES = frozenset({"virtio-blk-pci", "virtio-blk", "ide-hd", "scsi-hd", "floppy"})
@@ -77,26 +79,16 @@ class ModelMachine:
             i += 1  # -S, -machine and the rest do not open images
 
     def _drive(self, text: str, snapshot_all: bool) -> None:
-        opts = parse_keyval(text, implied="file")
-        drive_id = opts.get("id", "drive0")
-        fmt = opts.get("format")
-        file = opts.get("file")
-        if opts.get("media") == "cdrom":
-            self.media.add_drive(drive_id, file or None, fmt)
+        try:
+            attach = parse_drive(text)
+        except CommandLineError as err:
+            raise BlockError(str(err)) from err
+        if attach.cdrom:
+            self.media.add_drive(attach.node, attach.filename or None, attach.fmt)
             return
-        if not isinstance(file, str):
-            raise BlockError(f"-drive {text}: only file=NAME is modelled")
-        cache = opts.get("cache")
-        direct = cache.get("direct", "off") if isinstance(cache, dict) else "off"
-        self.layer.drive_add(
-            file,
-            fmt,
-            drive_id=drive_id,
-            read_only=flag(opts.get("read-only", "off"), what="read-only"),
-            cache_direct=flag(direct, what="cache.direct"),
-            snapshot=snapshot_all or flag(opts.get("snapshot", "off"), what="snapshot"),
-            tmpdir=self.tmpdir,
-        )
+        if snapshot_all:
+            attach = dataclasses.replace(attach, snapshot=True)
+        self.layer.attach(attach, tmpdir=self.tmpdir)
 
     def _device(self, text: str) -> None:
         opts = parse_keyval(text, implied="driver")
@@ -200,7 +192,7 @@ def _snapshot_sync(m: ModelMachine, a: dict[str, Any]) -> None:
         a.get("device"),
         _str(a, "snapshot-file"),
         a.get("format", "qcow2"),
-        a.get("mode"),
+        a.get("mode", "absolute-paths"),
         node_name=a.get("node-name"),
         snapshot_node_name=a.get("snapshot-node-name"),
     )
@@ -227,7 +219,7 @@ def _mirror(node_target: bool) -> Handler:
             job_id=_job_id(a),
             target=_str(a, "target"),
             sync=_str(a, "sync"),
-            format=a.get("format"),
+            fmt=a.get("format"),
             mode=a.get("mode", "absolute-paths"),
             node_target=node_target,
         )
@@ -242,7 +234,7 @@ def _backup(node_target: bool) -> Handler:
             job_id=_job_id(a),
             target=_str(a, "target"),
             sync=_str(a, "sync"),
-            format=a.get("format"),
+            fmt=a.get("format"),
             mode=a.get("mode", "absolute-paths"),
             node_target=node_target,
         )

@@ -179,9 +179,7 @@ class Child:
     """An edge from a format node to a protocol node, with QEMU's role."""
 
     node: ProtocolNode
-    #: A :class:`~testbed.block.driver.ChildRole` (a ``str``: ``_ChildOpener``
-    #: still sets it from strings).
-    role: str
+    role: ChildRole
     name: str
     #: False for a node reference (``"file": "node-name"``): the child belongs
     #: to another named node and is not closed with this one.

@@ -76,7 +76,8 @@ class OpenEvent:
     result: int
     flag_names: tuple[str, ...] = field(default=())
 
-    def to_dict(self) -> dict[str, object]:
+    def to_json(self) -> dict[str, object]:
+        """The event as a JSON object (``testbed model open --json``'s trace entries)."""
         return {
             "path": self.path,
             "flags": self.flags,

@@ -7,6 +7,8 @@ pattern, write records, take snapshots, kill the broker, shut down, verify.
 
 from __future__ import annotations
 
+import dataclasses
+import enum
 import logging
 import secrets
 import signal
@@ -21,7 +23,7 @@ import pexpect
 from pexpect.fdpexpect import fdspawn
 
 from testbed.broker import AuditRecord, Broker, Policy, read_audit
-from testbed.errors import GuestError, QEMUError
+from testbed.errors import GuestError, GuestUsageError, QEMUError
 from testbed.guest.artifacts import find_guest, guest_qemu
 from testbed.guest.console import PROMPT, Console, StepResult
 from testbed.guest.disk import Disk, make_disk
@@ -37,6 +39,7 @@ from testbed.guest.records import (
 )
 from testbed.guest.sandbox import Sandbox, landlock_only, qemu_prefix
 from testbed.qemu import MachineConfig
+from testbed.qemu.commandline import Attach
 from testbed.supervise.machine import supervised_config
 
 log = logging.getLogger(__name__)
@@ -44,6 +47,23 @@ log = logging.getLogger(__name__)
 SYNCED = r"SYNCED (\d+)\r?\n"
 DRIVE_ID = "disk0"
 KERNEL_ARGS = "console=ttyS0 panic=-1 loglevel=4"
+
+
+class Phase(enum.StrEnum):
+    """Where a :class:`Session` is: before :meth:`Session.start`, booting, at the shell."""
+
+    NEW = "new"
+    STARTING = "starting"
+    BOOTED = "booted"
+
+
+@dataclass(frozen=True, kw_only=True)
+class Writer:
+    """A ``tb write`` the guest runs: its last record, when it started, whether it ended."""
+
+    last: int
+    started: float
+    done: bool = False
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -99,8 +119,9 @@ class Session:
         #: block jobs run so far (testbed.guest.jobrun appends)
         self.jobs: list[JobRun] = []
         self.next_seq = 0
-        self.writer_done = True
-        self.booted = False
+        #: the ``tb write`` started last (None: none yet, or finished)
+        self.writer: Writer | None = None
+        self.phase = Phase.NEW
         self.accel_used: str | None = None
         self.report: ChainReport | None = None
 
@@ -109,48 +130,19 @@ class Session:
     def start(self) -> Session:
         """Make the disk, start the broker and QEMU, wait for the guest's shell."""
         cfg = self.config
+        self._check_config()
         cfg.workdir.mkdir(parents=True, exist_ok=True)
+        self.phase = Phase.STARTING
         self.disk = make_disk(self.image_dir, cfg.fmt, run=self.run, layout=cfg.layout)
         guest = find_guest(cfg.guest_dir)
-        if cfg.supervise and cfg.hook:
-            raise ValueError("supervise serves a stock QEMU's opens itself: use hook=False")
-        if cfg.supervise and cfg.sandbox is Sandbox.NAMESPACE:
-            raise ValueError("supervise confines with Landlock, not the mount namespace")
         binary = guest_qemu(hook=cfg.hook, qemu=cfg.qemu, version=cfg.qemu_version)
         # resolved: the supervisor's grants do not follow symlinks (build/guest is one)
         kernel, initrd = guest.kernel.resolve(), guest.initrd.resolve()
-        args = (
-            "-m", "256", "-no-reboot",
-            "-kernel", str(kernel), "-initrd", str(initrd),
-            "-append", KERNEL_ARGS,
-            "-drive", f"{self._drive()},if=none,id={DRIVE_ID}",
-            "-device", f"virtio-blk-pci,drive={DRIVE_ID}",
-        )  # fmt: skip
-        machine = MachineConfig(
-            binary=binary,
-            args=args,
-            machine="pc",
-            accel=cfg.accel,
-            hook=cfg.hook,
-            serial=True,
-            hide_dirs=(self.image_dir.resolve(),) if cfg.sandbox is Sandbox.NAMESPACE else (),
-            log_path=cfg.workdir / "qemu.log",
-            launch_timeout=cfg.step_timeout,
-            command_timeout=cfg.step_timeout,
-        )
+        machine = self._machine_config(binary, kernel, initrd)
         # what QEMU reads with plain open(): the guest files, a /usr-less build's prefix
         prefix = qemu_prefix(binary)
         read_only = (kernel.parent, initrd.parent, *((prefix,) if prefix else ()))
-        if cfg.supervise:
-            machine = supervised_config(
-                machine,
-                self._policy(read_only),
-                workdir=cfg.workdir,
-                landlock=cfg.sandbox is Sandbox.LANDLOCK,
-                audit=self.audit_path,
-            )
-        elif cfg.sandbox is Sandbox.LANDLOCK:
-            machine = landlock_only(machine, workdir=cfg.workdir, read_only=read_only)
+        machine = self._confined(machine, read_only)
         self.qemu = EventMachine(machine)
         if cfg.hook:
             self._start_broker(self.qemu)
@@ -162,21 +154,87 @@ class Session:
             cfg.sandbox,
             cfg.supervise,
         )
-        self.qemu.launch()
-        self.accel_used = self.qemu.accel_used
-        child = fdspawn(self.qemu.console_socket.fileno(), encoding="utf-8", codec_errors="replace")
+        self._boot(self.qemu)
+        self.phase = Phase.BOOTED
+        return self
+
+    def _check_config(self) -> None:
+        cfg = self.config
+        if cfg.supervise and cfg.hook:
+            raise GuestUsageError("supervise serves a stock QEMU's opens itself: use hook=False")
+        if cfg.supervise and cfg.sandbox is Sandbox.NAMESPACE:
+            raise GuestUsageError("supervise confines with Landlock, not the mount namespace")
+
+    def _machine_config(self, binary: Path, kernel: Path, initrd: Path) -> MachineConfig:
+        """The QEMU that boots the guest kernel from the disk (before any confinement)."""
+        cfg = self.config
+        args = (
+            "-m", "256", "-no-reboot",
+            "-kernel", str(kernel), "-initrd", str(initrd),
+            "-append", KERNEL_ARGS,
+            *self.attach().argv(),
+        )  # fmt: skip
+        return MachineConfig(
+            binary=binary,
+            args=args,
+            machine="pc",
+            accel=cfg.accel,
+            hook=cfg.hook,
+            serial=True,
+            hide_dirs=(self.image_dir.resolve(),) if cfg.sandbox is Sandbox.NAMESPACE else (),
+            log_path=cfg.workdir / "qemu.log",
+            launch_timeout=cfg.step_timeout,
+            command_timeout=cfg.step_timeout,
+        )
+
+    def _confined(self, machine: MachineConfig, read_only: tuple[Path, ...]) -> MachineConfig:
+        """``machine`` under the supervisor or Landlock, as the config asks.
+
+        ``read_only`` is what QEMU must still read with a plain ``open()``.
+        """
+        cfg = self.config
+        if cfg.supervise:
+            return supervised_config(
+                machine,
+                self._policy(read_only),
+                workdir=cfg.workdir,
+                landlock=cfg.sandbox is Sandbox.LANDLOCK,
+                audit=self.audit_path,
+            )
+        if cfg.sandbox is Sandbox.LANDLOCK:
+            return landlock_only(machine, workdir=cfg.workdir, read_only=read_only)
+        return machine
+
+    def _boot(self, vm: EventMachine) -> None:
+        """Launch QEMU and wait for the guest's ready line and shell prompt."""
+        cfg = self.config
+        vm.launch()
+        self.accel_used = vm.accel_used
+        child = fdspawn(vm.console_socket.fileno(), encoding="utf-8", codec_errors="replace")
         self.console = Console(child, self.console_log, on_step=self._on_step)
         self.console.expect("boot", r"TESTBED-GUEST: ready", timeout=cfg.boot_timeout)
         self.console.expect("shell", PROMPT, timeout=cfg.step_timeout, record=False)
-        self.booted = True
-        return self
 
-    def _drive(self) -> str:
+    def attach(self) -> Attach:
+        """How the disk is given to QEMU: ``-drive`` with a virtio-blk device."""
         assert self.disk is not None
         if self.disk.fmt == "vvfat":
-            # QEMU's fat: protocol is read-only unless asked for rw:
-            return f"file=fat:{self.disk.path},format=raw,readonly=on"
-        return f"file={self.disk.path},format={self.disk.fmt},cache=writeback"
+            # QEMU's fat: protocol is read-only unless asked for rw: (written in
+            # -drive's legacy spelling, as the boot always has)
+            return Attach(
+                filename=f"fat:{self.disk.path}",
+                fmt="raw",
+                node=DRIVE_ID,
+                drive_extra=(("readonly", "on"),),
+                device="virtio-blk-pci",
+            )
+        return Attach(
+            filename=str(self.disk.path),
+            fmt=self.disk.fmt,
+            node=DRIVE_ID,
+            cache="writeback",
+            device="virtio-blk-pci",
+        )
 
     def _policy_args(self) -> tuple[list[str], list[str], list[str]]:
         """ro, rw, create grants: the image directory, as the boot needs it."""
@@ -284,10 +342,8 @@ class Session:
         self.con.child.sendline(
             f"tb write {layout.record_start} {self.next_seq} {count} {self.run}"
         )
-        self._writer_end = self.next_seq + count - 1
-        self._writer_t0 = time.monotonic()
+        self.writer = Writer(last=self.next_seq + count - 1, started=time.monotonic())
         self.next_seq += count
-        self.writer_done = False
 
     def wait_synced(self, seq: int, *, timeout: float | None = None) -> None:
         """Wait until the guest reports record ``seq`` synced."""
@@ -319,26 +375,40 @@ class Session:
             if index == 2:
                 return
             if index == 1:
-                self.writer_done = True
+                assert self.writer is not None  # writer_done is False
+                self.writer = dataclasses.replace(self.writer, done=True)
                 return
             self.synced.append(int(self.con.child.match.group(1)))
 
     def finish_writer(self) -> int:
         """Wait for the writer to end; returns the number of records synced in all."""
-        if not self.writer_done:
-            self.wait_synced(self._writer_end)
+        writer = self.writer
+        if writer is None:
+            raise GuestError("write", "no writer is running (call start_writer() first)")
+        if not writer.done:
+            self.wait_synced(writer.last)
             self.con.expect(
                 "write", r"WRITER DONE (\d+)", timeout=self.config.step_timeout, record=False
             )
-            self.writer_done = True
+        self.writer = None
         self.note(
             "write",
             True,
-            time.monotonic() - self._writer_t0,
-            f"{len(self.synced)} records synced, last {self._writer_end}",
+            time.monotonic() - writer.started,
+            f"{len(self.synced)} records synced, last {writer.last}",
         )
         self.con.expect("write: prompt", PROMPT, timeout=self.config.step_timeout, record=False)
         return len(self.synced)
+
+    @property
+    def writer_done(self) -> bool:
+        """Whether no writer is left running (none started, or its end was seen)."""
+        return self.writer is None or self.writer.done
+
+    @property
+    def booted(self) -> bool:
+        """Whether :meth:`start` reached the guest's shell."""
+        return self.phase is Phase.BOOTED
 
     def snapshot(self, kind: str, name: str | None = None) -> SnapshotMark:
         """A live external snapshot, HMP ``snapshot_blkdev`` or QMP ``blockdev-snapshot-sync``.
@@ -362,7 +432,7 @@ class Session:
                     **{"snapshot-file": str(overlay), "format": "qcow2"},
                 )
             else:
-                raise ValueError(f"unknown snapshot kind {kind!r} (hmp or qmp)")
+                raise GuestUsageError(f"unknown snapshot kind {kind!r} (hmp or qmp)")
         except QEMUError as err:
             self.note(step, False, time.monotonic() - t0, str(err))
             raise
@@ -389,7 +459,7 @@ class Session:
     def kill_broker(self) -> None:
         """Kill the broker process (only with ``broker_process``)."""
         if self.broker_pid is None:
-            raise ValueError("kill_broker needs SessionConfig(broker_process=True)")
+            raise GuestUsageError("kill_broker needs SessionConfig(broker_process=True)")
         for proc in self.vm.helpers:
             if proc.pid == self.broker_pid:
                 self.killed_at = time.monotonic()
@@ -403,7 +473,7 @@ class Session:
         swaps it in and clears the broken state.
         """
         if not self.config.broker_process:
-            raise ValueError("restart_broker needs SessionConfig(broker_process=True)")
+            raise GuestUsageError("restart_broker needs SessionConfig(broker_process=True)")
         n = len(self.audit_paths) + 1
         audit = self.config.workdir / f"audit-{n}.jsonl"
         t0 = time.monotonic()

@@ -94,11 +94,11 @@ class Supervisor:
         if not words:
             raise SuperviseError("popen: empty command")
         if self.profile is not None and self.profile.command_prefix:
-            ours = self.profile.for_command(self._which(words[0], kwargs.get("env")))
-            if ours is not self.profile:
+            profile = self.profile.for_command(self._which(words[0], kwargs.get("env")))
+            if profile is not self.profile:
                 self.decider.close()
-                self.profile = ours
-                self.decider = Decider(self.policy, ours)
+                self.profile = profile
+                self.decider = Decider(self.policy, profile)
         ruleset = self._ruleset(words, kwargs.get("env")) if self.landlock else None
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         plan = ChildPlan(

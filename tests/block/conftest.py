@@ -21,7 +21,14 @@ from types import ModuleType
 
 import pytest
 
-from testbed.block.driver import BackingReader, FdFile, FormatImage, LocalOpenContext, MemFile
+from testbed.block.driver import (
+    BackingReader,
+    ChildSpec,
+    FdFile,
+    FormatImage,
+    LocalOpenContext,
+    MemFile,
+)
 from testbed.block.formats import all_drivers, get_driver
 from testbed.errors import BlockError, CorruptImageError
 from testbed.pytest_plugin import require
@@ -228,7 +235,7 @@ class MemContext:
 
     read_only = True
 
-    def open_file(self, filename: str, *, role: str, relative_to: object) -> MemFile:
+    def open_file(self, filename: str, *, child: ChildSpec, relative_to: object) -> MemFile:
         return MemFile(b"", filename)
 
 

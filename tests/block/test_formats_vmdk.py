@@ -31,6 +31,7 @@ from hypothesis import strategies as st
 from testbed.block.driver import (
     BackingReader,
     BlockFile,
+    ChildSpec,
     FdFile,
     LocalOpenContext,
     MemFile,
@@ -399,7 +400,7 @@ class NoOpenContext:
 
     read_only = True
 
-    def open_file(self, filename: str, *, role: str, relative_to: BlockFile) -> BlockFile:
+    def open_file(self, filename: str, *, child: ChildSpec, relative_to: BlockFile) -> BlockFile:
         raise PermissionError(13, "refused", filename)
 
 

@@ -67,7 +67,7 @@ def test_whole_disk_equals_qemu_img_convert(name: str, tmp_path: Path) -> None:
     subprocess.run(["qemu-img", "convert", "-O", "raw", main, "want.raw"], cwd=tmp_path, check=True)
     want = (tmp_path / "want.raw").read_bytes()
     with BlockLayer() as layer:
-        layer.drive_add(file=str(tmp_path / main), id="d")
+        layer.drive_add(filename=str(tmp_path / main), drive_id="d")
         assert layer.virtual_size("d") == len(want)
         assert layer.read("d", 0, len(want)) == want
 
@@ -75,7 +75,7 @@ def test_whole_disk_equals_qemu_img_convert(name: str, tmp_path: Path) -> None:
 def test_read_outside_the_disk_is_refused(tmp_path: Path) -> None:
     (tmp_path / "d.raw").write_bytes(bytes(4096))
     with BlockLayer() as layer:
-        layer.drive_add(file=str(tmp_path / "d.raw"), format="raw", id="d")
+        layer.drive_add(filename=str(tmp_path / "d.raw"), fmt="raw", drive_id="d")
         with pytest.raises(BlockError, match="lie outside"):
             layer.read("d", 4000, 200)
 

@@ -53,7 +53,7 @@ def _expect_error(fn: Callable[[], object]) -> None:
 
 def _drive(file: str, fmt: str | None = None, **kw: Any) -> Callable[[BlockLayer, str], None]:
     def run(layer: BlockLayer, d: str) -> None:
-        layer.drive_add(file=f"{d}/{file}", format=fmt, **kw)
+        layer.drive_add(filename=f"{d}/{file}", fmt=fmt, **kw)
 
     return run
 

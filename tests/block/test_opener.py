@@ -101,7 +101,7 @@ def test_broker_refusal_surfaces_as_eacces_naming_the_file(
     assert info.value.errno == errno.EACCES
     assert info.value.filename == str(image)
     # read-only opens pass, and the trace shows both answers.
-    layer.drive_add(file=str(image), format="raw", id="d1", read_only=True)
+    layer.drive_add(filename=str(image), fmt="raw", drive_id="d1", read_only=True)
     assert layer.read("d1", 0, 512) == bytes(512)
     layer.quit()
     assert [ev.result for ev in layer.trace] == [-errno.EACCES, 0, 0]

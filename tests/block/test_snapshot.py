@@ -37,7 +37,7 @@ def layer(tmp_path: Path) -> Iterator[BlockLayer]:
 def test_three_snapshot_levels_pass_qemu_img(tmp_path: Path, layer: BlockLayer) -> None:
     _run("qemu-img", "create", "-q", "-f", "raw", "base.raw", "4M", cwd=tmp_path)
     _run("qemu-io", "-f", "raw", "-c", "write -q -P 0x11 0 1M", "base.raw", cwd=tmp_path)
-    layer.drive_add(file=str(tmp_path / "base.raw"), format="raw", id="drive0")
+    layer.drive_add(filename=str(tmp_path / "base.raw"), fmt="raw", drive_id="drive0")
     layer.attach_device("drive0")
     expected = bytearray(layer.read("drive0", 0, 4 * MiB))
     for level, pattern in enumerate((0x22, 0x33, 0x44), start=1):
@@ -90,7 +90,7 @@ def test_snapshot_mode_existing_uses_the_given_overlay(tmp_path: Path, layer: Bl
         "snap.qcow2",
         cwd=tmp_path,
     )
-    layer.drive_add(file=str(tmp_path / "top.qcow2"), id="drive0")
+    layer.drive_add(filename=str(tmp_path / "top.qcow2"), drive_id="drive0")
     layer.attach_device("drive0")
     before = len(layer.trace)
     layer.blockdev_snapshot_sync("drive0", str(tmp_path / "snap.qcow2"), mode="existing")
@@ -115,7 +115,7 @@ def test_an_overlay_in_a_format_the_model_cannot_create_is_refused_before_any_op
     tmp_path: Path, layer: BlockLayer
 ) -> None:
     _run("qemu-img", "create", "-q", "-f", "raw", "base.raw", "1M", cwd=tmp_path)
-    layer.drive_add(file=str(tmp_path / "base.raw"), format="raw", id="drive0")
+    layer.drive_add(filename=str(tmp_path / "base.raw"), fmt="raw", drive_id="drive0")
     with pytest.raises(BlockError, match="creates qcow2 overlays only, not 'vmdk'"):
         layer.blockdev_snapshot_sync("drive0", str(tmp_path / "s.vmdk"), "vmdk")
     assert not (tmp_path / "s.vmdk").exists()

@@ -11,7 +11,9 @@ from testbed.compare.compare import Status
 from testbed.compare.ops import OpContext, get
 from testbed.compare.run import run_scenario
 from testbed.compare.runners import model
-from testbed.compare.runners.common import Binaries, broker_step, load_index, prepare
+from testbed.compare.runners.brokers import broker_step
+from testbed.compare.runners.images import load_index
+from testbed.compare.runners.setup import Binaries, prepare
 from testbed.compare.scenario_file import dump, load
 from testbed.compare.scenarios import Scenario, build_matrix
 from testbed.compare.steps import QUIT, BrokerAction, Step, StepKind, broker, broker_down, qmp

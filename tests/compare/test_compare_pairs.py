@@ -84,7 +84,7 @@ def test_overall_is_the_worst() -> None:
 
 def test_same_opens_but_an_operation_failing_on_one_side_is_a_mismatch() -> None:
     from testbed.compare.run import _check_outcomes
-    from testbed.compare.runners.common import OracleResult
+    from testbed.compare.runners.result import OracleResult
     from testbed.compare.scenarios import scenario
 
     sc = scenario("raw", "drive")

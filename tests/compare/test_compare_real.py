@@ -9,7 +9,8 @@ import pytest
 
 from testbed.compare.compare import Status
 from testbed.compare.run import ScenarioResult, run_scenario
-from testbed.compare.runners.common import Binaries, ImageInfo, load_index
+from testbed.compare.runners.images import ImageInfo, load_index
+from testbed.compare.runners.setup import Binaries
 from testbed.compare.scenarios import build_matrix
 from testbed.pytest_plugin import require
 from testbed.qemu import STOCK_QEMU, built_versions

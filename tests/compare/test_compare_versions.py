@@ -7,7 +7,7 @@ from pathlib import Path
 
 from testbed.compare.compare import compare_pair
 from testbed.compare.run import PAIRS, ScenarioResult
-from testbed.compare.runners.common import OracleResult
+from testbed.compare.runners.result import OracleResult
 from testbed.compare.scenarios import scenario
 from testbed.compare.trace import Open
 

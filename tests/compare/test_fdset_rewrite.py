@@ -12,9 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from testbed.compare.runners.common import Binaries, ScenarioSetupError, Setup
 from testbed.compare.runners.fdset import Libvirt, rewrite_args
+from testbed.compare.runners.setup import Binaries, Setup
 from testbed.compare.scenarios import scenario
+from testbed.errors import ScenarioSetupError
 from testbed.pytest_plugin import require
 
 

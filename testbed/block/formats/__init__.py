@@ -26,6 +26,10 @@ _MODULES: dict[str, tuple[str, str]] = {
     "vmdk": ("vmdk", "VmdkDriver"),
 }
 
+#: QEMU's ``bdrv_raw``: the format of bytes that name none -- an empty file
+#: (``find_image_format``), a bare protocol node, a file no driver claims.
+BYTES_FORMAT = "raw"
+
 _loaded: dict[str, type[FormatDriver]] = {}
 
 

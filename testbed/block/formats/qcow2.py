@@ -28,7 +28,15 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import ClassVar
 
-from testbed.block.driver import BackingReader, BlockFile, FormatDriver, FormatImage, OpenContext
+from testbed.block.driver import (
+    BackingReader,
+    BlockFile,
+    ChildRole,
+    ChildSpec,
+    FormatDriver,
+    FormatImage,
+    OpenContext,
+)
 from testbed.block.formats import read_checked
 from testbed.block.formats.header import HeaderLayout, find
 from testbed.errors import BlockError, CorruptImageError
@@ -76,6 +84,9 @@ V2_HEADER_LENGTH = _HEADER_V2.end  # 72
 V3_HEADER_LENGTH = _HEADER_V3.end  # 104
 #: QEMU's sizeof(QCowHeader): what qcow2_probe asks for and what it writes.
 QEMU_HEADER_LENGTH = 112
+
+#: The external data file: guest data only, its name used as stored (see the module doc).
+DATA_FILE = ChildSpec(name="data-file", role=ChildRole.DATA, relative_to_parent=False)
 
 # Header extensions: u32 type, u32 length, data padded to 8 bytes.
 _EXT_HEADER = struct.Struct(">II")
@@ -733,7 +744,9 @@ class Qcow2Driver(FormatDriver):
     """QEMU's ``qcow2`` format driver."""
 
     name: ClassVar[str] = "qcow2"
+    children: ClassVar[tuple[ChildSpec, ...]] = (DATA_FILE,)
     creates_overlays: ClassVar[bool] = True
+    creates_targets: ClassVar[bool] = True
 
     @classmethod
     def probe(cls, buf: bytes, filename: str) -> int:
@@ -741,13 +754,20 @@ class Qcow2Driver(FormatDriver):
         if (
             len(buf) >= QEMU_HEADER_LENGTH
             and buf[:4] == MAGIC
-            and int.from_bytes(buf[4:8], "big") >= 2
+            and _HEADER_V2.unpack_dict(buf)["version"] >= 2
         ):
             return 100
         return 0
 
     @classmethod
-    def create(cls, file: BlockFile, *, size: int, backing_file: str, backing_format: str) -> None:
+    def create(
+        cls,
+        file: BlockFile,
+        *,
+        size: int,
+        backing_file: str | None,
+        backing_format: str | None,
+    ) -> None:
         create_image(file, size=size, backing_file=backing_file, backing_format=backing_format)
 
     @classmethod
@@ -784,7 +804,7 @@ class Qcow2Driver(FormatDriver):
                     offset=header.header_length,
                     message="the external data file bit is set but the image names no data file",
                 )
-            data_file = ctx.open_file(extensions.data_file, role="data-file", relative_to=file)
+            data_file = ctx.open_file(extensions.data_file, child=DATA_FILE, relative_to=file)
         elif header.autoclear_features & AUTOCLEAR_DATA_FILE_RAW:
             raise _corrupt(
                 "autoclear_features", "data-file-raw is set without an external data file"
@@ -846,7 +866,7 @@ def create_image(
     name; cluster 1 the refcount table; cluster 2 the refcount block; the
     L1 table follows, and the file ends where the L1 table does.
 
-    Longer than 60 lines on purpose: it lays out the clusters in qemu-img's order, byte for
+    Long because it lays out the clusters in qemu-img's order, byte for
     byte, and reads beside ``qcow2_co_create``.
     """
     if cluster_size & (cluster_size - 1) or not (

@@ -46,6 +46,9 @@ class RawDriver(FormatDriver):
     name: ClassVar[str] = "raw"
     #: raw_open attaches its file as a data child (BDRV_CHILD_DATA): no metadata.
     file_role: ClassVar[ChildRole] = ChildRole.DATA
+    creates_targets: ClassVar[bool] = True
+    #: raw_co_create: the file truncated to the disk's size is the whole image.
+    bare: ClassVar[bool] = True
 
     @classmethod
     def probe(cls, buf: bytes, filename: str) -> int:

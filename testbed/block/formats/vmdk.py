@@ -38,7 +38,15 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import ClassVar
 
-from testbed.block.driver import BackingReader, BlockFile, FormatDriver, FormatImage, OpenContext
+from testbed.block.driver import (
+    BackingReader,
+    BlockFile,
+    ChildRole,
+    ChildSpec,
+    FormatDriver,
+    FormatImage,
+    OpenContext,
+)
 from testbed.block.formats.vmdk_descriptor import (
     DESC_SIZE,
     MAX_DESC_READ,
@@ -76,6 +84,13 @@ from testbed.block.formats.vmdk_layout import (
     parse_vmdk4_header,
 )
 from testbed.errors import BlockError, CorruptImageError
+
+#: Extent types whose file holds guest data only (QEMU's vmdk_parse_extents:
+#: any other extent has metadata, so it is written whenever the node is writable).
+_FLAT_TYPES = ("FLAT", "VMFS")
+#: An extent file named in the descriptor: relative to the descriptor's file.
+SPARSE_EXTENT = ChildSpec(name="extent", role=ChildRole.METADATA, relative_to_parent=True)
+FLAT_EXTENT = ChildSpec(name="extent", role=ChildRole.DATA, relative_to_parent=True)
 
 __all__ = ["Extent", "VmdkDriver", "VmdkImage"]
 
@@ -356,8 +371,10 @@ class _Opener:
         self.create_type = parse_create_type(text)
         for spec in iter_extent_lines(text):
             name = os.fsdecode(spec.filename)
-            child = self.ctx.open_file(name, role="extent", relative_to=self.file)
-            if spec.type in ("FLAT", "VMFS"):
+            # vmdk_parse_extents: only flat extents are data-only children
+            kind = FLAT_EXTENT if spec.type in _FLAT_TYPES else SPARSE_EXTENT
+            child = self.ctx.open_file(name, child=kind, relative_to=self.file)
+            if spec.type in _FLAT_TYPES:
                 offset = spec.flat_offset * SECTOR
                 if offset + spec.sectors * SECTOR > _INT64_MAX:
                     raise CorruptImageError(
@@ -527,6 +544,7 @@ class VmdkDriver(FormatDriver):
     """QEMU's ``vmdk`` format driver (reads; extents opened through the hook)."""
 
     name: ClassVar[str] = "vmdk"
+    children: ClassVar[tuple[ChildSpec, ...]] = (SPARSE_EXTENT, FLAT_EXTENT)
 
     @classmethod
     def probe(cls, buf: bytes, filename: str) -> int:

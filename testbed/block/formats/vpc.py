@@ -269,7 +269,7 @@ class VpcDriver(FormatDriver):
     def open(cls, file: BlockFile, ctx: OpenContext) -> VpcImage:
         """``vpc_open``: footer, size rules, dynamic header, BAT.
 
-        Longer than 60 lines on purpose: the checks come in QEMU's order, kept in one piece to
+        Long because the checks come in QEMU's order, kept in one piece to
         read beside the C.
         """
         size = file.size()
@@ -286,7 +286,7 @@ class VpcDriver(FormatDriver):
                     message=f"file of {size} bytes is too small for a VHD footer",
                 )
             tail = file.pread(size - FOOTER_SIZE, FOOTER_SIZE)
-            footer_type = int.from_bytes(tail[60:64], "big")
+            footer_type = _FOOTER.unpack_dict(tail)["disk_type"]
             if tail[:8] != FOOTER_MAGIC or footer_type != DISK_FIXED:
                 raise CorruptImageError(
                     fmt=FMT,

@@ -6,19 +6,18 @@ from typing import Any
 
 from testbed.compare.ops import Op, OpContext, Operation, register
 from testbed.compare.steps import Step, qmp
+from testbed.qemu.commandline import Attach, AttachKind
 
 
 def add_args(ctx: OpContext) -> dict[str, Any]:
-    args: dict[str, Any] = {
-        "driver": "$FORMAT",
-        "node-name": "drive0",
-        "file": {"driver": "file", "filename": "$IMAGE"},
-    }
-    if ctx.read_only:
-        args["read-only"] = True
-    if ctx.cache_direct:
-        args["cache"] = {"direct": True}
-    return args
+    """``blockdev-add``'s arguments for the scenario's image as node ``drive0``."""
+    return Attach(
+        filename="$IMAGE",
+        fmt="$FORMAT",
+        kind=AttachKind.BLOCKDEV,
+        read_only=ctx.read_only,
+        cache_direct=ctx.cache_direct,
+    ).blockdev_options()
 
 
 def _add(ctx: OpContext) -> tuple[Step, ...]:

@@ -37,6 +37,7 @@ were parsed, for the report.
 from __future__ import annotations
 
 import contextlib
+import enum
 import json
 import os
 import subprocess
@@ -45,17 +46,16 @@ from pathlib import Path
 from typing import Any, TypeGuard
 
 from testbed.block.options import parse_blockdev_arg, parse_keyval
-from testbed.compare.runners.common import (
-    OracleResult,
-    ScenarioSetupError,
-    Setup,
-    run_step,
-)
+from testbed.compare.runners.dispatch import run_step
+from testbed.compare.runners.qemu_run import QemuSteps
+from testbed.compare.runners.result import OracleResult
+from testbed.compare.runners.setup import Setup
 from testbed.compare.scenarios import Grant, Scenario
 from testbed.compare.steps import Step, StepKind
-from testbed.errors import TestbedError
+from testbed.errors import ScenarioSetupError, TestbedError
 from testbed.qemu import Machine, MachineConfig
 from testbed.qemu.binaries import is_runnable
+from testbed.qemu.commandline import blockdev_json, drive_keyval
 
 FIRST_SET = 10
 #: Step commands whose file names are node options (rewritten as trees, not strings).
@@ -68,6 +68,17 @@ _CREATING = {
 }
 
 
+class Direct(enum.StrEnum):
+    """Which O_DIRECT members a file's fd set gets (QEMU >= 9.1 matches that bit too)."""
+
+    #: none: the access modes only
+    NONE = ""
+    #: each access mode with O_DIRECT instead (``cache.direct=on`` from the start)
+    ONLY = "only"
+    #: each access mode with and without O_DIRECT (a reopen turns it on)
+    ALSO = "also"
+
+
 @dataclass(kw_only=True)
 class Member:
     """One file libvirt passes: its fd set and the access modes it pre-opens."""
@@ -76,9 +87,8 @@ class Member:
     fdset: int
     rdwr: bool = False
     directory: bool = False
-    #: O_DIRECT members (QEMU >= 9.1 matches that bit too: see matches_o_direct):
-    #: "" none, "only" each access mode with O_DIRECT instead, "also" with and without.
-    direct: str = ""
+    #: O_DIRECT members (see matches_o_direct).
+    direct: Direct = Direct.NONE
     #: Named only by a step: passed with QMP add-fd after launch.
     late: bool = True
     why: list[str] = field(default_factory=list)
@@ -108,7 +118,7 @@ class Libvirt:
         sc = setup.scenario
         self.writable = sc.grant is not Grant.RO
         self.commit = any(s.kind is StepKind.QMP and s.command == "block-commit" for s in sc.steps)
-        self.direct = asks_direct(sc) if matches_o_direct(setup.binaries.version) else ""
+        self.direct = asks_direct(sc) if matches_o_direct(setup.binaries.version) else Direct.NONE
 
     # -- files ------------------------------------------------------------------------
 
@@ -130,7 +140,7 @@ class Libvirt:
         if m is None:
             m = Member(path=key, fdset=FIRST_SET + len(self.members), late=late)
             m.directory = os.path.isdir(key)
-            m.direct = "" if m.directory else self.direct
+            m.direct = Direct.NONE if m.directory else self.direct
             self.members[key] = m
         m.late = m.late and late
         if rdwr and self.writable and not m.directory:
@@ -265,7 +275,7 @@ class Libvirt:
         elif file.startswith("fat:"):
             head, _, directory = file.rpartition(":")
             # vvfat takes a directory name: the closest an fd set can come
-            return _keyval(
+            return drive_keyval(
                 {
                     **rest,
                     "format": fmt or "raw",
@@ -276,7 +286,7 @@ class Libvirt:
             node = self.spelled(file, fmt, late=False, writable=writable, given={})
         else:
             return text
-        return _keyval({**rest, **node})
+        return drive_keyval({**rest, **node})
 
     # -- steps ----------------------------------------------------------------------
 
@@ -427,8 +437,10 @@ class Libvirt:
 #: O_DIRECT on the dup with fcntl.
 O_DIRECT_MATCHED_FROM = (9, 1)
 _DIRECT_TEXT = {
-    "only": "[each with O_DIRECT: cache.direct=on, QEMU >= 9.1 matches it]",
-    "also": "[each also with O_DIRECT: a reopen turns cache.direct on, QEMU >= 9.1 matches it]",
+    Direct.ONLY: "[each with O_DIRECT: cache.direct=on, QEMU >= 9.1 matches it]",
+    Direct.ALSO: (
+        "[each also with O_DIRECT: a reopen turns cache.direct on, QEMU >= 9.1 matches it]"
+    ),
 }
 
 
@@ -441,8 +453,8 @@ def matches_o_direct(version: str) -> bool:
     return parts >= O_DIRECT_MATCHED_FROM
 
 
-def asks_direct(scenario: Scenario) -> str:
-    """Which O_DIRECT members the scenario needs: "only", "also" or "" (none).
+def asks_direct(scenario: Scenario) -> Direct:
+    """Which O_DIRECT members the scenario needs.
 
     An image attached or added with ``cache.direct=on`` is only ever opened
     with O_DIRECT ("only"); a ``blockdev-reopen`` that turns it on (and off
@@ -455,25 +467,16 @@ def asks_direct(scenario: Scenario) -> str:
         for s in scenario.steps
     )
     if reopens:
-        return "also"
+        return Direct.ALSO
     if any("cache.direct=on" in a for a in scenario.args):
-        return "only"
+        return Direct.ONLY
     added = any(
         s.kind is StepKind.QMP
         and s.command in _TREE_COMMANDS
         and _on((s.arguments.get("cache") or {}).get("direct"))
         for s in scenario.steps
     )
-    return "only" if added else ""
-
-
-def _booleans(value: Any) -> Any:
-    """keyval's ``on``/``off`` as JSON booleans (``-blockdev`` JSON is typed)."""
-    if isinstance(value, dict):
-        return {k: _booleans(v) for k, v in value.items()}
-    if value in ("on", "off"):
-        return value == "on"
-    return value
+    return Direct.ONLY if added else Direct.NONE
 
 
 def _on(value: Any) -> bool:
@@ -496,19 +499,6 @@ def _with(step: Step, **changes: Any) -> Step:
     return Step(**{**fields, **changes})
 
 
-def _keyval(tree: dict[str, Any], prefix: str = "") -> str:
-    """``-drive`` syntax for nested options: ``backing.file.filename=...`` (commas doubled)."""
-    out = []
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            out.append(_keyval(value, f"{prefix}{key}."))
-        elif isinstance(value, bool):
-            out.append(f"{prefix}{key}={'on' if value else 'off'}")
-        else:
-            out.append(f"{prefix}{key}={str(value).replace(',', ',,')}")
-    return ",".join(x for x in out if x)
-
-
 def rewrite_args(lib: Libvirt, args: tuple[str, ...]) -> list[str]:
     out: list[str] = []
     i = 0
@@ -519,7 +509,7 @@ def rewrite_args(lib: Libvirt, args: tuple[str, ...]) -> list[str]:
                 out += [word, lib.drive(args[i + 1])]
             else:
                 tree = lib.blockdev_tree(parse_blockdev_arg(args[i + 1]), late=False)
-                out += [word, json.dumps(_booleans(tree))]
+                out += [word, blockdev_json(tree)]
             i += 2
             continue
         out.append(word)
@@ -533,7 +523,7 @@ def _open_member(m: Member, *, inheritable: bool) -> list[int]:
     else:
         modes = [os.O_RDONLY, os.O_RDWR] if m.rdwr else [os.O_RDONLY]
         direct = [mode | os.O_DIRECT for mode in modes]
-        modes = {"": modes, "only": direct, "also": [*modes, *direct]}[m.direct]
+        modes = {Direct.NONE: modes, Direct.ONLY: direct, Direct.ALSO: [*modes, *direct]}[m.direct]
     fds = []
     for flags in modes:
         fd = os.open(m.path, flags | (0 if inheritable else os.O_CLOEXEC))
@@ -546,7 +536,7 @@ def _open_member(m: Member, *, inheritable: bool) -> list[int]:
 def run(setup: Setup) -> OracleResult:
     """The fd-set oracle: open every member, start stock QEMU with them, run the steps.
 
-    Longer than 60 lines on purpose: the descriptors it opens (before the launch and
+    Long because the descriptors it opens (before the launch and
     late) are closed on every way out by one ``finally``, so the run stays inside it.
     """
     result = OracleResult()
@@ -601,8 +591,10 @@ def run(setup: Setup) -> OracleResult:
                     fds.append(fd)
                     vm.add_fd(fd, fdset_id=m.fdset)
             failed: dict[str, str] = {}
+            target = QemuSteps(vm)
             for step in steps:
-                result.operations.append((step.label, run_step(vm, step, failed)))
+                outcome = run_step(target, step, failed_jobs=failed)
+                result.operations.append((step.label, outcome))
         finally:
             vm.shutdown()
     finally:

@@ -19,8 +19,10 @@ from testbed.block.layer import BlockLayer
 from testbed.block.monitor import ModelMachine
 from testbed.broker import Broker, serve_socketpair
 from testbed.compare.normalise import from_audit, normalise
-from testbed.compare.runners.common import BrokerControl, OracleResult, Setup, broker_step
-from testbed.compare.steps import Step, StepKind
+from testbed.compare.runners.dispatch import run_step
+from testbed.compare.runners.result import OracleResult
+from testbed.compare.runners.setup import Setup
+from testbed.compare.steps import Step
 from testbed.errors import TestbedError
 from testbed.transport import HookClient
 
@@ -63,12 +65,13 @@ def run(setup: Setup) -> OracleResult:
             BlockLayer(client, qemu_version=setup.binaries.version), tmpdir=setup.tmpdir
         )
         brokers.machine = machine
-        launched = _error_text(lambda: machine.launch(setup.args()))
+        launched = _launch(machine, setup.args())
         result.operations.append(("launch", launched))
         # A -drive or -blockdev that fails at startup ends QEMU; so it ends the model.
         if launched == "ok":
+            target = ModelSteps(machine)
             for step in setup.steps():
-                result.operations.append((step.label, _do(machine, step, brokers)))
+                result.operations.append((step.label, run_step(target, step, brokers=brokers)))
         else:
             machine.quit()
     finally:
@@ -85,30 +88,44 @@ def run(setup: Setup) -> OracleResult:
     return result
 
 
-def _do(machine: ModelMachine, step: Step, brokers: BrokerControl | None = None) -> str:
-    special = broker_step(brokers, step, lambda s: _do(machine, s))
-    if special is not None:
-        return special
+@dataclass(frozen=True)
+class ModelSteps:
+    """The model as a :class:`~testbed.compare.runners.dispatch.StepTarget`.
 
-    def go() -> None:
-        if step.kind is StepKind.QMP:
-            machine.qmp(step.command, **step.arguments)
-        elif step.kind is StepKind.HMP:
-            machine.hmp(step.line)
-        elif step.kind is StepKind.READ:
-            machine.layer.read(step.device, step.offset, step.length)
-        elif step.kind is StepKind.WAIT:
-            machine.wait(step.command, job=step.job or None, timeout=step.timeout)
-        else:
-            machine.quit()
+    A failure is the first line of the model's error (or the exception's
+    class name when it has no text): a refused open is an ``OSError``.
+    """
 
-    return _error_text(go)
+    machine: ModelMachine
+    errors: tuple[type[Exception], ...] = (TestbedError, OSError)
 
+    def qmp(self, step: Step) -> str | None:
+        self.machine.qmp(step.command, **step.arguments)
+        return None
 
-def _error_text(fn: object) -> str:
-    assert callable(fn)
-    try:
-        fn()
-    except (TestbedError, OSError) as err:
+    def hmp(self, step: Step) -> str | None:
+        self.machine.hmp(step.line)
+        return None
+
+    def read(self, step: Step) -> str | None:
+        self.machine.layer.read(step.device, step.offset, step.length)
+        return None
+
+    def wait(self, step: Step) -> str | None:
+        self.machine.wait(step.command, job=step.job or None, timeout=step.timeout)
+        return None
+
+    def quit(self, step: Step) -> str | None:
+        self.machine.quit()
+        return None
+
+    def error_text(self, err: Exception) -> str:
         return str(err).splitlines()[0] if str(err) else type(err).__name__
+
+
+def _launch(machine: ModelMachine, args: tuple[str, ...]) -> str:
+    try:
+        machine.launch(args)
+    except (TestbedError, OSError) as err:
+        return ModelSteps(machine).error_text(err)
     return "ok"

@@ -17,7 +17,9 @@ from pathlib import Path
 
 from testbed.broker import Broker, read_audit
 from testbed.compare.normalise import from_audit, normalise
-from testbed.compare.runners.common import OracleResult, Setup, run_qemu_scenario
+from testbed.compare.runners.qemu_run import run_qemu_scenario
+from testbed.compare.runners.result import OracleResult
+from testbed.compare.runners.setup import Setup
 from testbed.qemu import Machine
 from testbed.qemu.binaries import is_runnable
 

@@ -19,7 +19,9 @@ from pathlib import Path
 
 from testbed.compare.compare import KNOWN_DIVERGENCES as ALL_DIVERGENCES
 from testbed.compare.normalise import RawOpen, normalise
-from testbed.compare.runners.common import OracleResult, Setup, run_qemu_scenario
+from testbed.compare.runners.qemu_run import run_qemu_scenario
+from testbed.compare.runners.result import OracleResult
+from testbed.compare.runners.setup import Setup
 from testbed.errors import KernelFeatureError
 from testbed.qemu import Machine
 from testbed.qemu.binaries import is_runnable

@@ -5,7 +5,9 @@ from __future__ import annotations
 import shutil
 
 from testbed.compare.normalise import normalise, parse_strace
-from testbed.compare.runners.common import OracleResult, Setup, run_qemu_scenario
+from testbed.compare.runners.qemu_run import run_qemu_scenario
+from testbed.compare.runners.result import OracleResult
+from testbed.compare.runners.setup import Setup
 from testbed.qemu import Machine
 from testbed.qemu.binaries import is_runnable
 
