@@ -1,7 +1,7 @@
 """The differential comparison: one scenario, every registered oracle, one report.
 
 * :mod:`testbed.compare.scenarios` -- the scenario matrix (image, attach, operations);
-  :mod:`testbed.compare.attach` -- the attachments (``Attach``) and their options;
+  :mod:`testbed.compare.attach` -- the attachments (``AttachMode``) and their options;
 * :mod:`testbed.compare.trace` / :mod:`testbed.compare.normalise` -- raw opens
   (audit records, strace) to comparable traces;
 * :mod:`testbed.compare.compare` -- the comparator, ``Status`` and the known divergences;

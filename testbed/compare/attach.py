@@ -1,4 +1,4 @@
-"""How a built-in scenario gives QEMU its image: the :class:`Attach` vocabulary.
+"""How a built-in scenario gives QEMU its image: the :class:`AttachMode` vocabulary.
 
 Each attachment is one member and one entry in :data:`_ARGS` (the machine
 type and QEMU options it puts on the command line; ``$IMAGE`` and
@@ -6,21 +6,24 @@ type and QEMU options it puts on the command line; ``$IMAGE`` and
 label (``custom`` by default): it writes its own options.
 
 This module imports nothing from the comparison, so the operations
-(:mod:`testbed.compare.ops`) can name attachments too.
+(:mod:`testbed.compare.ops`) can name attachments too.  The ``-drive``
+values come from the one builder, :class:`testbed.qemu.commandline.Attach`.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 from collections.abc import Callable
 
 from testbed.errors import ScenarioError
+from testbed.qemu.commandline import Attach
 
 #: Node name (``-blockdev``, hotplug) or BlockBackend id (``-drive``) of the image.
 DRIVE = "drive0"
 
 
-class Attach(enum.StrEnum):
+class AttachMode(enum.StrEnum):
     DRIVE = "drive"
     DRIVE_DEVICE = "drive-device"
     BLOCKDEV = "blockdev"
@@ -33,7 +36,7 @@ class Attach(enum.StrEnum):
     CDROM = "cdrom"
 
     @classmethod
-    def of(cls, name: str) -> Attach:
+    def of(cls, name: str) -> AttachMode:
         """The attachment called ``name``; ScenarioError if there is none."""
         try:
             return cls(name)
@@ -45,38 +48,61 @@ class Attach(enum.StrEnum):
 CUSTOM = "custom"
 #: Attachments that are themselves what a scenario exercises.
 EXERCISED = frozenset(
-    {Attach.HOTPLUG, Attach.NODE_REFS, Attach.JSON, Attach.SNAPSHOT_ON, Attach.SNAPSHOT}
+    {
+        AttachMode.HOTPLUG,
+        AttachMode.NODE_REFS,
+        AttachMode.JSON,
+        AttachMode.SNAPSHOT_ON,
+        AttachMode.SNAPSHOT,
+    }
 )
 #: Attachments whose ``-snapshot`` overlay goes to ``TMPDIR``.
-TEMPORARY_OVERLAY = frozenset({Attach.SNAPSHOT, Attach.SNAPSHOT_ON})
+TEMPORARY_OVERLAY = frozenset({AttachMode.SNAPSHOT, AttachMode.SNAPSHOT_ON})
 
 _DEVICE = ("-S", "-device", f"virtio-blk-pci,drive={DRIVE}")
-#: (machine, options) from the ``-drive`` options (``read-only``, ``cache.direct`` in them).
-_Args = Callable[[list[str], list[str]], tuple[str, tuple[str, ...]]]
+#: (machine, options) from the image (its ``-drive`` value from the builder) and the
+#: ``read-only``/``cache.direct`` options as ``-blockdev`` key=value words.
+_Args = Callable[[Attach, list[str]], tuple[str, tuple[str, ...]]]
 
 
-def _json(drive: list[str], opts: list[str]) -> tuple[str, tuple[str, ...]]:
+def _image(*, read_only: bool, cache_direct: bool) -> Attach:
+    return Attach(
+        filename="$IMAGE",
+        fmt="$FORMAT",
+        node=DRIVE,
+        read_only=read_only,
+        cache_direct=cache_direct,
+    )
+
+
+def _json(image: Attach, opts: list[str]) -> tuple[str, tuple[str, ...]]:
     # a comma inside a -drive value is written twice
     tree = '{"driver":"$FORMAT",,"file":{"driver":"file",,"filename":"$IMAGE"}}'
     return "pc", ("-drive", ",".join([f"file=json:{tree}", "if=none", f"id={DRIVE}"]), *_DEVICE)
 
 
-def _blockdev(drive: list[str], opts: list[str]) -> tuple[str, tuple[str, ...]]:
+def _blockdev(image: Attach, opts: list[str]) -> tuple[str, tuple[str, ...]]:
     node = ["driver=$FORMAT", f"node-name={DRIVE}", "file.driver=file", "file.filename=$IMAGE"]
     return "none", ("-blockdev", ",".join([*node, *opts]))
 
 
-_ARGS: dict[Attach, _Args] = {
-    Attach.DRIVE: lambda drive, opts: ("none", ("-drive", ",".join(drive))),
-    Attach.DRIVE_DEVICE: lambda drive, opts: ("pc", ("-drive", ",".join(drive), *_DEVICE)),
-    Attach.SNAPSHOT_ON: lambda drive, opts: (
+def _snapshot_on(image: Attach, opts: list[str]) -> tuple[str, tuple[str, ...]]:
+    return "pc", ("-drive", dataclasses.replace(image, snapshot=True).drive_arg(), *_DEVICE)
+
+
+_CDROM = Attach(filename="", node="cd0", cdrom=True)
+
+_ARGS: dict[AttachMode, _Args] = {
+    AttachMode.DRIVE: lambda image, opts: ("none", ("-drive", image.drive_arg())),
+    AttachMode.DRIVE_DEVICE: lambda image, opts: ("pc", ("-drive", image.drive_arg(), *_DEVICE)),
+    AttachMode.SNAPSHOT_ON: _snapshot_on,
+    AttachMode.SNAPSHOT: lambda image, opts: (
         "pc",
-        ("-drive", ",".join([*drive, "snapshot=on"]), *_DEVICE),
+        ("-snapshot", "-drive", image.drive_arg(), *_DEVICE),
     ),
-    Attach.SNAPSHOT: lambda drive, opts: ("pc", ("-snapshot", "-drive", ",".join(drive), *_DEVICE)),
-    Attach.JSON: _json,
-    Attach.BLOCKDEV: _blockdev,
-    Attach.FILE_NODE: lambda drive, opts: (
+    AttachMode.JSON: _json,
+    AttachMode.BLOCKDEV: _blockdev,
+    AttachMode.FILE_NODE: lambda image, opts: (
         "none",
         (
             "-blockdev",
@@ -85,17 +111,17 @@ _ARGS: dict[Attach, _Args] = {
             f"driver=$FORMAT,node-name={DRIVE},file=file0,read-only=on",
         ),
     ),
-    Attach.CDROM: lambda drive, opts: (
+    AttachMode.CDROM: lambda image, opts: (
         "pc",
-        ("-S", "-drive", "if=none,id=cd0,media=cdrom", "-device", "ide-cd,drive=cd0,id=cdrom0"),
+        ("-S", "-drive", _CDROM.drive_arg(), "-device", "ide-cd,drive=cd0,id=cdrom0"),
     ),
-    Attach.HOTPLUG: lambda drive, opts: ("none", ()),
-    Attach.NODE_REFS: lambda drive, opts: ("none", ()),
+    AttachMode.HOTPLUG: lambda image, opts: ("none", ()),
+    AttachMode.NODE_REFS: lambda image, opts: ("none", ()),
 }
 
 
 def attach_args(
-    attach: Attach | str,
+    attach: AttachMode | str,
     *,
     read_only: bool = False,
     cache_direct: bool = False,
@@ -106,5 +132,6 @@ def attach_args(
         opts.append("read-only=on")
     if cache_direct:
         opts.append("cache.direct=on")
-    drive = ["file=$IMAGE", "format=$FORMAT", "if=none", f"id={DRIVE}", *opts]
-    return _ARGS[Attach.of(attach)](drive, opts)
+    return _ARGS[AttachMode.of(attach)](
+        _image(read_only=read_only, cache_direct=cache_direct), opts
+    )

@@ -15,7 +15,8 @@ from testbed.qemu.binaries import REPO_ROOT
 
 if TYPE_CHECKING:
     from testbed.compare.run import ScenarioResult
-    from testbed.compare.runners.common import Binaries, ImageInfo
+    from testbed.compare.runners.images import ImageInfo
+    from testbed.compare.runners.setup import Binaries
     from testbed.compare.scenarios import Scenario
 
 _DEFAULT_INDEX = REPO_ROOT / "build" / "images" / "index.json"
@@ -200,7 +201,8 @@ def _list(console: Any, chosen: list[Scenario]) -> int:
 def _plan(args: argparse.Namespace, chosen: list[Scenario]) -> _Plan | str:
     """The run's oracles, QEMU versions and images; what is wrong with them, if anything."""
     from testbed.compare.oracles import ORACLES
-    from testbed.compare.runners.common import Binaries, load_index
+    from testbed.compare.runners.images import load_index
+    from testbed.compare.runners.setup import Binaries
     from testbed.errors import TestbedError
     from testbed.qemu import built_versions
     from testbed.qemu.versions import parse_versions

@@ -23,7 +23,8 @@ from dataclasses import dataclass
 
 from testbed.compare.compare import KNOWN_DIVERGENCES, Status
 from testbed.compare.runners import fdset, model, patched, seccomp, stock
-from testbed.compare.runners.common import OracleResult, Setup
+from testbed.compare.runners.result import OracleResult
+from testbed.compare.runners.setup import Setup
 from testbed.errors import RegistryError
 
 #: What runs an oracle: a scenario ready for it in, what it did out.

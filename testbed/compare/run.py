@@ -14,7 +14,9 @@ from typing import Any
 
 from testbed.compare.compare import PairResult, Status, compare_pair, overall, skipped
 from testbed.compare.oracles import ORACLES, PAIRS, by_outcome
-from testbed.compare.runners.common import Binaries, ImageInfo, OracleResult, prepare
+from testbed.compare.runners.images import ImageInfo
+from testbed.compare.runners.result import OracleResult
+from testbed.compare.runners.setup import Binaries, prepare
 from testbed.compare.scenarios import Scenario, Tag
 from testbed.errors import NoSuchPairError, TestbedError
 from testbed.qemu import DEFAULT_VERSION

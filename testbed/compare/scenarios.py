@@ -38,7 +38,7 @@ import fnmatch
 import re
 from dataclasses import dataclass, field
 
-from testbed.compare.attach import DRIVE, EXERCISED, TEMPORARY_OVERLAY, Attach
+from testbed.compare.attach import DRIVE, EXERCISED, TEMPORARY_OVERLAY, AttachMode
 from testbed.compare.attach import attach_args as attach_args  # re-exported
 from testbed.compare.ops import Op, OpContext, all_operations, get
 from testbed.compare.ops.hotplug import add_args
@@ -152,7 +152,7 @@ def _node_ref_steps(ctx: OpContext) -> tuple[tuple[Step, ...], tuple[Step, ...]]
     return add, remove
 
 
-def _context(image: str, attach: Attach, *, read_only: bool, cache_direct: bool) -> OpContext:
+def _context(image: str, attach: AttachMode, *, read_only: bool, cache_direct: bool) -> OpContext:
     layers = CHAINS.get(image, Layers())
     return OpContext(
         attach=attach,
@@ -164,19 +164,19 @@ def _context(image: str, attach: Attach, *, read_only: bool, cache_direct: bool)
     )
 
 
-def _around(attach: Attach, ctx: OpContext) -> tuple[tuple[Step, ...], tuple[Step, ...]]:
+def _around(attach: AttachMode, ctx: OpContext) -> tuple[tuple[Step, ...], tuple[Step, ...]]:
     """The steps that add the image before the operations and remove it after (hotplug)."""
-    if attach is Attach.HOTPLUG:
+    if attach is AttachMode.HOTPLUG:
         return (qmp("blockdev-add", **add_args(ctx)),), (
             qmp("blockdev-del", **{"node-name": DRIVE}),
         )
-    if attach is Attach.NODE_REFS:
+    if attach is AttachMode.NODE_REFS:
         return _node_ref_steps(ctx)
     return (), ()
 
 
 def _operation_steps(
-    attach: Attach, ops: tuple[str, ...], ctx: OpContext
+    attach: AttachMode, ops: tuple[str, ...], ctx: OpContext
 ) -> tuple[list[Step], list[str]]:
     """The steps and the recipe of ``ops``, each checked to go with ``attach``."""
     steps: list[Step] = []
@@ -191,7 +191,7 @@ def _operation_steps(
 
 
 def _tags(
-    image: str, attach: Attach, grant: Grant, tags: tuple[str, ...], vvfat_rw: bool
+    image: str, attach: AttachMode, grant: Grant, tags: tuple[str, ...], vvfat_rw: bool
 ) -> frozenset[str]:
     out = set(tags)
     if grant is not Grant.CREATE:
@@ -206,7 +206,7 @@ def _tags(
 
 
 def _name(
-    image: str, attach: Attach, ops: tuple[str, ...], grant: Grant, options: dict[str, bool]
+    image: str, attach: AttachMode, ops: tuple[str, ...], grant: Grant, options: dict[str, bool]
 ) -> str:
     """``<image>_<attach>[+ro][+direct][+rw]_<ops or open>[_grant-<grant>]``."""
     opts = "".join(f"+{o}" for o, on in options.items() if on)
@@ -218,7 +218,7 @@ def _name(
 
 def scenario(
     image: str,
-    attach: Attach | str,
+    attach: AttachMode | str,
     ops: tuple[str, ...] = ("read",),
     *,
     read_only: bool = False,
@@ -229,7 +229,7 @@ def scenario(
     label: str = "",
 ) -> Scenario:
     """A built-in scenario, its name made from its parts; add/del and quit around ``ops``."""
-    how = Attach.of(attach)
+    how = AttachMode.of(attach)
     access = Grant(grant)
     ctx = _context(image, how, read_only=read_only, cache_direct=cache_direct)
     machine, args = attach_args(how, read_only=read_only, cache_direct=cache_direct)
@@ -273,33 +273,33 @@ def _opens_matrix() -> list[Scenario]:
     """The first matrix: every image attached every way, snapshots, hotplug, refusals."""
     m: list[Scenario] = []
     for image in IMAGES:
-        m.append(scenario(image, Attach.DRIVE))
-    m += [scenario(image, Attach.DRIVE) for image in VVFAT]
-    m.append(scenario(VVFAT_RW, Attach.DRIVE, vvfat_rw=True))
-    m.append(scenario(VVFAT_RW, Attach.DRIVE_DEVICE, vvfat_rw=True))
+        m.append(scenario(image, AttachMode.DRIVE))
+    m += [scenario(image, AttachMode.DRIVE) for image in VVFAT]
+    m.append(scenario(VVFAT_RW, AttachMode.DRIVE, vvfat_rw=True))
+    m.append(scenario(VVFAT_RW, AttachMode.DRIVE_DEVICE, vvfat_rw=True))
     for image in IMAGES:
-        m.append(scenario(image, Attach.DRIVE_DEVICE))
+        m.append(scenario(image, AttachMode.DRIVE_DEVICE))
     for image in ("raw", "qcow2-chain1", "vmdk-twoGbMaxExtentFlat", "vpc-dynamic", "vdi-static"):
-        m.append(scenario(image, Attach.BLOCKDEV))
+        m.append(scenario(image, AttachMode.BLOCKDEV))
     for image in ("raw", "qcow2-chain2-subdir", "vmdk-monolithicFlat"):
-        m.append(scenario(image, Attach.BLOCKDEV, read_only=True))
-    m.append(scenario("qcow2-chain1", Attach.DRIVE, read_only=True))
+        m.append(scenario(image, AttachMode.BLOCKDEV, read_only=True))
+    m.append(scenario("qcow2-chain1", AttachMode.DRIVE, read_only=True))
     for image in ("raw", "qcow2-chain1"):
-        m.append(scenario(image, Attach.BLOCKDEV, cache_direct=True))
-    m.append(scenario("qcow2-v3", Attach.DRIVE_DEVICE, cache_direct=True))
+        m.append(scenario(image, AttachMode.BLOCKDEV, cache_direct=True))
+    m.append(scenario("qcow2-v3", AttachMode.DRIVE_DEVICE, cache_direct=True))
     for op in ("snapshot-qmp", "snapshot-hmp", "snapshot-existing"):
-        m.append(scenario("qcow2-chain1", Attach.DRIVE_DEVICE, ("read", op)))
-    m.append(scenario("raw", Attach.DRIVE_DEVICE, ("snapshot-qmp",)))
-    m.append(scenario("vmdk-twoGbMaxExtentFlat", Attach.DRIVE_DEVICE, ("snapshot-qmp",)))
-    m.append(scenario("qcow2-v3", Attach.BLOCKDEV, ("snapshot-qmp",)))
+        m.append(scenario("qcow2-chain1", AttachMode.DRIVE_DEVICE, ("read", op)))
+    m.append(scenario("raw", AttachMode.DRIVE_DEVICE, ("snapshot-qmp",)))
+    m.append(scenario("vmdk-twoGbMaxExtentFlat", AttachMode.DRIVE_DEVICE, ("snapshot-qmp",)))
+    m.append(scenario("qcow2-v3", AttachMode.BLOCKDEV, ("snapshot-qmp",)))
     for image in ("raw", "qcow2-v3", "qcow2-chain1"):
-        m.append(scenario(image, Attach.DRIVE_DEVICE, ("broker-restart",)))
+        m.append(scenario(image, AttachMode.DRIVE_DEVICE, ("broker-restart",)))
     for image in ("raw", "qcow2-chain2-subdir", "vmdk-twoGbMaxExtentSparse", "vdi-dynamic"):
-        m.append(scenario(image, Attach.HOTPLUG))
-    m.append(scenario("qcow2-chain1", Attach.HOTPLUG, grant=Grant.MAIN))
-    m.append(scenario("raw", Attach.HOTPLUG, grant=Grant.RO))
-    m.append(scenario("qcow2-chain1", Attach.DRIVE_DEVICE, grant=Grant.RO))
-    m.append(scenario("raw", Attach.DRIVE, grant=Grant.RO))
+        m.append(scenario(image, AttachMode.HOTPLUG))
+    m.append(scenario("qcow2-chain1", AttachMode.HOTPLUG, grant=Grant.MAIN))
+    m.append(scenario("raw", AttachMode.HOTPLUG, grant=Grant.RO))
+    m.append(scenario("qcow2-chain1", AttachMode.DRIVE_DEVICE, grant=Grant.RO))
+    m.append(scenario("raw", AttachMode.DRIVE, grant=Grant.RO))
     return m
 
 
@@ -307,42 +307,42 @@ def _reopen_matrix() -> list[Scenario]:
     """Every command that reopens images: jobs, blockdev-reopen, media, temporary overlays."""
     m: list[Scenario] = []
     for image in DEEP_CHAINS:
-        for attach in (Attach.DRIVE_DEVICE, Attach.DRIVE, Attach.BLOCKDEV):
+        for attach in (AttachMode.DRIVE_DEVICE, AttachMode.DRIVE, AttachMode.BLOCKDEV):
             m.append(scenario(image, attach, ("commit",)))
-        m.append(scenario(image, Attach.DRIVE_DEVICE, ("commit-backing-file",)))
+        m.append(scenario(image, AttachMode.DRIVE_DEVICE, ("commit-backing-file",)))
     for image in CHAIN_IMAGES:
-        for attach in (Attach.DRIVE_DEVICE, Attach.DRIVE, Attach.BLOCKDEV):
+        for attach in (AttachMode.DRIVE_DEVICE, AttachMode.DRIVE, AttachMode.BLOCKDEV):
             m.append(scenario(image, attach, ("commit-active",)))
-        m.append(scenario(image, Attach.DRIVE_DEVICE, ("stream",)))
-        m.append(scenario(image, Attach.BLOCKDEV, ("stream",)))
+        m.append(scenario(image, AttachMode.DRIVE_DEVICE, ("stream",)))
+        m.append(scenario(image, AttachMode.BLOCKDEV, ("stream",)))
     for image in DEEP_CHAINS:
-        m.append(scenario(image, Attach.DRIVE_DEVICE, ("stream-base",)))
+        m.append(scenario(image, AttachMode.DRIVE_DEVICE, ("stream-base",)))
     for op in ("mirror-full", "mirror-top", "mirror-none", "mirror-cancel"):
-        m.append(scenario("qcow2-chain1", Attach.DRIVE_DEVICE, (op,)))
+        m.append(scenario("qcow2-chain1", AttachMode.DRIVE_DEVICE, (op,)))
     for image in ("raw", "qcow2-v3", "qcow2-chain2-subdir"):
-        m.append(scenario(image, Attach.DRIVE_DEVICE, ("mirror-full",)))
-    m.append(scenario("qcow2-chain1", Attach.BLOCKDEV, ("mirror-full",)))
+        m.append(scenario(image, AttachMode.DRIVE_DEVICE, ("mirror-full",)))
+    m.append(scenario("qcow2-chain1", AttachMode.BLOCKDEV, ("mirror-full",)))
     for image in ("raw", "qcow2-v3", "qcow2-chain1"):
-        m.append(scenario(image, Attach.DRIVE_DEVICE, ("blockdev-mirror",)))
+        m.append(scenario(image, AttachMode.DRIVE_DEVICE, ("blockdev-mirror",)))
     for image in ("raw", "qcow2-v3", "qcow2-chain1", "qcow2-chain2-subdir"):
-        m.append(scenario(image, Attach.DRIVE_DEVICE, ("backup",)))
-    m.append(scenario("qcow2-chain1", Attach.DRIVE_DEVICE, ("backup-top",)))
+        m.append(scenario(image, AttachMode.DRIVE_DEVICE, ("backup",)))
+    m.append(scenario("qcow2-chain1", AttachMode.DRIVE_DEVICE, ("backup-top",)))
     for image in ("raw", "qcow2-v3", "qcow2-chain1"):
-        m.append(scenario(image, Attach.DRIVE_DEVICE, ("blockdev-backup",)))
+        m.append(scenario(image, AttachMode.DRIVE_DEVICE, ("blockdev-backup",)))
     for image in ("raw", "qcow2-v3"):
-        m.append(scenario(image, Attach.FILE_NODE, ("reopen-rw",)))
-        m.append(scenario(image, Attach.FILE_NODE, ("reopen-direct",)))
+        m.append(scenario(image, AttachMode.FILE_NODE, ("reopen-rw",)))
+        m.append(scenario(image, AttachMode.FILE_NODE, ("reopen-direct",)))
     for image in ("raw", "qcow2-chain1", "vpc-dynamic"):
-        m.append(scenario(image, Attach.CDROM, ("change-medium",)))
-    m.append(scenario("qcow2-v3", Attach.CDROM, ("tray",)))
+        m.append(scenario(image, AttachMode.CDROM, ("change-medium",)))
+    m.append(scenario("qcow2-v3", AttachMode.CDROM, ("tray",)))
     for image in ("raw", "qcow2-v3", "qcow2-chain1", "vmdk-monolithicSparse"):
-        m.append(scenario(image, Attach.SNAPSHOT_ON, ()))
+        m.append(scenario(image, AttachMode.SNAPSHOT_ON, ()))
     for image in ("raw", "qcow2-chain1", "vpc-dynamic"):
-        m.append(scenario(image, Attach.SNAPSHOT, ()))
+        m.append(scenario(image, AttachMode.SNAPSHOT, ()))
     for image in ("raw", "qcow2-v3", "qcow2-chain1", "vdi-dynamic"):
-        m.append(scenario(image, Attach.NODE_REFS, ("read",)))
+        m.append(scenario(image, AttachMode.NODE_REFS, ("read",)))
     for image in ("raw", "qcow2-v3", "qcow2-chain1"):
-        m.append(scenario(image, Attach.JSON, ("read",)))
+        m.append(scenario(image, AttachMode.JSON, ("read",)))
     return m
 
 
@@ -376,7 +376,7 @@ __all__ = [
     "DRIVE",
     "GRANTS",
     "OVERLAY",
-    "Attach",
+    "AttachMode",
     "Grant",
     "Op",
     "Scenario",

@@ -10,10 +10,10 @@ import pytest
 
 import testbed.compare
 from testbed.compare import oracles, report
-from testbed.compare.attach import Attach, attach_args
+from testbed.compare.attach import AttachMode, attach_args
 from testbed.compare.compare import SEVERITY, Status, compare_pair, overall, skipped
 from testbed.compare.run import ScenarioResult
-from testbed.compare.runners.common import OracleResult
+from testbed.compare.runners.result import OracleResult
 from testbed.compare.scenario_file import _toml
 from testbed.compare.scenarios import scenario
 from testbed.compare.trace import Open
@@ -112,7 +112,7 @@ def test_a_pair_not_compared_is_a_clear_error() -> None:
 
 
 def test_attachments_are_a_vocabulary() -> None:
-    assert attach_args(Attach.DRIVE) == attach_args("drive")
+    assert attach_args(AttachMode.DRIVE) == attach_args("drive")
     with pytest.raises(ScenarioError, match="unknown attachment 'floppy'"):
         attach_args("floppy")
     with pytest.raises(ScenarioError, match="unknown attachment"):

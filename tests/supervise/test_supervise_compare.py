@@ -9,8 +9,9 @@ import pytest
 
 from testbed.compare.compare import Status, compare_pair
 from testbed.compare.run import run_scenario
-from testbed.compare.runners.common import Binaries, load_index
+from testbed.compare.runners.images import load_index
 from testbed.compare.runners.seccomp import KNOWN_DIVERGENCES
+from testbed.compare.runners.setup import Binaries
 from testbed.compare.scenarios import Scenario, build_matrix
 from testbed.pytest_plugin import require
 from testbed.qemu.binaries import REPO_ROOT, STOCK_QEMU, is_runnable, patched_qemu_path
