@@ -198,15 +198,37 @@ def block_formats(build: QemuBuild) -> frozenset[str]:
 
 
 def stock_emulator(build: QemuBuild) -> Path | None:
-    """An unpatched qemu-system of the same source version (for ``supervised``)."""
+    """The qemu-system mode ``supervised`` runs: unpatched, of the same source version.
+
+    The stock build beside a patched one (10.0); else Debian's binary of that
+    version if it has the ``qtest`` accelerator the suite's Python tests
+    start every QEMU with; else the build's own emulator, which without
+    ``-open-hook-fd`` opens exactly as stock QEMU does (the series acts only
+    when the option is given; the unhooked mode runs that same binary).
+    Debian's 7.2 is built without qtest (``-accel help``: tcg, kvm), so 7.2
+    takes the last.  None for a build with no system emulator.
+    """
     sibling = build.build_dir.parent / "stock" / "bin" / "qemu-system-x86_64"
     if build.build_dir.name == "patched" and is_runnable(sibling):
         return sibling
-    if is_runnable(STOCK_QEMU) and build.source_version.split(":", 1)[-1] in tool_version(
-        STOCK_QEMU
+    if (
+        is_runnable(STOCK_QEMU)
+        and build.source_version.split(":", 1)[-1] in tool_version(STOCK_QEMU)
+        and has_qtest(STOCK_QEMU)
     ):
         return STOCK_QEMU
-    return None
+    return build.system_emulator if is_runnable(build.system_emulator) else None
+
+
+def has_qtest(binary: Path) -> bool:
+    """Whether ``binary`` lists the ``qtest`` accelerator (``-accel help``)."""
+    try:
+        out = subprocess.run(
+            [str(binary), "-accel", "help"], capture_output=True, text=True, timeout=30
+        ).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return "qtest" in out.split()
 
 
 __all__ = [

@@ -402,6 +402,8 @@ def run(args: argparse.Namespace) -> int:
             f"tools: {planned.tools.origin}"
         )
         stock = stock_emulator(build)
+        if Mode.SUPERVISED in modes and stock is not None:
+            meta[f"QEMU {build.version} supervised"] = str(stock)
         print(
             f"QEMU {build.version}: {len(planned.runs)} test(s) x {len(modes)} mode(s) "
             f"({len(planned.left)} left out); suite in {planned.layout.iotests}",

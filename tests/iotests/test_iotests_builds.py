@@ -55,9 +55,20 @@ def test_find_builds_in_named_dirs_only(tmp_path: Path) -> None:
 def test_stock_sibling_of_a_versioned_build(tmp_path: Path) -> None:
     d = make_build(tmp_path, "qemu/10.0/patched", "1:10.0.13+ds-0+deb13u1")
     b = QemuBuild("10.0", "1:10.0.13+ds-0+deb13u1", d)
-    assert builds.stock_emulator(b) is None
+    # no unpatched sibling (and no Debian binary of 10.0): the build's own emulator,
+    # which opens as stock QEMU does without -open-hook-fd
+    assert builds.stock_emulator(b) == b.system_emulator
     stock = exe(tmp_path / "build" / "qemu" / "10.0" / "stock" / "bin" / "qemu-system-x86_64")
     assert builds.stock_emulator(b) == stock
+
+
+def test_debian_qemu_without_qtest_is_not_the_supervised_binary() -> None:
+    """Debian's 7.2 has no qtest accelerator; the suite's Python tests all need it."""
+    from testbed.pytest_plugin import require
+    from testbed.qemu.binaries import STOCK_QEMU
+
+    require(STOCK_QEMU.exists(), f"Debian's QEMU {STOCK_QEMU} (apt-get install qemu-system-x86)")
+    assert builds.has_qtest(STOCK_QEMU) is False
 
 
 def test_tools_of_the_build_win(tmp_path: Path) -> None:
