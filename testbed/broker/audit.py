@@ -68,7 +68,8 @@ class AuditRecord:
     def path_bytes(self) -> bytes:
         return self.path.encode("utf-8", "surrogateescape")
 
-    def to_json(self) -> str:
+    def json_line(self) -> str:
+        """The record as one line of the audit log (strict JSON, no newline)."""
         # json (and pathlib below) are imported where used: a broker that
         # keeps no audit file does not pay for them at start-up, which a
         # hooked QEMU waits for.
@@ -148,7 +149,7 @@ class AuditLog:
         with self._lock:
             if self._fd is not None:
                 try:
-                    self._append(self._fd, (record.to_json() + "\n").encode())
+                    self._append(self._fd, (record.json_line() + "\n").encode())
                 except OSError as err:
                     self._failed(err)
                     raise AuditWriteError(

@@ -91,7 +91,7 @@ class DemoStep:
     image_requests: int = 0
     detail: str = ""
 
-    def as_dict(self) -> dict[str, object]:
+    def to_json(self) -> dict[str, object]:
         return {
             "name": self.name,
             "ok": self.ok,
@@ -129,13 +129,13 @@ class DemoResult:
             and self.qemu_user not in (None, "root")
         )
 
-    def as_dict(self) -> dict[str, object]:
+    def to_json(self) -> dict[str, object]:
         return {
             "ok": self.ok,
             "domain": self.domain,
             "qemu_version": self.qemu_version,
             "mode": self.mode,
-            "steps": [s.as_dict() for s in self.steps],
+            "steps": [s.to_json() for s in self.steps],
             "records_written": self.records_written,
             "records_verified": self.records_verified,
             "lost": self.lost,
@@ -149,7 +149,7 @@ class DemoResult:
 
     def write_json(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(self.as_dict(), indent=2) + "\n")
+        path.write_text(json.dumps(self.to_json(), indent=2) + "\n")
 
 
 def traversable_dir(path: Path, mode: int = 0o711) -> Path:

@@ -348,11 +348,11 @@ def test_audit_record_extra_fields() -> None:
         via="seccomp",
         tid=4243,
     )
-    data = json.loads(rec.to_json())
+    data = json.loads(rec.json_line())
     assert data["via"] == "seccomp" and data["tid"] == 4243
     assert AuditRecord.from_mapping(data) == rec
     assert "tid" not in json.loads(
-        AuditRecord(**{**data, "tid": None, "flag_names": ()}).to_json()  # type: ignore[arg-type]
+        AuditRecord(**{**data, "tid": None, "flag_names": ()}).json_line()  # type: ignore[arg-type]
     )
 
 

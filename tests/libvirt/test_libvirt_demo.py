@@ -69,7 +69,7 @@ def result(**kw: object) -> DemoResult:
 def test_a_run_is_ok_only_unprivileged_complete_and_lossless(bad: dict[str, object]) -> None:
     assert result().ok
     assert not result(**bad).ok
-    assert set(result().as_dict()) >= {
+    assert set(result().to_json()) >= {
         "steps", "records_written", "records_verified", "lost", "broker_requests", "qemu_user"
     }  # fmt: skip
 
@@ -92,7 +92,7 @@ def test_demo_loses_nothing_with_qemu_unprivileged(version: str, mode: Mode) -> 
     )
 
     steps = {s.name: s for s in result.steps}
-    assert result.ok, result.as_dict()
+    assert result.ok, result.to_json()
     assert result.mode == mode
     assert result.qemu_user == "libvirt-qemu"
     assert result.lost == 0

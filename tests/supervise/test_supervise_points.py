@@ -31,7 +31,7 @@ def test_served_open_reads_the_file_and_refuses_outside(
     assert parse(done.stdout) == {"open": "ok", "content": "granted"}
     served = [r for r in sup.records if r.path == str(tmp_path / "ok")]
     assert len(served) == 1 and served[0].result == 0
-    rec = served[0].to_json()
+    rec = served[0].json_line()
     assert '"via":"seccomp"' in rec and f'"tid":{done_pid(sup)}' in rec
     done, _ = run_supervised("open", "/etc/shadow", "0", policy=Policy.from_grants(ro=[tmp_path]))
     assert parse(done.stdout)["open"] == "EACCES"
