@@ -368,6 +368,7 @@ def run(args: argparse.Namespace) -> int:
     Exit status 2 when the arguments or a build's suite cannot be used.
     """
     from testbed.iotests.builds import stock_emulator
+    from testbed.iotests.modes import Mode
     from testbed.iotests.runner import run_all
     from testbed.iotests.selection import LeftOut
 
