@@ -61,8 +61,10 @@ class Decider:
     def _refuse(self, reason: str) -> tuple[Outcome, str]:
         return self.images.refuse(reason), "none"
 
-    def _lexical_access(self, path: str, tgid: int) -> Access | None:
+    def _lexical_access(self, path: str | None, tgid: int) -> Access | None:
         assert self.profile is not None
+        if path is None:
+            return None
         if self.profile.proc_self and _proc_pid(path) == tgid:
             return Access.RO
         levels = [g.access for g in self.profile.grants if g.covers(path) is not None]
@@ -80,7 +82,10 @@ class Decider:
                 # a magic link (/proc/PID/root, /proc/PID/fd/N) or a loop: a
                 # refusal, as the gate answers for a symlink it will not follow
                 return self._refuse("path goes through a magic link or a symlink loop")
-            level = self._lexical_access(path, tgid)
+            # the name as asked, or with its existing part resolved (bin/../etc/...)
+            named = [self._lexical_access(p, tgid) for p in (path, _real_name_of_missing(path))]
+            levels = [lv for lv in named if lv is not None]
+            level = max(levels) if levels else None
             if level is None:
                 return self._refuse("not under any grant or the system profile")
             if level < needed_access(request.flags):
@@ -105,6 +110,33 @@ class Decider:
         if not self.profile.policy.covering(real):
             return self._refuse(f"resolves to {real}, outside the grants and the system profile")
         return self.system.handle(resolved), "system"
+
+
+def _real_name_of_missing(path: str) -> str | None:
+    """``path`` with its longest existing ancestor resolved by the kernel, or None.
+
+    A missing file's name may reach its grant only through ``..`` or a
+    symlink (a build's ``bin/../etc/qemu/qemu.conf``): the part that exists
+    is resolved as step 1 resolves a whole path, and the missing rest is
+    joined to it, unless the rest has a ``..`` (which could only be judged by
+    resolving what does not exist): then None, and the name is judged as asked.
+    """
+    head, rest = path, list[str]()
+    while head not in ("/", ""):
+        head, tail = os.path.split(head)
+        rest.insert(0, tail)
+        try:
+            fd = openat2(AT_FDCWD, head or "/", os.O_PATH | os.O_CLOEXEC, 0, RESOLVE_NO_MAGICLINKS)
+        except OSError:
+            continue
+        try:
+            real = os.readlink(f"/proc/self/fd/{fd}")
+        finally:
+            os.close(fd)
+        if ".." in rest:
+            return None
+        return os.path.join(real, *rest)
+    return None
 
 
 def _proc_pid(path: str) -> int | None:

@@ -11,8 +11,8 @@ a ``[profile]`` table for what only the supervisor needs::
     proc_self = true          # the caller's own /proc/PID (and its tasks), read-only
     exec = ["/usr/bin/stdbuf"] # executables Landlock lets it run (the command's own
                               # binary and ELF interpreter are always added)
-    command_prefix = true     # also the command's install prefix (the directory
-                              # above its bin/), read-only, when that is not /usr
+    command_prefix = true     # also bin/../etc/qemu and bin/../share/qemu of the
+                              # command, read-only, when bin/.. is not /usr
 
     [[grant]]                 # exactly as in a broker policy file
     path = "/usr/lib"
@@ -60,22 +60,32 @@ class SystemProfile:
         return any(g.covers(path) is not None for g in self.grants)
 
     def for_command(self, binary: str | Path) -> SystemProfile:
-        """This profile, plus ``binary``'s install prefix read-only if it asks for that.
+        """This profile, plus ``binary``'s own QEMU directories read-only if it asks for that.
 
-        A QEMU built with a prefix (10.0's stock oracle) finds its firmware,
-        keymaps and ``etc/qemu/qemu.conf`` relative to its binary; a refusal
-        there is EACCES, which QEMU takes as fatal for qemu.conf.  The prefix
-        is ``bin/..`` of the resolved binary; ``/usr`` (a distribution's QEMU)
-        is already described by the grants.
+        A QEMU built with a prefix (10.0's stock oracle) reads
+        ``bin/../etc/qemu/qemu.conf`` and looks for data in
+        ``bin/../share/qemu``; a refusal of qemu.conf is EACCES, which QEMU
+        takes as fatal, where an absent file under a grant answers ENOENT.
+        Only those two directories are granted, and only for a binary in a
+        directory named ``bin`` outside ``/usr`` (a distribution's QEMU is
+        described by the grants already): never the whole prefix, which for
+        an arbitrary command could be ``/`` or a home directory.
         """
-        prefix = Path(os.path.realpath(binary)).parent.parent
-        if not self.command_prefix or prefix == Path("/usr") or self.covers(str(prefix)):
+        real = Path(os.path.realpath(binary))
+        prefix = real.parent.parent
+        if not self.command_prefix or real.parent.name != "bin" or prefix == Path("/usr"):
             return self
-        extra = Grant(path=str(prefix), access=Access.RO, hardlinks=True)
+        extra = tuple(
+            Grant(path=str(prefix / sub), access=Access.RO, hardlinks=True)
+            for sub in ("etc/qemu", "share/qemu")
+            if not self.covers(str(prefix / sub))
+        )
+        if not extra:
+            return self
         return dataclasses.replace(
             self,
-            grants=(*self.grants, extra),
-            policy=dataclasses.replace(self.policy, grants=(*self.policy.grants, extra)),
+            grants=(*self.grants, *extra),
+            policy=dataclasses.replace(self.policy, grants=(*self.policy.grants, *extra)),
         )
 
     def landlock_rules(self) -> list[tuple[str, FS]]:
@@ -83,6 +93,10 @@ class SystemProfile:
         ioctls for grants that allow devices) for ``rw``, also creating for ``create``."""
         rules = []
         for g in self.grants:
+            if not os.path.lexists(g.path):
+                # Landlock needs an existing path; a missing one grants nothing and
+                # opening beneath it fails with ENOENT before Landlock is asked.
+                continue
             rights = FS.READ_FILE | FS.READ_DIR
             if g.access >= Access.RW:
                 rights |= FS.WRITE_FILE | FS.TRUNCATE

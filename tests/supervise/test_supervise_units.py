@@ -196,22 +196,32 @@ def test_policy_toml_round_trips(tmp_path: Path) -> None:
     assert Policy.from_toml(f) == policy
 
 
-def test_profile_grants_a_builds_own_prefix_and_not_usr(tmp_path: Path) -> None:
+def test_profile_grants_a_builds_own_qemu_directories_only(tmp_path: Path) -> None:
     """A QEMU built with a prefix reads bin/../etc/qemu/qemu.conf: EACCES there is fatal."""
     prof = load_profile("qemu")
     assert prof.command_prefix
     build = tmp_path / "build"
     (build / "bin").mkdir(parents=True)
     (build / "bin" / "qemu-system-x86_64").touch()
+    (build / "share" / "qemu").mkdir(parents=True)
+    (build / "secret").touch()
     conf = build / "etc" / "qemu" / "qemu.conf"
     assert not prof.covers(str(conf))
     ours = prof.for_command(build / "bin" / "qemu-system-x86_64")
     assert ours.covers(str(conf))
-    assert ours.policy.grants[-1].path == str(build)
-    assert not ours.policy.grants[-1].access > Access.RO
-    assert (str(build), landlock.FS.READ_FILE | landlock.FS.READ_DIR) in ours.landlock_rules()
+    assert ours.covers(str(build / "share" / "qemu" / "bios.bin"))
+    # never the whole prefix: it could hold anything
+    assert not ours.covers(str(build / "secret"))
+    assert not ours.covers(str(build / "bin" / "qemu-system-x86_64"))
+    assert all(g.access == Access.RO for g in ours.policy.grants[-2:])
+    rules = dict(ours.landlock_rules())
+    assert rules[str(build / "share" / "qemu")] == landlock.FS.READ_FILE | landlock.FS.READ_DIR
+    assert str(build / "etc" / "qemu") not in rules  # absent: Landlock needs a real path
     # Debian's QEMU is under /usr, which the grants already describe.
     assert prof.for_command("/usr/bin/qemu-system-x86_64") is prof
+    # A command not in a bin/ directory gets nothing (its parent's parent may be /).
+    (tmp_path / "tool").touch()
+    assert prof.for_command(tmp_path / "tool") is prof
     # A profile that does not ask for it never grows.
     off = dataclasses.replace(prof, command_prefix=False)
     assert off.for_command(build / "bin" / "qemu-system-x86_64") is off
@@ -222,3 +232,32 @@ def test_profile_command_prefix_must_be_a_bool(tmp_path: Path) -> None:
     bad.write_text('[profile]\ncommand_prefix = "yes"\n')
     with pytest.raises(PolicyError, match="command_prefix"):
         load_profile(bad)
+
+
+def test_a_missing_file_reached_through_dotdot_answers_enoent_under_its_grant(
+    tmp_path: Path,
+) -> None:
+    """10.0's stock build asks for ``bin/../etc/qemu/qemu.conf``, which does not exist:
+    ENOENT (as open(2) says) under the granted etc/qemu, EACCES anywhere else."""
+    from testbed.broker import Policy
+    from testbed.supervise.decide import Decider
+
+    build = tmp_path / "build"
+    (build / "bin").mkdir(parents=True)
+    (build / "bin" / "qemu-system-x86_64").touch()
+    prof = load_profile("qemu").for_command(build / "bin" / "qemu-system-x86_64")
+    decider = Decider(Policy(), prof)
+    try:
+        asked = f"{build}/bin/../etc/qemu/qemu.conf"
+        outcome, part = decider.decide(asked, os.O_RDONLY, 0, tgid=os.getpid())
+        assert (outcome.result, part) == (-errno.ENOENT, "system")
+        # the same trick towards a directory no grant covers is refused, not ENOENT
+        outside = f"{build}/bin/../elsewhere/qemu.conf"
+        outcome, _ = decider.decide(outside, os.O_RDONLY, 0, tgid=os.getpid())
+        assert outcome.result == -errno.EACCES
+        # a ".." in the missing part is not resolved by hand: refused
+        tricky = f"{build}/etc/missing/../../secret"
+        outcome, _ = decider.decide(tricky, os.O_RDONLY, 0, tgid=os.getpid())
+        assert outcome.result == -errno.EACCES
+    finally:
+        decider.close()
