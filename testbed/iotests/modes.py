@@ -126,7 +126,8 @@ def wrapper_text(
         'for d in "$TEST_DIR" "$SOCK_DIR" "$TMPDIR"; do\n'
         '  [ -d "$d" ] && grants+=(--allow-create "$(realpath "$d")")\n'
         "done\n"
-        f"exec {supervise} supervise --allow-symlinks"
+        # --die-with-supervisor: the suite's _cleanup_qemu kill -KILLs this pid
+        f"exec {supervise} supervise --die-with-supervisor --allow-symlinks"
         ' "${grants[@]}" --allow-ro "$(realpath .)"'
         ' --audit "$TESTBED_IOTESTS_RUNDIR/audit.jsonl"'
         f' -- {target} {firmware} "$@"\n'

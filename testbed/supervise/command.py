@@ -117,6 +117,13 @@ def register(sub: Any) -> None:
         metavar="N",
         help="opens served at once; more wait (default 32: that many hung opens stall the rest)",
     )
+    p.add_argument(
+        "--die-with-supervisor",
+        action="store_true",
+        help="SIGKILL COMMAND if the supervisor dies (by default COMMAND keeps running "
+        "and its later opens fail ENOSYS); for callers that take this pid for COMMAND's "
+        "and kill -KILL it, as QEMU's iotests do",
+    )
     p.add_argument("command", nargs=argparse.REMAINDER, help="-- COMMAND ARGS...")
     p.set_defaults(func=run)
 
@@ -140,6 +147,7 @@ def run(args: argparse.Namespace) -> int:
             keep_records=False,
             exec_paths=args.allow_exec,
             max_workers=args.max_workers,
+            die_with_supervisor=args.die_with_supervisor,
         )
     except (PolicyError, SuperviseError, OSError, ValueError) as err:
         print(f"testbed supervise: {err}", file=sys.stderr)

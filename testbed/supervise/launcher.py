@@ -25,7 +25,9 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import errno
 import os
+import signal
 import socket
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -33,6 +35,7 @@ from dataclasses import dataclass
 from testbed.supervise import landlock
 from testbed.supervise.seccomp import (
     PR_SET_NO_NEW_PRIVS,
+    PR_SET_PDEATHSIG,
     SECCOMP_FILTER_FLAG_NEW_LISTENER,
     SECCOMP_FILTER_FLAG_WAIT_KILLABLE_RECV,
     install_filter,
@@ -54,6 +57,9 @@ class ChildPlan:
     ruleset_fd: int | None = None
     proc_self_rights: landlock.FS | None = None
     wait_killable: bool = True
+    #: SIGKILL the command when the supervisor dies (PR_SET_PDEATHSIG), for
+    #: callers that take the supervisor's pid for the command's.
+    die_with_parent: bool = False
 
 
 def child_side(plan: ChildPlan) -> Callable[[], None]:
@@ -63,10 +69,19 @@ def child_side(plan: ChildPlan) -> Callable[[], None]:
     if plan.wait_killable:
         flags |= SECCOMP_FILTER_FLAG_WAIT_KILLABLE_RECV
     sock = plan.sock
+    parent = os.getpid()
 
     def run() -> None:
         step = "prctl(PR_SET_NO_NEW_PRIVS)"
         try:
+            if plan.die_with_parent:
+                step = "prctl(PR_SET_PDEATHSIG)"
+                if lib.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
+                    code = ctypes.get_errno()
+                    raise OSError(code, os.strerror(code))
+                if os.getppid() != parent:  # it died before the prctl took effect
+                    raise OSError(errno.ESRCH, "the supervisor is gone")
+                step = "prctl(PR_SET_NO_NEW_PRIVS)"
             if lib.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0:
                 code = ctypes.get_errno()
                 raise OSError(code, os.strerror(code))

@@ -62,6 +62,7 @@ class Supervisor:
         exec_paths: Sequence[str | Path] = (),
         max_workers: int = DEFAULT_MAX_WORKERS,
         wait_killable: bool = True,
+        die_with_supervisor: bool = False,
     ) -> None:
         self.policy = policy if policy is not None else Policy()
         self.profile = load_profile(profile) if isinstance(profile, str | Path) else profile
@@ -71,6 +72,9 @@ class Supervisor:
         self.max_workers = max_workers
         #: Off only to show what the flag prevents (tests); never in use.
         self.wait_killable = wait_killable
+        #: SIGKILL the command if this process dies first (off: a killed
+        #: supervisor leaves QEMU running on the fds it has, opens failing ENOSYS).
+        self.die_with_supervisor = die_with_supervisor
         # Say what is missing before anything starts: no silent fallback.
         if self.serving:
             check_user_notification()
@@ -111,6 +115,7 @@ class Supervisor:
                 else None
             ),
             wait_killable=self.wait_killable,
+            die_with_parent=self.die_with_supervisor,
         )
         # The receiver must be up before the child installs its filter: any open
         # it makes before execve (or execve's own failure path) needs an answer.
@@ -277,7 +282,7 @@ def supervised_popen(
     for the supervisor go to ``subprocess.Popen``."""
     names = {
         "profile", "landlock", "landlock_only", "audit_path", "keep_records",
-        "exec_paths", "max_workers", "wait_killable",
+        "exec_paths", "max_workers", "wait_killable", "die_with_supervisor",
     }  # fmt: skip
     sup_kwargs = {k: kwargs.pop(k) for k in list(kwargs) if k in names}
     sup = Supervisor(policy, **sup_kwargs)
