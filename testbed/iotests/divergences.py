@@ -34,7 +34,8 @@ KNOWN: tuple[KnownDivergence, ...] = (
         added=r"QEMU_PROG: -drive driver=null-co,snapshot=on: Could not open temporary file "
         r"SNAPSHOT_PATH: Permission denied",
         reason="TMPDIR=/nonexistent: the -snapshot overlay is created through the hook "
-        "(patch 0006); /nonexistent is under no grant, and the broker answers every "
+        "(patch 0006) or the supervisor; /nonexistent is under no grant, and the broker "
+        "(and the supervisor, the same policy engine) answers every "
         "refusal with EACCES whether or not the path exists, so that a confined QEMU "
         "learns nothing about files outside its grants. QEMU alone gets ENOENT.",
     ),
