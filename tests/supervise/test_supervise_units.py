@@ -261,3 +261,20 @@ def test_a_missing_file_reached_through_dotdot_answers_enoent_under_its_grant(
         assert outcome.result == -errno.EACCES
     finally:
         decider.close()
+
+
+def test_a_shell_redirect_to_dev_null_is_served(tmp_path: Path) -> None:
+    """`migrate uri=exec:cat >/dev/null`: the shell inherits the filter and opens
+    /dev/null with O_CREAT|O_TRUNC (iotests 203, 234, 262, 280 migrate that way)."""
+    from testbed.broker import Policy
+    from testbed.supervise.decide import Decider
+
+    decider = Decider(Policy(), load_profile("qemu"))
+    try:
+        flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC
+        outcome, part = decider.decide("/dev/null", flags, 0o666, tgid=os.getpid())
+        assert (outcome.result, part) == (0, "system"), outcome.reason
+        assert outcome.fd is not None
+        os.close(outcome.fd)
+    finally:
+        decider.close()
