@@ -65,6 +65,10 @@ examples:
 
 
 def register(sub: Any) -> None:
+    """The ``supervise`` subcommand and its options.
+
+    Long because it is one flat list of options; split, they would only scatter.
+    """
     p: argparse.ArgumentParser = sub.add_parser(
         "supervise",
         help="run a command (an unmodified QEMU) with its opens served by seccomp notification",

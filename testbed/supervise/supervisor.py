@@ -97,12 +97,7 @@ class Supervisor:
         words = [str(w) for w in argv]
         if not words:
             raise SuperviseError("popen: empty command")
-        if self.profile is not None and self.profile.command_prefix:
-            profile = self.profile.for_command(self._which(words[0], kwargs.get("env")))
-            if profile is not self.profile:
-                self.decider.close()
-                self.profile = profile
-                self.decider = Decider(self.policy, profile)
+        self._fit_profile(words[0], kwargs.get("env"))
         ruleset = self._ruleset(words, kwargs.get("env")) if self.landlock else None
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         plan = ChildPlan(
@@ -149,6 +144,16 @@ class Supervisor:
                 raise SuperviseError(f"{words[0]} started without sending its listener")
             log.info("pid %d runs %s under the filter", self.process.pid, words[0])
         return self.process
+
+    def _fit_profile(self, program: str, env: Any) -> None:
+        """The profile plus the command's own QEMU directories, if it asks for them."""
+        if self.profile is None or not self.profile.command_prefix:
+            return
+        profile = self.profile.for_command(self._which(program, env))
+        if profile is not self.profile:
+            self.decider.close()
+            self.profile = profile
+            self.decider = Decider(self.policy, profile)
 
     def _serve(self, listener: Listener) -> NotificationServer:
         server = NotificationServer(
