@@ -351,16 +351,20 @@ def _outcome_md(r: ScenarioResult, oracle: Oracle) -> str:
     return "works" if fd.ok else "fails: " + _md(fd.first_error)[:160]
 
 
+def _versions_head() -> list[str]:
+    """The columns of the per-version table (Markdown and HTML alike)."""
+    return ["QEMU", Kind.PATCHED, Kind.STOCK, "scenarios", "status",
+            *(o.title for o in by_outcome())]  # fmt: skip
+
+
+def _outcome_counts(s: dict[str, Any]) -> list[str]:
+    """One cell per outcome-judged oracle: how many scenarios work and fail."""
+    return [f"work in {s[o.name + '_works']}, fail in {s[o.name + '_fails']}" for o in by_outcome()]
+
+
 def _versions_md(results: list[ScenarioResult], meta: dict[str, Any]) -> list[str]:
     """The title, the run and one row per QEMU version."""
-    head = [
-        "QEMU",
-        Kind.PATCHED,
-        Kind.STOCK,
-        "scenarios",
-        "status",
-        *(o.title for o in by_outcome()),
-    ]
+    head = _versions_head()
     out = [
         "# open-hook-fd comparison report",
         "",
@@ -376,10 +380,7 @@ def _versions_md(results: list[ScenarioResult], meta: dict[str, Any]) -> list[st
         out.append(
             f"| {v} | `{pa}` | `{st}` | {s['scenarios']} | "
             + _status_counts(s)
-            + "".join(
-                f" | work in {s[o.name + '_works']}, fail in {s[o.name + '_fails']}"
-                for o in by_outcome()
-            )
+            + "".join(f" | {cell}" for cell in _outcome_counts(s))
             + " |"
         )
     return out
@@ -576,14 +577,7 @@ def _outcome_html(r: ScenarioResult, oracle: Oracle) -> str:
 
 
 def _versions_html(results: list[ScenarioResult], meta: dict[str, Any]) -> list[str]:
-    head = [
-        "QEMU",
-        Kind.PATCHED,
-        Kind.STOCK,
-        "scenarios",
-        "status",
-        *(o.title for o in by_outcome()),
-    ]
+    head = _versions_head()
     parts = [
         f"<!doctype html><meta charset=utf-8><title>open-hook-fd comparison</title>"
         f"<style>{_CSS}</style><h1>open-hook-fd comparison report</h1>",
@@ -597,10 +591,7 @@ def _versions_html(results: list[ScenarioResult], meta: dict[str, Any]) -> list[
         parts.append(
             f"<tr><td>{_e(v)}<td>{_e(pa)}<td>{_e(st)}<td>{s['scenarios']}<td>"
             + _e(_status_counts(s))
-            + "".join(
-                f"<td>work in {s[o.name + '_works']}, fail in {s[o.name + '_fails']}"
-                for o in by_outcome()
-            )
+            + "".join(f"<td>{cell}" for cell in _outcome_counts(s))
             + "</tr>"
         )
     parts.append("</table>")
