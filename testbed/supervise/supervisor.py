@@ -146,10 +146,14 @@ class Supervisor:
         return self.process
 
     def _fit_profile(self, program: str, env: Any) -> None:
-        """The profile plus the command's own QEMU directories, if it asks for them."""
+        """The profile plus the QEMU directories of every executable the command may
+        run (``program`` and ``exec_paths``: a wrapper such as stdbuf execs QEMU),
+        if the profile asks for them."""
         if self.profile is None or not self.profile.command_prefix:
             return
-        profile = self.profile.for_command(self._which(program, env))
+        profile = self.profile
+        for path in (self._which(program, env), *self.exec_paths):
+            profile = profile.for_command(path)
         if profile is not self.profile:
             self.decider.close()
             self.profile = profile

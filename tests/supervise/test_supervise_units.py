@@ -278,3 +278,23 @@ def test_a_shell_redirect_to_dev_null_is_served(tmp_path: Path) -> None:
         os.close(outcome.fd)
     finally:
         decider.close()
+
+
+def test_the_supervisor_fits_the_profile_to_every_executable(tmp_path: Path) -> None:
+    """A wrapper (stdbuf) execs QEMU: the build's qemu.conf is granted through --allow-exec."""
+    from testbed.supervise import Supervisor
+
+    build = tmp_path / "build"
+    (build / "bin").mkdir(parents=True)
+    qemu = build / "bin" / "qemu-system-x86_64"
+    qemu.touch()
+    qemu.chmod(0o755)
+    sup = Supervisor(exec_paths=[qemu], keep_records=False)
+    try:
+        assert sup.profile is not None
+        conf = str(build / "etc" / "qemu" / "qemu.conf")
+        assert not sup.profile.covers(conf)
+        sup._fit_profile("stdbuf", None)
+        assert sup.profile.covers(conf)
+    finally:
+        sup.close()

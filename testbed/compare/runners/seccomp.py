@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from importlib import resources
 from pathlib import Path
 
 from testbed.compare.compare import KNOWN_DIVERGENCES as ALL_DIVERGENCES
@@ -27,7 +26,6 @@ from testbed.qemu import Machine
 from testbed.qemu.binaries import is_runnable
 from testbed.supervise.landlock import abi_version
 from testbed.supervise.machine import supervise_wrapper
-from testbed.supervise.profile import DEFAULT_PROFILE
 from testbed.supervise.seccomp import check_user_notification
 from testbed.supervise.target import AT_FDCWD
 
@@ -78,8 +76,8 @@ def run(setup: Setup) -> OracleResult:
         landlock=True,
         audit=audit,
         # stdbuf (line_buffered) execs QEMU: Landlock must let it
+        # (and the supervisor grants its bin/../etc/qemu and share/qemu: command_prefix)
         exec_paths=(binary,),
-        profile=build_profile(binary, workdir),
     )
     config = dataclasses.replace(config, wrapper=wrapper + config.wrapper)
     run_qemu_scenario(Machine(config), setup, result)
@@ -87,30 +85,6 @@ def run(setup: Setup) -> OracleResult:
     result.log = str(config.log_path)
     result.extra["audit"] = str(audit)
     return result
-
-
-def build_profile(binary: Path, workdir: Path) -> Path | None:
-    """The system profile plus ``binary``'s install prefix, for a QEMU not under /usr.
-
-    A build (10.0's stock oracle) finds its firmware, keymaps and
-    ``etc/qemu/qemu.conf`` relative to its binary; a refusal there is
-    EACCES, which QEMU takes as fatal for qemu.conf.  None: the built-in
-    profile covers it (Debian's QEMU).
-    """
-    prefix = binary.resolve().parent.parent
-    if prefix == Path("/usr"):
-        return None
-    base = (
-        resources.files("testbed.supervise") / "profiles" / f"{DEFAULT_PROFILE}.toml"
-    ).read_text()
-    path = workdir / "system-profile.toml"
-    workdir.mkdir(parents=True, exist_ok=True)
-    path.write_text(
-        base
-        + f"\n# the build's own share/ and etc/ ({binary})\n[[grant]]\n"
-        + f'path = {json.dumps(str(prefix))}\naccess = "ro"\nhardlinks = true\n'
-    )
-    return path
 
 
 #: The known divergences of the pairs this oracle is in (they live in
