@@ -122,6 +122,14 @@ def _policy_arguments(p: argparse.ArgumentParser) -> None:
             "it itself, and openat(fd, '..') climbs out: docs/broker.md)"
         ),
     )
+    p.add_argument(
+        "--allow-devices",
+        action="store_true",
+        help=(
+            "open device nodes, FIFOs and sockets beneath the flag grants (never "
+            "blocking the broker: a FIFO is opened O_NONBLOCK; docs/broker.md)"
+        ),
+    )
     p.add_argument("--policy", metavar="FILE", help="TOML policy file (see below)")
     p.add_argument(
         "--refuse-errno",
@@ -158,6 +166,7 @@ def build_policy(args: argparse.Namespace) -> Policy:
         create=args.allow_create,
         symlinks=args.allow_symlinks,
         directories=args.allow_directories,
+        devices=args.allow_devices,
     )
     policy = flags_policy
     if args.policy:

@@ -53,10 +53,12 @@ root descriptors on :meth:`Gate.close`.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import os
 import stat
+import threading
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -214,8 +216,17 @@ class Gate:
     for anything a peer can send.
     """
 
-    def __init__(self, policy: Policy) -> None:
+    def __init__(self, policy: Policy, *, may_block: bool = False) -> None:
         self._policy = policy
+        #: Open an allowed FIFO as the peer asked, blocking until its other
+        #: end opens as open(2) would: only for a caller that serves each open
+        #: in a thread of its own (the supervisor).  The broker's one loop
+        #: must never block, so by default a FIFO is opened O_NONBLOCK (a
+        #: writer with no reader gets ENXIO, a reader may read EOF at once).
+        self._may_block = may_block
+        #: thread id -> the O_PATH fd of the FIFO it is blocked opening
+        self._blocked: dict[int, int] = {}
+        self._blocked_lock = threading.Lock()
         self._roots: dict[Grant, int | None] = {}
         self._resolve = {g: resolve_flags(g) for g in policy.grants}
         #: (fork generation, dirfd of /proc/self/fd): a forked child must not
@@ -439,13 +450,17 @@ class Gate:
                 return Outcome(result=-errno.ELOOP, reason="O_NOFOLLOW and the name is a symlink")
             elif not grant.devices:
                 return self.refuse(f"{_DEVICE_KINDS[kind]} and the grant does not allow devices")
-            else:
+            elif not (self._may_block and kind == stat.S_IFIFO):
                 extra |= os.O_NONBLOCK  # an allowed FIFO or tty must not block the broker
             proc = self._proc_fd
             if proc is None or proc[0] != _forks[0]:
                 proc = (0, self._proc_fds())
             # unknown bits (any u32 a peer sends) are dropped, as open(2) ignores them
-            fd = os.open(str(opath), (flags & _KNOWN_FLAGS & ~_REOPEN_DROP) | extra, dir_fd=proc[1])
+            how = (flags & _KNOWN_FLAGS & ~_REOPEN_DROP) | extra
+            if kind == stat.S_IFIFO and not how & os.O_NONBLOCK:
+                fd = self._open_blocking(opath, how, proc[1])
+            else:
+                fd = os.open(str(opath), how, dir_fd=proc[1])
         except OSError as err:
             return Outcome.failed(err)
         finally:
@@ -463,6 +478,31 @@ class Gate:
             os.close(fd)
             return Outcome.failed(err)
         return Outcome(result=0, fd=fd)
+
+    def _open_blocking(self, opath: int, how: int, proc: int) -> int:
+        """Open a FIFO and wait for its other end, where :meth:`release_blocked` can see it."""
+        me = threading.get_ident()
+        with self._blocked_lock:
+            self._blocked[me] = opath
+        try:
+            return os.open(str(opath), how, dir_fd=proc)
+        finally:
+            with self._blocked_lock:  # before the caller closes opath (its number is reused)
+                del self._blocked[me]
+
+    def release_blocked(self) -> int:
+        """Wake every thread blocked opening a FIFO; how many there were.
+
+        Opening the FIFO ``O_RDWR | O_NONBLOCK`` ourselves (which never blocks)
+        is the other end its opener waits for; we close ours at once.  A
+        supervisor shutting down calls this, or its workers would wait for
+        a peer that may never come.
+        """
+        with self._blocked_lock:
+            for opath in self._blocked.values():
+                with contextlib.suppress(OSError):
+                    os.close(os.open(f"/proc/self/fd/{opath}", os.O_RDWR | os.O_NONBLOCK))
+            return len(self._blocked)
 
     def _created(self, fd: int) -> Outcome:
         """``fd`` if a create made a new regular file (O_CREAT | O_EXCL always does)."""

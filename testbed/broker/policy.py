@@ -139,11 +139,18 @@ class Policy:
         create: Iterable[str | Path] = (),
         symlinks: bool = False,
         directories: bool = False,
+        devices: bool = False,
         **kwargs: Any,
     ) -> Policy:
         """A policy from lists of paths per access level (the command-line flags)."""
         grants = [
-            Grant(path=str(p), access=level, symlinks=symlinks, directories=directories)
+            Grant(
+                path=str(p),
+                access=level,
+                symlinks=symlinks,
+                directories=directories,
+                devices=devices,
+            )
             for level, paths in ((Access.RO, ro), (Access.RW, rw), (Access.CREATE, create))
             for p in paths
         ]

@@ -92,6 +92,12 @@ def register(sub: Any) -> None:
         action="store_true",
         help="open directories beneath the flag grants (vvfat's scan; as for 'testbed broker')",
     )
+    p.add_argument(
+        "--allow-devices",
+        action="store_true",
+        help="open device nodes, FIFOs and sockets beneath the flag grants (as for "
+        "'testbed broker'; QEMU's migration FIFOs need it)",
+    )
     p.add_argument("--policy", metavar="FILE", help="TOML policy file, as for 'testbed broker'")
     p.add_argument("--refuse-errno", metavar="ERRNO", help="errno for refusals (default EACCES)")
     p.add_argument(

@@ -43,8 +43,15 @@ class Decider:
     def __init__(self, policy: Policy, profile: SystemProfile | None) -> None:
         self.policy = policy
         self.profile = profile
-        self.images = Gate(policy)
-        self.system = Gate(profile.policy) if profile is not None else None
+        # Each open is served in a worker thread of its own, so a FIFO may
+        # block as open(2) would (QEMU's `exec:cat >FIFO` migrations).
+        self.images = Gate(policy, may_block=True)
+        self.system = Gate(profile.policy, may_block=True) if profile is not None else None
+
+    def release_blocked(self) -> int:
+        """Wake the workers blocked opening a FIFO (see Gate.release_blocked)."""
+        gates = (self.images, self.system) if self.system else (self.images,)
+        return sum(g.release_blocked() for g in gates)
 
     def close(self) -> None:
         self.images.close()

@@ -308,9 +308,13 @@ class NotificationServer:
             for _ in range(n):
                 self._queue.put(None)
             # Workers may still be answering: the listener closes after the last
-            # is done, so its fd number cannot be reused under one of them.
+            # is done, so its fd number cannot be reused under one of them.  One
+            # blocked opening a FIFO whose other end never comes is woken.
             for t in list(self._workers):
-                t.join()
+                while t.is_alive():
+                    if self.decider.release_blocked():
+                        log.info("woke a worker blocked opening a FIFO, to stop")
+                    t.join(0.1)
             self.listener.close()
             with self._lock:
                 self._finished = True

@@ -6,6 +6,7 @@ import errno
 import os
 import stat
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -205,6 +206,58 @@ def test_devices_allowed_by_rule(tmp_path: Path) -> None:
     assert out.result == 0 and out.fd is not None
     assert os.get_blocking(out.fd)  # the broker's O_NONBLOCK was taken back off
     os.close(out.fd)
+    gate.close()
+
+
+def _fifo_gate(tmp_path: Path, *, may_block: bool) -> tuple[Gate, Path]:
+    from testbed.broker.policy import Access, Grant
+
+    os.mkfifo(tmp_path / "fifo")
+    grant = Grant(path=str(tmp_path), access=Access.RW, devices=True)
+    return Gate(Policy(grants=(grant,)), may_block=may_block), tmp_path / "fifo"
+
+
+def test_the_broker_never_waits_for_a_fifos_other_end(tmp_path: Path) -> None:
+    gate, fifo = _fifo_gate(tmp_path, may_block=False)
+    # O_NONBLOCK, as a single-threaded broker must: a writer with no reader is ENXIO
+    assert result(gate, fifo, os.O_WRONLY) == -errno.ENXIO
+    gate.close()
+
+
+def test_a_blocking_gate_opens_a_fifo_as_open2_would(tmp_path: Path) -> None:
+    """The supervisor's gate: a writer waits for its reader, then has a working pipe."""
+    gate, fifo = _fifo_gate(tmp_path, may_block=True)
+    got: dict[str, int | None] = {}
+    writer = threading.Thread(target=lambda: got.update(w=gate.handle(req(fifo, os.O_WRONLY)).fd))
+    writer.start()
+    writer.join(0.3)
+    assert writer.is_alive(), "the writer should wait for a reader, as open(2) does"
+    reader = os.open(fifo, os.O_RDONLY)
+    writer.join(10)
+    assert not writer.is_alive()
+    w = got["w"]
+    assert w is not None
+    os.write(w, b"through")
+    assert os.get_blocking(w)
+    assert os.read(reader, 7) == b"through"
+    os.close(w)
+    os.close(reader)
+    gate.close()
+
+
+def test_release_blocked_wakes_a_fifo_opener_nobody_will_meet(tmp_path: Path) -> None:
+    gate, fifo = _fifo_gate(tmp_path, may_block=True)
+    outcomes = []
+    opener = threading.Thread(target=lambda: outcomes.append(gate.handle(req(fifo))))
+    opener.start()
+    deadline = time.monotonic() + 10
+    while not gate.release_blocked() and time.monotonic() < deadline:
+        time.sleep(0.02)  # until the opener is inside its open
+    opener.join(10)
+    assert not opener.is_alive() and outcomes[0].result == 0
+    assert outcomes[0].fd is not None
+    os.close(outcomes[0].fd)
+    assert gate.release_blocked() == 0
     gate.close()
 
 

@@ -42,6 +42,24 @@ def _child_of(pid: int, timeout: float = 30.0) -> int:
     raise AssertionError(f"timed out after {timeout}s waiting for a child of {pid}")
 
 
+_SLEEP_SYSCALLS = {"35", "230"}  # nanosleep, clock_nanosleep on x86-64
+
+
+def _asleep(pid: int, timeout: float = 30.0) -> None:
+    """Wait until `sleep` blocks in its sleep: every open it makes (ld.so, libc) is done by then.
+
+    Killing the supervisor earlier leaves the loader's own opens unanswered
+    (ENOSYS), and the command dies of that rather than of the kill.
+    """
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with contextlib.suppress(OSError):
+            if Path(f"/proc/{pid}/syscall").read_text().split()[0] in _SLEEP_SYSCALLS:
+                return
+        time.sleep(0.05)
+    raise AssertionError(f"timed out after {timeout}s waiting for {pid} to block in its sleep")
+
+
 def _alive(pid: int) -> bool:
     try:
         state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
@@ -59,6 +77,7 @@ def test_a_killed_supervisor_takes_its_command_along_only_when_asked(die: bool) 
     )
     child = _child_of(sup.pid)
     try:
+        _asleep(child)
         sup.kill()
         sup.wait(10)
         deadline = time.monotonic() + 10
