@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from testbed.bench.placement import Placement
 from testbed.bench.qemus import DEFAULT_VERSION
 
 DESCRIPTION = """\
@@ -76,6 +77,14 @@ def _add_what_options(parser: argparse.ArgumentParser) -> None:
         "always run unpinned)",
     )
     parser.add_argument(
+        "--sweep-placement",
+        choices=[p.value for p in Placement],
+        default=Placement.CROSS_CORE.value,
+        help="where the sweep's broker and clients run (default cross-core: the broker on "
+        "the first CPU, every client process on the second, so the load generator does not "
+        "compete with the server it measures; unpinned leaves all 65 to the scheduler)",
+    )
+    parser.add_argument(
         "--check-syscalls",
         action="store_true",
         help="compare the floor's per-request syscalls with the broker's, and exit",
@@ -128,13 +137,15 @@ def parse_clients(text: str) -> tuple[int, ...]:
 
 def plan_from(args: argparse.Namespace) -> Any:
     from testbed.bench.experiments import EXPERIMENTS
-    from testbed.bench.placement import Placement
     from testbed.bench.plan import FULL, QUICK
     from testbed.bench.qemus import default_versions, versions
     from testbed.bench.transports import TRANSPORTS
 
     plan = QUICK if args.quick else FULL
-    changes: dict[str, Any] = {"qemu_placement": Placement(args.qemu_placement)}
+    changes: dict[str, Any] = {
+        "qemu_placement": Placement(args.qemu_placement),
+        "sweep_placement": Placement(args.sweep_placement),
+    }
     if args.qemu_version:
         wanted = parse_list(args.qemu_version.replace(" ", ","), "--qemu-version", known=versions())
         changes["qemu_versions"] = tuple(dict.fromkeys(wanted))  # once each, in order

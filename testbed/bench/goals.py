@@ -53,7 +53,7 @@ GOALS: tuple[Goal, ...] = (
     Goal(key="hook_vs_qmp_addfd", op=Op.AT_LEAST, target=15,
          what="fds handed over per second: broker / QMP add-fd+remove-fd (both unpinned)"),
     Goal(key="broker_64_vs_broker_1", op=Op.AT_LEAST, target=1.0,
-         what="broker throughput, 64 clients / 1 client (unpinned)"),
+         what="broker throughput, 64 clients / 1 client (the sweep's placement)"),
     Goal(key="broker_64_p99_vs_littles_mean", op=Op.AT_MOST, target=2.0,
          what="p99 latency at 64 clients / (64 / throughput)"),
 )  # fmt: skip
@@ -83,6 +83,11 @@ INFORMATION: tuple[Information, ...] = (
     Information(key="startup_landlock_vs_plain",
                 what="start to QMP greeting, chain depth 1, stock QEMU: under the supervisor and "
                      "Landlock / plain"),
+    Information(key="qemu_hook_floor_vs_path",
+                what="blockdev-add alone: hook to the Python floor (the broker's system calls, "
+                     "nothing else) / by path"),
+    Information(key="qemu_hook_vs_hook_floor",
+                what="blockdev-add alone: hook to the Python broker / to the Python floor"),
     Information(key="blockdev_add_supervised_vs_path",
                 what="blockdev-add of a file node, stock QEMU: under the supervisor / by path"),
 )  # fmt: skip

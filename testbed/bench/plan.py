@@ -27,6 +27,9 @@ class Plan:
     #: where the harness, QEMU and its broker run for blockdev, startup and snapshot
     #: (the storm and the handover are always unpinned)
     qemu_placement: Placement = Placement.UNPINNED
+    #: where the sweep's broker and its client processes run: cross-core keeps the
+    #: load generator off the core of the server it measures
+    sweep_placement: Placement = Placement.CROSS_CORE
     experiments: tuple[str, ...] | None = None  # None: all
     transports: tuple[str, ...] | None = None  # QEMU transports; None: all registered
 
@@ -38,6 +41,7 @@ class Plan:
     def to_json(self) -> dict[str, object]:
         d = asdict(self)
         d["qemu_placement"] = self.qemu_placement.value
+        d["sweep_placement"] = self.sweep_placement.value
         return d
 
 

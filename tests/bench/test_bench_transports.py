@@ -6,6 +6,8 @@ Needs the patched QEMU (make qemu) and qemu-img.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import os
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,7 +18,7 @@ from testbed.bench.chain import make_chain
 from testbed.bench.env import Env
 from testbed.bench.qemurun import started, storm
 from testbed.bench.qemus import versions
-from testbed.bench.runner import make_file
+from testbed.bench.runner import derive_floor, make_file
 from testbed.bench.transports import TRANSPORTS, Services
 from testbed.pytest_plugin import require
 
@@ -43,8 +45,11 @@ def test_a_chain_is_made_with_relative_backing_names(services: Services) -> None
     assert make_chain(services.root / "chains", 3) == chain  # made once
 
 
+CHAIN_TRANSPORTS = [t.name for t in TRANSPORTS if t.experiments is None]
+
+
 @pytest.mark.parametrize("version", versions())
-@pytest.mark.parametrize("name", TRANSPORTS.names())
+@pytest.mark.parametrize("name", CHAIN_TRANSPORTS)
 def test_each_transport_opens_the_whole_chain(services: Services, name: str, version: str) -> None:
     transport = TRANSPORTS.get(name)
     why = transport.unavailable(version)
@@ -66,6 +71,40 @@ def test_each_transport_opens_the_whole_chain(services: Services, name: str, ver
     count, greeting, name_later = asyncio.run(go())
     assert count == 3 and 0 < greeting < 60
     assert name_later.startswith("/dev/fdset/") == (name == "fdset")
+
+
+@pytest.mark.parametrize("version", versions())
+def test_the_floor_serves_a_hooked_blockdev_add(tmp_path: Path, version: str) -> None:
+    """hook_floor (blockdev only): QEMU's read-only open answered by the Python floor."""
+    transport = TRANSPORTS.get("hook_floor")
+    require(transport.unavailable(version) is None, str(transport.unavailable(version)))
+    require(shutil.which("strace") is not None, "strace (the floor's program is traced)")
+    file = make_file(tmp_path / "files")
+    root = (tmp_path / "qemu").resolve()
+    later = root / "later.img"
+    root.mkdir()
+    later.write_bytes(b"floor" + bytes(4091))
+    env = Env(work_dir=tmp_path, file=file, warmup=0, qemu_version=version,
+              floor_program=derive_floor(file).program)  # fmt: skip
+    services = Services(env, root)
+    assert transport.unavailable_in(services) is None
+    bare = Services(dataclasses.replace(env, floor_program=None), root)
+    assert "no program" in str(transport.unavailable_in(bare))
+
+    async def go() -> list[str]:
+        launch = transport.launch(services, None, [later], version=version)
+        async with started(transport.binary(version), launch) as q:
+            node = {"driver": "file", "filename": str(later), "node-name": "x", "read-only": True}
+            await q.execute("blockdev-add", node)
+            fds = Path(f"/proc/{q.spawned.proc.pid}/fd")
+            return [os.readlink(fd) for fd in fds.iterdir()]
+
+    try:
+        # every open of a hooked QEMU is the hook's: the floor answered this one
+        assert str(later) in asyncio.run(go())
+    finally:
+        services.close()
+    assert "blockdev" in (transport.experiments or ())
 
 
 def test_a_storm_waits_for_every_greeting(services: Services) -> None:

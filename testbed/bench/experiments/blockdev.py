@@ -32,6 +32,8 @@ NAME = "blockdev"
 RATIOS = {
     "qemu_hook_vs_path": ("hook", "path"),
     "qemu_hook_c_vs_path": ("hook_c", "path"),
+    "qemu_hook_floor_vs_path": ("hook_floor", "path"),
+    "qemu_hook_vs_hook_floor": ("hook", "hook_floor"),
     "blockdev_add_supervised_vs_path": ("seccomp", "path_debian"),
 }
 KEYS = tuple(RATIOS)

@@ -39,7 +39,9 @@ def usable(
     chosen = TRANSPORTS.select(list(ctx.plan.transports) if ctx.plan.transports else None)
     for version in versions or (ctx.plan.qemu_version,):
         for t in chosen:
-            why = t.unavailable(version)
+            if t.experiments is not None and experiment not in t.experiments:
+                continue
+            why = t.unavailable(version) or t.unavailable_in(ctx.services)
             if why:
                 rows.append(Row(experiment=experiment, transport=t.name, setting=setting,
                                 skipped=why, qemu_version=version))  # fmt: skip

@@ -9,6 +9,7 @@ from __future__ import annotations
 import abc
 import json
 import sys
+from pathlib import Path
 from typing import ClassVar, Protocol
 
 from testbed.bench.brokerload import BrokerProcess, ClientPool, SpawnedServer, broker_argv
@@ -69,12 +70,14 @@ def broker_session(env: Env, cpus: Cpus) -> PooledSession:
     return PooledSession(server, env, cpus)
 
 
-def floor_argv(env: Env) -> list[str]:
+def floor_argv(env: Env, root: Path | None = None) -> list[str]:
+    """The floor serving files beneath ``root`` (default: the ping-pong file's directory)."""
     assert env.floor_program is not None
     program = json.dumps([s.to_json() for s in env.floor_program])
+    where = env.file.parent if root is None else root
     return [
         sys.executable, "-m", "testbed.bench.pyfloor",
-        "--fd", "{fd}", "--root", str(env.file.parent), "--program", program,
+        "--fd", "{fd}", "--root", str(where), "--program", program,
     ]  # fmt: skip
 
 

@@ -81,6 +81,13 @@ class Transport(abc.ABC):
         """The QEMU it runs at ``version`` ("7.2", "10.0")."""
         return find_qemu(self.build, version)
 
+    #: the experiments it serves (None: every QEMU experiment)
+    experiments: ClassVar[frozenset[str] | None] = None
+
+    def unavailable_in(self, services: Services) -> str | None:
+        """Why this transport cannot run with this run's services (None: it can)."""
+        return None
+
     def unavailable(self, version: str) -> str | None:
         """Why this transport cannot run here on QEMU ``version`` (None: it can)."""
         try:
@@ -148,6 +155,7 @@ TRANSPORTS: Registry[Transport] = Registry(
         "hook": "hook",
         "hook_c": "hook_c",
         "fdset": "fdset",
+        "hook_floor": "hook_floor",
         "path_flat": "path_flat",
         "path_debian": "path_debian",
         "seccomp": "seccomp",
