@@ -4,6 +4,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+IOTESTS_JOBS ?= $(shell nproc)
 export TESTBED_CACHE ?= $(HOME)/.cache/testbed
 
 .PHONY: help deps venv test demo qemu images guest bench iotests lint typecheck clean
@@ -55,7 +56,7 @@ bench: venv qemu
 	$(VENV)/bin/testbed bench --json build/bench/bench.json --plot build/bench
 
 iotests: venv qemu
-	$(VENV)/bin/testbed iotests --json build/iotests/iotests.json --report build/iotests/report
+	$(VENV)/bin/testbed iotests --jobs $(IOTESTS_JOBS) --json build/iotests/iotests.json --report build/iotests/report
 
 clean:
 	rm -rf build $(VENV)

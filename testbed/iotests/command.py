@@ -64,6 +64,16 @@ def _csv(value: str) -> list[str]:
     return [v for v in (x.strip() for x in value.split(",")) if v]
 
 
+def _positive(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: need a whole number of at least 1")
+    return n
+
+
 def register(sub: Any) -> None:
     """The ``iotests`` sub-command and its options.
 
@@ -151,6 +161,16 @@ def register(sub: Any) -> None:
         metavar="N",
         help="run a failed test again up to N times; a pass on retry is reported as flaky "
         "(default 1: the machine is shared and some tests race under load)",
+    )
+    p.add_argument(
+        "--jobs",
+        "-j",
+        type=_positive,
+        default=1,
+        metavar="N",
+        help="run N tests at once, each in its own process group and directories "
+        "(default 1; `make iotests` runs one per CPU). Tests that race with QEMU's exit "
+        "or a job lose more often when another test shares the CPUs; --retries applies",
     )
     p.add_argument(
         "--work",
@@ -416,7 +436,7 @@ def run(args: argparse.Namespace) -> int:
         cfg = _run_config(
             args, build, planned, stock, _unavailable_for(build, stock, modes, unavailable)
         )
-        all_runs += run_all(cfg, modes, planned.runs, on_result=progress.add)
+        all_runs += run_all(cfg, modes, planned.runs, on_result=progress.add, jobs=args.jobs)
     if args.list:
         return 0
     meta["wall time"] = f"{time.monotonic() - t0:.0f} s"

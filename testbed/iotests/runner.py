@@ -13,6 +13,7 @@ broker's grant) and its own audit file.
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import dataclasses
 import json
@@ -23,6 +24,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -176,6 +178,11 @@ def parse_tap(out: str, fmt: str, test: str) -> Status | None:
     return None
 
 
+#: Set when the harness is interrupted: tests running in worker threads
+#: (``--jobs``), which never see the KeyboardInterrupt, end their groups too.
+_interrupted = threading.Event()
+
+
 def _exited(pid: int, timeout: float) -> bool:
     """Wait for ``pid`` to exit *without reaping it*, so that its process group
     id cannot be reused by someone else's processes while we signal it."""
@@ -183,6 +190,8 @@ def _exited(pid: int, timeout: float) -> bool:
     while os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is None:
         if time.monotonic() >= deadline:
             return False
+        if _interrupted.is_set():
+            raise KeyboardInterrupt
         time.sleep(0.05)
     return True
 
@@ -399,33 +408,58 @@ def run_all(
     plan: Sequence[Planned],
     *,
     on_result: Callable[[TestRun, int, int], None] | None = None,
+    jobs: int = 1,
 ) -> list[TestRun]:
     """Every planned test under every mode, the modes of one test back to back.
 
     Interleaving by test means a run cut short still holds comparable pairs.
+    With ``jobs`` > 1 that many runs go at once (each has its own process
+    group and directories); ``on_result`` sees them as they finish, and the
+    list returned is in plan order either way.
     """
     wrappers = prepare_wrappers(cfg, [m for m in modes if m not in (cfg.unavailable or {})])
-    results: list[TestRun] = []
-    total = len(plan) * len(modes)
-    for planned in plan:
-        for mode in modes:
-            r = run_one(cfg, mode, wrappers.get(mode), planned)
-            failures: list[str] = []
-            while (
-                r.status is Status.FAIL
-                and len(failures) < cfg.retries
-                and explain(r.test, r.diff) is None  # a known divergence is not a race
-            ):
-                failures.append(r.reason + "".join(f"\n{line}" for line in r.diff[:40]))
-                r = run_one(cfg, mode, wrappers.get(mode), planned)
-            if failures:
-                r = dataclasses.replace(
-                    r, attempts=len(failures) + 1, earlier_failures=tuple(failures)
-                )
-            results.append(r)
+    work = [(planned, mode) for planned in plan for mode in modes]
+    finished: list[TestRun] = []
+    lock = threading.Lock()
+
+    def one(planned: Planned, mode: Mode) -> TestRun:
+        r = _run_with_retries(cfg, mode, wrappers.get(mode), planned)
+        with lock:
+            finished.append(r)
             if on_result is not None:
-                on_result(r, len(results), total)
-    return results
+                on_result(r, len(finished), len(work))
+        return r
+
+    if jobs <= 1:
+        return [one(planned, mode) for planned, mode in work]
+    _interrupted.clear()
+    pool = concurrent.futures.ThreadPoolExecutor(jobs, thread_name_prefix="iotests")
+    try:
+        futures = [pool.submit(one, planned, mode) for planned, mode in work]
+        return [f.result() for f in futures]
+    except BaseException:
+        _interrupted.set()  # the running tests end their process groups
+        raise
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _run_with_retries(
+    cfg: RunConfig, mode: Mode, wrapper: Path | None, planned: Planned
+) -> TestRun:
+    """One run, and again up to ``cfg.retries`` times while it fails (not by a known divergence)."""
+    r = run_one(cfg, mode, wrapper, planned)
+    failures: list[str] = []
+    while (
+        r.status is Status.FAIL
+        and len(failures) < cfg.retries
+        and explain(r.test, r.diff) is None  # a known divergence is not a race
+    ):
+        failures.append(r.reason + "".join(f"\n{line}" for line in r.diff[:40]))
+        r = run_one(cfg, mode, wrapper, planned)
+    if failures:
+        r = dataclasses.replace(r, attempts=len(failures) + 1, earlier_failures=tuple(failures))
+    return r
 
 
 __all__ = [

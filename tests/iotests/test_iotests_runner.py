@@ -10,7 +10,7 @@ import pytest
 from testbed.iotests.builds import QemuBuild, SuiteTools
 from testbed.iotests.modes import Mode
 from testbed.iotests.results import Status
-from testbed.iotests.runner import Layout, RunConfig, run_one
+from testbed.iotests.runner import Layout, RunConfig, run_all, run_one
 from testbed.iotests.selection import Language, Planned, SuiteTest
 
 CHECK = """#!/usr/bin/env python3
@@ -31,6 +31,18 @@ elif what == "leftover":
     p = subprocess.Popen(["sleep", "300"])
     open(os.path.join(os.environ["TEST_DIR"], "pid"), "w").write(str(p.pid))
     print(f"ok qcow2 {name}")
+elif what == "meet":
+    # pass only if the other test of the pair runs at the same time
+    shared = os.environ["FAKE_SHARED"]
+    open(os.path.join(shared, name), "w").close()
+    other = {"001": "002", "002": "001"}[name]
+    for _ in range(100):
+        if os.path.exists(os.path.join(shared, other)):
+            print(f"ok qcow2 {name}")
+            break
+        time.sleep(0.05)
+    else:
+        print(f"not ok qcow2 {name}")
 elif what == "hang":
     p = subprocess.Popen(["sleep", "300"])
     open(os.path.join(os.environ["TEST_DIR"], "pid"), "w").write(str(p.pid))
@@ -99,3 +111,28 @@ def test_what_a_test_leaves_running_is_ended(
     while alive(pid) and time.monotonic() < deadline:
         time.sleep(0.05)
     assert not alive(pid)
+
+
+@pytest.mark.parametrize("jobs", [1, 2])
+def test_jobs_run_tests_at_once_and_keep_plan_order(
+    cfg: RunConfig, monkeypatch: pytest.MonkeyPatch, tmp_path: Path, jobs: int
+) -> None:
+    """001 and 002 pass only if each sees the other running: with --jobs 2, not with 1."""
+    monkeypatch.setenv("FAKE_CHECK", "meet")
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    monkeypatch.setenv("FAKE_SHARED", str(shared))
+    plan = [
+        Planned(SuiteTest(n, cfg.layout.iotests / n, Language.BASH, frozenset(), (), True), "qcow2")
+        for n in ("001", "002")
+    ]
+    seen: list[tuple[str, int, int]] = []
+    runs = run_all(
+        cfg, [Mode.UNHOOKED], plan, on_result=lambda r, n, t: seen.append((r.test, n, t)),
+        jobs=jobs,
+    )  # fmt: skip
+    assert [r.test for r in runs] == ["001", "002"]  # plan order, whatever finished first
+    assert sorted(n for _, n, _ in seen) == [1, 2] and {t for _, _, t in seen} == {2}
+    # one at a time, 001 waits for a 002 that has not started (002 then finds 001's mark)
+    want = [Status.PASS, Status.PASS] if jobs == 2 else [Status.FAIL, Status.PASS]
+    assert [r.status for r in runs] == want
