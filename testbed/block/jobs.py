@@ -218,17 +218,9 @@ class JobManager:
         mode: str = "absolute-paths",
         node_target: bool = False,
     ) -> Job:
-        drive = self.layer.drive_or_node(device)
-        how = _sync(sync)
-        target_node = (
-            self.layer.drive_or_node(target).top
-            if node_target
-            else self._open_target(drive, target, fmt, how, mode)
-        )
-        job = self._new(job_id, JobType.MIRROR, device)
-        job.top, job.target, job.sync, job.pivots = drive.top, target_node, how, True
-        target_node.writers += 1
-        target_node.refresh_perms()
+        job = self._start_copy(JobType.MIRROR, device, job_id, target, sync, fmt, mode,
+                               node_target=node_target, backing_unless_none=False)  # fmt: skip
+        job.pivots = True
         self._ready(job)
         return job
 
@@ -243,18 +235,11 @@ class JobManager:
         mode: str = "absolute-paths",
         node_target: bool = False,
     ) -> Job:
-        drive = self.layer.drive_or_node(device)
-        how = _sync(sync)
         # drive-backup keeps BDRV_O_NO_BACKING for sync=none only
-        target_node = (
-            self.layer.drive_or_node(target).top
-            if node_target
-            else self._open_target(drive, target, fmt, how, mode, with_backing=how is not Sync.NONE)
-        )
-        job = self._new(job_id, JobType.BACKUP, device)
-        job.top, job.target, job.sync = drive.top, target_node, how
-        target_node.writers += 1
-        target_node.refresh_perms()
+        job = self._start_copy(JobType.BACKUP, device, job_id, target, sync, fmt, mode,
+                               node_target=node_target, backing_unless_none=True)  # fmt: skip
+        target_node = job.target
+        assert target_node is not None
         target_node.writers -= 1
         if not node_target:
             self.layer.close_node(target_node)
@@ -262,6 +247,29 @@ class JobManager:
             target_node.refresh_perms()
         job.target = None
         self._conclude(job)
+        return job
+
+    def _start_copy(
+        self, kind: JobType, device: str, job_id: str | None, target: str, sync: str,
+        fmt: str | None, mode: str, *, node_target: bool, backing_unless_none: bool,
+    ) -> Job:  # fmt: skip
+        """What mirror and backup share: the target opened (or found) and written to.
+
+        ``backing_unless_none``: a target opened here keeps its backing file
+        unless ``sync`` is none (backup); else it never does (mirror).
+        """
+        drive = self.layer.drive_or_node(device)
+        how = _sync(sync)
+        backing = backing_unless_none and how is not Sync.NONE
+        target_node = (
+            self.layer.drive_or_node(target).top
+            if node_target
+            else self._open_target(drive, target, fmt, how, mode, with_backing=backing)
+        )
+        job = self._new(job_id, kind, device)
+        job.top, job.target, job.sync = drive.top, target_node, how
+        target_node.writers += 1
+        target_node.refresh_perms()
         return job
 
     def _open_target(

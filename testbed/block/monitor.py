@@ -212,24 +212,11 @@ def _stream(m: ModelMachine, a: dict[str, Any]) -> None:
     m.jobs.stream(_device(a), job_id=_job_id(a), base=a.get("base-node") or a.get("base"))
 
 
-def _mirror(node_target: bool) -> Handler:
+def _copy(start: Callable[[JobManager], Callable[..., object]], node_target: bool) -> Handler:
+    """A mirror or backup command: the two take the same arguments (``start`` picks the job)."""
+
     def run(m: ModelMachine, a: dict[str, Any]) -> None:
-        m.jobs.mirror(
-            _device(a),
-            job_id=_job_id(a),
-            target=_str(a, "target"),
-            sync=_str(a, "sync"),
-            fmt=a.get("format"),
-            mode=a.get("mode", "absolute-paths"),
-            node_target=node_target,
-        )
-
-    return run
-
-
-def _backup(node_target: bool) -> Handler:
-    def run(m: ModelMachine, a: dict[str, Any]) -> None:
-        m.jobs.backup(
+        start(m.jobs)(
             _device(a),
             job_id=_job_id(a),
             target=_str(a, "target"),
@@ -257,10 +244,10 @@ COMMANDS: dict[str, Handler] = {
     "blockdev-reopen": lambda m, a: blockdev_reopen(m.layer, a.get("options") or []),
     "block-commit": _commit,
     "block-stream": _stream,
-    "drive-mirror": _mirror(node_target=False),
-    "blockdev-mirror": _mirror(node_target=True),
-    "drive-backup": _backup(node_target=False),
-    "blockdev-backup": _backup(node_target=True),
+    "drive-mirror": _copy(lambda jobs: jobs.mirror, node_target=False),
+    "blockdev-mirror": _copy(lambda jobs: jobs.mirror, node_target=True),
+    "drive-backup": _copy(lambda jobs: jobs.backup, node_target=False),
+    "blockdev-backup": _copy(lambda jobs: jobs.backup, node_target=True),
     "block-job-complete": lambda m, a: m.jobs.complete(_device(a)),
     "block-job-cancel": lambda m, a: m.jobs.cancel(_device(a), force=bool(a.get("force"))),
     "query-block-jobs": lambda m, a: m.jobs.query(),

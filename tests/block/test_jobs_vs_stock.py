@@ -80,19 +80,15 @@ def commit(**kw: Any) -> Step:
     return ("qmp", "block-commit", {"device": "drive0", "job-id": "job0", **kw})
 
 
+def copy(command: str, target: str, sync: str, **kw: Any) -> Step:
+    """drive-mirror/drive-backup to a new qcow2 ``$D/TARGET``, blockdev-* to node ``TARGET``."""
+    to = {"target": f"$D/{target}", "format": "qcow2"} if command.startswith("drive-") else {}
+    args = {"device": "drive0", "job-id": "job0", "target": target, **to, "sync": sync, **kw}
+    return ("qmp", command, args)
+
+
 def mirror(sync: str, **kw: Any) -> Step:
-    return (
-        "qmp",
-        "drive-mirror",
-        {
-            "device": "drive0",
-            "job-id": "job0",
-            "target": "$D/mirror.qcow2",
-            "format": "qcow2",
-            "sync": sync,
-            **kw,
-        },
-    )
+    return copy("drive-mirror", "mirror.qcow2", sync, **kw)
 
 
 CASES = [
@@ -146,65 +142,15 @@ CASES = [
     Case(
         "blockdev-mirror",
         DEV,
-        [
-            add_target(),
-            (
-                "qmp",
-                "blockdev-mirror",
-                {"device": "drive0", "job-id": "job0", "target": "tgt", "sync": "full"},
-            ),
-            *ready_complete(),
-        ],
+        [add_target(), copy("blockdev-mirror", "tgt", "full"), *ready_complete()],
         recipe=CHAIN3 + TARGET,
     ),
-    Case(
-        "drive-backup",
-        DEV,
-        [
-            (
-                "qmp",
-                "drive-backup",
-                {
-                    "device": "drive0",
-                    "job-id": "job0",
-                    "target": "$D/backup.qcow2",
-                    "format": "qcow2",
-                    "sync": "full",
-                },
-            ),
-            *completed(),
-        ],
-    ),
-    Case(
-        "drive-backup-top",
-        DEV,
-        [
-            (
-                "qmp",
-                "drive-backup",
-                {
-                    "device": "drive0",
-                    "job-id": "job0",
-                    "target": "$D/backup.qcow2",
-                    "format": "qcow2",
-                    "sync": "top",
-                },
-            ),
-            *completed(),
-        ],
-    ),
+    Case("drive-backup", DEV, [copy("drive-backup", "backup.qcow2", "full"), *completed()]),
+    Case("drive-backup-top", DEV, [copy("drive-backup", "backup.qcow2", "top"), *completed()]),
     Case(
         "blockdev-backup",
         DEV,
-        [
-            add_target(),
-            (
-                "qmp",
-                "blockdev-backup",
-                {"device": "drive0", "job-id": "job0", "target": "tgt", "sync": "full"},
-            ),
-            *completed(),
-        ],
+        [add_target(), copy("blockdev-backup", "tgt", "full"), *completed()],
         recipe=CHAIN3 + TARGET,
     ),
     Case(
