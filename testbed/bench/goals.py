@@ -53,9 +53,9 @@ GOALS: tuple[Goal, ...] = (
     Goal(key="hook_vs_qmp_addfd", op=Op.AT_LEAST, target=15,
          what="fds handed over per second: broker / QMP add-fd+remove-fd (both unpinned)"),
     Goal(key="broker_64_vs_broker_1", op=Op.AT_LEAST, target=1.0,
-         what="broker throughput, 64 clients / 1 client (the sweep's placement)"),
+         what="broker throughput, 64 clients / 1 client (unpinned)"),
     Goal(key="broker_64_p99_vs_littles_mean", op=Op.AT_MOST, target=2.0,
-         what="p99 latency at 64 clients / (64 / throughput)"),
+         what="p99 latency at 64 clients / (64 / throughput) (broker and clients on one core)"),
 )  # fmt: skip
 
 
@@ -83,11 +83,19 @@ INFORMATION: tuple[Information, ...] = (
     Information(key="startup_landlock_vs_plain",
                 what="start to QMP greeting, chain depth 1, stock QEMU: under the supervisor and "
                      "Landlock / plain"),
+    Information(key="qemu_hook_vs_path_unpinned",
+                what="blockdev-add alone: hook (Python broker) / by path, unpinned (the "
+                     "virtual machine's cross-vCPU wake-ups included)"),
+    Information(key="qemu_hook_c_vs_path_unpinned",
+                what="blockdev-add alone: hook (C open-hook-server) / by path, unpinned"),
     Information(key="qemu_hook_floor_vs_path",
                 what="blockdev-add alone: hook to the Python floor (the broker's system calls, "
                      "nothing else) / by path"),
     Information(key="qemu_hook_vs_hook_floor",
                 what="blockdev-add alone: hook to the Python broker / to the Python floor"),
+    Information(key="broker_64_p99_vs_littles_mean_unpinned",
+                what="p99 latency at 64 clients / (64 / throughput), unpinned: mostly the "
+                     "virtual machine's wake-ups of idle vCPUs"),
     Information(key="blockdev_add_supervised_vs_path",
                 what="blockdev-add of a file node, stock QEMU: under the supervisor / by path"),
 )  # fmt: skip

@@ -155,7 +155,9 @@ def _plot_startup(report: Report, plt: Any) -> tuple[str, Any] | None:
 
 
 def _sweep(report: Report) -> tuple[list[int], list[Row]]:
-    sweep = sorted(_rows(report, "sweep"), key=lambda r: int(r.setting.split()[0]))
+    # the plots are against the client count, for the unpinned pools (all counts)
+    unpinned = [r for r in _rows(report, "sweep") if r.setting.endswith(" unpinned")]
+    sweep = sorted(unpinned, key=lambda r: int(r.setting.split()[0]))
     return [int(r.setting.split()[0]) for r in sweep], sweep
 
 
