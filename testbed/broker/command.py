@@ -67,6 +67,10 @@ examples:
 """
 
 
+#: what a peer's next open in a burst usually takes to come (docs/broker.md)
+DEFAULT_POLL_US = 100
+
+
 def register(sub: Any) -> None:
     p: argparse.ArgumentParser = sub.add_parser(
         "broker",
@@ -82,6 +86,18 @@ def register(sub: Any) -> None:
     )
     _policy_arguments(p)
     p.add_argument("--audit", metavar="FILE", help="append one JSON line per request to FILE")
+    p.add_argument(
+        "--poll-us",
+        type=int,
+        default=DEFAULT_POLL_US,
+        metavar="US",
+        help=(
+            "after answering, poll this many microseconds for the next request before "
+            f"sleeping (default {DEFAULT_POLL_US}; 0: never): a peer's opens come in bursts, "
+            "and waking a sleeping vCPU costs more than an open; off while the broker is "
+            "pinned to one CPU"
+        ),
+    )
     p.set_defaults(func=run)
 
 
@@ -226,9 +242,12 @@ def run(args: argparse.Namespace) -> int:
     try:
         policy = build_policy(args)
         sock = _inherited_socket(args.fd) if args.fd is not None else _listen(args.socket)
+        if args.poll_us < 0:
+            raise PolicyError(f"--poll-us {args.poll_us}: must be 0 or more")
         broker = Broker(
-            policy, audit_path=args.audit, keep_records=False, exit_when_idle=args.fd is not None
-        )
+            policy, audit_path=args.audit, keep_records=False,
+            exit_when_idle=args.fd is not None, poll_us=args.poll_us,
+        )  # fmt: skip
     except (PolicyError, TransportError, OSError) as err:
         print(f"testbed broker: {err}", file=sys.stderr)
         return 2

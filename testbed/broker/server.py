@@ -174,8 +174,13 @@ class Broker:
         batch: int = 32,
         exit_when_idle: bool = False,
         max_connections: int | None = None,
+        poll_us: int = 0,
     ) -> None:
         self.policy = policy
+        #: After the last request, poll this long before sleeping (see _serve).
+        self.poll_ns = poll_us * 1000
+        self._may_poll = len(os.sched_getaffinity(0)) > 1
+        self._idle_turns = 0
         self.gate = Gate(policy)
         #: the gate's decisions, looked up by each frame received whole (the fast path)
         self._decisions = self.gate.decisions
@@ -294,7 +299,18 @@ class Broker:
         self._serve()
 
     def _serve(self) -> None:
+        """The loop, with the common event (a peer's request) and the polling window inline.
+
+        Polling: a peer's next open often comes right after the last answer
+        (a backing chain, a format probe), and on a virtual machine waking a
+        sleeping vCPU costs more than serving the open.  So for ``poll_ns``
+        after the loop ran out of work it polls instead of sleeping, as QEMU's
+        own event loop does (``poll-max-ns``) -- but only while the broker may
+        run on more than one CPU (re-read every 256 idle turns): pinned alone
+        to a core it would only take that core from its peer.
+        """
         watch, ready, pending, poll = self._watch, self._ready, self._pending_add, self._epoll.poll
+        poll_ns, idle_since = self.poll_ns, 0
         try:
             while not (self._stop_requested or self._stop.is_set()):
                 if pending:
@@ -310,7 +326,16 @@ class Broker:
                     timeout: float = 0
                 else:
                     timeout = self._timeout() if self._held or self._accept_paused else -1
-                for fd, mask in poll(timeout):
+                    if timeout < 0 and poll_ns and self._polling():
+                        now = time.monotonic_ns()
+                        if not idle_since:
+                            idle_since = now
+                        if now - idle_since < poll_ns:
+                            timeout = 0
+                events = poll(timeout)
+                if events:
+                    idle_since = 0
+                for fd, mask in events:
                     conn = watch.get(fd)
                     # The common event (a peer's request) without _dispatch's sorting.
                     if mask == _IN and isinstance(conn, Connection) and conn.events & _IN:
@@ -329,6 +354,13 @@ class Broker:
                 self._shutdown()
 
     # -- loop internals -----------------------------------------------------
+
+    def _polling(self) -> bool:
+        """Whether polling may help: the broker can run on more than one CPU."""
+        self._idle_turns += 1
+        if not self._idle_turns & 255:
+            self._may_poll = len(os.sched_getaffinity(0)) > 1
+        return self._may_poll
 
     def _timeout(self) -> float:
         if self._ready:
