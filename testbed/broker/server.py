@@ -162,7 +162,9 @@ class Broker:
     Use as a context manager (serves in a background thread) or call
     :meth:`serve` from the main thread.  ``exit_when_idle`` makes the loop
     end once it has no listener and its last connection closed, which is
-    what ``--fd`` wants: the broker lives as long as its QEMU.
+    what ``--fd`` wants: the broker lives as long as its QEMU.  ``poll_us``
+    is the polling window after the last request (0, the default here: none;
+    ``testbed broker`` defaults to 100, see :meth:`_serve`).
     """
 
     def __init__(
