@@ -117,7 +117,8 @@ def wrapper_text(
     target = shlex.quote(str(stock)) if stock else "/nonexistent/stock-qemu"
     supervise = " ".join(shlex.quote(a) for a in broker_command(supervisor))
     # the same grants as the hooked wrapper's (hook.py): the suite's directories
-    # and TMPDIR to create in, QEMU's working directory read-only; plus devices,
+    # and TMPDIR to create in, directories (vvfat), QEMU's working directory
+    # read-only; plus devices,
     # because every open of QEMU's children is served too (234 and 262 migrate
     # through `exec:cat >FIFO` in TEST_DIR), where the hook sees block opens only
     return (
@@ -129,7 +130,8 @@ def wrapper_text(
         '  [ -d "$d" ] && grants+=(--allow-create "$(realpath "$d")")\n'
         "done\n"
         # --die-with-supervisor: the suite's _cleanup_qemu kill -KILLs this pid
-        f"exec {supervise} supervise --die-with-supervisor --allow-symlinks --allow-devices"
+        f"exec {supervise} supervise --die-with-supervisor --allow-symlinks --allow-directories"
+        " --allow-devices"
         ' "${grants[@]}" --allow-ro "$(realpath .)"'
         ' --audit "$TESTBED_IOTESTS_RUNDIR/audit.jsonl"'
         f' -- {target} {firmware} "$@"\n'

@@ -34,6 +34,7 @@ SUBSET = [
     ("099", "qcow2"),  # json: filenames, blkverify, blkdebug config files
     ("132", "qcow2"),  # Python: a mirror job over QMP
     ("208", "qcow2"),  # Python: drive-mirror to a new image, then quit
+    ("vvfat", "vvfat"),  # Python: vvfat scans its directory through the hook (patch 0008)
 ]
 
 
