@@ -187,7 +187,8 @@ def register(sub: Any) -> None:
         default=[],
         metavar="FILE",
         help="run nothing: write the report (and --json) from earlier result files, "
-        "merged (e.g. one per version, or a run cut short)",
+        "merged (e.g. one per version, or a run cut short); a later file's result for "
+        "the same version, mode, format and test replaces an earlier one's",
     )
     p.add_argument(
         "tests", nargs="*", metavar="TEST", help="iotests by name (default: the selection)"
@@ -200,7 +201,9 @@ def _from_json(args: argparse.Namespace) -> int:
     from testbed.iotests.report import unexplained, write_report
     from testbed.iotests.results import read_json, write_json
 
-    runs: list[TestRun] = []
+    # a later file's result for the same run replaces an earlier one's (a test
+    # run again after a fix), in the earlier one's place
+    merged: dict[tuple[str, str, str, str], TestRun] = {}
     meta: dict[str, Any] = {}
     for path in args.from_json:
         try:
@@ -208,8 +211,10 @@ def _from_json(args: argparse.Namespace) -> int:
         except IotestsError as err:
             print(f"testbed iotests: {err}", file=sys.stderr)
             return 2
-        runs += more
+        for r in more:
+            merged[(r.version, r.mode, r.format, r.test)] = r
         meta.update({f"{k} ({path.name})" if k in meta else k: v for k, v in m.items()})
+    runs = list(merged.values())
     if args.json:
         write_json(args.json, runs, meta)
     report = write_report(args.report or args.work / "report", runs, meta, [])

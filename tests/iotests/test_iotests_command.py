@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from testbed.cli import main
-from testbed.iotests.results import Status, TestRun, write_json
+from testbed.iotests.results import Status, TestRun, read_json, write_json
 
 
 def test_unknown_mode(capsys: pytest.CaptureFixture[str]) -> None:
@@ -48,3 +48,22 @@ def test_from_json_merges_and_reports(tmp_path: Path) -> None:
     )
     md = (out / "iotests.md").read_text()
     assert "| 051 | qcow2 | pass | pass | pass | **FAIL** |" in md
+
+
+def test_from_json_a_later_rerun_replaces_the_earlier_result(tmp_path: Path) -> None:
+    def run(mode: str, status: Status) -> TestRun:
+        return TestRun(
+            version="7.2", mode=mode, format="vvfat", test="vvfat", status=status, seconds=1.0
+        )
+
+    full, again = tmp_path / "full.json", tmp_path / "again.json"
+    write_json(full, [run("unhooked", Status.PASS), run("hooked", Status.FAIL)], {})
+    write_json(again, [run("hooked", Status.PASS)], {})
+    merged = tmp_path / "merged.json"
+    argv = ["iotests", "--from-json", str(full), "--from-json", str(again), "--json", str(merged)]
+    assert main([*argv, "--report", str(tmp_path / "report")]) == 0  # no hooked-only failure
+    runs, _ = read_json(merged)
+    assert [(r.mode, r.status) for r in runs] == [
+        ("unhooked", Status.PASS),
+        ("hooked", Status.PASS),
+    ]
