@@ -430,9 +430,9 @@ def run_all(
                 on_result(r, len(finished), len(work))
         return r
 
+    _interrupted.clear()  # an earlier run_all in this process may have been interrupted
     if jobs <= 1:
         return [one(planned, mode) for planned, mode in work]
-    _interrupted.clear()
     pool = concurrent.futures.ThreadPoolExecutor(jobs, thread_name_prefix="iotests")
     try:
         futures = [pool.submit(one, planned, mode) for planned, mode in work]
