@@ -19,14 +19,16 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, ClassVar
 
-from testbed.bench.brokerload import BrokerProcess
+from testbed.bench.brokerload import BrokerProcess, SpawnedServer
 from testbed.bench.chain import Chain
+from testbed.bench.client import one_op
 from testbed.bench.env import Env
 from testbed.bench.qemurun import Launch
 from testbed.bench.qemus import Build, find_qemu, missing
 from testbed.bench.registry import Registry
 from testbed.broker import Policy
 from testbed.errors import UnknownPartError
+from testbed.protocol import encode_request
 
 
 class Services:
@@ -136,6 +138,23 @@ def flat_chain_args(filenames: Sequence[str]) -> tuple[str, ...]:
         args += ["-blockdev", json.dumps(file_node), "-blockdev", json.dumps(fmt_node)]
         below = fmt
     return tuple(args)
+
+
+def serving_launch(argv: Sequence[str], probe: str | Path, args: Sequence[str] = ()) -> Launch:
+    """A launch whose ``-open-hook-fd`` is a server of its own (``argv``, ``{fd}`` for its
+    socket), started and known to be serving (one open of ``probe`` answered, its
+    start-up done) before QEMU's clock starts, as a broker daemon's would be."""
+    server = SpawnedServer(argv, cpu=None)
+    fd = server.client_fd
+    assert fd is not None
+    check = socket.socket(fileno=os.dup(fd))
+    try:
+        check.settimeout(10)
+        one_op(check, encode_request(str(probe), os.O_RDONLY, 0))
+    finally:
+        check.close()
+    return Launch(args=tuple(args), hook_fd=fd, spawned=server.release_client,
+                  finished=server.stop)  # fmt: skip
 
 
 def blockdev_args(node: dict[str, Any]) -> tuple[str, ...]:

@@ -7,19 +7,14 @@ the clock starts, as a broker daemon's would be.
 
 from __future__ import annotations
 
-import os
-import socket
 from collections.abc import Sequence
 from pathlib import Path
 
-from testbed.bench.brokerload import SpawnedServer
 from testbed.bench.chain import Chain
-from testbed.bench.client import one_op
 from testbed.bench.qemurun import Launch
 from testbed.bench.qemus import find_open_hook_server, missing
-from testbed.bench.transports import Services, Transport, blockdev_args, chain_node
+from testbed.bench.transports import Services, Transport, blockdev_args, chain_node, serving_launch
 from testbed.errors import UnknownPartError
-from testbed.protocol import encode_request
 
 
 class HookC(Transport):
@@ -39,21 +34,7 @@ class HookC(Transport):
         binary = find_open_hook_server(version)
         root = str(services.root)
         argv = [str(binary), "--root", root, "--log", "/dev/null", "--fd", "{fd}"]
-        server = SpawnedServer(argv, cpu=None)
-        fd = server.client_fd
-        assert fd is not None
-        probe = socket.socket(fileno=os.dup(fd))
-        try:
-            probe.settimeout(10)
-            one_op(probe, encode_request(root, os.O_RDONLY, 0))  # serving: the clock may start
-        finally:
-            probe.close()
-        return Launch(
-            args=blockdev_args(chain_node(chain)) if chain else (),
-            hook_fd=fd,
-            spawned=server.release_client,
-            finished=server.stop,
-        )
+        return serving_launch(argv, root, blockdev_args(chain_node(chain)) if chain else ())
 
 
 PART = HookC()

@@ -12,20 +12,15 @@ node is read-only; a chain's read-write top would get the wrong descriptor.
 
 from __future__ import annotations
 
-import os
-import socket
 from collections.abc import Sequence
 from pathlib import Path
 from typing import ClassVar
 
-from testbed.bench.brokerload import SpawnedServer
 from testbed.bench.chain import Chain
-from testbed.bench.client import one_op
 from testbed.bench.qemurun import Launch
 from testbed.bench.servers import floor_argv
-from testbed.bench.transports import Services, Transport
+from testbed.bench.transports import Services, Transport, serving_launch
 from testbed.errors import BenchUsageError
-from testbed.protocol import encode_request
 
 
 class HookFloor(Transport):
@@ -42,17 +37,7 @@ class HookFloor(Transport):
     ) -> Launch:
         if not later:
             raise BenchUsageError("hook_floor serves the files handed over later; none given")
-        argv = floor_argv(services.env, root=services.root)
-        server = SpawnedServer(argv, cpu=None)
-        fd = server.client_fd
-        assert fd is not None
-        probe = socket.socket(fileno=os.dup(fd))
-        try:  # serving (its imports done) before the clock starts, as for hook_c
-            probe.settimeout(10)
-            one_op(probe, encode_request(str(later[0]), os.O_RDONLY, 0))
-        finally:
-            probe.close()
-        return Launch(hook_fd=fd, spawned=server.release_client, finished=server.stop)
+        return serving_launch(floor_argv(services.env, root=services.root), later[0])
 
 
 PART = HookFloor()
