@@ -71,6 +71,16 @@ examples:
 DEFAULT_POLL_US = 100
 
 
+def _microseconds(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: a whole number of microseconds, 0 or more")
+    return value
+
+
 def register(sub: Any) -> None:
     p: argparse.ArgumentParser = sub.add_parser(
         "broker",
@@ -88,7 +98,7 @@ def register(sub: Any) -> None:
     p.add_argument("--audit", metavar="FILE", help="append one JSON line per request to FILE")
     p.add_argument(
         "--poll-us",
-        type=int,
+        type=_microseconds,
         default=DEFAULT_POLL_US,
         metavar="US",
         help=(
@@ -242,8 +252,6 @@ def run(args: argparse.Namespace) -> int:
     try:
         policy = build_policy(args)
         sock = _inherited_socket(args.fd) if args.fd is not None else _listen(args.socket)
-        if args.poll_us < 0:
-            raise PolicyError(f"--poll-us {args.poll_us}: must be 0 or more")
         broker = Broker(
             policy, audit_path=args.audit, keep_records=False,
             exit_when_idle=args.fd is not None, poll_us=args.poll_us,

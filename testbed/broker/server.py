@@ -181,8 +181,9 @@ class Broker:
         self.policy = policy
         #: After the last request, poll this long before sleeping (see _serve).
         self.poll_ns = poll_us * 1000
-        self._may_poll = len(os.sched_getaffinity(0)) > 1
-        self._idle_turns = 0
+        # whether polling may help; _polling reads the CPU mask on its first turn
+        self._may_poll = False
+        self._idle_turns = -1
         self.gate = Gate(policy)
         #: the gate's decisions, looked up by each frame received whole (the fast path)
         self._decisions = self.gate.decisions

@@ -40,6 +40,9 @@ def test_help_documents_every_option() -> None:
         "--peer-uid",
         "--peer-pid",
         "--allow-symlinks",
+        "--allow-directories",
+        "--allow-devices",
+        "--poll-us",
     ):
         assert opt in out
     assert "audit log" in out and "openat2" in out
@@ -97,6 +100,8 @@ def test_fd_mode_exits_when_the_peer_closes(tmp_path: Path) -> None:
         (["--socket", "/tmp/tb.sock", "--allow-ro", "relative"], "must be absolute"),
         (["--socket", "/tmp/tb.sock", "--refuse-errno", "EWHAT"], "not an errno"),
         (["--socket", "/tmp/tb.sock", "--policy", "/nonexistent.toml"], "cannot read policy"),
+        (["--socket", "/tmp/tb.sock", "--poll-us", "-5"], "'-5': a whole number of microseconds"),
+        (["--socket", "/tmp/tb.sock", "--poll-us", "soon"], "'soon': a whole number"),
     ],
 )
 def test_bad_arguments_are_clear_errors(args: list[str], message: str) -> None:
