@@ -68,10 +68,8 @@ class Decider:
     def _refuse(self, reason: str) -> tuple[Outcome, str]:
         return self.images.refuse(reason), "none"
 
-    def _lexical_access(self, path: str | None, tgid: int) -> Access | None:
+    def _lexical_access(self, path: str, tgid: int) -> Access | None:
         assert self.profile is not None
-        if path is None:
-            return None
         if self.profile.proc_self and _proc_pid(path) == tgid:
             return Access.RO
         levels = [g.access for g in self.profile.grants if g.covers(path) is not None]
@@ -89,10 +87,13 @@ class Decider:
                 # a magic link (/proc/PID/root, /proc/PID/fd/N) or a loop: a
                 # refusal, as the gate answers for a symlink it will not follow
                 return self._refuse("path goes through a magic link or a symlink loop")
-            # the name as asked, or with its existing part resolved (bin/../etc/...)
-            named = [self._lexical_access(p, tgid) for p in (path, _real_name_of_missing(path))]
-            levels = [lv for lv in named if lv is not None]
-            level = max(levels) if levels else None
+            # the name as asked, else with its existing part resolved (bin/../etc/...)
+            level = self._lexical_access(path, tgid)
+            if level is None or level < needed_access(request.flags):
+                real = _real_name_of_missing(path)
+                more = None if real is None else self._lexical_access(real, tgid)
+                if more is not None and (level is None or more > level):
+                    level = more
             if level is None:
                 return self._refuse("not under any grant or the system profile")
             if level < needed_access(request.flags):
