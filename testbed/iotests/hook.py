@@ -63,14 +63,17 @@ def _env(name: str) -> str:
     return value
 
 
+#: The rules of the hooked broker's grants, and the supervised wrapper's
+#: (modes.py): symlinks (153's absolute link), directories (vvfat scans its
+#: directory through the hook since patch 0008; the suite's QEMU is not
+#: confined, so a directory fd gives it nothing it does not have).
+RULES = ("--allow-symlinks", "--allow-directories")
+
+
 def broker_argv(
     base: Sequence[str], fd: int, create: Sequence[str], ro: Sequence[str], audit: str
 ) -> list[str]:
-    # --allow-directories: vvfat scans its directory through the hook (patch
-    # 0008); the suite's QEMU is not confined, so a directory fd gives it
-    # nothing it does not have
-    argv = [*base, "broker", "--fd", str(fd), "--allow-symlinks", "--allow-directories"]
-    argv += ["--audit", audit]
+    argv = [*base, "broker", "--fd", str(fd), *RULES, "--audit", audit]
     for g in create:
         argv += ["--allow-create", g]
     for g in ro:

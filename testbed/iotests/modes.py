@@ -19,6 +19,8 @@ from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
 
+from testbed.iotests.hook import RULES
+
 
 class Mode(StrEnum):
     UNHOOKED = "unhooked"  # the patched binary, no -open-hook-fd
@@ -116,11 +118,11 @@ def wrapper_text(
         )
     target = shlex.quote(str(stock)) if stock else "/nonexistent/stock-qemu"
     supervise = " ".join(shlex.quote(a) for a in broker_command(supervisor))
-    # the same grants as the hooked wrapper's (hook.py): the suite's directories
-    # and TMPDIR to create in, directories (vvfat), QEMU's working directory
-    # read-only; plus devices,
-    # because every open of QEMU's children is served too (234 and 262 migrate
-    # through `exec:cat >FIFO` in TEST_DIR), where the hook sees block opens only
+    # the hooked wrapper's grants (hook.py): the suite's directories and TMPDIR
+    # to create in, QEMU's working directory read-only, the same rules; plus
+    # devices, because the opens of QEMU's children are served too (234 and 262
+    # migrate through `exec:cat >FIFO` in TEST_DIR), where the hook sees QEMU's only
+    rules = " ".join((*RULES, "--allow-devices"))
     return (
         "#!/bin/bash\n"
         "# testbed iotests, mode supervised: stock QEMU under the seccomp supervisor\n"
@@ -130,8 +132,7 @@ def wrapper_text(
         '  [ -d "$d" ] && grants+=(--allow-create "$(realpath "$d")")\n'
         "done\n"
         # --die-with-supervisor: the suite's _cleanup_qemu kill -KILLs this pid
-        f"exec {supervise} supervise --die-with-supervisor --allow-symlinks --allow-directories"
-        " --allow-devices"
+        f"exec {supervise} supervise --die-with-supervisor {rules}"
         ' "${grants[@]}" --allow-ro "$(realpath .)"'
         ' --audit "$TESTBED_IOTESTS_RUNDIR/audit.jsonl"'
         f' -- {target} {firmware} "$@"\n'
