@@ -212,11 +212,13 @@ def _stream(m: ModelMachine, a: dict[str, Any]) -> None:
     m.jobs.stream(_device(a), job_id=_job_id(a), base=a.get("base-node") or a.get("base"))
 
 
-def _copy(start: Callable[[JobManager], Callable[..., object]], node_target: bool) -> Handler:
-    """A mirror or backup command: the two take the same arguments (``start`` picks the job)."""
+def _copy(start: Callable[..., object], node_target: bool) -> Handler:
+    """A mirror or backup command: the two take the same arguments (``start`` picks the job:
+    ``JobManager.mirror`` or ``JobManager.backup``)."""
 
     def run(m: ModelMachine, a: dict[str, Any]) -> None:
-        start(m.jobs)(
+        start(
+            m.jobs,
             _device(a),
             job_id=_job_id(a),
             target=_str(a, "target"),
@@ -244,10 +246,10 @@ COMMANDS: dict[str, Handler] = {
     "blockdev-reopen": lambda m, a: blockdev_reopen(m.layer, a.get("options") or []),
     "block-commit": _commit,
     "block-stream": _stream,
-    "drive-mirror": _copy(lambda jobs: jobs.mirror, node_target=False),
-    "blockdev-mirror": _copy(lambda jobs: jobs.mirror, node_target=True),
-    "drive-backup": _copy(lambda jobs: jobs.backup, node_target=False),
-    "blockdev-backup": _copy(lambda jobs: jobs.backup, node_target=True),
+    "drive-mirror": _copy(JobManager.mirror, node_target=False),
+    "blockdev-mirror": _copy(JobManager.mirror, node_target=True),
+    "drive-backup": _copy(JobManager.backup, node_target=False),
+    "blockdev-backup": _copy(JobManager.backup, node_target=True),
     "block-job-complete": lambda m, a: m.jobs.complete(_device(a)),
     "block-job-cancel": lambda m, a: m.jobs.cancel(_device(a), force=bool(a.get("force"))),
     "query-block-jobs": lambda m, a: m.jobs.query(),
