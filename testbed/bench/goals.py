@@ -93,6 +93,9 @@ INFORMATION: tuple[Information, ...] = (
                      "nothing else) / by path"),
     Information(key="qemu_hook_vs_hook_floor",
                 what="blockdev-add alone: hook to the Python broker / to the Python floor"),
+    Information(key="qemu_hook_added_vs_broker_cpu",
+                what="blockdev-add, CPU pass: (hook - by path) time per add / the broker's CPU "
+                     "per add (1: the hook adds exactly what the broker spends)"),
     Information(key="broker_64_p99_vs_littles_mean_unpinned",
                 what="p99 latency at 64 clients / (64 / throughput), unpinned: mostly the "
                      "virtual machine's wake-ups of idle vCPUs"),

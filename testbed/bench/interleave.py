@@ -58,18 +58,48 @@ async def ainterleave_rounds(
     For short operations (one ``blockdev-add``, one QEMU start) a burst of outside
     load then spreads over every arm instead of landing on one arm's batch.
     """
+
+    def one(arm: Callable[[], Awaitable[float]]) -> Callable[[], Awaitable[dict[str, float]]]:
+        async def sample() -> dict[str, float]:
+            return {"value": await arm()}
+
+        return sample
+
+    out = await ainterleave_figures(
+        reps, rounds, {name: one(arm) for name, arm in arms.items()}, log=log, label=label
+    )
+    return {name: figures["value"] for name, figures in out.items()}
+
+
+async def ainterleave_figures(
+    reps: int, rounds: int, arms: Mapping[str, Callable[[], Awaitable[Mapping[str, float]]]], *,
+    log: Log | None = None, label: str = "",
+) -> dict[str, dict[str, list[float]]]:  # fmt: skip
+    """:func:`ainterleave_rounds` for arms whose sample is several named figures (a
+    time and the CPU it took): arm -> figure -> each repetition's median.  A figure
+    an arm's sample leaves out in any round is left out of that arm's result."""
     if rounds < 1:
         raise BenchUsageError(f"{rounds} rounds per repetition")
 
-    def one_rep(_rep: int) -> Callable[[], Awaitable[dict[str, float]]]:
-        async def run() -> dict[str, float]:
-            samples: dict[str, list[float]] = {name: [] for name in arms}
+    def one_rep(_rep: int) -> Callable[[], Awaitable[dict[str, dict[str, float]]]]:
+        async def run() -> dict[str, dict[str, float]]:
+            samples: dict[str, list[Mapping[str, float]]] = {name: [] for name in arms}
             for _ in range(rounds):
                 for name, arm in arms.items():
                     samples[name].append(await arm())
-            return {name: statistics.median(v) for name, v in samples.items()}
+            return {name: _medians(v) for name, v in samples.items()}
 
         return run
 
     per_rep = await ainterleave(reps, {"all": lambda rep: one_rep(rep)()}, log=log, label=label)
-    return {name: [rep[name] for rep in per_rep["all"]] for name in arms}
+    out: dict[str, dict[str, list[float]]] = {}
+    for name in arms:
+        reps_here = [rep[name] for rep in per_rep["all"]]
+        common = set.intersection(*(set(r) for r in reps_here))
+        out[name] = {k: [r[k] for r in reps_here] for k in reps_here[0] if k in common}
+    return out
+
+
+def _medians(samples: list[Mapping[str, float]]) -> dict[str, float]:
+    keys = [k for k in samples[0] if all(k in s for s in samples)]
+    return {k: statistics.median(s[k] for s in samples) for k in keys}

@@ -16,8 +16,9 @@ class Plan:
     clients: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64)
     qmp_ops: int = 300  # add-fd + remove-fd per repetition
     blockdev_ops: int = 200  # blockdev-add + blockdev-del per repetition
+    blockdev_cpu_ops: int = 50  # the same, per repetition of blockdev's CPU pass (0: none)
     depths: tuple[int, ...] = (1, 4, 16, 64)
-    starts_per_cell: int = 5  # QEMU starts per (depth, transport) per repetition
+    starts_per_cell: int = 9  # QEMU starts per (depth, transport) per repetition
     storm_sizes: tuple[int, ...] = (1, 4, 16)
     storm_depth: int = 4
     snapshot_depth: int = 4
@@ -44,8 +45,8 @@ class Plan:
         return d
 
 
-FULL = Plan(reps=7, seconds=1.0, warmup=1000, starts_per_cell=5)
+FULL = Plan(reps=7, seconds=1.0, warmup=1000)
 QUICK = Plan(
     reps=3, seconds=0.2, warmup=200, clients=(1, 64), qmp_ops=60, blockdev_ops=40,
-    starts_per_cell=1, blockdev_unpinned=False,
+    blockdev_cpu_ops=10, starts_per_cell=1, blockdev_unpinned=False,
 )  # fmt: skip

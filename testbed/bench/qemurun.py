@@ -22,10 +22,11 @@ import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from qemu.qmp import QMPClient
 
+from testbed.bench.brokerload import task_cpu_ns
 from testbed.errors import LaunchError, QEMUError, SuperviseError, WaitTimeout
 
 COMMAND_TIMEOUT = 20.0  # per QMP command: a wedged QEMU must not hang the bench
@@ -38,6 +39,12 @@ def _nothing() -> None:
     pass
 
 
+class CpuMeter(Protocol):
+    """A process whose CPU time the bench reads: a broker, a C server."""
+
+    def cpu_ns(self) -> int: ...
+
+
 @dataclass(kw_only=True)
 class Launch:
     """What a transport adds to one QEMU's command line, and what it holds meanwhile.
@@ -47,7 +54,9 @@ class Launch:
     ``spawned`` runs right after the spawn (close the harness's copies of
     descriptors QEMU inherited); ``finished`` after QEMU has exited.
     ``popen`` starts the process (``subprocess.Popen``'s arguments): the
-    seccomp transports start QEMU through their supervisor's.
+    seccomp transports start QEMU through their supervisor's.  ``server`` is
+    the process that serves this QEMU's opens, if it is one of its own
+    (a broker, a C server), for the CPU it spends on them.
     """
 
     args: tuple[str, ...] = ()
@@ -57,6 +66,7 @@ class Launch:
     spawned: Callable[[], None] = _nothing
     finished: Callable[[], None] = _nothing
     popen: Popener = subprocess.Popen
+    server: CpuMeter | None = None
 
     def name(self, path: Path) -> str:
         return self.names.get(path, str(path))
@@ -182,6 +192,10 @@ class Qemu:
 
     def send_fd(self, fd: int) -> None:
         self.qmp.send_fd_scm(fd)
+
+    def cpu_ns(self) -> int:
+        """CPU time so far of every thread of the QEMU process."""
+        return task_cpu_ns(self.spawned.proc.pid)
 
 
 @contextlib.asynccontextmanager

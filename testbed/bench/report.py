@@ -20,6 +20,7 @@ COLUMNS = {
     "p50_us": ("p50 us", 1),
     "p99_us": ("p99 us", 1),
     "server_cpu_us_per_op": ("server CPU us/op", 1),
+    "qemu_cpu_us_per_op": ("QEMU CPU us/op", 1),
     "ms": ("ms", 2),
 }
 

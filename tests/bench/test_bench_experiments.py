@@ -41,6 +41,7 @@ def test_blockdev_without_any_qemu_skips_every_row_and_says_why(
         "qemu_hook_vs_path", "qemu_hook_c_vs_path", "qemu_hook_floor_vs_path",
         "qemu_hook_vs_hook_floor", "blockdev_add_supervised_vs_path",
         "qemu_hook_vs_path_unpinned", "qemu_hook_c_vs_path_unpinned",
+        "qemu_hook_added_vs_broker_cpu",
     }  # fmt: skip
     assert set(out.missing) == keys | {f"{k}@10.0" for k in keys} and not out.ratios
     assert out.missing["qemu_hook_vs_path@10.0"] == "hook or path did not run on QEMU 10.0"

@@ -68,3 +68,29 @@ def test_rounds_alternate_sample_by_sample_and_each_repetition_is_a_median() -> 
     assert out == {"A": [3.0, 20.0], "B": [2.0, 2.0]}
     with pytest.raises(ValueError, match="rounds"):
         asyncio.run(ainterleave_rounds(1, 0, {"A": arm("A")}))
+
+
+def test_figures_are_medians_per_figure_and_a_figure_some_round_lacks_is_left_out() -> None:
+    from testbed.bench.interleave import ainterleave_figures
+
+    order: list[str] = []
+    samples = {
+        "A": iter([{"ms": 5.0, "cpu": 1.0}, {"ms": 1.0, "cpu": 2.0}, {"ms": 3.0, "cpu": 9.0},
+                   {"ms": 7.0, "cpu": 4.0}]),
+        "B": iter([{"ms": 2.0, "cpu": 1.0}, {"ms": 2.0}, {"ms": 2.0, "cpu": 1.0},
+                   {"ms": 4.0, "cpu": 1.0}]),
+    }  # fmt: skip
+
+    def arm(name: str):  # type: ignore[no-untyped-def]
+        async def run() -> dict[str, float]:
+            order.append(name)
+            return next(samples[name])
+
+        return run
+
+    out = asyncio.run(ainterleave_figures(2, 2, {"A": arm("A"), "B": arm("B")}))
+    assert order == list("ABABABAB")
+    assert out["A"] == {"ms": [3.0, 5.0], "cpu": [1.5, 6.5]}
+    assert out["B"] == {"ms": [2.0, 3.0]}  # B's first repetition had a round without cpu
+    with pytest.raises(ValueError, match="rounds"):
+        asyncio.run(ainterleave_figures(1, 0, {"A": arm("A")}))

@@ -42,6 +42,7 @@ FLOOR_KEYS = (
     "qemu_hook_c_vs_path_unpinned",
     "qemu_hook_floor_vs_path",
     "qemu_hook_vs_hook_floor",
+    "qemu_hook_added_vs_broker_cpu",
 )
 
 

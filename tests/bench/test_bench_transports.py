@@ -107,6 +107,33 @@ def test_the_floor_serves_a_hooked_blockdev_add(tmp_path: Path, version: str) ->
     assert "blockdev" in (transport.experiments or ())
 
 
+@pytest.mark.parametrize("name", ["path", "hook", "hook_c"])
+def test_the_cpu_pass_charges_each_add_to_qemu_and_to_its_own_server(
+    services: Services, name: str
+) -> None:
+    """blockdev's CPU pass: QEMU's CPU per add always, the server's only where the
+    transport has one, and that server's CPU grows with the opens it serves."""
+    from testbed.bench.experiments.blockdev import add_del_cpu, bench_file
+
+    transport = TRANSPORTS.get(name)
+    require(transport.unavailable(VERSION) is None, str(transport.unavailable(VERSION)))
+    file = bench_file(services.root)
+
+    async def go() -> list[dict[str, float]]:
+        launch = transport.launch(services, None, [file], version=VERSION)
+        async with started(transport.binary(VERSION), launch) as q:
+            op = add_del_cpu(q, launch, file)
+            return [await op() for _ in range(5)]
+
+    figures = asyncio.run(go())
+    assert all(f["ms"] > 0 and f["qemu_cpu_us_per_op"] > 0 for f in figures)
+    if name == "path":
+        assert not any("server_cpu_us_per_op" in f for f in figures)
+    else:
+        # one open per add: the server worked on every one
+        assert all(f["server_cpu_us_per_op"] > 0 for f in figures)
+
+
 def test_a_storm_waits_for_every_greeting(services: Services) -> None:
     path = TRANSPORTS.get("hook")
     require(path.unavailable(VERSION) is None, "the patched QEMU")

@@ -154,7 +154,7 @@ def serving_launch(argv: Sequence[str], probe: str | Path, args: Sequence[str] =
     finally:
         check.close()
     return Launch(args=tuple(args), hook_fd=fd, spawned=server.release_client,
-                  finished=server.stop)  # fmt: skip
+                  finished=server.stop, server=server)  # fmt: skip
 
 
 def blockdev_args(node: dict[str, Any]) -> tuple[str, ...]:

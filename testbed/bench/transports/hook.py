@@ -25,6 +25,7 @@ class Hook(Transport):
             args=blockdev_args(chain_node(chain)) if chain else (),
             hook_fd=sock.fileno(),
             spawned=sock.close,
+            server=services.broker(),
         )
 
 
