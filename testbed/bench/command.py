@@ -86,6 +86,13 @@ def _add_what_options(parser: argparse.ArgumentParser) -> None:
 def _add_output_options(parser: argparse.ArgumentParser) -> None:
     """Where the results and the working files go."""
     parser.add_argument("--json", type=Path, metavar="FILE", help="write the results as JSON")
+    parser.add_argument(
+        "--from-json",
+        type=Path,
+        metavar="FILE",
+        help="measure nothing: read a run saved with --json and print, plot and write it "
+        "(--plot, --markdown) as that run would have",
+    )
     parser.add_argument("--plot", type=Path, metavar="DIR", help="write PNG plots into DIR")
     parser.add_argument(
         "--markdown",
@@ -193,16 +200,26 @@ def run_command(args: argparse.Namespace) -> int:
 
     if args.check_syscalls:
         return check_syscalls(args.work_dir)
-    try:
-        plan = plan_from(args)
-    except argparse.ArgumentTypeError as err:
-        print(f"testbed bench: {err}", file=sys.stderr)
-        return 2
 
     def log(message: str) -> None:
         print(f"bench: {message}", file=sys.stderr, flush=True)
 
-    result = runner.run(plan, args.work_dir, log)
+    if args.from_json:
+        from testbed.bench import saved
+        from testbed.errors import BenchUsageError
+
+        try:
+            result = saved.load(args.from_json)
+        except BenchUsageError as err:
+            print(f"testbed bench: --from-json {err}", file=sys.stderr)
+            return 2
+    else:
+        try:
+            plan = plan_from(args)
+        except argparse.ArgumentTypeError as err:
+            print(f"testbed bench: {err}", file=sys.stderr)
+            return 2
+        result = runner.run(plan, args.work_dir, log)
     report.print_report(result)
     if args.json:
         report.write_json(result, args.json)
