@@ -12,7 +12,9 @@ to one core, and before every request the client does one of:
 - ``cache``: reads 8 MiB (evicts the caches, touches 2048 pages);
 - ``pages``: reads one byte of each of 8192 pages (evicts TLB entries,
   only 512 KiB of cache lines);
-- ``idle``: sleeps 300 us (the vCPU halts, as it does between QMP commands).
+- ``idle``: sleeps 300 us (the vCPU halts, as it does between QMP commands);
+- ``switches``: pings 8 ``cat`` processes in turn (address-space switches,
+  little memory touched).
 
 It prints each server's CPU per request (from /proc/PID/task/*/schedstat)
 and the client's round trip, medians of interleaved repetitions.  Run from
@@ -42,12 +44,34 @@ from testbed.protocol.codec import encode_request
 
 BIG = bytearray(64 << 20)
 VIEW = memoryview(BIG)
-MODES: dict[str, Callable[[], object]] = {
-    "hot": lambda: None,
-    "cache": lambda: bytes(VIEW[: 8 << 20]),
-    "pages": lambda: bytes(VIEW[::4096][:8192]),
-    "idle": lambda: time.sleep(0.0003),
-}
+
+
+def pinger(n: int) -> Callable[[], object]:
+    """Round trips through ``n`` ``cat`` processes, one after the other."""
+    peers = []
+    for _ in range(n):
+        ours, theirs = socket.socketpair()
+        # cat ends when ours closes, at the script's exit
+        subprocess.Popen(["cat"], stdin=theirs.fileno(), stdout=theirs.fileno())
+        theirs.close()
+        peers.append(ours)
+
+    def ping() -> None:
+        for sock in peers:
+            sock.send(b"x")
+            sock.recv(1)
+
+    return ping
+
+
+def modes() -> dict[str, Callable[[], object]]:
+    return {
+        "hot": lambda: None,
+        "cache": lambda: bytes(VIEW[: 8 << 20]),
+        "pages": lambda: bytes(VIEW[::4096][:8192]),
+        "idle": lambda: time.sleep(0.0003),
+        "switches": pinger(8),
+    }
 
 
 def servers(root: Path) -> dict[str, list[str]]:
@@ -72,6 +96,7 @@ def main() -> int:
     ap.add_argument("--requests", type=int, default=1500, help="requests per cell (default 1500)")
     args = ap.parse_args()
     os.sched_setaffinity(0, {0})
+    before_each = modes()
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         (root / "f.img").write_bytes(bytes(4096))
@@ -91,7 +116,7 @@ def main() -> int:
                     one(ours, request)
             cells: dict[tuple[str, str], list[tuple[float, float]]] = {}
             for _ in range(args.reps):
-                for mode, before in MODES.items():
+                for mode, before in before_each.items():
                     for name, (sock, proc) in running.items():
                         cpu0, wall = task_cpu_ns(proc.pid), 0
                         for _ in range(args.requests):
