@@ -21,7 +21,8 @@ experiments (in order):
   sweep     the broker with N clients (unpinned; 1 and 64 also same-core)
   handover  the broker vs QMP add-fd + remove-fd, one fd per op, on every QEMU version
   blockdev  blockdev-add of a file node by path, fd set, hook (Python, C), seccomp,
-            on every QEMU version, interleaved
+            on every QEMU version, interleaved; then a CPU pass: what QEMU and
+            the process serving its opens each spent per blockdev-add
   startup   QEMU -S start to QMP greeting vs backing chain depth (plain, hook,
             fd sets, supervised, supervised + Landlock)
   snapshot  blockdev-snapshot-sync latency per transport

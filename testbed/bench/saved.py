@@ -3,8 +3,8 @@
 ``testbed bench --from-json FILE`` prints its tables and writes its plots and
 markdown as the run itself would have: the docs and the README can be
 regenerated from a kept run, and a run can be looked at again later.  The
-ratios keep their verdicts as recorded; a goal is judged again from the
-recorded median, so a saved run reads the same with today's goals.
+ratios keep their recorded medians and spreads; whether a goal is met is
+judged again from the median, against today's goals.
 """
 
 from __future__ import annotations
