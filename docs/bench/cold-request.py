@@ -39,6 +39,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from testbed.bench.brokerload import task_cpu_ns
+from testbed.bench.client import one_op, reply_timeout
 from testbed.bench.qemus import find_open_hook_server
 from testbed.protocol.codec import encode_request
 
@@ -83,13 +84,6 @@ def servers(root: Path) -> dict[str, list[str]]:
     }  # fmt: skip
 
 
-def one(sock: socket.socket, request: bytes) -> None:
-    sock.sendall(request)
-    _, anc, _, _ = sock.recvmsg(16, socket.CMSG_SPACE(4))
-    for _, _, data in anc:
-        os.close(int.from_bytes(data[:4], sys.byteorder))
-
-
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--reps", type=int, default=5, help="interleaved repetitions (default 5)")
@@ -110,10 +104,10 @@ def main() -> int:
                     pass_fds=[theirs.fileno()], stderr=subprocess.DEVNULL,
                 )  # fmt: skip
                 theirs.close()
-                ours.settimeout(10)
+                reply_timeout(ours, 10)
                 running[name] = (ours, proc)
                 for _ in range(500):  # warm-up (and the broker's start-up)
-                    one(ours, request)
+                    one_op(ours, request)
             cells: dict[tuple[str, str], list[tuple[float, float]]] = {}
             for _ in range(args.reps):
                 for mode, before in before_each.items():
@@ -122,7 +116,7 @@ def main() -> int:
                         for _ in range(args.requests):
                             before()
                             t0 = time.perf_counter_ns()
-                            one(sock, request)
+                            one_op(sock, request)
                             wall += time.perf_counter_ns() - t0
                         us = (task_cpu_ns(proc.pid) - cpu0) / args.requests / 1000
                         cells.setdefault((mode, name), []).append((us, wall / args.requests / 1000))

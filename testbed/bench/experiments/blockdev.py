@@ -61,10 +61,15 @@ def bench_file(root: Path) -> Path:
     return path
 
 
+def file_node(launch: Launch, file: Path) -> dict[str, object]:
+    """The read-only ``file`` node both passes add, by the name ``launch`` gives ``file``."""
+    return {"driver": "file", "filename": launch.name(file), "node-name": "bench",
+            "read-only": True}  # fmt: skip
+
+
 def add_del(qemu: Qemu, launch: Launch, file: Path) -> Callable[[], Awaitable[float]]:
     """One ``blockdev-add`` (timed, seconds) and its ``blockdev-del``."""
-    node = {"driver": "file", "filename": launch.name(file), "node-name": "bench",
-            "read-only": True}  # fmt: skip
+    node = file_node(launch, file)
 
     async def op() -> float:
         took = await qemu.timed("blockdev-add", node)
@@ -79,8 +84,7 @@ def add_del_cpu(
 ) -> Callable[[], Awaitable[dict[str, float]]]:
     """One ``blockdev-add`` with the CPU QEMU and its server (if it has one of its
     own) spent on it, microseconds, and its ``blockdev-del``."""
-    node = {"driver": "file", "filename": launch.name(file), "node-name": "bench",
-            "read-only": True}  # fmt: skip
+    node = file_node(launch, file)
     server = launch.server
 
     async def op() -> dict[str, float]:
